@@ -1,0 +1,38 @@
+"""hpd-kernels: fused streaming losses for knowledge distillation of large language models.
+
+Hybrid Policy Distillation (`hybrid_kl_loss`) and the full-vocabulary divergences, each an
+autograd Function over Triton kernels (CUDA, or the CPU through `TRITON_INTERPRET=1`) with a
+chunked pure-PyTorch twin for every other device. The math of record is the spec in
+`shared/spec/objectives.md`; `reference/` is its naive executable form.
+"""
+
+from .losses import (
+    DIVERGENCES,
+    HybridDetails,
+    forward_kl_loss,
+    generalized_jsd_loss,
+    hpd_token_weights,
+    hybrid_kl_loss,
+    reverse_kl_loss,
+    skew_forward_kl_loss,
+    skew_reverse_kl_loss,
+    tvd_loss,
+)
+from .modules import (
+    ForwardKLLoss,
+    GeneralizedJSDLoss,
+    HybridKLLoss,
+    ReverseKLLoss,
+    SkewForwardKLLoss,
+    SkewReverseKLLoss,
+    TVDLoss,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DIVERGENCES", "HybridDetails", "forward_kl_loss", "generalized_jsd_loss", "hpd_token_weights",
+    "hybrid_kl_loss", "reverse_kl_loss", "skew_forward_kl_loss", "skew_reverse_kl_loss", "tvd_loss",
+    "ForwardKLLoss", "GeneralizedJSDLoss", "HybridKLLoss", "ReverseKLLoss", "SkewForwardKLLoss",
+    "SkewReverseKLLoss", "TVDLoss",
+]

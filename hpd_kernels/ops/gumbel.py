@@ -1,0 +1,96 @@
+"""Counter-based Gumbel noise, bit-identical in Triton and in PyTorch.
+
+`y_hat = argmax_v (s_v / T + g(seed, row, v))` with `g` standard Gumbel is an exact draw from
+`softmax(s / T)` that needs no softmax in memory, so it folds into the streaming log-sum-exp pass.
+The noise is a pure function of `(seed, row, column)`: a row can be processed in any tile order,
+on any backend, or split over vocabulary shards, and still draw the same token.
+
+Bits: a 32-bit integer hash ("lowbias32", Wellons 2018, an avalanche-tested successor of
+MurmurHash3's finaliser) keyed by seed and row, then applied per column. The top 24 bits give a
+uniform `u` in (0, 1) that fp32 represents exactly, so `-log(-log u)` is finite; the Gumbel tail is
+truncated at about 17.3, which affects only tokens with probability below ~1e-7 relative to the
+row's mode.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_MASK32 = 0xFFFFFFFF
+_MUL1 = 0x7FEB352D
+_MUL2 = 0x846CA68B
+_COLUMN_SALT = 0x9E3779B9
+
+
+def seed_key(seed: int) -> int:
+    """Fold a Python int seed (any size) into the 32-bit key the kernels take."""
+    seed = int(seed) & 0xFFFFFFFFFFFFFFFF
+    return _lowbias32_int(_lowbias32_int(seed & _MASK32) ^ (seed >> 32))
+
+
+def _lowbias32_int(h: int) -> int:
+    h &= _MASK32
+    h ^= h >> 16
+    h = (h * _MUL1) & _MASK32
+    h ^= h >> 15
+    h = (h * _MUL2) & _MASK32
+    h ^= h >> 16
+    return h
+
+
+def _lowbias32_torch(h: torch.Tensor) -> torch.Tensor:
+    # int64 arithmetic: products of two 32-bit values wrap in int64, but their low 32 bits are exact.
+    h = h & _MASK32
+    h = h ^ (h >> 16)
+    h = (h * _MUL1) & _MASK32
+    h = h ^ (h >> 15)
+    h = (h * _MUL2) & _MASK32
+    h = h ^ (h >> 16)
+    return h
+
+
+def row_keys_torch(key: int, rows: torch.Tensor) -> torch.Tensor:
+    """Per-row 32-bit keys for global row indices `rows` (int64)."""
+    rows = rows.to(torch.int64)
+    return _lowbias32_torch(_lowbias32_torch(key ^ (rows & _MASK32)) ^ (rows >> 32))
+
+
+def gumbel_torch(row_keys: torch.Tensor, columns: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """Gumbel noise `[rows, columns]` for keys `[rows]` and global column indices `[columns]`."""
+    column_hash = _lowbias32_torch(columns.to(torch.int64) + _COLUMN_SALT)
+    bits = _lowbias32_torch(row_keys[:, None] ^ column_hash[None, :])
+    uniform = ((bits >> 8).to(torch.float32) + 0.5) * (1.0 / 16777216.0)
+    return -torch.log(-torch.log(uniform)).to(dtype)
+
+
+try:  # Triton is optional: the torch backend needs none of this.
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _lowbias32(h):
+        h = h ^ (h >> 16)
+        h = h * 0x7FEB352D
+        h = h ^ (h >> 15)
+        h = h * 0x846CA68B
+        h = h ^ (h >> 16)
+        return h
+
+    @triton.jit
+    def row_keys_triton(key, rows):
+        """`rows` int64 -> uint32 keys; `key` is `seed_key(seed)` (a scalar, i32 or i64)."""
+        lo = (rows & 0xFFFFFFFF).to(tl.uint32)
+        hi = (rows >> 32).to(tl.uint32)
+        return _lowbias32(_lowbias32(key.to(tl.uint32) ^ lo) ^ hi)
+
+    @triton.jit
+    def gumbel_triton(row_keys, columns):
+        """`row_keys` uint32 [R], `columns` int64 [C] -> fp32 Gumbel noise [R, C]."""
+        column_hash = _lowbias32((columns + 0x9E3779B9).to(tl.uint32))
+        bits = _lowbias32(row_keys[:, None] ^ column_hash[None, :])
+        uniform = ((bits >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+        return -tl.log(-tl.log(uniform))
+
+except ImportError:  # pragma: no cover - exercised only where triton is absent
+    triton = None
+    gumbel_triton = row_keys_triton = None

@@ -1,0 +1,178 @@
+"""The same math as the Triton kernels, in plain PyTorch, for any device.
+
+Same entry points and outputs as `triton_divergence` / `triton_hybrid` (per-row loss, per-row
+stats, gradient written into a caller's buffer), so the autograd Functions do not care which runs.
+Rows are processed in chunks whose float32 temporaries stay under a fixed budget, so no
+`[N, V]` float32 tensor exists here either; float64 inputs are computed in float64.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .common import active_rows
+from .gumbel import gumbel_torch, row_keys_torch, seed_key
+
+# Bytes of one chunk's [rows, V] temporaries in the accumulation dtype. The divergences keep about
+# eight of them alive at once, so 16 MiB each bounds a chunk's working set near 128 MiB.
+CHUNK_BYTES = 16 * 2**20
+
+
+def _rows_per_chunk(vocab: int, acc_dtype: torch.dtype) -> int:
+    item = torch.finfo(acc_dtype).bits // 8
+    return max(1, CHUNK_BYTES // max(1, vocab * item))
+
+
+def _acc_dtype(tensor):
+    return torch.float64 if tensor.dtype == torch.float64 else torch.float32
+
+
+def _zero_unless(condition, value):
+    return torch.where(condition, value, torch.zeros_like(value))
+
+
+def _logaddexp(a, b):
+    larger = torch.maximum(a, b)
+    reference = torch.where(larger == -math.inf, torch.zeros_like(larger), larger)
+    return reference + torch.log(torch.exp(a - reference) + torch.exp(b - reference))
+
+
+def divergence_terms(log_q, log_p, log_mix_p, log_mix_q, divergence):
+    """Per-token value and weight `w` of one divergence (mirror of the Triton `divergence_terms`)."""
+    q, p = log_q.exp(), log_p.exp()
+    if divergence == "forward_kl":
+        value = _zero_unless(p > 0, p * (log_p - log_q))
+        return value, p
+    if divergence == "reverse_kl":
+        value = _zero_unless(q > 0, q * (log_q - log_p))
+        return value, -value
+    if divergence == "tvd":
+        return 0.5 * (p - q).abs(), 0.5 * q * torch.sign(p - q)
+    log_m = _logaddexp(log_mix_p + log_p, log_mix_q + log_q)
+    if divergence == "jsd":
+        value = (math.exp(log_mix_p) * _zero_unless(p > 0, p * (log_p - log_m))
+                 + math.exp(log_mix_q) * _zero_unless(q > 0, q * (log_q - log_m)))
+        weight = math.exp(log_mix_q) * _zero_unless(q > 0, q * (log_m - log_q))
+    elif divergence == "skew_forward_kl":
+        value = _zero_unless(p > 0, p * (log_p - log_m))
+        weight = _zero_unless((p > 0) & (q > 0), torch.exp(log_mix_q + log_p + log_q - log_m))
+    elif divergence == "skew_reverse_kl":
+        value = _zero_unless(q > 0, q * (log_q - log_m))
+        weight = _zero_unless(q > 0, q * (log_m - log_q + torch.exp(log_mix_q + log_q - log_m)))
+    else:
+        raise ValueError(divergence)
+    return value, weight
+
+
+def _chunks(n_rows, vocab, acc_dtype):
+    step = _rows_per_chunk(vocab, acc_dtype)
+    for begin in range(0, n_rows, step):
+        yield slice(begin, min(begin + step, n_rows))
+
+
+def _scaled(logits, rows, vocab, acc_dtype, inv_temperature):
+    return logits[rows, :vocab].to(acc_dtype) * inv_temperature
+
+
+def divergence_forward(student, teacher, labels, *, divergence, temperature, log_mix_p, log_mix_q, ignore_index):
+    n_rows, vocab = student.shape[0], min(student.shape[1], teacher.shape[1])
+    acc_dtype = _acc_dtype(student)
+    inv_temperature = 1.0 / temperature
+    active = active_rows(labels, n_rows, vocab, ignore_index, student.device)
+    loss = torch.zeros(n_rows, dtype=acc_dtype, device=student.device)
+    stats = torch.zeros(n_rows, 3, dtype=acc_dtype, device=student.device)
+    for rows in _chunks(n_rows, vocab, acc_dtype):
+        s = _scaled(student, rows, vocab, acc_dtype, inv_temperature)
+        t = _scaled(teacher, rows, vocab, acc_dtype, inv_temperature)
+        lse_s, lse_t = torch.logsumexp(s, -1), torch.logsumexp(t, -1)
+        value, weight = divergence_terms(s - lse_s[:, None], t - lse_t[:, None], log_mix_p, log_mix_q, divergence)
+        loss[rows] = _zero_unless(active[rows], value.sum(-1))
+        stats[rows] = torch.stack([lse_s, lse_t, weight.sum(-1)], dim=1)
+    return loss, stats
+
+
+def divergence_backward(student, teacher, stats, row_scale, grad, *, divergence, temperature, log_mix_p, log_mix_q):
+    n_rows, vocab = student.shape[0], min(student.shape[1], teacher.shape[1])
+    acc_dtype = stats.dtype
+    inv_temperature = 1.0 / temperature
+    for rows in _chunks(n_rows, vocab, acc_dtype):
+        s = _scaled(student, rows, vocab, acc_dtype, inv_temperature)
+        t = _scaled(teacher, rows, vocab, acc_dtype, inv_temperature)
+        lse_s, lse_t, row_sum = stats[rows].unbind(1)
+        log_q = s - lse_s[:, None]
+        _, weight = divergence_terms(log_q, t - lse_t[:, None], log_mix_p, log_mix_q, divergence)
+        scale = row_scale[rows].to(acc_dtype)
+        chunk_grad = (-inv_temperature * scale)[:, None] * (weight - log_q.exp() * row_sum[:, None])
+        # Inactive rows (scale 0) may hold NaN stats: select, do not multiply.
+        grad[rows, :vocab] = _zero_unless((scale != 0)[:, None], chunk_grad).to(grad.dtype)
+    grad[:, vocab:] = 0
+    return grad
+
+
+def sample_gumbel_max(student, rows, vocab, acc_dtype, inv_temperature, key):
+    """y_hat for a chunk of rows: argmax(s / T + g), the same noise and scores as the kernel."""
+    s = _scaled(student, rows, vocab, acc_dtype, inv_temperature)
+    row_ids = torch.arange(rows.start, rows.stop, device=student.device)
+    noise = gumbel_torch(row_keys_torch(key, row_ids), torch.arange(vocab, device=student.device))
+    return torch.argmax(s.float() + noise, dim=-1)
+
+
+def _gather(logits, rows, ids, acc_dtype, inv_temperature):
+    return logits[rows].gather(1, ids[:, None])[:, 0].to(acc_dtype) * inv_temperature
+
+
+def hybrid_forward(student, teacher, labels, sampled_ids, *, seed, temperature, fkl_weight, rkl_weight, ignore_index):
+    n_rows, vocab = student.shape[0], min(student.shape[1], teacher.shape[1])
+    acc_dtype = _acc_dtype(student)
+    inv_temperature = 1.0 / temperature
+    active = active_rows(labels, n_rows, vocab, ignore_index, student.device)
+    sample = sampled_ids is None
+    key = seed_key(seed or 0)
+    out_ids = torch.full((n_rows,), ignore_index, dtype=torch.int64, device=student.device)
+    loss = torch.zeros(n_rows, dtype=acc_dtype, device=student.device)
+    stats = torch.zeros(n_rows, 3, dtype=acc_dtype, device=student.device)
+    for rows in _chunks(n_rows, vocab, acc_dtype):
+        live = active[rows]
+        lse_s = torch.logsumexp(_scaled(student, rows, vocab, acc_dtype, inv_temperature), -1)
+        lse_t = torch.logsumexp(_scaled(teacher, rows, vocab, acc_dtype, inv_temperature), -1)
+        if sample:
+            chunk_ids = sample_gumbel_max(student, rows, vocab, acc_dtype, inv_temperature, key)
+        else:
+            chunk_ids = sampled_ids[rows]
+        safe_y = torch.where(live, labels[rows], 0)
+        safe_hat = torch.where(live, chunk_ids, 0)
+        log_q_y = _gather(student, rows, safe_y, acc_dtype, inv_temperature) - lse_s
+        log_p_y = _gather(teacher, rows, safe_y, acc_dtype, inv_temperature) - lse_t
+        log_q_hat = _gather(student, rows, safe_hat, acc_dtype, inv_temperature) - lse_s
+        log_p_hat = _gather(teacher, rows, safe_hat, acc_dtype, inv_temperature) - lse_t
+        d_y = _zero_unless(log_q_y.exp() > 0, log_q_y.exp() * (log_p_y - log_q_y))
+        d_hat = _zero_unless(log_q_hat.exp() > 0, log_q_hat.exp() * (log_p_hat - log_q_hat))
+        under, over = d_y > 0, d_hat < 0
+        w_y = rkl_weight * d_y + _zero_unless(under, fkl_weight * log_p_y.exp() * torch.where(over, 2.0, 1.0))
+        w_hat = _zero_unless(over & (safe_hat != safe_y), rkl_weight * d_hat)
+        per_row = -(_zero_unless(w_y != 0, w_y * log_q_y) + _zero_unless(w_hat != 0, w_hat * log_q_hat))
+        loss[rows] = _zero_unless(live, per_row)
+        stats[rows] = torch.stack([lse_s, _zero_unless(live, w_y), _zero_unless(live, w_hat)], dim=1)
+        out_ids[rows] = torch.where(live, chunk_ids, out_ids[rows])
+    return loss, stats, (out_ids if sample else sampled_ids)
+
+
+def hybrid_backward(student, labels, sampled_ids, stats, row_scale, grad, *, vocab, temperature):
+    n_rows = student.shape[0]
+    acc_dtype = stats.dtype
+    inv_temperature = 1.0 / temperature
+    for rows in _chunks(n_rows, vocab, acc_dtype):
+        scale = row_scale[rows].to(acc_dtype)
+        live = scale != 0
+        lse_s, w_y, w_hat = stats[rows].unbind(1)
+        q = (_scaled(student, rows, vocab, acc_dtype, inv_temperature) - lse_s[:, None]).exp()
+        chunk_grad = -q * (w_y + w_hat)[:, None]
+        index = torch.arange(rows.stop - rows.start, device=student.device)
+        chunk_grad[index, torch.where(live, labels[rows], 0)] += w_y
+        chunk_grad[index, torch.where(live, sampled_ids[rows], 0)] += w_hat
+        chunk_grad = (-inv_temperature * scale)[:, None] * chunk_grad
+        grad[rows, :vocab] = _zero_unless(live[:, None], chunk_grad).to(grad.dtype)
+    grad[:, vocab:] = 0
+    return grad

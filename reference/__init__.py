@@ -1,0 +1,18 @@
+"""Naive pure-PyTorch implementations of every objective: the executable spec the kernels are tested against."""
+
+from .objectives import (  # noqa: F401
+    OBJECTIVES,
+    divergence_weights,
+    forward_kl_loss,
+    generalized_jsd_loss,
+    hpd_weights,
+    hybrid_kl_loss,
+    reverse_kl_loss,
+    sample_student,
+    sft_loss,
+    skew_forward_kl_loss,
+    skew_reverse_kl_loss,
+    token_weights,
+    tvd_loss,
+    weighted_log_likelihood,
+)
