@@ -13,6 +13,8 @@ Conventions (all from the spec):
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 OBJECTIVES = ("sft", "forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd", "hpd")
@@ -50,13 +52,20 @@ def _where_positive(prob, value):
 
 
 def _log_mix(log_a, weight_a, log_b, weight_b):
-    """`log(weight_a * exp(log_a) + weight_b * exp(log_b))`, in log space (never underflows)."""
+    """`log(weight_a * exp(log_a) + weight_b * exp(log_b))`, in log space (never underflows).
+
+    Where both inputs are -inf the result is -inf; those entries are routed around logsumexp,
+    whose backward would otherwise compute exp(-inf - -inf) = NaN.
+    """
     terms = []
     if weight_a > 0:
-        terms.append(log_a + torch.log(torch.tensor(weight_a, dtype=log_a.dtype)))
+        terms.append(log_a + math.log(weight_a))
     if weight_b > 0:
-        terms.append(log_b + torch.log(torch.tensor(weight_b, dtype=log_b.dtype)))
-    return torch.logsumexp(torch.stack(terms), dim=0)
+        terms.append(log_b + math.log(weight_b))
+    stacked = torch.stack(terms)
+    absent = (stacked == -math.inf).all(dim=0)
+    mixed = torch.logsumexp(torch.where(absent, torch.zeros_like(stacked), stacked), dim=0)
+    return torch.where(absent, torch.full_like(mixed, -math.inf), mixed)
 
 
 def _reduce(per_row, active, reduction):

@@ -30,16 +30,21 @@ def triton_usable_on(device: torch.device) -> bool:
     return device.type == "cpu" and interpreter_enabled()
 
 
+# Widest vocabulary tile. Tests lower it to push small vocabularies through many tiles.
+MAX_BLOCK_V = 4096
+
+
 def launch_shape(n_rows: int, vocab: int, device: torch.device) -> dict:
     """Rows per program, vocabulary tile and warps.
 
     On a GPU one program streams one row in 4096-column tiles: rows are independent and a
     100k-vocabulary row is 25+ tiles, enough to keep the loads in flight. Under the interpreter
-    every `tl` op costs a NumPy call whatever its size, so one program takes 16 rows at once.
+    every `tl` op costs a NumPy call whatever its size, so one program takes a tile of up to 32k
+    elements: 16 rows of a wide vocabulary, up to 256 of a narrow one.
     """
-    block_v = min(4096, triton.next_power_of_2(max(vocab, 16)))
+    block_v = min(MAX_BLOCK_V, triton.next_power_of_2(max(vocab, 16)))
     if device.type == "cpu":
-        block_n = min(16, triton.next_power_of_2(max(n_rows, 1)))
+        block_n = min(triton.next_power_of_2(max(n_rows, 1)), max(16, min(256, 32768 // block_v)))
         return {"BLOCK_N": block_n, "BLOCK_V": block_v, "num_warps": 4}
     return {"BLOCK_N": 1, "BLOCK_V": block_v, "num_warps": 8 if block_v >= 2048 else 4}
 
