@@ -42,13 +42,13 @@ def _log_softmaxes(student, teacher, temperature):
     return torch.log_softmax(student / temperature, dim=-1), torch.log_softmax(teacher / temperature, dim=-1)
 
 
-def _where_positive(prob, value):
-    """`value` where `prob > 0`, else 0: the spec's `0 * log 0 = 0`.
+def _unless_absent(prob, value):
+    """`value` where `prob` is not 0, else 0: the spec's `0 * log 0 = 0` (a NaN `prob` stays NaN).
 
     Apply it to the log-ratio *before* multiplying by the probability, so that autograd never
     meets `0 * (-inf - -inf)` in the backward pass either.
     """
-    return torch.where(prob > 0, value, torch.zeros_like(value))
+    return torch.where(prob == 0, torch.zeros_like(value), value)
 
 
 def _log_mix(log_a, weight_a, log_b, weight_b):
@@ -84,7 +84,7 @@ def _reduce(per_row, active, reduction):
 def _kl(log_a, log_b):
     """KL(a || b) per row: sum_v a (log a - log b)."""
     a = log_a.exp()
-    return (a * _where_positive(a, log_a - log_b)).sum(-1)
+    return (a * _unless_absent(a, log_a - log_b)).sum(-1)
 
 
 def forward_kl_per_row(log_q, log_p):
@@ -133,16 +133,16 @@ def divergence_weights(log_q, log_p, objective, *, beta=0.5, alpha=0.1):
     if objective == "forward_kl":
         return p
     if objective == "reverse_kl":
-        return q * _where_positive(q, log_p - log_q)
+        return q * _unless_absent(q, log_p - log_q)
     if objective == "jsd":
         log_m = _log_mix(log_p, beta, log_q, 1.0 - beta)
-        return (1.0 - beta) * q * _where_positive(q, log_m - log_q)
+        return (1.0 - beta) * q * _unless_absent(q, log_m - log_q)
     if objective == "skew_forward_kl":
         log_m = _log_mix(log_p, alpha, log_q, 1.0 - alpha)
-        return _where_positive(p * q, (1.0 - alpha) * (log_p + log_q - log_m).exp())
+        return _unless_absent(p * q, (1.0 - alpha) * (log_p + log_q - log_m).exp())
     if objective == "skew_reverse_kl":
         log_m = _log_mix(log_q, alpha, log_p, 1.0 - alpha)
-        return q * _where_positive(q, log_m - log_q + alpha * (log_q - log_m).exp())
+        return q * _unless_absent(q, log_m - log_q + alpha * (log_q - log_m).exp())
     if objective == "tvd":
         return 0.5 * q * torch.sign(p - q)
     raise ValueError(f"no weights for objective {objective!r}")
@@ -162,8 +162,8 @@ def hpd_weights(log_q, log_p, labels, sampled_ids, *, fkl_weight=1.0, rkl_weight
     log_q_hat, log_p_hat = log_q.gather(1, safe_hat[:, None])[:, 0], log_p.gather(1, safe_hat[:, None])[:, 0]
     q_y, q_hat = log_q_y.exp(), log_q_hat.exp()
 
-    d_y = q_y * _where_positive(q_y, log_p_y - log_q_y)          # reverse-KL weight at y
-    d_hat = q_hat * _where_positive(q_hat, log_p_hat - log_q_hat)  # reverse-KL weight at y-hat
+    d_y = q_y * _unless_absent(q_y, log_p_y - log_q_y)          # reverse-KL weight at y
+    d_hat = q_hat * _unless_absent(q_hat, log_p_hat - log_q_hat)  # reverse-KL weight at y-hat
     under = (d_y > 0).to(log_q.dtype)   # p(y) > q(y): the student under-estimates the data token
     over = (d_hat < 0).to(log_q.dtype)  # q(y_hat) > p(y_hat): it over-estimates its own sample
     differs = (safe_hat != safe_y).to(log_q.dtype)
@@ -205,7 +205,7 @@ def weighted_log_likelihood(student_logits, weights, labels=None, *, temperature
     vocab = weights.shape[-1]
     student = student_logits.reshape(-1, student_logits.shape[-1])[:, :vocab]
     log_q = torch.log_softmax(student / temperature, dim=-1)
-    per_row = -_where_positive(weights.abs(), weights * log_q).sum(-1)
+    per_row = -_unless_absent(weights.abs(), weights * log_q).sum(-1)
     if labels is None:
         active = torch.ones(per_row.shape[0], dtype=torch.bool, device=per_row.device)
     else:
@@ -274,7 +274,7 @@ def hybrid_kl_loss(student_logits, teacher_logits, labels, sampled_ids, *, fkl_w
     vocab = log_q.shape[-1]
     log_q_y = log_q.gather(1, labels.clamp(0, vocab - 1)[:, None])[:, 0]
     log_q_hat = log_q.gather(1, sampled_ids.clamp(0, vocab - 1)[:, None])[:, 0]
-    per_row = -(_where_positive(w_y.abs(), w_y * log_q_y) + _where_positive(w_hat.abs(), w_hat * log_q_hat))
+    per_row = -(_unless_absent(w_y.abs(), w_y * log_q_y) + _unless_absent(w_hat.abs(), w_hat * log_q_hat))
     out = _reduce(per_row, active, reduction)
     return out.reshape(student_logits.shape[:-1]) if reduction == "none" else out
 

@@ -61,8 +61,13 @@ if HAS_TRITON:
 
     @triton.jit
     def _zero_unless(condition, value):
-        # The spec's 0 * log 0 = 0: select, never multiply, so that 0 * inf cannot leak a NaN.
         return tl.where(condition, value, 0.0)
+
+    @triton.jit
+    def _zero_if(condition, value):
+        # The spec's 0 * log 0 = 0: select, never multiply, so that 0 * inf cannot leak a NaN.
+        # Conditions test `== 0`, never `> 0`, so that a NaN probability stays NaN (never a silent 0).
+        return tl.where(condition, 0.0, value)
 
     @triton.jit
     def divergence_terms(log_q, log_p, log_mix_p, log_mix_q, DIVERGENCE: tl.constexpr):
@@ -70,24 +75,24 @@ if HAS_TRITON:
         q = tl.exp(log_q)
         p = tl.exp(log_p)
         if DIVERGENCE == 0:  # forward KL
-            value = _zero_unless(p > 0, p * (log_p - log_q))
+            value = _zero_if(p == 0, p * (log_p - log_q))
             weight = p
         elif DIVERGENCE == 1:  # reverse KL
-            value = _zero_unless(q > 0, q * (log_q - log_p))
+            value = _zero_if(q == 0, q * (log_q - log_p))
             weight = -value
         elif DIVERGENCE == 2:  # generalized JSD: m = beta p + (1 - beta) q
             log_m = logaddexp(log_mix_p + log_p, log_mix_q + log_q)
-            value = (tl.exp(log_mix_p) * _zero_unless(p > 0, p * (log_p - log_m))
-                     + tl.exp(log_mix_q) * _zero_unless(q > 0, q * (log_q - log_m)))
-            weight = tl.exp(log_mix_q) * _zero_unless(q > 0, q * (log_m - log_q))
+            value = (tl.exp(log_mix_p) * _zero_if(p == 0, p * (log_p - log_m))
+                     + tl.exp(log_mix_q) * _zero_if(q == 0, q * (log_q - log_m)))
+            weight = tl.exp(log_mix_q) * _zero_if(q == 0, q * (log_m - log_q))
         elif DIVERGENCE == 3:  # skew forward KL: m = alpha p + (1 - alpha) q
             log_m = logaddexp(log_mix_p + log_p, log_mix_q + log_q)
-            value = _zero_unless(p > 0, p * (log_p - log_m))
-            weight = _zero_unless((p > 0) & (q > 0), tl.exp(log_mix_q + log_p + log_q - log_m))
+            value = _zero_if(p == 0, p * (log_p - log_m))
+            weight = _zero_if((p == 0) | (q == 0), tl.exp(log_mix_q + log_p + log_q - log_m))
         elif DIVERGENCE == 4:  # skew reverse KL: m = alpha q + (1 - alpha) p
             log_m = logaddexp(log_mix_p + log_p, log_mix_q + log_q)
-            value = _zero_unless(q > 0, q * (log_q - log_m))
-            weight = _zero_unless(q > 0, q * (log_m - log_q + tl.exp(log_mix_q + log_q - log_m)))
+            value = _zero_if(q == 0, q * (log_q - log_m))
+            weight = _zero_if(q == 0, q * (log_m - log_q + tl.exp(log_mix_q + log_q - log_m)))
         else:  # total variation
             value = 0.5 * tl.abs(p - q)
             weight = 0.5 * q * tl.where(p > q, 1.0, tl.where(p < q, -1.0, 0.0))
@@ -126,9 +131,9 @@ if HAS_TRITON:
             max_s, sum_s, exps_s, rescale_s = online_logsumexp_step(max_s, sum_s, s)
             max_t, sum_t, exps_t, rescale_t = online_logsumexp_step(max_t, sum_t, t)
             if DIVERGENCE == 0:
-                online_value = online_value * rescale_t + tl.sum(_zero_unless(t > float("-inf"), exps_t * (t - s)), axis=1)
+                online_value = online_value * rescale_t + tl.sum(_zero_if(t == float("-inf"), exps_t * (t - s)), axis=1)
             elif DIVERGENCE == 1:
-                online_value = online_value * rescale_s + tl.sum(_zero_unless(s > float("-inf"), exps_s * (s - t)), axis=1)
+                online_value = online_value * rescale_s + tl.sum(_zero_if(s == float("-inf"), exps_s * (s - t)), axis=1)
         lse_s = tl.where(max_s == float("-inf"), 0.0, max_s) + tl.log(sum_s)
         lse_t = tl.where(max_t == float("-inf"), 0.0, max_t) + tl.log(sum_t)
 
@@ -208,7 +213,7 @@ def divergence_forward(student, teacher, labels, *, divergence, temperature, log
     stats = torch.empty(n_rows, 3, dtype=acc_dtype, device=student.device)
     if n_rows == 0:
         return loss, stats
-    shape = launch_shape(n_rows, vocab, student.device)
+    shape = launch_shape(n_rows, vocab, student.device, acc_dtype == torch.float64)
     grid = (triton.cdiv(n_rows, shape["BLOCK_N"]),)
     _divergence_forward_kernel[grid](
         student, teacher, labels if labels is not None else student, loss, stats,
@@ -225,7 +230,7 @@ def divergence_backward(student, teacher, stats, row_scale, grad, *, divergence,
     if n_rows == 0:
         return grad
     scalars = kernel_scalars([1.0 / temperature, log_mix_p, log_mix_q], stats.dtype, student.device)
-    shape = launch_shape(n_rows, student.shape[1], student.device)
+    shape = launch_shape(n_rows, student.shape[1], student.device, stats.dtype == torch.float64)
     grid = (triton.cdiv(n_rows, shape["BLOCK_N"]),)
     _divergence_backward_kernel[grid](
         student, teacher, stats, row_scale, grad, scalars,

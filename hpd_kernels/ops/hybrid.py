@@ -29,11 +29,11 @@ if HAS_TRITON:
     def _reverse_kl_weight(log_q, log_p):
         # d(v) = q (log p - log q), with 0 where q = 0 (a -inf student logit contributes nothing).
         q = tl.exp(log_q)
-        return tl.where(q > 0, q * (log_p - log_q), 0.0)
+        return tl.where(q == 0, 0.0, q * (log_p - log_q))
 
     @triton.jit
     def _weighted(weight, log_q):
-        return tl.where(weight != 0, weight * log_q, 0.0)
+        return tl.where(weight == 0, 0.0, weight * log_q)
 
     @triton.jit
     def _hybrid_forward_kernel(
@@ -150,7 +150,7 @@ def hybrid_forward(student, teacher, labels, sampled_ids, *, seed, temperature, 
     if n_rows == 0:
         return loss, stats, sampled_ids
     scalars = kernel_scalars([1.0 / temperature, fkl_weight, rkl_weight], acc_dtype, student.device)
-    shape = launch_shape(n_rows, vocab, student.device)
+    shape = launch_shape(n_rows, vocab, student.device, acc_dtype == torch.float64)
     grid = (triton.cdiv(n_rows, shape["BLOCK_N"]),)
     _hybrid_forward_kernel[grid](
         student, teacher, labels, sampled_ids, loss, stats, scalars,
@@ -166,7 +166,7 @@ def hybrid_backward(student, labels, sampled_ids, stats, row_scale, grad, *, voc
     if n_rows == 0:
         return grad
     scalars = kernel_scalars([1.0 / temperature], stats.dtype, student.device)
-    shape = launch_shape(n_rows, student.shape[1], student.device)
+    shape = launch_shape(n_rows, student.shape[1], student.device, stats.dtype == torch.float64)
     grid = (triton.cdiv(n_rows, shape["BLOCK_N"]),)
     _hybrid_backward_kernel[grid](
         student, labels, sampled_ids, stats, row_scale, grad, scalars,

@@ -33,6 +33,18 @@ def _zero_unless(condition, value):
     return torch.where(condition, value, torch.zeros_like(value))
 
 
+def _zero_if(condition, value):
+    """0 where `condition`; conditions test `== 0` so that NaN stays NaN (see the Triton twin)."""
+    return torch.where(condition, torch.zeros_like(value), value)
+
+
+def _logsumexp(scaled_logits):
+    """Row log-sum-exp; a `+inf` logit gives NaN, as in the kernels (torch's own gives +inf, which
+    HPD's branches would then turn into a silent 0)."""
+    lse = torch.logsumexp(scaled_logits, dim=-1)
+    return torch.where(lse == math.inf, torch.full_like(lse, math.nan), lse)
+
+
 def _logaddexp(a, b):
     larger = torch.maximum(a, b)
     reference = torch.where(larger == -math.inf, torch.zeros_like(larger), larger)
@@ -43,24 +55,24 @@ def divergence_terms(log_q, log_p, log_mix_p, log_mix_q, divergence):
     """Per-token value and weight `w` of one divergence (mirror of the Triton `divergence_terms`)."""
     q, p = log_q.exp(), log_p.exp()
     if divergence == "forward_kl":
-        value = _zero_unless(p > 0, p * (log_p - log_q))
+        value = _zero_if(p == 0, p * (log_p - log_q))
         return value, p
     if divergence == "reverse_kl":
-        value = _zero_unless(q > 0, q * (log_q - log_p))
+        value = _zero_if(q == 0, q * (log_q - log_p))
         return value, -value
     if divergence == "tvd":
         return 0.5 * (p - q).abs(), 0.5 * q * torch.sign(p - q)
     log_m = _logaddexp(log_mix_p + log_p, log_mix_q + log_q)
     if divergence == "jsd":
-        value = (math.exp(log_mix_p) * _zero_unless(p > 0, p * (log_p - log_m))
-                 + math.exp(log_mix_q) * _zero_unless(q > 0, q * (log_q - log_m)))
-        weight = math.exp(log_mix_q) * _zero_unless(q > 0, q * (log_m - log_q))
+        value = (math.exp(log_mix_p) * _zero_if(p == 0, p * (log_p - log_m))
+                 + math.exp(log_mix_q) * _zero_if(q == 0, q * (log_q - log_m)))
+        weight = math.exp(log_mix_q) * _zero_if(q == 0, q * (log_m - log_q))
     elif divergence == "skew_forward_kl":
-        value = _zero_unless(p > 0, p * (log_p - log_m))
-        weight = _zero_unless((p > 0) & (q > 0), torch.exp(log_mix_q + log_p + log_q - log_m))
+        value = _zero_if(p == 0, p * (log_p - log_m))
+        weight = _zero_if((p == 0) | (q == 0), torch.exp(log_mix_q + log_p + log_q - log_m))
     elif divergence == "skew_reverse_kl":
-        value = _zero_unless(q > 0, q * (log_q - log_m))
-        weight = _zero_unless(q > 0, q * (log_m - log_q + torch.exp(log_mix_q + log_q - log_m)))
+        value = _zero_if(q == 0, q * (log_q - log_m))
+        weight = _zero_if(q == 0, q * (log_m - log_q + torch.exp(log_mix_q + log_q - log_m)))
     else:
         raise ValueError(divergence)
     return value, weight
@@ -86,7 +98,7 @@ def divergence_forward(student, teacher, labels, *, divergence, temperature, log
     for rows in _chunks(n_rows, vocab, acc_dtype):
         s = _scaled(student, rows, vocab, acc_dtype, inv_temperature)
         t = _scaled(teacher, rows, vocab, acc_dtype, inv_temperature)
-        lse_s, lse_t = torch.logsumexp(s, -1), torch.logsumexp(t, -1)
+        lse_s, lse_t = _logsumexp(s), _logsumexp(t)
         value, weight = divergence_terms(s - lse_s[:, None], t - lse_t[:, None], log_mix_p, log_mix_q, divergence)
         loss[rows] = _zero_unless(active[rows], value.sum(-1))
         stats[rows] = torch.stack([lse_s, lse_t, weight.sum(-1)], dim=1)
@@ -135,8 +147,8 @@ def hybrid_forward(student, teacher, labels, sampled_ids, *, seed, temperature, 
     stats = torch.zeros(n_rows, 3, dtype=acc_dtype, device=student.device)
     for rows in _chunks(n_rows, vocab, acc_dtype):
         live = active[rows]
-        lse_s = torch.logsumexp(_scaled(student, rows, vocab, acc_dtype, inv_temperature), -1)
-        lse_t = torch.logsumexp(_scaled(teacher, rows, vocab, acc_dtype, inv_temperature), -1)
+        lse_s = _logsumexp(_scaled(student, rows, vocab, acc_dtype, inv_temperature))
+        lse_t = _logsumexp(_scaled(teacher, rows, vocab, acc_dtype, inv_temperature))
         if sample:
             chunk_ids = sample_gumbel_max(student, rows, vocab, acc_dtype, inv_temperature, key)
         else:
@@ -147,12 +159,12 @@ def hybrid_forward(student, teacher, labels, sampled_ids, *, seed, temperature, 
         log_p_y = _gather(teacher, rows, safe_y, acc_dtype, inv_temperature) - lse_t
         log_q_hat = _gather(student, rows, safe_hat, acc_dtype, inv_temperature) - lse_s
         log_p_hat = _gather(teacher, rows, safe_hat, acc_dtype, inv_temperature) - lse_t
-        d_y = _zero_unless(log_q_y.exp() > 0, log_q_y.exp() * (log_p_y - log_q_y))
-        d_hat = _zero_unless(log_q_hat.exp() > 0, log_q_hat.exp() * (log_p_hat - log_q_hat))
+        d_y = _zero_if(log_q_y.exp() == 0, log_q_y.exp() * (log_p_y - log_q_y))
+        d_hat = _zero_if(log_q_hat.exp() == 0, log_q_hat.exp() * (log_p_hat - log_q_hat))
         under, over = d_y > 0, d_hat < 0
         w_y = rkl_weight * d_y + _zero_unless(under, fkl_weight * log_p_y.exp() * torch.where(over, 2.0, 1.0))
         w_hat = _zero_unless(over & (safe_hat != safe_y), rkl_weight * d_hat)
-        per_row = -(_zero_unless(w_y != 0, w_y * log_q_y) + _zero_unless(w_hat != 0, w_hat * log_q_hat))
+        per_row = -(_zero_if(w_y == 0, w_y * log_q_y) + _zero_if(w_hat == 0, w_hat * log_q_hat))
         loss[rows] = _zero_unless(live, per_row)
         stats[rows] = torch.stack([lse_s, _zero_unless(live, w_y), _zero_unless(live, w_hat)], dim=1)
         out_ids[rows] = torch.where(live, chunk_ids, out_ids[rows])

@@ -32,9 +32,12 @@ def triton_usable_on(device: torch.device) -> bool:
 
 # Widest vocabulary tile. Tests lower it to push small vocabularies through many tiles.
 MAX_BLOCK_V = 4096
+# float64 accumulation (the exactness path) doubles the registers per element: 4096-wide tiles
+# spill in the mixture divergences (ptxas -v), 1024 do not.
+GPU_FP64_BLOCK_V = 1024
 
 
-def launch_shape(n_rows: int, vocab: int, device: torch.device) -> dict:
+def launch_shape(n_rows: int, vocab: int, device: torch.device, fp64: bool = False) -> dict:
     """Rows per program, vocabulary tile and warps.
 
     On a GPU one program streams one row in 4096-column tiles: rows are independent and a
@@ -46,6 +49,8 @@ def launch_shape(n_rows: int, vocab: int, device: torch.device) -> dict:
     if device.type == "cpu":
         block_n = min(triton.next_power_of_2(max(n_rows, 1)), max(16, min(256, 32768 // block_v)))
         return {"BLOCK_N": block_n, "BLOCK_V": block_v, "num_warps": 4}
+    if fp64:
+        block_v = min(block_v, GPU_FP64_BLOCK_V)
     return {"BLOCK_N": 1, "BLOCK_V": block_v, "num_warps": 8 if block_v >= 2048 else 4}
 
 
