@@ -123,12 +123,12 @@ def divergence_backward(student, teacher, stats, row_scale, grad, *, divergence,
     return grad
 
 
-def sample_gumbel_max(student, rows, vocab, acc_dtype, inv_temperature, key):
+def sample_gumbel_max(scaled_student, rows, key):
     """y_hat for a chunk of rows: argmax(s / T + g), the same noise and scores as the kernel."""
-    s = _scaled(student, rows, vocab, acc_dtype, inv_temperature)
-    row_ids = torch.arange(rows.start, rows.stop, device=student.device)
-    noise = gumbel_torch(row_keys_torch(key, row_ids), torch.arange(vocab, device=student.device))
-    return torch.argmax(s.float() + noise, dim=-1)
+    device = scaled_student.device
+    noise = gumbel_torch(row_keys_torch(key, torch.arange(rows.start, rows.stop, device=device)),
+                         torch.arange(scaled_student.shape[1], device=device))
+    return torch.argmax(noise.add_(scaled_student.float()), dim=-1)
 
 
 def _gather(logits, rows, ids, acc_dtype, inv_temperature):
@@ -147,10 +147,11 @@ def hybrid_forward(student, teacher, labels, sampled_ids, *, seed, temperature, 
     stats = torch.zeros(n_rows, 3, dtype=acc_dtype, device=student.device)
     for rows in _chunks(n_rows, vocab, acc_dtype):
         live = active[rows]
-        lse_s = _logsumexp(_scaled(student, rows, vocab, acc_dtype, inv_temperature))
+        scaled_student = _scaled(student, rows, vocab, acc_dtype, inv_temperature)
+        lse_s = _logsumexp(scaled_student)
         lse_t = _logsumexp(_scaled(teacher, rows, vocab, acc_dtype, inv_temperature))
         if sample:
-            chunk_ids = sample_gumbel_max(student, rows, vocab, acc_dtype, inv_temperature, key)
+            chunk_ids = sample_gumbel_max(scaled_student, rows, key)
         else:
             chunk_ids = sampled_ids[rows]
         safe_y = torch.where(live, labels[rows], 0)
