@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, settings  # noqa: E402
 warnings.filterwarnings("ignore", category=RuntimeWarning)
 
 settings.register_profile(
-    "ci", max_examples=int(os.environ.get("HPD_MAX_EXAMPLES", 25)), deadline=None, derandomize=True,
+    "ci", max_examples=int(os.environ.get("HPD_MAX_EXAMPLES", 60)), deadline=None, derandomize=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
     print_blob=True,
 )
