@@ -18,6 +18,16 @@ from .losses import (
     skew_reverse_kl_loss,
     tvd_loss,
 )
+from .fused_linear import (
+    fused_linear_divergence_loss,
+    fused_linear_forward_kl_loss,
+    fused_linear_hybrid_kl_loss,
+    fused_linear_jsd_loss,
+    fused_linear_reverse_kl_loss,
+    fused_linear_skew_forward_kl_loss,
+    fused_linear_skew_reverse_kl_loss,
+    fused_linear_tvd_loss,
+)
 from .modules import (
     ForwardKLLoss,
     GeneralizedJSDLoss,
@@ -34,5 +44,7 @@ __all__ = [
     "DIVERGENCES", "HybridDetails", "forward_kl_loss", "generalized_jsd_loss", "hpd_token_weights",
     "hybrid_kl_loss", "reverse_kl_loss", "skew_forward_kl_loss", "skew_reverse_kl_loss", "tvd_loss",
     "ForwardKLLoss", "GeneralizedJSDLoss", "HybridKLLoss", "ReverseKLLoss", "SkewForwardKLLoss",
-    "SkewReverseKLLoss", "TVDLoss",
+    "SkewReverseKLLoss", "TVDLoss", "fused_linear_divergence_loss", "fused_linear_forward_kl_loss",
+    "fused_linear_hybrid_kl_loss", "fused_linear_jsd_loss", "fused_linear_reverse_kl_loss",
+    "fused_linear_skew_forward_kl_loss", "fused_linear_skew_reverse_kl_loss", "fused_linear_tvd_loss",
 ]

@@ -78,15 +78,45 @@ def _validate(student_logits, teacher_logits, labels, *, temperature, reduction,
         if labels_required:
             raise ValueError("labels are required: a tensor of token ids shaped like the logits' leading dimensions")
     else:
-        _check_ids("labels", labels, student_logits.shape[:-1], device)
-        if labels.numel() and bool(((labels < 0) & (labels != ignore_index)).any()):
-            raise ValueError(f"labels must be token ids >= 0 or ignore_index ({ignore_index}); found other negative values")
+        _check_labels(labels, student_logits.shape[:-1], device, ignore_index)
+    _check_options(temperature, reduction, backend)
+
+
+def _check_options(temperature, reduction, backend):
     if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature <= 0:
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def _check_labels(labels, leading_shape, device, ignore_index):
+    _check_ids("labels", labels, leading_shape, device)
+    if labels.numel() and bool(((labels < 0) & (labels != ignore_index)).any()):
+        raise ValueError(f"labels must be token ids >= 0 or ignore_index ({ignore_index}); found other negative values")
+
+
+def _check_hpd_options(fkl_weight, rkl_weight, seed):
+    for name, value in (("fkl_weight", fkl_weight), ("rkl_weight", rkl_weight)):
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if seed is not None and not isinstance(seed, int):
+        raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+
+
+def _check_sampled_ids(sampled_ids, leading_shape, active, vocab):
+    """Flattened int64 sampled ids, each active row's within [0, vocab)."""
+    _check_ids("sampled_ids", sampled_ids, leading_shape, active.device)
+    sampled_ids = sampled_ids.reshape(-1).to(torch.int64).contiguous()
+    if bool((active & ((sampled_ids < 0) | (sampled_ids >= vocab))).any()):
+        raise ValueError(f"sampled_ids must lie in [0, {vocab}) (the shared vocabulary) on every active row")
+    return sampled_ids
+
+
+def _draw_seed():
+    # Drawn from torch's generator, so torch.manual_seed makes the whole call reproducible.
+    return int(torch.randint(0, 2**62, (1,)).item())
 
 
 def _check_fraction(name, value):
@@ -197,32 +227,25 @@ def _hybrid(student_logits, teacher_logits, labels, *, sampled_ids, seed, fkl_we
             ignore_index, backend):
     _validate(student_logits, teacher_logits, labels, temperature=temperature, reduction="none",
               backend=backend, ignore_index=ignore_index, labels_required=True)
-    for name, value in (("fkl_weight", fkl_weight), ("rkl_weight", rkl_weight)):
-        if not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ValueError(f"{name} must be a finite number, got {value!r}")
-    if seed is not None and not isinstance(seed, int):
-        raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+    _check_hpd_options(fkl_weight, rkl_weight, seed)
     impl = triton_hybrid if _use_triton(backend, student_logits.device) else torch_backend
     student, teacher = _rows(student_logits), _rows(teacher_logits)
     vocab = min(student.shape[1], teacher.shape[1])
     flat_labels = labels.reshape(-1).to(torch.int64).contiguous()
     active = active_rows(flat_labels, student.shape[0], vocab, ignore_index, student.device)
     if sampled_ids is not None:
-        _check_ids("sampled_ids", sampled_ids, student_logits.shape[:-1], student.device)
-        sampled_ids = sampled_ids.reshape(-1).to(torch.int64).contiguous()
-        if bool((active & ((sampled_ids < 0) | (sampled_ids >= vocab))).any()):
-            raise ValueError(f"sampled_ids must lie in [0, {vocab}) (the shared vocabulary) on every active row")
+        sampled_ids = _check_sampled_ids(sampled_ids, student_logits.shape[:-1], active, vocab)
     elif seed is None:
-        # Drawn from torch's generator, so torch.manual_seed makes the whole call reproducible.
-        seed = int(torch.randint(0, 2**62, (1,)).item())
+        seed = _draw_seed()
     per_row, drawn, w_label, w_sample = HybridFunction.apply(
         student, teacher.detach(), flat_labels, sampled_ids, seed, float(temperature), float(fkl_weight),
         float(rkl_weight), int(ignore_index), impl)
-    n_active = active.sum()
-    mismatch = (active & (drawn != flat_labels)).sum().to(torch.float32) / n_active.clamp(min=1)
-    leading = student_logits.shape[:-1]
-    details = HybridDetails(drawn.reshape(leading), w_label.reshape(leading), w_sample.reshape(leading), mismatch)
-    return per_row, active, details
+    return per_row, active, _details(drawn, w_label, w_sample, flat_labels, active, student_logits.shape[:-1])
+
+
+def _details(drawn, w_label, w_sample, flat_labels, active, leading):
+    mismatch = (active & (drawn != flat_labels)).sum().to(torch.float32) / active.sum().clamp(min=1)
+    return HybridDetails(drawn.reshape(leading), w_label.reshape(leading), w_sample.reshape(leading), mismatch)
 
 
 def hybrid_kl_loss(student_logits, teacher_logits, labels, *, sampled_ids=None, seed=None, fkl_weight=1.0,

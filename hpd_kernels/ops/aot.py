@@ -54,7 +54,7 @@ def specializations():
             yield ("hybrid_forward", f"{dtype} sample={sample}", {
                 "student_ptr": pointer, "teacher_ptr": pointer, "labels_ptr": "*i64", "sampled_ptr": "*i64",
                 "loss_ptr": acc, "stats_ptr": acc, "scalars_ptr": acc, "n_rows": "i32", "vocab": "i32",
-                "stride_student": "i64", "stride_teacher": "i64", "ignore_index": "i32", "seed": "i64",
+                "stride_student": "i64", "stride_teacher": "i64", "ignore_index": "i32", "seed": "i64", "row_offset": "i64",
             }, dict(SAMPLE=sample, FP64=fp64, **block))
         yield ("hybrid_backward", dtype, {
             "student_ptr": pointer, "labels_ptr": "*i64", "sampled_ptr": "*i64", "stats_ptr": acc,

@@ -38,7 +38,7 @@ if HAS_TRITON:
     @triton.jit
     def _hybrid_forward_kernel(
         student_ptr, teacher_ptr, labels_ptr, sampled_ptr, loss_ptr, stats_ptr, scalars_ptr,
-        n_rows, vocab, stride_student, stride_teacher, ignore_index, seed,
+        n_rows, vocab, stride_student, stride_teacher, ignore_index, seed, row_offset,
         SAMPLE: tl.constexpr, FP64: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
     ):
         acc_dtype = tl.float64 if FP64 else tl.float32
@@ -57,7 +57,9 @@ if HAS_TRITON:
         sum_s = tl.zeros([BLOCK_N], acc_dtype)
         sum_t = tl.zeros([BLOCK_N], acc_dtype)
         if SAMPLE:
-            keys = row_keys_triton(seed, rows)
+            # Noise is keyed by the row's index in the whole batch, so a chunked call draws the
+            # same tokens as an unchunked one.
+            keys = row_keys_triton(seed, rows + row_offset)
             best_score = tl.full([BLOCK_N], float("-inf"), tl.float32)
             best_id = tl.zeros([BLOCK_N], tl.int64)
         for start in range(0, vocab, BLOCK_V):
@@ -135,10 +137,12 @@ if HAS_TRITON:
                      mask=in_range[:, None] & (cols[None, :] < student_vocab))
 
 
-def hybrid_forward(student, teacher, labels, sampled_ids, *, seed, temperature, fkl_weight, rkl_weight, ignore_index):
+def hybrid_forward(student, teacher, labels, sampled_ids, *, seed, temperature, fkl_weight, rkl_weight, ignore_index,
+                   row_offset=0):
     """Per-row loss `[N]`, stats `[N, 3]` (lse_s, w_y, w_hat) and `y_hat` `[N]` (int64).
 
-    `sampled_ids=None` draws `y_hat` in the kernel from `seed`; inactive rows report `ignore_index`.
+    `sampled_ids=None` draws `y_hat` in the kernel from `seed`, with the noise of rows
+    `row_offset + i`; inactive rows report `ignore_index`.
     """
     n_rows, vocab = student.shape[0], min(student.shape[1], teacher.shape[1])
     acc_dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
@@ -154,7 +158,7 @@ def hybrid_forward(student, teacher, labels, sampled_ids, *, seed, temperature, 
     grid = (triton.cdiv(n_rows, shape["BLOCK_N"]),)
     _hybrid_forward_kernel[grid](
         student, teacher, labels, sampled_ids, loss, stats, scalars,
-        n_rows, vocab, student.stride(0), teacher.stride(0), ignore_index, seed_key(seed or 0),
+        n_rows, vocab, student.stride(0), teacher.stride(0), ignore_index, seed_key(seed or 0), row_offset,
         SAMPLE=sample, FP64=acc_dtype == torch.float64, **shape,
     )
     return loss, stats, sampled_ids

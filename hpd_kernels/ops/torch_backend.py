@@ -123,10 +123,11 @@ def divergence_backward(student, teacher, stats, row_scale, grad, *, divergence,
     return grad
 
 
-def sample_gumbel_max(scaled_student, rows, key):
-    """y_hat for a chunk of rows: argmax(s / T + g), the same noise and scores as the kernel."""
+def sample_gumbel_max(scaled_student, first_row, key):
+    """y_hat for rows `first_row...`: argmax(s / T + g), the same noise and scores as the kernel."""
     device = scaled_student.device
-    noise = gumbel_torch(row_keys_torch(key, torch.arange(rows.start, rows.stop, device=device)),
+    row_ids = torch.arange(first_row, first_row + scaled_student.shape[0], device=device)
+    noise = gumbel_torch(row_keys_torch(key, row_ids),
                          torch.arange(scaled_student.shape[1], device=device))
     return torch.argmax(noise.add_(scaled_student.float()), dim=-1)
 
@@ -135,7 +136,8 @@ def _gather(logits, rows, ids, acc_dtype, inv_temperature):
     return logits[rows].gather(1, ids[:, None])[:, 0].to(acc_dtype) * inv_temperature
 
 
-def hybrid_forward(student, teacher, labels, sampled_ids, *, seed, temperature, fkl_weight, rkl_weight, ignore_index):
+def hybrid_forward(student, teacher, labels, sampled_ids, *, seed, temperature, fkl_weight, rkl_weight, ignore_index,
+                   row_offset=0):
     n_rows, vocab = student.shape[0], min(student.shape[1], teacher.shape[1])
     acc_dtype = _acc_dtype(student)
     inv_temperature = 1.0 / temperature
@@ -151,7 +153,7 @@ def hybrid_forward(student, teacher, labels, sampled_ids, *, seed, temperature, 
         lse_s = _logsumexp(scaled_student)
         lse_t = _logsumexp(_scaled(teacher, rows, vocab, acc_dtype, inv_temperature))
         if sample:
-            chunk_ids = sample_gumbel_max(scaled_student, rows, key)
+            chunk_ids = sample_gumbel_max(scaled_student, row_offset + rows.start, key)
         else:
             chunk_ids = sampled_ids[rows]
         safe_y = torch.where(live, labels[rows], 0)

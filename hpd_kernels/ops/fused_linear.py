@@ -1,0 +1,193 @@
+"""Fused lm_head + distillation loss: the logits exist only one chunk of rows at a time.
+
+Per chunk of tokens: `student_logits = h_s W_s^T (+ b_s)` and the teacher's logits are computed in
+the input dtype, the loss kernels (Triton or torch, the same ones the logits-level losses use)
+reduce them to per-row values, the backward kernel overwrites the student's chunk logits with their
+own gradient, and that gradient is immediately contracted into `dL/dh_s` (rows of this chunk) and
+accumulated into `dL/dW_s`, `dL/db_s` (float32). Peak memory is then one chunk of student and
+teacher logits plus the weight gradient, instead of several `[N, V]` tensors.
+
+With a scalar reduction ("mean"/"sum") the gradients are computed during the forward (the
+incoming gradient of a scalar loss only rescales them), so the logits are built once. With
+`reduction="none"` the per-row incoming gradient is not known until backward, which then rebuilds
+the logits chunk by chunk.
+
+Chunk size rule (`rows_per_chunk`): as many rows as fit a memory budget for the chunk's student and
+teacher logits, `budget // ((V_s + V_t) * itemsize)`, rounded down to a multiple of 64 rows on a
+GPU (whole GEMM tiles). The budget is 64 MiB on the CPU and 1/32 of the free GPU memory (clamped to
+[256 MiB, 2 GiB]) on CUDA.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .common import active_rows
+
+CPU_CHUNK_BUDGET = 64 * 2**20
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What to compute per row: HPD or one divergence, with its parameters."""
+
+    name: str                 # "hpd" or a divergence resolved by `mixture_logs`
+    temperature: float
+    ignore_index: int
+    log_mix_p: float = 0.0
+    log_mix_q: float = 0.0
+    seed: int = 0
+    fkl_weight: float = 1.0
+    rkl_weight: float = 1.0
+
+
+def rows_per_chunk(n_rows: int, student_vocab: int, teacher_vocab: int, itemsize: int, device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = min(max(free // 32, 256 * 2**20), 2 * 2**30)
+    else:
+        budget = CPU_CHUNK_BUDGET
+    rows = max(1, budget // max(1, (student_vocab + teacher_vocab) * itemsize))
+    if device.type == "cuda" and rows > 64:
+        rows -= rows % 64
+    return max(1, min(rows, n_rows))
+
+
+def _linear(hidden, weight, bias):
+    return torch.addmm(bias, hidden, weight.t()) if bias is not None else hidden @ weight.t()
+
+
+class _Chunks:
+    """One pass over the rows: per-row losses, and gradients when `row_scale` is given."""
+
+    def __init__(self, inputs, objective, impl, chunk_size):
+        (self.student_hidden, self.student_weight, self.student_bias, self.teacher_hidden, self.teacher_weight,
+         self.teacher_bias, self.teacher_logits, self.labels, self.sampled_ids) = inputs
+        self.objective, self.impl, self.chunk_size = objective, impl, chunk_size
+
+    def teacher_chunk(self, rows):
+        if self.teacher_logits is not None:
+            return self.teacher_logits[rows]
+        return _linear(self.teacher_hidden[rows], self.teacher_weight, self.teacher_bias)
+
+    def run(self, row_scale=None, want_grads=(False, False, False)):
+        hidden, weight, bias = self.student_hidden, self.student_weight, self.student_bias
+        n_rows, objective = hidden.shape[0], self.objective
+        acc_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        per_row = torch.zeros(n_rows, dtype=acc_dtype, device=hidden.device)
+        hpd = objective.name == "hpd"
+        drawn = torch.full((n_rows,), objective.ignore_index, dtype=torch.int64, device=hidden.device) if hpd else None
+        label_weight = torch.zeros(n_rows, dtype=acc_dtype, device=hidden.device) if hpd else None
+        sample_weight = torch.zeros_like(label_weight) if hpd else None
+        grad_hidden = torch.empty_like(hidden) if want_grads[0] else None
+        grad_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if want_grads[1] else None
+        grad_bias = torch.zeros(bias.shape, dtype=acc_dtype, device=bias.device) if want_grads[2] else None
+
+        for start in range(0, n_rows, self.chunk_size):
+            rows = slice(start, min(start + self.chunk_size, n_rows))
+            student_logits = _linear(hidden[rows], weight, bias)
+            teacher_logits = self.teacher_chunk(rows)
+            labels = None if self.labels is None else self.labels[rows]
+            vocab = min(student_logits.shape[1], teacher_logits.shape[1])
+            if hpd:
+                given = None if self.sampled_ids is None else self.sampled_ids[rows]
+                loss, stats, ids = self.impl.hybrid_forward(
+                    student_logits, teacher_logits, labels, given, seed=objective.seed,
+                    temperature=objective.temperature, fkl_weight=objective.fkl_weight,
+                    rkl_weight=objective.rkl_weight, ignore_index=objective.ignore_index, row_offset=start)
+                drawn[rows], label_weight[rows], sample_weight[rows] = ids, stats[:, 1], stats[:, 2]
+            else:
+                loss, stats = self.impl.divergence_forward(
+                    student_logits, teacher_logits, labels, divergence=objective.name,
+                    temperature=objective.temperature, log_mix_p=objective.log_mix_p,
+                    log_mix_q=objective.log_mix_q, ignore_index=objective.ignore_index)
+            per_row[rows] = loss
+            if row_scale is None:
+                continue
+
+            # The chunk's logits become their own gradient, in place: no second [rows, V] buffer.
+            scale = row_scale[rows].contiguous()
+            if hpd:
+                self.impl.hybrid_backward(student_logits, labels, ids, stats, scale, student_logits,
+                                          vocab=vocab, temperature=objective.temperature)
+            else:
+                self.impl.divergence_backward(student_logits, teacher_logits, stats, scale, student_logits,
+                                              divergence=objective.name, temperature=objective.temperature,
+                                              log_mix_p=objective.log_mix_p, log_mix_q=objective.log_mix_q)
+            grad_logits = student_logits
+            if grad_hidden is not None:
+                torch.mm(grad_logits, weight, out=grad_hidden[rows])
+            if grad_weight is not None:
+                # float32 accumulation in place: the chunk's (small) operands are upcast, never a [V, H] temporary.
+                grad_weight.addmm_(grad_logits.t().to(acc_dtype), hidden[rows].to(acc_dtype))
+            if grad_bias is not None:
+                grad_bias += grad_logits.sum(0, dtype=acc_dtype)
+        details = (drawn, label_weight, sample_weight) if hpd else None
+        return per_row, details, (grad_hidden, grad_weight, grad_bias)
+
+
+class FusedLinearDistillation(torch.autograd.Function):
+    """Loss from hidden states and lm_head weights: `(loss, sampled_ids, w_y, w_hat)`, the last
+    three (no gradient) empty for the divergences. Gradients reach the student's hidden states,
+    weight and bias; never the teacher."""
+
+    @staticmethod
+    def forward(ctx, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
+                teacher_logits, labels, sampled_ids, objective, reduction, chunk_size, impl):
+        inputs = (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
+                  teacher_logits, labels, sampled_ids)
+        teacher_vocab = teacher_logits.shape[-1] if teacher_logits is not None else teacher_weight.shape[0]
+        vocab = min(student_weight.shape[0], teacher_vocab)
+        active = active_rows(labels, student_hidden.shape[0], vocab, objective.ignore_index, student_hidden.device)
+        acc_dtype = torch.float64 if student_hidden.dtype == torch.float64 else torch.float32
+        want = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], student_bias is not None and ctx.needs_input_grad[2])
+        denominator = active.sum().clamp(min=1).to(acc_dtype)
+
+        # A scalar loss: compute the gradients now, while the chunk's logits exist.
+        eager = reduction != "none" and any(want)
+        row_scale = None
+        if eager:
+            row_scale = active.to(acc_dtype) / denominator if reduction == "mean" else active.to(acc_dtype)
+        per_row, details, grads = _Chunks(inputs, objective, impl, chunk_size).run(
+            row_scale, want if eager else (False, False, False))
+
+        ctx.objective, ctx.impl, ctx.chunk_size, ctx.want, ctx.eager = objective, impl, chunk_size, want, eager
+        ctx.param_dtypes = (student_weight.dtype, None if student_bias is None else student_bias.dtype)
+        if eager:
+            ctx.grads = grads
+        else:  # "none": backward rebuilds the logits with the per-row incoming gradient
+            used_ids = details[0] if details is not None else sampled_ids
+            ctx.save_for_backward(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
+                                  teacher_bias, teacher_logits, labels, used_ids, active)
+
+        if reduction == "none":
+            loss = per_row
+        elif reduction == "sum":
+            loss = per_row.sum()
+        else:
+            loss = per_row.sum() / denominator
+        if details is None:
+            empty = torch.empty(0, device=student_hidden.device)
+            details = (empty.long(), empty, empty.clone())
+        ctx.mark_non_differentiable(*details)
+        return (loss, *details)
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_):
+        if ctx.eager:
+            grad_hidden, grad_weight, grad_bias = (
+                None if grad is None else grad * grad_loss.to(grad.dtype) for grad in ctx.grads)
+            ctx.grads = None
+        else:
+            saved = ctx.saved_tensors
+            inputs, active = saved[:9], saved[9]
+            acc_dtype = torch.float64 if inputs[0].dtype == torch.float64 else torch.float32
+            row_scale = torch.where(active, grad_loss.to(acc_dtype), 0.0)
+            _, _, (grad_hidden, grad_weight, grad_bias) = _Chunks(inputs, ctx.objective, ctx.impl, ctx.chunk_size).run(
+                row_scale, ctx.want)
+        weight_dtype, bias_dtype = ctx.param_dtypes
+        grad_weight = None if grad_weight is None else grad_weight.to(weight_dtype)
+        grad_bias = None if grad_bias is None else grad_bias.to(bias_dtype)
+        return (grad_hidden, grad_weight, grad_bias) + (None,) * 10
