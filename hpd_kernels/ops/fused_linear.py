@@ -14,7 +14,7 @@ the logits chunk by chunk.
 
 Chunk size rule (`rows_per_chunk`): as many rows as fit a memory budget for the chunk's student and
 teacher logits, `budget // ((V_s + V_t) * itemsize)`, rounded down to a multiple of 64 rows on a
-GPU (whole GEMM tiles). The budget is 64 MiB on the CPU and 1/32 of the free GPU memory (clamped to
+GPU (whole GEMM tiles). The budget is 32 MiB on the CPU and 1/32 of the free GPU memory (clamped to
 [256 MiB, 2 GiB]) on CUDA.
 """
 
@@ -26,7 +26,7 @@ import torch
 
 from .common import active_rows
 
-CPU_CHUNK_BUDGET = 64 * 2**20
+CPU_CHUNK_BUDGET = 32 * 2**20
 
 
 @dataclass(frozen=True)

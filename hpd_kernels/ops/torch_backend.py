@@ -16,8 +16,8 @@ from .common import active_rows
 from .gumbel import gumbel_torch, row_keys_torch, seed_key
 
 # Bytes of one chunk's [rows, V] temporaries in the accumulation dtype. The divergences keep about
-# eight of them alive at once, so 16 MiB each bounds a chunk's working set near 128 MiB.
-CHUNK_BYTES = 16 * 2**20
+# eight of them alive at once, so 8 MiB each bounds a chunk's working set near 64 MiB.
+CHUNK_BYTES = 8 * 2**20
 
 
 def _rows_per_chunk(vocab: int, acc_dtype: torch.dtype) -> int:
@@ -85,7 +85,10 @@ def _chunks(n_rows, vocab, acc_dtype):
 
 
 def _scaled(logits, rows, vocab, acc_dtype, inv_temperature):
-    return logits[rows, :vocab].to(acc_dtype) * inv_temperature
+    """`logits / T` for a chunk in the accumulation dtype; a view, not a copy, when nothing changes
+    (callers only read it)."""
+    chunk = logits[rows, :vocab].to(acc_dtype)
+    return chunk if inv_temperature == 1.0 else chunk * inv_temperature
 
 
 def divergence_forward(student, teacher, labels, *, divergence, temperature, log_mix_p, log_mix_q, ignore_index):
