@@ -1,0 +1,63 @@
+"""The trainer's objectives, each a call into the library's fused-linear losses.
+
+A batch is `input_ids [B, S]` with `loss_mask [B, S]` (1 on response tokens, 0 on prompt and
+padding). Position `i` predicts token `i + 1`, so hidden states are shifted here, once, and the
+losses see aligned rows (the spec's convention). The student's logits never exist in full: the
+losses take its final hidden states and lm_head weight.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.utils.checkpoint
+
+import hpd_kernels
+
+OBJECTIVES = ("sft", "fkl", "rkl", "jsd", "skl", "srkl", "tvd", "hpd")
+DIVERGENCE_OF = {"fkl": "forward_kl", "rkl": "reverse_kl", "jsd": "jsd", "skl": "skew_forward_kl",
+                 "srkl": "skew_reverse_kl", "tvd": "tvd"}
+
+
+def shifted_labels(input_ids, loss_mask, ignore_index=-100):
+    """Labels aligned with hidden states: row `i` predicts token `i + 1`; masked tokens ignored."""
+    labels = torch.full_like(input_ids, ignore_index)
+    labels[:, :-1] = torch.where(loss_mask[:, 1:].bool(), input_ids[:, 1:], torch.full_like(input_ids[:, 1:], ignore_index))
+    return labels
+
+
+def _chunk_cross_entropy(hidden, weight, labels, ignore_index):
+    logits = hidden @ weight.t()
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    return torch.nn.functional.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum")
+
+
+def cross_entropy_from_hidden(hidden, weight, labels, ignore_index=-100, chunk_rows=1024):
+    """Cross-entropy on the data (SFT), mean over active tokens, from hidden states. Each chunk's
+    logits are recomputed in backward (activation checkpointing), so they never all exist at once."""
+    rows = hidden.reshape(-1, hidden.shape[-1])
+    flat = labels.reshape(-1)
+    total = rows.new_zeros((), dtype=torch.float64 if rows.dtype == torch.float64 else torch.float32)
+    for start in range(0, rows.shape[0], chunk_rows):
+        total = total + torch.utils.checkpoint.checkpoint(
+            _chunk_cross_entropy, rows[start:start + chunk_rows], weight, flat[start:start + chunk_rows], ignore_index,
+            use_reentrant=False)
+    return total / (flat != ignore_index).sum().clamp(min=1)
+
+
+def distillation_loss(objective, student_hidden, student_weight, teacher_hidden, teacher_weight, labels, *,
+                      seed=None, temperature=1.0, fkl_weight=1.0, rkl_weight=1.0, beta=0.5, alpha=0.1,
+                      backend="auto"):
+    """`(loss, details)` for one objective; `details` holds HPD's sampled ids and `y_hat != y` rate."""
+    if objective == "sft":
+        return cross_entropy_from_hidden(student_hidden, student_weight, labels), None
+    if objective == "hpd":
+        return hpd_kernels.fused_linear_hybrid_kl_loss(
+            student_hidden, student_weight, teacher_hidden, teacher_weight, labels, seed=seed, temperature=temperature,
+            fkl_weight=fkl_weight, rkl_weight=rkl_weight, backend=backend, return_details=True)
+    if objective not in DIVERGENCE_OF:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    loss = hpd_kernels.fused_linear_divergence_loss(
+        student_hidden, student_weight, teacher_hidden, teacher_weight, labels, divergence=DIVERGENCE_OF[objective],
+        beta=beta, alpha=alpha, temperature=temperature, backend=backend)
+    return loss, None

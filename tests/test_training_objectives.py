@@ -1,0 +1,45 @@
+"""The trainer's objectives are the library's losses on shifted, prompt-masked rows."""
+
+import pytest
+import torch
+
+import hpd_kernels
+import reference
+from hpd_kernels.models import DecoderConfig, DecoderLM
+from hpd_kernels.training import OBJECTIVES, distillation_loss, shifted_labels
+
+
+def test_shifted_labels_mask_prompt_and_predict_the_next_token():
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    mask = torch.tensor([[0, 0, 1, 1, 0]])
+    assert shifted_labels(ids, mask).tolist() == [[-100, 7, 8, -100, -100]]
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_objective_equals_reference_on_the_same_batch(objective):
+    torch.manual_seed(0)
+    student = DecoderLM(DecoderConfig(vocab_size=11, hidden_size=8, num_layers=1, num_heads=2)).double()
+    teacher = DecoderLM(DecoderConfig(vocab_size=13, hidden_size=12, num_layers=1, num_heads=2)).double()
+    ids = torch.randint(0, 11, (2, 6))
+    labels = shifted_labels(ids, torch.tensor([[0, 0, 1, 1, 1, 1], [0, 1, 1, 1, 1, 0]]))
+    hidden, teacher_hidden = student(ids), teacher(ids).detach()
+    loss, details = distillation_loss(objective, hidden, student.lm_head.weight, teacher_hidden,
+                                      teacher.lm_head.weight, labels, seed=3, backend="torch")
+    student_logits, teacher_logits = student.lm_head(hidden), teacher.lm_head(teacher_hidden)
+    expected = {
+        "sft": lambda: reference.sft_loss(student_logits, labels),
+        "fkl": lambda: reference.forward_kl_loss(student_logits, teacher_logits, labels),
+        "rkl": lambda: reference.reverse_kl_loss(student_logits, teacher_logits, labels),
+        "jsd": lambda: reference.generalized_jsd_loss(student_logits, teacher_logits, labels),
+        "skl": lambda: reference.skew_forward_kl_loss(student_logits, teacher_logits, labels),
+        "srkl": lambda: reference.skew_reverse_kl_loss(student_logits, teacher_logits, labels),
+        "tvd": lambda: reference.tvd_loss(student_logits, teacher_logits, labels),
+        "hpd": lambda: reference.hybrid_kl_loss(student_logits, teacher_logits, labels,
+                                                details.sampled_ids.clamp(min=0)),
+    }[objective]()
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-10, atol=1e-12)
+    params = list(student.parameters())
+    grads = torch.autograd.grad(loss, params, retain_graph=True)
+    expected_grads = torch.autograd.grad(expected, params)
+    for grad, want in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, want, rtol=1e-8, atol=1e-11)
