@@ -43,3 +43,48 @@ def test_objective_equals_reference_on_the_same_batch(objective):
     expected_grads = torch.autograd.grad(expected, params)
     for grad, want in zip(grads, expected_grads):
         torch.testing.assert_close(grad, want, rtol=1e-8, atol=1e-11)
+
+
+def _toy_examples(n=64, vocab=11, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    examples = []
+    for _ in range(n):
+        prompt = torch.randint(3, vocab, (3,), generator=generator).tolist()
+        examples.append((prompt, [(token * 2) % vocab for token in prompt] + [2]))  # a learnable mapping, EOS=2
+    return examples
+
+
+def test_trainer_batch_loss_is_the_library_loss():
+    from hpd_kernels.training.trainer import TrainConfig, batch_loss, collate
+
+    torch.manual_seed(0)
+    student = DecoderLM(DecoderConfig(vocab_size=11, hidden_size=8, num_layers=1, num_heads=2)).double()
+    teacher = DecoderLM(DecoderConfig(vocab_size=11, hidden_size=16, num_layers=1, num_heads=2)).double()
+    input_ids, loss_mask = collate(_toy_examples(4), 0, "cpu")
+    config = TrainConfig(objective="hpd", backend="torch")
+    loss, metrics, _ = batch_loss(config, student, teacher, input_ids, loss_mask, 0, seed=9)
+    labels = shifted_labels(input_ids, loss_mask)
+    attention = (input_ids != 0).long() | loss_mask
+    expected = hpd_kernels.hybrid_kl_loss(student.lm_head(student(input_ids, attention_mask=attention)),
+                                          teacher.lm_head(teacher(input_ids, attention_mask=attention)), labels,
+                                          seed=9, backend="torch")
+    torch.testing.assert_close(loss, expected, rtol=1e-10, atol=1e-12)
+    assert 0.0 <= metrics["mismatch_rate"] <= 1.0
+
+
+@pytest.mark.parametrize("objective", ["sft", "hpd"])
+def test_a_short_run_decreases_the_loss(objective):
+    from hpd_kernels.training.trainer import TrainConfig, train
+
+    torch.manual_seed(0)
+    examples = _toy_examples()
+    teacher = DecoderLM(DecoderConfig(vocab_size=11, hidden_size=32, num_layers=2, num_heads=2))
+    if objective != "sft":  # a teacher that knows the task
+        train(TrainConfig(objective="sft", steps=60, batch_size=16, lr=1e-2, warmup_steps=5), teacher, None,
+              examples, log=None)
+    student = DecoderLM(DecoderConfig(vocab_size=11, hidden_size=16, num_layers=1, num_heads=2))
+    history = train(TrainConfig(objective=objective, steps=40, batch_size=16, lr=1e-2, warmup_steps=5,
+                                backend="torch"), student, teacher.eval(), examples, log=None)
+    first = sum(h["cross_entropy"] for h in history[:5]) / 5
+    last = sum(h["cross_entropy"] for h in history[-5:]) / 5
+    assert last < 0.8 * first, (first, last)
