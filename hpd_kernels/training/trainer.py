@@ -80,10 +80,15 @@ def batch_loss(config: TrainConfig, student, teacher, input_ids, loss_mask, pad_
             backend=config.backend)
         if details is not None:
             metrics["mismatch_rate"] = float(details.mismatch_rate)
-    cross_entropy, _ = distillation_loss("sft", hidden, student.lm_head.weight, None, None, labels)
-    if config.ce_weight and config.objective != "sft":
+    if config.objective == "sft":
+        cross_entropy = loss.detach()
+    elif config.ce_weight:
+        cross_entropy, _ = distillation_loss("sft", hidden, student.lm_head.weight, None, None, labels)
         loss = loss + config.ce_weight * cross_entropy
-    metrics["cross_entropy"] = float(cross_entropy)
+    else:  # reported only: no graph
+        with torch.no_grad():
+            cross_entropy, _ = distillation_loss("sft", hidden.detach(), student.lm_head.weight, None, None, labels)
+    metrics["cross_entropy"] = float(cross_entropy.detach())
     return loss, metrics, int((labels != -100).sum())
 
 
