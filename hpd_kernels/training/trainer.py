@@ -114,7 +114,7 @@ def train(config: TrainConfig, student, teacher, examples, *, pad_id=0, log=prin
                 seed = config.seed * 1_000_003 + step * config.grad_accum + micro
                 loss, metrics, micro_tokens = batch_loss(config, student, teacher, input_ids, loss_mask, pad_id, seed)
                 (loss / config.grad_accum).backward()
-                totals["loss"] += float(loss) / config.grad_accum
+                totals["loss"] += float(loss.detach()) / config.grad_accum
                 for key, value in metrics.items():
                     totals[key] = totals.get(key, 0.0) + value / config.grad_accum
                 tokens += micro_tokens
