@@ -1,0 +1,271 @@
+"""The kernels against the reference on the device: values and gradients of every objective.
+
+    python -m bench.gpu_correctness                     # CUDA, Triton kernels (bench/gpu_check.sh)
+    python -m bench.gpu_correctness --device cpu        # CPU fallback: the torch backend
+    TRITON_INTERPRET=1 python -m bench.gpu_correctness --device cpu --backend triton --small
+
+One PASS/FAIL line per check; exit status 1 when any check fails. The reference always runs in
+float64 on the very values the library sees (inputs rounded to the tested dtype first), so only
+the library's arithmetic is under test. Shapes: float64 at small N (exactness, a mismatched
+vocabulary that is not a power of two, temperature 2), float32 at V=32000, bfloat16 at the
+Qwen vocabulary V=151936 with small N, and the fused-linear losses from hidden states. HPD is
+checked with given samples and with its in-kernel samples; on CUDA the Triton and torch backends
+must also draw the same samples from the same seed.
+
+Tolerances (error = |library - reference| / max|reference|, per loss and per gradient tensor):
+- float64: 1e-10 for losses, 1e-9 for gradients: both sides compute in float64.
+- float32 / bfloat16 logits: the library accumulates in float32 (eps 6e-8; log-probabilities
+  carry a few eps times the largest logit, ~10 here): 1e-5 for float32 losses, 1e-4 for bfloat16
+  (a 152k-term sum); gradients 1e-4 for float32, and 1e-2 for bfloat16, whose gradient is stored
+  in bfloat16 (half an ulp is 2^-9 relative to the element).
+- fused-linear: both sides take the logits from the input dtype's matmul `hidden @ weight.T`
+  (the library one chunk of rows at a time: float32 chunks may round differently from one big
+  matmul, hence 1e-4 for losses and 1e-3 for gradients); the reference's float64 logits gradient is
+  contracted with the weight and hidden states in float64. bfloat16: the library's gradients pass
+  through bfloat16 (the logits gradient, then the hidden-state gradient), 2e-2; losses 1e-4.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import traceback
+import zlib
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+import hpd_kernels
+import reference
+from bench.workloads import IGNORE_INDEX, OBJECTIVES, REFERENCE_DIVERGENCES, has_fused_linear, mixture_kwargs
+
+DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class LogitCase:
+    dtype: str
+    tokens: int
+    student_vocab: int
+    teacher_vocab: int
+    temperature: float
+    loss_tol: float
+    grad_tol: float
+
+
+@dataclass(frozen=True)
+class FusedCase:
+    dtype: str
+    tokens: int
+    student_hidden: int
+    teacher_hidden: int
+    vocab: int
+    chunk_size: Optional[int]
+    loss_tol: float
+    grad_tol: float
+
+
+LOGIT_CASES = (
+    LogitCase("float64", 37, 1000, 1000, 1.0, 1e-10, 1e-9),
+    LogitCase("float64", 16, 5003, 5120, 2.0, 1e-10, 1e-9),
+    LogitCase("float32", 64, 32000, 32000, 1.0, 1e-5, 1e-4),
+    LogitCase("bfloat16", 8, 151936, 151936, 1.0, 1e-4, 1e-2),
+)
+FUSED_CASES = (
+    FusedCase("float64", 33, 48, 64, 3001, 8, 1e-10, 1e-9),
+    FusedCase("float32", 64, 256, 512, 32000, 16, 1e-4, 1e-3),
+    FusedCase("bfloat16", 16, 128, 256, 151936, None, 1e-4, 2e-2),
+)
+# --small: the same kinds of checks at sizes Triton's CPU interpreter gets through in a minute.
+SMALL_LOGIT_CASES = (
+    LogitCase("float64", 13, 300, 300, 1.0, 1e-10, 1e-9),
+    LogitCase("float64", 9, 517, 640, 2.0, 1e-10, 1e-9),
+    LogitCase("float32", 16, 4096, 4096, 1.0, 1e-5, 1e-4),
+    LogitCase("bfloat16", 4, 5003, 5003, 1.0, 1e-4, 1e-2),
+)
+SMALL_FUSED_CASES = (
+    FusedCase("float64", 11, 16, 24, 517, 4, 1e-10, 1e-9),
+    FusedCase("float32", 16, 32, 48, 4096, 8, 1e-4, 1e-3),
+)
+
+
+def relative_error(value, expected) -> float:
+    value, expected = value.detach().double().cpu(), expected.detach().double().cpu()
+    scale = expected.abs().max().item() if expected.numel() else 0.0
+    if not math.isfinite(scale):
+        return math.inf
+    difference = (value - expected).abs().max().item() if expected.numel() else 0.0
+    return difference / max(scale, 1e-300) if difference else 0.0
+
+
+def _stable_seed(*parts) -> int:
+    """The same inputs on every run (Python's own hash of a str changes per process)."""
+    return zlib.crc32(repr(parts).encode())
+
+
+def _labels(tokens, vocab, generator, device):
+    labels = torch.randint(0, vocab, (tokens,), generator=generator)
+    labels[: max(1, tokens // 8)] = IGNORE_INDEX      # prompt rows
+    labels[-1] = vocab + 3                            # a label outside the vocabulary: ignored by the spec
+    return labels.to(device)
+
+
+def _reference_loss(objective, student, teacher, labels, temperature, sampled_ids=None):
+    kwargs = dict(temperature=temperature, ignore_index=IGNORE_INDEX)
+    if objective == "hpd":
+        return reference.hybrid_kl_loss(student, teacher, labels, sampled_ids, **kwargs)
+    return REFERENCE_DIVERGENCES[objective](student, teacher, labels, **kwargs, **mixture_kwargs(objective))
+
+
+def _library_loss(objective, student, teacher, labels, temperature, backend, sampled_ids=None, seed=None):
+    kwargs = dict(temperature=temperature, ignore_index=IGNORE_INDEX, backend=backend)
+    if objective == "hpd":
+        return hpd_kernels.hybrid_kl_loss(student, teacher, labels, sampled_ids=sampled_ids, seed=seed,
+                                          return_details=True, **kwargs)
+    return hpd_kernels.DIVERGENCES[objective](student, teacher, labels, **kwargs, **mixture_kwargs(objective)), None
+
+
+class Checker:
+    def __init__(self, device, backend):
+        self.device, self.backend = device, backend
+        self.passed = self.failed = 0
+
+    def report(self, ok, name, detail):
+        self.passed += ok
+        self.failed += not ok
+        print(f"{'PASS' if ok else 'FAIL'}  {name:<62} {detail}", flush=True)
+
+    def compare(self, name, pairs):
+        """pairs: (label, value, expected, tolerance); one line for all of them."""
+        errors = [(label, relative_error(value, expected), tol) for label, value, expected, tol in pairs]
+        ok = all(error <= tol for _, error, tol in errors)
+        self.report(ok, name, "  ".join(f"{label} err {error:.1e} (tol {tol:.0e})" for label, error, tol in errors))
+
+    def guarded(self, name, check, *args):
+        try:
+            check(name, *args)
+        except Exception as error:  # one broken check must not hide the others
+            self.report(False, name, f"{type(error).__name__}: {error}".splitlines()[0][:200])
+            traceback.print_exc(limit=3, file=sys.stdout)
+
+    # ------------------------------------------------------------------------------------------
+    def logits(self, name, objective, case: LogitCase, sample_in_kernel=False):
+        dtype = DTYPES[case.dtype]
+        generator = torch.Generator().manual_seed(_stable_seed(objective, case))
+        student = torch.randn(case.tokens, case.student_vocab, generator=generator, dtype=torch.float64) * 2
+        teacher = torch.randn(case.tokens, case.teacher_vocab, generator=generator, dtype=torch.float64)
+        shared = min(case.student_vocab, case.teacher_vocab)
+        teacher[:, :shared] += student[:, :shared]
+        student, teacher = student.to(dtype).to(self.device), teacher.to(dtype).to(self.device)
+        labels = _labels(case.tokens, shared, generator, self.device)
+
+        sampled_ids = None
+        if objective == "hpd" and not sample_in_kernel:
+            sampled_ids = reference.sample_student(student[:, :shared].double().cpu(), temperature=case.temperature,
+                                                   generator=generator).to(self.device)
+        leaf = student.clone().requires_grad_(True)
+        loss, details = _library_loss(objective, leaf, teacher, labels, case.temperature, self.backend,
+                                      sampled_ids=sampled_ids, seed=1234 if sample_in_kernel else None)
+        (grad,) = torch.autograd.grad(loss, leaf)
+        if sample_in_kernel:
+            sampled_ids = details.sampled_ids.clamp(min=0)  # ignored rows carry ignore_index
+        expected_leaf = student.double().requires_grad_(True)
+        expected = _reference_loss(objective, expected_leaf, teacher.double(), labels, case.temperature, sampled_ids)
+        (expected_grad,) = torch.autograd.grad(expected, expected_leaf)
+        self.compare(name, [("loss", loss, expected, case.loss_tol), ("grad", grad, expected_grad, case.grad_tol)])
+
+    def same_samples(self, name, case: LogitCase):
+        """The README promises the same y_hat from both backends for one seed."""
+        dtype = DTYPES[case.dtype]
+        generator = torch.Generator().manual_seed(7)
+        student = (torch.randn(case.tokens, case.student_vocab, generator=generator) * 2).to(dtype).to(self.device)
+        teacher = (torch.randn(case.tokens, case.teacher_vocab, generator=generator)).to(dtype).to(self.device)
+        labels = _labels(case.tokens, min(case.student_vocab, case.teacher_vocab), generator, self.device)
+        drawn = {backend: hpd_kernels.hpd_token_weights(student, teacher, labels, seed=99, backend=backend,
+                                                        temperature=case.temperature).sampled_ids
+                 for backend in ("triton", "torch")}
+        agreement = (drawn["triton"] == drawn["torch"]).double().mean().item()
+        self.report(agreement == 1.0, name, f"same y_hat on {agreement:.1%} of rows")
+
+    def fused(self, name, objective, case: FusedCase):
+        dtype = DTYPES[case.dtype]
+        generator = torch.Generator().manual_seed(_stable_seed(objective, case))
+        randn = lambda *size: torch.randn(*size, generator=generator, dtype=torch.float64)
+        hs, ht, v = case.student_hidden, case.teacher_hidden, case.vocab
+        student_hidden, teacher_hidden = randn(case.tokens, hs), randn(case.tokens, ht)
+        student_weight, teacher_weight = randn(v, hs) * (2 / math.sqrt(hs)), randn(v, ht) * (2 / math.sqrt(ht))
+        to_device = lambda tensor: tensor.to(dtype).to(self.device)
+        student_hidden, student_weight = to_device(student_hidden), to_device(student_weight)
+        teacher_hidden, teacher_weight = to_device(teacher_hidden), to_device(teacher_weight)
+        labels = _labels(case.tokens, v, generator, self.device)
+
+        # The reference starts from the logits as the lm_head computes them in the input dtype (what
+        # the library does too; with bf16 the rounding of the logits would otherwise flip TVD's
+        # sign(p - q) on near-ties), and contracts its float64 logits gradient by hand.
+        student_logits = (student_hidden @ student_weight.T).double().requires_grad_(True)
+        teacher_logits = (teacher_hidden @ teacher_weight.T).double()
+        sampled_ids = None
+        if objective == "hpd":
+            sampled_ids = reference.sample_student(student_logits.detach().cpu(), generator=generator).to(self.device)
+        expected = _reference_loss(objective, student_logits, teacher_logits, labels, 1.0, sampled_ids)
+        (grad_logits,) = torch.autograd.grad(expected, student_logits)
+        expected_grads = (grad_logits @ student_weight.double(), grad_logits.T @ student_hidden.double())
+
+        leaves = [student_hidden.clone().requires_grad_(True), student_weight.clone().requires_grad_(True)]
+        args = (*leaves, teacher_hidden, teacher_weight, labels)
+        kwargs = dict(ignore_index=IGNORE_INDEX, chunk_size=case.chunk_size, backend=self.backend)
+        if objective == "hpd":
+            loss = hpd_kernels.fused_linear_hybrid_kl_loss(*args, sampled_ids=sampled_ids, **kwargs)
+        else:
+            loss = hpd_kernels.fused_linear_divergence_loss(*args, divergence=objective, **kwargs,
+                                                            **mixture_kwargs(objective))
+        grads = torch.autograd.grad(loss, leaves)
+        self.compare(name, [("loss", loss, expected, case.loss_tol),
+                            ("d hidden", grads[0], expected_grads[0], case.grad_tol),
+                            ("d weight", grads[1], expected_grads[1], case.grad_tol)])
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    parser.add_argument("--backend", choices=("triton", "torch"),
+                        help="default: triton on cuda, torch on cpu")
+    parser.add_argument("--objectives", nargs="+", choices=OBJECTIVES, default=list(OBJECTIVES))
+    parser.add_argument("--small", action="store_true", help="small shapes only (for Triton's CPU interpreter)")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device visible to torch; use --device cpu for the CPU fallback")
+    backend = args.backend or ("triton" if args.device == "cuda" else "torch")
+    where = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"
+    print(f"# kernels vs reference on {where}, backend={backend}, torch {torch.__version__}", flush=True)
+
+    checker = Checker(args.device, backend)
+    logit_cases = SMALL_LOGIT_CASES if args.small else LOGIT_CASES
+    fused_cases = SMALL_FUSED_CASES if args.small else FUSED_CASES
+    describe = lambda case: (f"{case.dtype:<8} N={case.tokens:<3} V={case.student_vocab}/{case.teacher_vocab} "
+                             f"T={case.temperature:g}")
+    for objective in args.objectives:
+        for case in logit_cases:
+            checker.guarded(f"{objective:<16} {describe(case)}", checker.logits, objective, case)
+            if objective == "hpd":
+                checker.guarded(f"{'hpd (in-kernel y_hat)':<16} {describe(case)}", checker.logits, objective, case,
+                                True)
+    if "hpd" in args.objectives and backend == "triton":
+        for case in logit_cases[2:]:
+            checker.guarded(f"{'hpd y_hat: triton == torch':<26} {describe(case)}", checker.same_samples, case)
+    if has_fused_linear():
+        for objective in args.objectives:
+            for case in fused_cases:
+                label = (f"fused {objective:<16} {case.dtype:<8} N={case.tokens} H={case.student_hidden}/"
+                         f"{case.teacher_hidden} V={case.vocab} chunk={case.chunk_size}")
+                checker.guarded(label, checker.fused, objective, case)
+    else:
+        print("SKIP  fused-linear: hpd_kernels has no fused-linear API in this checkout")
+    print(f"# {checker.passed} passed, {checker.failed} failed", flush=True)
+    return 1 if checker.failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
