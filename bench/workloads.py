@@ -40,14 +40,7 @@ IGNORE_INDEX = -100
 IGNORED_FRACTION = 1 / 8   # prompt tokens: rows that are not in the loss, as in real SFT/KD batches
 HPD_SEED = 0
 
-REFERENCE_DIVERGENCES = {
-    "forward_kl": reference.forward_kl_loss,
-    "reverse_kl": reference.reverse_kl_loss,
-    "jsd": reference.generalized_jsd_loss,
-    "skew_forward_kl": reference.skew_forward_kl_loss,
-    "skew_reverse_kl": reference.skew_reverse_kl_loss,
-    "tvd": reference.tvd_loss,
-}
+REFERENCE_DIVERGENCES = reference.DIVERGENCE_LOSSES
 
 
 def mixture_kwargs(objective: str) -> dict:

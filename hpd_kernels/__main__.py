@@ -32,9 +32,7 @@ def main(argv=None):
     print(f"{args.rows} rows x {args.vocab} vocabulary on {device}")
     print(f"{'objective':<18}{'hpd_kernels':>14}{'reference (fp64)':>20}")
     print(f"{'hpd':<18}{loss.item():>14.6f}{expected.item():>20.6f}")
-    references = {"forward_kl": reference.forward_kl_loss, "reverse_kl": reference.reverse_kl_loss,
-                  "jsd": reference.generalized_jsd_loss, "skew_forward_kl": reference.skew_forward_kl_loss,
-                  "skew_reverse_kl": reference.skew_reverse_kl_loss, "tvd": reference.tvd_loss}
+    references = reference.DIVERGENCE_LOSSES
     for name, fn in hpd_kernels.DIVERGENCES.items():
         value = fn(student.detach(), teacher, labels).item()
         print(f"{name:<18}{value:>14.6f}{references[name](student.detach().double(), teacher.double(), labels).item():>20.6f}")

@@ -1,6 +1,7 @@
 """Naive pure-PyTorch implementations of every objective: the executable spec the kernels are tested against."""
 
 from .objectives import (  # noqa: F401
+    DIVERGENCE_LOSSES,
     OBJECTIVES,
     divergence_weights,
     forward_kl_loss,

@@ -279,6 +279,17 @@ def hybrid_kl_loss(student_logits, teacher_logits, labels, sampled_ids, *, fkl_w
     return out.reshape(student_logits.shape[:-1]) if reduction == "none" else out
 
 
+# The divergences by name, as `hpd_kernels.DIVERGENCES` names them.
+DIVERGENCE_LOSSES = {
+    "forward_kl": forward_kl_loss,
+    "reverse_kl": reverse_kl_loss,
+    "jsd": generalized_jsd_loss,
+    "skew_forward_kl": skew_forward_kl_loss,
+    "skew_reverse_kl": skew_reverse_kl_loss,
+    "tvd": tvd_loss,
+}
+
+
 def sample_student(student_logits, *, temperature=1.0, generator=None):
     """Draw y_hat ~ softmax(s / T) per row, with an explicit softmax (the recipe's way)."""
     probs = torch.softmax(student_logits.reshape(-1, student_logits.shape[-1]).double() / temperature, dim=-1)

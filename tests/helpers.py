@@ -36,14 +36,7 @@ MASK_MODES = {
     "hpd": ("none", "shared"),
 }
 
-REFERENCE_LOSSES = {
-    "forward_kl": reference.forward_kl_loss,
-    "reverse_kl": reference.reverse_kl_loss,
-    "jsd": reference.generalized_jsd_loss,
-    "skew_forward_kl": reference.skew_forward_kl_loss,
-    "skew_reverse_kl": reference.skew_reverse_kl_loss,
-    "tvd": reference.tvd_loss,
-}
+REFERENCE_LOSSES = reference.DIVERGENCE_LOSSES
 
 
 @dataclass

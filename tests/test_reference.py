@@ -55,9 +55,7 @@ def test_divergences_match_spec_formulas(objective, mix):
     generator = torch.Generator().manual_seed(11)
     student = torch.randn(5, 13, generator=generator, dtype=torch.float64) * 2
     teacher = torch.randn(5, 13, generator=generator, dtype=torch.float64) * 2
-    fn = {"forward_kl": reference.forward_kl_loss, "reverse_kl": reference.reverse_kl_loss,
-          "jsd": reference.generalized_jsd_loss, "skew_forward_kl": reference.skew_forward_kl_loss,
-          "skew_reverse_kl": reference.skew_reverse_kl_loss, "tvd": reference.tvd_loss}[objective]
+    fn = reference.DIVERGENCE_LOSSES[objective]
     kwargs = {} if mix is None else ({"beta": mix} if objective == "jsd" else {"alpha": mix})
     got = fn(student, teacher, temperature=1.5, reduction="none", **kwargs)
     expected = [_spec_row(objective, s.tolist(), t.tolist(), 1.5, mix) for s, t in zip(student, teacher)]
