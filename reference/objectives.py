@@ -139,7 +139,8 @@ def divergence_weights(log_q, log_p, objective, *, beta=0.5, alpha=0.1):
         return (1.0 - beta) * q * _unless_absent(q, log_m - log_q)
     if objective == "skew_forward_kl":
         log_m = _log_mix(log_p, alpha, log_q, 1.0 - alpha)
-        return _unless_absent(p * q, (1.0 - alpha) * (log_p + log_q - log_m).exp())
+        absent = (log_p == -math.inf) | (log_q == -math.inf)
+        return torch.where(absent, torch.zeros_like(log_m), (1.0 - alpha) * (log_p + log_q - log_m).exp())
     if objective == "skew_reverse_kl":
         log_m = _log_mix(log_q, alpha, log_p, 1.0 - alpha)
         return q * _unless_absent(q, log_m - log_q + alpha * (log_q - log_m).exp())

@@ -143,3 +143,19 @@ def test_criterion_modules_match_functions():
     assert torch.equal(hpd(student, teacher, labels, seed=3),
                        hpd_kernels.hybrid_kl_loss(student, teacher, labels, seed=3, fkl_weight=0.5, rkl_weight=2.0))
     assert "fkl_weight=0.5" in repr(hpd)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_skew_kl_weight_survives_student_underflow(backend):
+    """At alpha = 0 skew forward KL is forward KL, whose weight is p. Where q underflows to 0 in
+    float32 but p does not, (1 - alpha) p q / m must still be p: computed from logs, not from the
+    underflowed q (found by the property tests in CI)."""
+    student = torch.tensor([[0.0, -60.0, 5.0]], requires_grad=True)
+    teacher = torch.tensor([[0.0, 3.0, 1.0]])
+    loss = hpd_kernels.skew_forward_kl_loss(student, teacher, alpha=0.0, temperature=0.5, backend=backend)
+    (grad,) = torch.autograd.grad(loss, student)
+    ref_student = student.detach().double().requires_grad_(True)
+    ref = reference.forward_kl_loss(ref_student, teacher.double(), temperature=0.5)
+    (ref_grad,) = torch.autograd.grad(ref, ref_student)
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-4, atol=1e-6)

@@ -88,7 +88,9 @@ if HAS_TRITON:
         elif DIVERGENCE == 3:  # skew forward KL: m = alpha p + (1 - alpha) q
             log_m = logaddexp(log_mix_p + log_p, log_mix_q + log_q)
             value = _zero_if(p == 0, p * (log_p - log_m))
-            weight = _zero_if((p == 0) | (q == 0), tl.exp(log_mix_q + log_p + log_q - log_m))
+            # (1 - alpha) p q / m from logs: q / m stays O(1) where q alone underflows to 0 (alpha -> 0).
+            weight = _zero_if((log_p == float("-inf")) | (log_q == float("-inf")),
+                              tl.exp(log_mix_q + log_p + log_q - log_m))
         elif DIVERGENCE == 4:  # skew reverse KL: m = alpha q + (1 - alpha) p
             log_m = logaddexp(log_mix_p + log_p, log_mix_q + log_q)
             value = _zero_if(q == 0, q * (log_q - log_m))

@@ -69,7 +69,8 @@ def divergence_terms(log_q, log_p, log_mix_p, log_mix_q, divergence):
         weight = math.exp(log_mix_q) * _zero_if(q == 0, q * (log_m - log_q))
     elif divergence == "skew_forward_kl":
         value = _zero_if(p == 0, p * (log_p - log_m))
-        weight = _zero_if((p == 0) | (q == 0), torch.exp(log_mix_q + log_p + log_q - log_m))
+        # From logs: q / m stays O(1) where q alone underflows to 0 (alpha -> 0).
+        weight = _zero_if((log_p == -math.inf) | (log_q == -math.inf), torch.exp(log_mix_q + log_p + log_q - log_m))
     elif divergence == "skew_reverse_kl":
         value = _zero_if(q == 0, q * (log_q - log_m))
         weight = _zero_if(q == 0, q * (log_m - log_q + torch.exp(log_mix_q + log_q - log_m)))
