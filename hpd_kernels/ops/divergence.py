@@ -36,7 +36,6 @@ DIVERGENCE_CODES = {
     "skew_reverse_kl": SKEW_REVERSE_KL,
     "tvd": TVD,
 }
-STAT_LSE_STUDENT, STAT_LSE_TEACHER, STAT_ROW_SUM = range(3)
 
 
 def mixture_logs(divergence: str, beta: float, alpha: float) -> tuple[str, float, float]:

@@ -17,7 +17,8 @@ from .common import active_rows
 from .divergence import kernel_scalars
 from .triton_utils import HAS_TRITON, launch_shape, online_logsumexp_step, tl, triton
 
-STAT_LSE_STUDENT, STAT_W_LABEL, STAT_W_SAMPLE = range(3)
+# Columns of the per-row stats: log-sum-exp of s / T, w_y, w_hat.
+STAT_W_LABEL, STAT_W_SAMPLE = 1, 2
 
 if HAS_TRITON:
 

@@ -166,8 +166,9 @@ def hybrid_forward(student, teacher, labels, sampled_ids, *, seed, temperature, 
         log_p_y = _gather(teacher, rows, safe_y, acc_dtype, inv_temperature) - lse_t
         log_q_hat = _gather(student, rows, safe_hat, acc_dtype, inv_temperature) - lse_s
         log_p_hat = _gather(teacher, rows, safe_hat, acc_dtype, inv_temperature) - lse_t
-        d_y = _zero_if(log_q_y.exp() == 0, log_q_y.exp() * (log_p_y - log_q_y))
-        d_hat = _zero_if(log_q_hat.exp() == 0, log_q_hat.exp() * (log_p_hat - log_q_hat))
+        q_y, q_hat = log_q_y.exp(), log_q_hat.exp()
+        d_y = _zero_if(q_y == 0, q_y * (log_p_y - log_q_y))
+        d_hat = _zero_if(q_hat == 0, q_hat * (log_p_hat - log_q_hat))
         under, over = d_y > 0, d_hat < 0
         w_y = rkl_weight * d_y + _zero_unless(under, fkl_weight * log_p_y.exp() * torch.where(over, 2.0, 1.0))
         w_hat = _zero_unless(over & (safe_hat != safe_y), rkl_weight * d_hat)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -36,7 +36,6 @@ class TrainConfig:
     seed: int = 0
     backend: str = "auto"
     metrics_path: str | None = None
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
@@ -132,7 +131,3 @@ def train(config: TrainConfig, student, teacher, examples, *, pad_id=0, log=prin
         if metrics_file:
             metrics_file.close()
     return history
-
-
-def config_dict(config: TrainConfig):
-    return asdict(config)
