@@ -61,3 +61,18 @@ def distillation_loss(objective, student_hidden, student_weight, teacher_hidden,
         student_hidden, student_weight, teacher_hidden, teacher_weight, labels, divergence=DIVERGENCE_OF[objective],
         beta=beta, alpha=alpha, temperature=temperature, backend=backend)
     return loss, None
+
+
+@torch.no_grad()
+def token_entropy(hidden, weight, labels, ignore_index=-100, chunk_rows=1024):
+    """Mean entropy (nats) of `softmax(hidden @ weight.T)` over the active positions, in float32
+    chunks of rows (a metric: no graph, no full `[tokens, vocab]` tensor)."""
+    rows = hidden.reshape(-1, hidden.shape[-1])
+    active = labels.reshape(-1) != ignore_index
+    rows = rows[active]
+    total = torch.zeros((), dtype=torch.float64, device=hidden.device)
+    for start in range(0, rows.shape[0], chunk_rows):
+        logits = (rows[start:start + chunk_rows] @ weight.t()).float()
+        log_probs = torch.log_softmax(logits, dim=-1)
+        total += -(log_probs.exp() * log_probs).nan_to_num().sum().double()
+    return total / max(1, rows.shape[0])

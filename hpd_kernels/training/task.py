@@ -9,34 +9,14 @@ matters. Character-level tokenizer; the metric is exact match of the final answe
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
 
-PAD, EOS = 0, 1
+from .data import EOS, PAD, CharTokenizer  # noqa: F401  (the task's special ids)
+
 ALPHABET = "0123456789+=;#"
 
 
-@dataclass(frozen=True)
-class CharTokenizer:
-    alphabet: str = ALPHABET
-
-    @property
-    def vocab_size(self):
-        return len(self.alphabet) + 2
-
-    def encode(self, text):
-        unknown = set(text) - set(self.alphabet)
-        if unknown:
-            raise ValueError(f"characters outside the tokenizer's alphabet: {sorted(unknown)}")
-        return [self.alphabet.index(char) + 2 for char in text]
-
-    def decode(self, ids):
-        chars = []
-        for token in ids:
-            if token == EOS:
-                break
-            if token >= 2:
-                chars.append(self.alphabet[token - 2])
-        return "".join(chars)
+def task_tokenizer():
+    return CharTokenizer(ALPHABET)
 
 
 def worked_solution(terms, reverse=False):
@@ -69,25 +49,31 @@ def final_answer(text):
 
 
 def encode_examples(problems, tokenizer):
-    return [(tokenizer.encode(prompt), tokenizer.encode(response) + [EOS]) for prompt, response, _ in problems]
+    return [(tokenizer.encode(prompt, prompt=True), tokenizer.encode(response) + [tokenizer.eos_id])
+            for prompt, response, _ in problems]
 
 
 def answer_accuracy(model, problems, tokenizer, *, greedy=True, temperature=1.0, max_new_tokens=40, seed=0,
-                    batch_size=128):
-    """Exact-match accuracy of the final answer over `problems`, greedy or sampled."""
+                    batch_size=256, score=None):
+    """Fraction of `problems` (prompt, response, answer) solved, greedy or sampled. By default a
+    response is right when its final answer (after `#`) equals `answer`; `score(text, problem)`
+    replaces that rule."""
     import torch
 
     from ..sampling import generate
 
-    generator = torch.Generator().manual_seed(seed)
+    score = score or (lambda text, problem: final_answer(text) == problem[2])
+    generator = torch.Generator(device=model.lm_head.weight.device).manual_seed(seed)
     correct = 0
+    was_training = model.training
     model.eval()
     for start in range(0, len(problems), batch_size):
         chunk = problems[start:start + batch_size]
-        rollout = generate(model, [tokenizer.encode(prompt) for prompt, _, _ in chunk], max_new_tokens=max_new_tokens,
-                           eos_id=EOS, pad_id=PAD, temperature=temperature, greedy=greedy, generator=generator)
-        for row, (_, _, answer) in enumerate(chunk):
-            text = tokenizer.decode(rollout.sequences[row, rollout.prompt_width:].tolist())
-            correct += final_answer(text) == answer
-    model.train()
+        rollout = generate(model, [tokenizer.encode(problem[0], prompt=True) for problem in chunk],
+                           max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
+                           temperature=temperature, greedy=greedy, generator=generator)
+        responses = rollout.sequences[:, rollout.prompt_width:].tolist()
+        for problem, response in zip(chunk, responses):
+            correct += bool(score(tokenizer.decode(response), problem))
+    model.train(was_training)
     return correct / max(1, len(problems))

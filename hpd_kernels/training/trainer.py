@@ -3,43 +3,82 @@
 Batches of (prompt, response) token lists are right-padded; only response tokens are in the loss.
 The losses start from hidden states and the lm_head weight (fused-linear), so the step never holds
 `[tokens, vocab]` logits. AdamW, linear warmup then cosine decay, gradient clipping, gradient
-accumulation; one JSON line of metrics per optimiser step.
+accumulation, bf16 autocast on GPU; one JSON line of metrics per optimiser step, periodic
+evaluation, and safetensors checkpoints to resume from.
+
+Every random choice of a step (which examples, whether the batch is on-policy, the rollout and
+HPD's sampling noise) is derived from `(seed, step)` alone, so a run resumed from a checkpoint
+replays exactly the numbers of an uninterrupted one.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import random
+import resource
+import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 
-from .objectives import OBJECTIVES, distillation_loss, shifted_labels
+from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from .objectives import OBJECTIVES, distillation_loss, shifted_labels, token_entropy
 
 
 @dataclass
 class TrainConfig:
-    objective: str = "hpd"
-    steps: int = 100
-    batch_size: int = 16
-    grad_accum: int = 1
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 10
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    temperature: float = 1.0
-    fkl_weight: float = 1.0
-    rkl_weight: float = 1.0
-    ce_weight: float = 0.0
+    """Options of one training run (`hpd distill --help` lists them with their meaning)."""
+
+    objective: str = "hpd"          # sft, fkl, rkl, jsd, skl, srkl, tvd or hpd
+    steps: int = 100                # optimiser steps
+    batch_size: int = 16            # sequences per micro-batch
+    grad_accum: int = 1             # micro-batches per optimiser step
+    lr: float = 3e-3                # peak learning rate
+    min_lr_ratio: float = 0.1       # the cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 10          # linear warmup
+    weight_decay: float = 0.0       # AdamW
+    max_grad_norm: float = 1.0      # gradient clipping (0: off)
+    temperature: float = 1.0        # distillation temperature
+    fkl_weight: float = 1.0         # HPD: weight of the forward-KL term on the data token
+    rkl_weight: float = 1.0         # HPD: weight of the reverse-KL term on the sampled token
+    beta: float = 0.5               # JSD mixture weight
+    alpha: float = 0.1              # skew KL mixture weight
+    ce_weight: float = 0.0          # an extra cross-entropy term on the data tokens
+    on_policy_fraction: float = 0.0  # fraction of batches whose responses the student generates
+    rollout_temperature: float = 1.0
+    rollout_top_p: float = 1.0
+    max_new_tokens: int = 0         # rollout length (0: the longest response in the data)
+    precision: str = "auto"         # auto (bf16 autocast on CUDA, fp32 elsewhere), fp32 or bf16
+    eval_every: int = 0             # steps between evaluations (0: only at the end)
+    save_every: int = 0             # steps between checkpoints (0: only at the end)
     seed: int = 0
-    backend: str = "auto"
-    metrics_path: str | None = None
+    backend: str = "auto"           # loss backend: auto, triton or torch
 
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
+        if not 0.0 <= self.on_policy_fraction <= 1.0:
+            raise ValueError(f"on_policy_fraction must be in [0, 1], got {self.on_policy_fraction}")
+        for name in ("steps", "batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    @classmethod
+    def from_dict(cls, values, source="config"):
+        """A config from a mapping; an unknown key is an error that names it and `source`."""
+        known = {field.name for field in fields(cls)}
+        for key in values:
+            if key not in known:
+                raise KeyError(f"{source}: unknown training option {key!r}; known options: {sorted(known)}")
+        return cls(**values)
+
+    def to_dict(self):
+        return asdict(self)
 
 
 def collate(examples, pad_id, device):
@@ -62,71 +101,202 @@ def learning_rate(config: TrainConfig, step: int) -> float:
     return config.lr * (config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine)
 
 
+def _use_bf16(config, device):
+    return config.precision == "bf16" or (config.precision == "auto" and torch.device(device).type == "cuda")
+
+
+def _forward(model, input_ids, attention, bf16):
+    with torch.autocast(input_ids.device.type, dtype=torch.bfloat16, enabled=bf16):
+        return model(input_ids, attention_mask=attention)
+
+
 def batch_loss(config: TrainConfig, student, teacher, input_ids, loss_mask, pad_id, seed):
-    """The training loss of one micro-batch and what it reports (the library's loss, exactly)."""
+    """`(loss, metrics, active_tokens)` of one micro-batch: the library's loss, exactly."""
     labels = shifted_labels(input_ids, loss_mask)
     attention = (input_ids != pad_id).long() | loss_mask
-    hidden = student(input_ids, attention_mask=attention)
+    bf16 = _use_bf16(config, input_ids.device)
+    hidden = _forward(student, input_ids, attention, bf16)
+    student_weight = student.lm_head.weight
+    if bf16:  # the losses take one dtype per side; fp32 accumulation happens inside them
+        hidden, student_weight = hidden.to(torch.bfloat16), student_weight.to(torch.bfloat16)
     metrics = {}
     if config.objective == "sft":
-        loss, _ = distillation_loss("sft", hidden, student.lm_head.weight, None, None, labels)
+        loss, _ = distillation_loss("sft", hidden, student_weight, None, None, labels)
     else:
         with torch.no_grad():
-            teacher_hidden = teacher(input_ids, attention_mask=attention)
+            teacher_hidden = _forward(teacher, input_ids, attention, bf16)
+            teacher_weight = teacher.lm_head.weight
+            if bf16:
+                teacher_hidden, teacher_weight = teacher_hidden.to(torch.bfloat16), teacher_weight.to(torch.bfloat16)
+            metrics["teacher_entropy"] = float(token_entropy(teacher_hidden, teacher_weight, labels))
         loss, details = distillation_loss(
-            config.objective, hidden, student.lm_head.weight, teacher_hidden, teacher.lm_head.weight, labels,
+            config.objective, hidden, student_weight, teacher_hidden, teacher_weight, labels,
             seed=seed, temperature=config.temperature, fkl_weight=config.fkl_weight, rkl_weight=config.rkl_weight,
-            backend=config.backend)
+            beta=config.beta, alpha=config.alpha, backend=config.backend)
         if details is not None:
             metrics["mismatch_rate"] = float(details.mismatch_rate)
     if config.objective == "sft":
         cross_entropy = loss.detach()
     elif config.ce_weight:
-        cross_entropy, _ = distillation_loss("sft", hidden, student.lm_head.weight, None, None, labels)
+        cross_entropy, _ = distillation_loss("sft", hidden, student_weight, None, None, labels)
         loss = loss + config.ce_weight * cross_entropy
     else:  # reported only: no graph
         with torch.no_grad():
-            cross_entropy, _ = distillation_loss("sft", hidden.detach(), student.lm_head.weight, None, None, labels)
+            cross_entropy, _ = distillation_loss("sft", hidden.detach(), student_weight.detach(), None, None, labels)
     metrics["cross_entropy"] = float(cross_entropy.detach())
+    metrics["entropy"] = float(token_entropy(hidden.detach(), student_weight.detach(), labels))
     return loss, metrics, int((labels != -100).sum())
 
 
-def train(config: TrainConfig, student, teacher, examples, *, pad_id=0, log=print):
-    """Train `student` in place on `examples` (list of (prompt, response) id lists); returns the
-    list of per-step metric dicts."""
-    torch.manual_seed(config.seed)
+def _step_rng(config, step, micro, purpose):
+    """A seed for one random choice of one micro-batch, a pure function of (seed, step, micro)."""
+    return (config.seed * 1_000_003 + step * 7_919 + micro * 104_729 + purpose * 15_485_863) % 2_147_483_647
+
+
+def _draw_batch(config, student, examples, step, micro, pad_id, eos_id, device):
+    """`(input_ids, loss_mask, on_policy)` for one micro-batch."""
+    generator = torch.Generator().manual_seed(_step_rng(config, step, micro, 1))
+    picks = torch.randint(0, len(examples), (config.batch_size,), generator=generator).tolist()
+    batch = [examples[index] for index in picks]
+    on_policy = random.Random(_step_rng(config, step, micro, 2)).random() < config.on_policy_fraction
+    if on_policy:
+        from ..sampling import generate
+
+        max_new = config.max_new_tokens or max(len(response) for _, response in examples)
+        rollout = generate(student, [prompt for prompt, _ in batch], max_new_tokens=max_new, eos_id=eos_id,
+                           pad_id=pad_id, temperature=config.rollout_temperature, top_p=config.rollout_top_p,
+                           generator=torch.Generator(device=device).manual_seed(_step_rng(config, step, micro, 3)))
+        student.train()
+        responses = rollout.sequences[:, rollout.prompt_width:].tolist()
+        batch = [(prompt, response[:length]) for (prompt, _), response, length
+                 in zip(batch, responses, rollout.response_lengths.tolist())]
+    input_ids, loss_mask = collate(batch, pad_id, device)
+    return input_ids, loss_mask, on_policy
+
+
+def _peak_memory_mb(device):
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the process's peak RSS (Linux: KiB)
+
+
+class Progress:
+    """A one-line progress bar on a terminal; a line every tenth of the run otherwise."""
+
+    def __init__(self, total, label, stream=None):
+        self.total, self.label = total, label
+        self.stream = stream if stream is not None else sys.stderr
+        self.interactive = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.started = time.perf_counter()
+
+    def update(self, step, text):
+        elapsed = time.perf_counter() - self.started
+        if self.interactive:
+            filled = int(30 * step / self.total)
+            self.stream.write(f"\r{self.label} [{'#' * filled}{'.' * (30 - filled)}] {step}/{self.total} "
+                              f"{text} {elapsed:5.0f}s")
+            if step == self.total:
+                self.stream.write("\n")
+            self.stream.flush()
+        elif step == self.total or step % max(1, self.total // 10) == 0:
+            self.stream.write(f"{self.label} {step}/{self.total} {text} {elapsed:.0f}s\n")
+            self.stream.flush()
+
+
+def _rewrite_metrics(path, last_step):
+    """Keep only the metric lines up to `last_step` (steps after a checkpoint are replayed)."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as handle:
+        kept = [line for line in handle if line.strip() and json.loads(line).get("step", 0) <= last_step]
+    with open(path + ".tmp", "w") as handle:
+        handle.writelines(kept)
+    os.replace(path + ".tmp", path)
+
+
+def train(config: TrainConfig, student, teacher, examples, *, pad_id=0, eos_id=None, evaluate=None,
+          run_dir=None, label=None, progress=True, stop_after=None, log=print):
+    """Train `student` in place on `examples` (a list of (prompt ids, response ids)).
+
+    `evaluate(model) -> dict` runs every `eval_every` steps and after the last; its values enter
+    the step's metrics as `eval_<name>`. With `run_dir`, metrics go to `run_dir/metrics.jsonl`,
+    checkpoints to `run_dir/checkpoint-*`, and a run that finds a checkpoint there resumes from it
+    (refusing one written with a different config). `stop_after` ends this call after that many
+    steps, as an interruption would: the next call resumes from the last checkpoint and replays
+    the steps after it.
+    Returns the list of per-step metric dicts.
+    """
+    if not examples:
+        raise ValueError("examples is empty: nothing to train on")
+    if config.objective != "sft" and teacher is None:
+        raise ValueError(f"objective {config.objective!r} needs a teacher")
     device = student.lm_head.weight.device
+    torch.manual_seed(config.seed)
     optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    generator = torch.Generator().manual_seed(config.seed)
-    history = []
-    metrics_file = open(config.metrics_path, "a") if config.metrics_path else None
+    history, start_step = [], 0
+    metrics_path = os.path.join(run_dir, "metrics.jsonl") if run_dir else None
+    if run_dir:
+        checkpoint, state = latest_checkpoint(run_dir)
+        if checkpoint is not None:
+            if state.get("config") != config.to_dict():
+                changed = sorted(key for key in config.to_dict() if state.get("config", {}).get(key) != getattr(config, key))
+                raise CheckpointError(f"{run_dir} holds a run with a different config (differs in {changed}); "
+                                      f"use another output directory: nothing there was changed")
+            load_checkpoint(checkpoint, student, optimizer)
+            start_step = state["step"]
+            _rewrite_metrics(metrics_path, start_step)
+            with open(metrics_path) as handle:
+                history = [json.loads(line) for line in handle if line.strip()]
+            if log:
+                log(f"resumed {run_dir} at step {start_step}/{config.steps}")
+        os.makedirs(run_dir, exist_ok=True)
+    if teacher is not None:
+        teacher.eval()
+    student.train()
+    bar = Progress(config.steps, label or config.objective) if progress else None
+    metrics_file = open(metrics_path, "a") if metrics_path else None
     try:
-        for step in range(config.steps):
-            start = time.perf_counter()
+        end_step = config.steps if stop_after is None else min(config.steps, start_step + stop_after)
+        for step in range(start_step, end_step):
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            started = time.perf_counter()
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(config, step)
             optimizer.zero_grad(set_to_none=True)
-            totals, tokens = {"loss": 0.0}, 0
+            totals, tokens, on_policy_batches = {"loss": 0.0}, 0, 0
             for micro in range(config.grad_accum):
-                picks = torch.randint(0, len(examples), (config.batch_size,), generator=generator).tolist()
-                input_ids, loss_mask = collate([examples[i] for i in picks], pad_id, device)
-                seed = config.seed * 1_000_003 + step * config.grad_accum + micro
+                input_ids, loss_mask, on_policy = _draw_batch(config, student, examples, step, micro, pad_id, eos_id,
+                                                              device)
+                on_policy_batches += on_policy
+                seed = _step_rng(config, step, micro, 4)
                 loss, metrics, micro_tokens = batch_loss(config, student, teacher, input_ids, loss_mask, pad_id, seed)
                 (loss / config.grad_accum).backward()
                 totals["loss"] += float(loss.detach()) / config.grad_accum
                 for key, value in metrics.items():
                     totals[key] = totals.get(key, 0.0) + value / config.grad_accum
                 tokens += micro_tokens
-            grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), config.max_grad_norm)
+            max_norm = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
+            grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), max_norm)
             optimizer.step()
-            elapsed = time.perf_counter() - start
+            elapsed = time.perf_counter() - started
             record = {"step": step + 1, **totals, "grad_norm": float(grad_norm), "lr": learning_rate(config, step),
-                      "tokens_per_s": tokens / elapsed}
+                      "on_policy_fraction": on_policy_batches / config.grad_accum, "tokens": tokens,
+                      "tokens_per_s": tokens / elapsed, "step_time_s": elapsed,
+                      "peak_memory_mb": _peak_memory_mb(device)}
+            last = step + 1 == config.steps
+            if evaluate is not None and (last or (config.eval_every and (step + 1) % config.eval_every == 0)):
+                record.update({f"eval_{key}": value for key, value in evaluate(student).items()})
+                student.train()
             history.append(record)
             if metrics_file:
                 metrics_file.write(json.dumps(record) + "\n")
-            if log and (step + 1) % max(1, config.steps // 10) == 0:
-                log(f"step {step + 1}/{config.steps} loss {record['loss']:.4f} ce {record['cross_entropy']:.4f}")
+                metrics_file.flush()
+            if run_dir and (last or (config.save_every and (step + 1) % config.save_every == 0)):
+                save_checkpoint(run_dir, step + 1, student, optimizer, {"config": config.to_dict()})
+            if bar:
+                bar.update(step + 1, f"loss {record['loss']:.4f} ce {record['cross_entropy']:.4f} "
+                                     f"{record['tokens_per_s']:.0f} tok/s")
     finally:
         if metrics_file:
             metrics_file.close()

@@ -1,0 +1,81 @@
+"""A thin adapter that gives Hugging Face `transformers` causal LMs the trainer's model interface.
+
+The trainer and the sampler need three things of a model: `model(input_ids, attention_mask=,
+cache=)` returning the final hidden states, `model.lm_head` (an `nn.Linear` without bias), and
+`model.new_cache(batch, max_length)`. `HFCausalLM` wraps any `AutoModelForCausalLM` whose logits
+are exactly `lm_head(hidden)` (Llama, Qwen2, Mistral, ...): it runs the base model only, so the
+fused-linear losses see hidden states and the `[tokens, vocab]` logits are never built.
+Models that transform the logits after the lm_head (soft-capping, logit scaling) are refused,
+since a loss on `lm_head(hidden)` would not be their loss.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import nn
+
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale", "logits_scaling")
+
+
+class HFCache:
+    """The `past_key_values` of a Hugging Face model, grown by each call."""
+
+    def __init__(self):
+        self.past = None
+        self.length = 0
+
+
+class HFCausalLM(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        lm_head = model.get_output_embeddings()
+        if not isinstance(lm_head, nn.Linear):
+            raise TypeError(f"{type(model).__name__}: the output embedding is a {type(lm_head).__name__}, "
+                            f"expected an nn.Linear lm_head")
+        if lm_head.bias is not None:
+            raise ValueError(f"{type(model).__name__}: an lm_head with a bias is not supported")
+        for name in _LOGIT_TRANSFORMS:
+            if getattr(model.config, name, None) not in (None, 1.0, 1):
+                raise ValueError(f"{type(model).__name__} transforms its logits after the lm_head "
+                                 f"(config.{name}={getattr(model.config, name)}); the fused-linear losses "
+                                 f"would not match its outputs")
+        self.model = model
+        self.config = model.config
+        self.lm_head = lm_head
+
+    @classmethod
+    def from_pretrained(cls, path, **kwargs):
+        try:
+            from transformers import AutoModelForCausalLM
+        except ImportError as error:
+            raise ImportError("Hugging Face models need the `hf` extra: pip install 'hpd-kernels[hf]'") from error
+        return cls(AutoModelForCausalLM.from_pretrained(path, **kwargs))
+
+    @property
+    def vocab_size(self):
+        return self.lm_head.weight.shape[0]
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache: HFCache | None = None):
+        """Final hidden states `[batch, seq, hidden]`; `attention_mask` covers the cached prefix
+        and the new tokens (1 = real token), so left-padded prompts are handled."""
+        past = cache.length if cache is not None else 0
+        if attention_mask is None:
+            attention_mask = torch.ones(input_ids.shape[0], past + input_ids.shape[1], dtype=torch.long,
+                                        device=input_ids.device)
+        if position_ids is None:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+        # transformers 5.x renamed `past_key_values` to `cache` (in arguments and outputs).
+        cache_argument = "cache" if "cache" in inspect.signature(self.model.base_model.forward).parameters \
+            else "past_key_values"
+        outputs = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                        use_cache=cache is not None,
+                                        **({cache_argument: cache.past} if cache is not None else {}))
+        if cache is not None:
+            cache.past = outputs[cache_argument]
+            cache.length += input_ids.shape[1]
+        return outputs.last_hidden_state
+
+    def new_cache(self, batch_size, max_length):
+        return HFCache()

@@ -1,0 +1,148 @@
+"""Checkpoints in safetensors (never pickle): model weights, AdamW state and the trainer's position.
+
+A run directory holds `checkpoint-<step>/` folders and `latest.json`, which names the newest
+complete one. A checkpoint is written to a temporary folder and renamed into place, and
+`latest.json` is replaced atomically, so an interrupted save never damages the previous one.
+Loading checks that every tensor name and shape matches the model before anything is copied:
+a checkpoint from another model is refused with the first mismatch named.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import torch
+
+try:
+    from safetensors.torch import load_file, save_file
+except ImportError:  # pragma: no cover - safetensors is a dependency; the message says why it matters
+    load_file = save_file = None
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used with this model or run."""
+
+
+def _require_safetensors():
+    if save_file is None:
+        raise ImportError("checkpoints need the `safetensors` package: pip install safetensors")
+
+
+def unique_state(model):
+    """The model's tensors under one name each (tied weights are stored once)."""
+    seen, state = set(), {}
+    for name, tensor in model.state_dict().items():
+        key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape)) if tensor.numel() else None
+        if key is not None and key in seen:
+            continue
+        if key is not None:
+            seen.add(key)
+        state[name] = tensor
+    return state
+
+
+def save_model(model, path, metadata=None):
+    """Weights of `model` to `path` (safetensors), with string `metadata`, written atomically."""
+    _require_safetensors()
+    state = {name: tensor.detach().contiguous().cpu() for name, tensor in unique_state(model).items()}
+    temporary = f"{path}.tmp"
+    save_file(state, temporary, metadata={key: str(value) for key, value in (metadata or {}).items()})
+    os.replace(temporary, path)
+
+
+def load_model(model, path):
+    """Load weights saved by `save_model` into `model`, after checking every name and shape."""
+    _require_safetensors()
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint file {path} does not exist")
+    try:
+        state = load_file(path)
+    except Exception as error:  # safetensors raises its own types for truncated or foreign files
+        raise CheckpointError(f"{path} is not a readable safetensors checkpoint: {error}") from error
+    expected = unique_state(model)
+    missing = [name for name in expected if name not in state]
+    unexpected = [name for name in state if name not in expected]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path} was saved from another model: "
+            + (f"it lacks {missing[:3]}{' ...' if len(missing) > 3 else ''}" if missing else "")
+            + ("; " if missing and unexpected else "")
+            + (f"it has tensors this model does not: {unexpected[:3]}{' ...' if len(unexpected) > 3 else ''}"
+               if unexpected else ""))
+    for name, tensor in expected.items():
+        if tuple(state[name].shape) != tuple(tensor.shape):
+            raise CheckpointError(f"{path} was saved from another model: tensor {name!r} has shape "
+                                  f"{list(state[name].shape)} there and {list(tensor.shape)} in this model")
+    with torch.no_grad():
+        for name, tensor in expected.items():
+            tensor.copy_(state[name])
+
+
+def _optimizer_tensors(optimizer):
+    state = optimizer.state_dict()
+    tensors = {}
+    for index, values in state["state"].items():
+        for key, value in values.items():
+            tensors[f"state.{index}.{key}"] = (value if torch.is_tensor(value) else torch.tensor(value)).detach().cpu()
+    return tensors, json.dumps(state["param_groups"])
+
+
+def save_checkpoint(run_dir, step, model, optimizer, trainer_state):
+    """Write `checkpoint-<step>/` under `run_dir`, point `latest.json` at it, drop older ones."""
+    _require_safetensors()
+    os.makedirs(run_dir, exist_ok=True)
+    name = f"checkpoint-{step:07d}"
+    final, temporary = os.path.join(run_dir, name), os.path.join(run_dir, f".{name}.tmp")
+    shutil.rmtree(temporary, ignore_errors=True)
+    os.makedirs(temporary)
+    save_model(model, os.path.join(temporary, "model.safetensors"))
+    tensors, groups = _optimizer_tensors(optimizer)
+    save_file(tensors, os.path.join(temporary, "optimizer.safetensors"), metadata={"param_groups": groups})
+    with open(os.path.join(temporary, "trainer_state.json"), "w") as handle:
+        json.dump({"step": step, **trainer_state}, handle, indent=1)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(temporary, final)
+    pointer = os.path.join(run_dir, "latest.json")
+    with open(pointer + ".tmp", "w") as handle:
+        json.dump({"checkpoint": name, "step": step}, handle)
+    os.replace(pointer + ".tmp", pointer)
+    for entry in os.listdir(run_dir):
+        if entry.startswith("checkpoint-") and entry != name:
+            shutil.rmtree(os.path.join(run_dir, entry), ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(run_dir):
+    """`(path, trainer_state)` of the newest complete checkpoint in `run_dir`, or `(None, None)`."""
+    pointer = os.path.join(run_dir, "latest.json")
+    if not os.path.isfile(pointer):
+        return None, None
+    try:
+        with open(pointer) as handle:
+            name = json.load(handle)["checkpoint"]
+        path = os.path.join(run_dir, name)
+        with open(os.path.join(path, "trainer_state.json")) as handle:
+            return path, json.load(handle)
+    except (OSError, ValueError, KeyError) as error:
+        raise CheckpointError(f"{pointer} names a checkpoint that cannot be read: {error}") from error
+
+
+def load_checkpoint(path, model, optimizer):
+    """Restore `model` and `optimizer` from a folder written by `save_checkpoint`."""
+    load_model(model, os.path.join(path, "model.safetensors"))
+    optimizer_file = os.path.join(path, "optimizer.safetensors")
+    tensors = load_file(optimizer_file)
+    from safetensors import safe_open
+
+    with safe_open(optimizer_file, framework="pt") as handle:
+        groups = json.loads(handle.metadata()["param_groups"])
+    state = {}
+    for key, tensor in tensors.items():
+        _, index, name = key.split(".", 2)
+        state.setdefault(int(index), {})[name] = tensor
+    if len(groups) != len(optimizer.param_groups) or any(
+            len(saved["params"]) != len(current["params"]) for saved, current in zip(groups, optimizer.param_groups)):
+        raise CheckpointError(f"{optimizer_file} holds optimizer state for different parameters")
+    optimizer.load_state_dict({"state": state, "param_groups": groups})

@@ -1,0 +1,53 @@
+"""Training curves as a PNG: loss, cross-entropy, entropy and evaluation metrics against step."""
+
+from __future__ import annotations
+
+import json
+
+
+def read_metrics(path):
+    with open(path) as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+PANELS = (
+    ("loss", "training loss", ("loss",)),
+    ("cross_entropy", "cross-entropy on the data (nats/token)", ("cross_entropy",)),
+    ("entropy", "entropy (nats/token)", ("entropy", "teacher_entropy")),
+    ("eval", "evaluation", None),  # every eval_* key
+)
+
+
+def plot_runs(runs, path, title=None):
+    """Draw one figure of 2x2 panels; `runs` maps a label to its list of metric records.
+    Returns `path`, or None when matplotlib is missing (install the `plot` extra)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    figure, axes = plt.subplots(2, 2, figsize=(11, 7))
+    for axis, (_, ylabel, keys) in zip(axes.flat, PANELS):
+        for label, records in runs.items():
+            record_keys = keys or sorted({key for record in records for key in record if key.startswith("eval_")})
+            for key in record_keys:
+                points = [(record["step"], record[key]) for record in records if key in record]
+                if not points:
+                    continue
+                steps, values = zip(*points)
+                name = label if len(record_keys) == 1 else f"{label}: {key.removeprefix('eval_')}"
+                axis.plot(steps, values, marker="o" if len(points) < 30 else None, label=name,
+                          linestyle="--" if key == "teacher_entropy" else "-")
+        axis.set_xlabel("step")
+        axis.set_ylabel(ylabel)
+        axis.grid(alpha=0.3)
+        if axis.lines:
+            axis.legend(fontsize=7)
+    if title:
+        figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
