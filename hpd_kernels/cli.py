@@ -57,7 +57,7 @@ def _distill_parser(subparsers):
                                                            "$HPD_CACHE_DIR or ~/.cache/hpd-kernels)")
     parser.add_argument("--objective", choices=("sft", "fkl", "rkl", "jsd", "skl", "srkl", "tvd", "hpd"),
                         help="distillation objective (default: hpd)")
-    parser.add_argument("--steps", type=int, help="distillation steps (default: 400)")
+    parser.add_argument("--steps", type=int, help="distillation steps (default: 1500)")
     parser.add_argument("--on-policy-fraction", type=float, dest="on_policy_fraction",
                         help="fraction of batches whose responses the student generates (default: 0)")
     parser.add_argument("--seed", type=int, help="seed of the distillation run (default: 2)")

@@ -128,3 +128,45 @@ def test_bad_input_gets_a_clear_error_and_nothing_on_disk_changes(tmp_path, caps
     after = _snapshot(tmp_path)
     assert {name: content for name, content in after.items() if name in before} == before  # nothing overwritten
     assert data
+
+
+def _save_tiny_llama(folder, chars, hidden, seed):
+    """A randomly initialised Llama and a character-level fast tokenizer, saved like a hub model."""
+    import torch
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "</s>": 1, "<s>": 2, **{char: index + 3 for index, char in enumerate(chars)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tokenizer.decoder = decoders.Fuse()
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>",
+                            bos_token="<s>").save_pretrained(folder)
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(vocab) + 2, hidden_size=hidden, intermediate_size=2 * hidden,  # padded rows
+                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                         pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+def test_distill_hugging_face_models_from_a_config_and_refuse_misaligned_vocabularies(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    chars = "0123456789+= "
+    teacher = _save_tiny_llama(str(tmp_path / "teacher"), chars, 16, seed=0)
+    student = _save_tiny_llama(str(tmp_path / "student"), chars, 8, seed=1)
+    shuffled = _save_tiny_llama(str(tmp_path / "shuffled"), chars[::-1], 8, seed=1)
+    lines = [json.dumps({"prompt": f"{a}+{b}=", "response": f" {a + b}"}) for a in range(5) for b in range(5)]
+    _write(tmp_path / "train.jsonl", "\n".join(lines))
+    config = {"data": "train.jsonl", "eval_fraction": 0.2, "teacher": {"hf": "teacher"}, "student": {"hf": "student"},
+              "distill": {"steps": 2, "batch_size": 4, "on_policy_fraction": 0.5}, "eval": {"max_new_tokens": 4}}
+    path = _write(tmp_path / "hf.json", config)
+    code, out, err = _run(["distill", "--config", path, "--out", str(tmp_path / "run"),
+                           "--cache-dir", str(tmp_path / "cache")], capsys)
+    assert code == 0, err
+    assert "| student after hpd |" in out
+    bad = _write(tmp_path / "bad.json", {**config, "student": {"hf": "shuffled"}})
+    code, _, err = _run(["distill", "--config", bad, "--out", str(tmp_path / "run2"),
+                         "--cache-dir", str(tmp_path / "cache")], capsys)
+    assert code == 2 and "cannot be aligned" in err and "12 of the student's 16 tokens" in err, err
+    assert not (tmp_path / "run2").exists()

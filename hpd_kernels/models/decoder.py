@@ -9,7 +9,6 @@ logits never exist during training.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -146,8 +145,8 @@ class DecoderLM(nn.Module):
         allowed = (key_positions[None, :] <= query_positions[:, None])[None] & attention_mask.bool()[:, None, :]
         # A padding query (left padding) would attend to nothing and give NaN: let it see itself.
         allowed = allowed | (key_positions[None, :] == query_positions[:, None])[None]
-        attention_bias = torch.zeros(allowed.shape, dtype=self.rope_cos.dtype, device=input_ids.device)
-        attention_bias = attention_bias.masked_fill(~allowed, -math.inf)[:, None].to(self.embed.weight.dtype)
+        # A boolean mask is valid for queries of any dtype (fp32, or bf16 under autocast).
+        attention_bias = allowed[:, None]
         hidden = self.embed(input_ids)
         for layer, block in enumerate(self.blocks):
             hidden = block(hidden, cos, sin, attention_bias, cache, layer)

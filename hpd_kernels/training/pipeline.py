@@ -39,14 +39,14 @@ DEFAULT_CONFIG = {
              "max_value": 20, "seed": 0},
     "teacher": {
         "decoder": {"hidden_size": 128, "num_layers": 3, "num_heads": 4, "max_positions": 96},
-        "train": {"objective": "sft", "steps": 700, "batch_size": 32, "lr": 3e-3, "warmup_steps": 30, "seed": 0},
+        "train": {"objective": "sft", "steps": 1500, "batch_size": 32, "lr": 3e-3, "warmup_steps": 30, "seed": 0},
     },
     "student": {
         "decoder": {"hidden_size": 64, "num_layers": 2, "num_heads": 2, "max_positions": 96},
         "warmup": {"objective": "sft", "steps": 150, "batch_size": 32, "lr": 3e-3, "warmup_steps": 20, "seed": 1},
     },
-    "distill": {"objective": "hpd", "steps": 400, "batch_size": 32, "lr": 3e-3, "warmup_steps": 20, "seed": 2,
-                "eval_every": 100, "save_every": 50},
+    "distill": {"objective": "hpd", "steps": 1500, "batch_size": 32, "lr": 3e-3, "warmup_steps": 20, "seed": 2,
+                "eval_every": 300, "save_every": 100},
     "eval": {"max_new_tokens": 48, "temperature": 1.0, "seed": 0},
     "device": "auto",
 }
@@ -401,7 +401,8 @@ def run_distill(config, out_dir, *, cache_dir=None, log=print):
     _json_dump(evaluations_path, evaluations)
     save_model(student, os.path.join(out_dir, "student.safetensors"),
                metadata={"config": json.dumps(config["student"])})
-    plot_runs({f"student ({distill_config.objective})": history}, os.path.join(out_dir, "distill.png"),
+    before = {"step": 0, **{f"eval_{key}": value for key, value in evaluations["student_before"].items()}}
+    plot_runs({f"student ({distill_config.objective})": [before] + history}, os.path.join(out_dir, "distill.png"),
               title=f"hpd distill: {distill_config.objective}")
     results = {"objective": distill_config.objective, "evaluations": evaluations, "device": device,
                "seconds_this_invocation": time.perf_counter() - started,

@@ -11,15 +11,17 @@ def read_metrics(path):
 
 
 PANELS = (
-    ("loss", "training loss", ("loss",)),
-    ("cross_entropy", "cross-entropy on the data (nats/token)", ("cross_entropy",)),
-    ("entropy", "entropy (nats/token)", ("entropy", "teacher_entropy")),
-    ("eval", "evaluation", None),  # every eval_* key
+    ("training loss", ("loss",)),
+    ("cross-entropy on the data (nats/token)", ("cross_entropy",)),
+    ("entropy (nats/token)", ("entropy", "teacher_entropy")),
+    ("accuracy (evaluation)", ("eval_greedy_accuracy", "eval_sampled_accuracy")),
+    ("held-out (nats/token)", ("eval_heldout_ce", "eval_fkl_to_teacher", "eval_rkl_to_teacher")),
+    ("gradient norm (before clipping)", ("grad_norm",)),
 )
 
 
 def plot_runs(runs, path, title=None):
-    """Draw one figure of 2x2 panels; `runs` maps a label to its list of metric records.
+    """Draw one figure of 2x3 panels; `runs` maps a label to its list of metric records.
     Returns `path`, or None when matplotlib is missing (install the `plot` extra)."""
     try:
         import matplotlib
@@ -28,10 +30,10 @@ def plot_runs(runs, path, title=None):
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    figure, axes = plt.subplots(2, 2, figsize=(11, 7))
-    for axis, (_, ylabel, keys) in zip(axes.flat, PANELS):
+    figure, axes = plt.subplots(2, 3, figsize=(15, 7.5))
+    for axis, (ylabel, keys) in zip(axes.flat, PANELS):
         for label, records in runs.items():
-            record_keys = keys or sorted({key for record in records for key in record if key.startswith("eval_")})
+            record_keys = [key for key in keys if any(key in record for record in records)]
             for key in record_keys:
                 points = [(record["step"], record[key]) for record in records if key in record]
                 if not points:

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Makes the project's virtual environment (.venv, or HPD_VENV=path) on a fresh machine:
+# - the CPU build of PyTorch when no NVIDIA GPU is visible (an unpinned torch would pull the
+#   multi-GB CUDA build), the default build otherwise;
+# - this package, editable, with its `test` extra (pytest, hypothesis, scipy, matplotlib for the
+#   plots, transformers for the Hugging Face adapter), which also gives the `hpd` command.
+#   bash scripts/setup_env.sh && .venv/bin/hpd distill
+set -euo pipefail
+cd "$(dirname "$0")/.."
+venv="${HPD_VENV:-.venv}"
+[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+py="$venv/bin/python"
+pip_install() { "$py" -m pip install -q --disable-pip-version-check "$@"; }
+if ! "$py" -c "import torch" 2>/dev/null; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    pip_install torch
+  else
+    pip_install "torch==2.13.0"   # the CPU build on these machines
+  fi
+fi
+pip_install -e ".[test]"
