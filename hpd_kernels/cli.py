@@ -1,4 +1,5 @@
-"""The `hpd` command: `hpd distill` (teacher, then student with HPD, end to end) and `hpd bench`."""
+"""The `hpd` command: `hpd distill` (teacher, then student with HPD, end to end), `hpd experiment`
+(objectives against each other over seeds) and `hpd bench`."""
 
 from __future__ import annotations
 
@@ -81,6 +82,53 @@ def _run_distill(args):
     return 0
 
 
+EXPERIMENT_HELP = """\
+Distil the same student from the same cached teacher with each objective and several seeds, at
+identical options (steps, batch size, optimiser, schedule, evaluation), plus a sensitivity sweep of
+HPD's fkl_weight x rkl_weight and of on-policy rollouts; then write a table (mean and standard
+deviation over seeds), results.json and plots (accuracy.png, entropy.png) under --out.
+
+Runs are independent and resumable: run the same command again after an interruption and it
+continues the unfinished runs from their checkpoints, never redoing a finished one.
+
+--config FILE overrides the default experiment key by key (JSON):
+  {"objectives": ["sft", "fkl", "rkl", "jsd", "skl", "hpd"],   any of sft fkl rkl jsd skl srkl tvd hpd
+   "seeds": [0, 1, 2],
+   "distill": {"steps": 1000, "batch_size": 32, "lr": 0.003, ...},   shared by every run
+   "sweep": {"fkl_weight": [0.5, 1, 2], "rkl_weight": [0.5, 1, 2], "on_policy_fraction": [0.5], "seeds": [0, 1]},
+   "eval": {"max_new_tokens": 48, "temperature": 1.0, "seed": 0, "samples": 4},
+   "base": {...}}   the task or data, teacher and student, as in `hpd distill --config`
+"""
+
+
+def _experiment_parser(subparsers):
+    parser = subparsers.add_parser("experiment", help="compare objectives over seeds at equal budgets",
+                                   description=EXPERIMENT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", metavar="FILE", help="JSON experiment file (default: the built-in experiment)")
+    parser.add_argument("--out", default="runs/experiment", metavar="DIR",
+                        help="output directory; reused to resume (default: %(default)s)")
+    parser.add_argument("--cache-dir", metavar="DIR", help="where trained teachers are cached (default: "
+                                                           "$HPD_CACHE_DIR or ~/.cache/hpd-kernels)")
+    parser.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+    parser.add_argument("--max-runs", type=int, metavar="N", help="stop after N more runs (the rest on the next call)")
+    parser.set_defaults(run=_run_experiment)
+
+
+def _run_experiment(args):
+    from .training.experiment import load_experiment, run_experiment
+
+    experiment = load_experiment(args.config)
+    if args.device:
+        experiment["device"] = args.device
+    report = run_experiment(experiment, args.out, cache_dir=args.cache_dir, only=args.max_runs,
+                            log=lambda text: print(text, flush=True))
+    print()
+    print(report["markdown"])
+    print(f"\n{args.out}: {report['finished']}/{report['planned']} runs finished; results.md, results.json, "
+          f"accuracy.png, entropy.png ({report['seconds_this_invocation']:.0f} s)")
+    return 0
+
+
 def _bench_parser(subparsers):
     parser = subparsers.add_parser("bench", help="run the benchmark suite (python -m bench)", add_help=False,
                                    description="Runs the benchmark suite; `hpd bench --help` lists its options.")
@@ -101,8 +149,9 @@ def _run_bench(args):
 def build_parser():
     parser = argparse.ArgumentParser(prog="hpd", description="hpd-kernels: fused distillation losses, a trainer "
                                                              "that uses them, and their benchmarks.")
-    subparsers = parser.add_subparsers(dest="command", required=True, metavar="{distill,bench}")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="{distill,experiment,bench}")
     _distill_parser(subparsers)
+    _experiment_parser(subparsers)
     _bench_parser(subparsers)
     return parser
 

@@ -16,9 +16,12 @@ from .losses import (
     _check_hpd_options,
     _check_labels,
     _check_options,
+    _check_num_items,
     _check_sampled_ids,
     _details,
     _draw_seed,
+    _parallel,
+    _shared_seed,
     _use_triton,
 )
 from .ops import divergence as triton_divergence
@@ -105,51 +108,88 @@ def _prepare(student_hidden, student_weight, student_bias, teacher_hidden, teach
     return tensors, min(student_weight.shape[0], teacher_vocab), max(chunk_size, 1)
 
 
+def _parallel_setup(process_group, vocab_offset, student_weight, teacher_weight, teacher_logits, backend, chunk_size):
+    """The vocabulary-parallel implementation (or None) and a chunk size every rank agrees on (the
+    collectives run once per chunk, so every rank must cut the rows alike)."""
+    teacher_side = teacher_logits if teacher_logits is not None else teacher_weight.t()
+    names = ("student_weight", "teacher_logits" if teacher_logits is not None else "teacher_weight")
+    parallel = _parallel(process_group, vocab_offset, student_weight.t(), teacher_side, backend, names)
+    if parallel is not None:
+        import torch.distributed as dist
+
+        agreed = torch.tensor(chunk_size, dtype=torch.int64)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=process_group)
+        chunk_size = int(agreed)
+    return parallel, chunk_size
+
+
+def _finish(loss, reduction, num_items_in_batch, leading):
+    if reduction == "none":
+        return loss.reshape(leading)
+    if num_items_in_batch is not None:  # computed as a sum; divided by the global count
+        return loss / torch.as_tensor(num_items_in_batch, device=loss.device).to(loss.dtype)
+    return loss
+
+
 def fused_linear_divergence_loss(student_hidden, student_weight, teacher_hidden=None, teacher_weight=None, labels=None,
                                  *, divergence="forward_kl", beta=0.5, alpha=0.1, student_bias=None,
                                  teacher_bias=None, teacher_logits=None, temperature=1.0, ignore_index=-100,
-                                 reduction="mean", chunk_size=None, backend="auto"):
+                                 reduction="mean", chunk_size=None, backend="auto", num_items_in_batch=None,
+                                 process_group=None, vocab_offset=None):
     """A full-vocabulary divergence (`forward_kl`, `reverse_kl`, `jsd`, `skew_forward_kl`,
-    `skew_reverse_kl`, `tvd`) from hidden states: `logits = hidden @ weight.T + bias`, chunked."""
+    `skew_reverse_kl`, `tvd`) from hidden states: `logits = hidden @ weight.T + bias`, chunked.
+    `num_items_in_batch`, `process_group`, `vocab_offset`: as in `hybrid_kl_loss` (with a
+    group, the weights and bias are this rank's vocabulary slice)."""
     if divergence not in DIVERGENCE_CODES:
         raise ValueError(f"divergence must be one of {tuple(DIVERGENCE_CODES)}, got {divergence!r}")
     _check_fraction("beta", beta)
     _check_fraction("alpha", alpha)
+    _check_num_items(num_items_in_batch, reduction)
     tensors, _, chunk_size = _prepare(
         student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, teacher_logits,
         labels, labels_required=False, temperature=temperature, ignore_index=ignore_index, reduction=reduction,
         chunk_size=chunk_size, backend=backend)
+    parallel, chunk_size = _parallel_setup(process_group, vocab_offset, student_weight, teacher_weight,
+                                           teacher_logits, backend, chunk_size)
     name, log_mix_p, log_mix_q = mixture_logs(divergence, beta, alpha)
     objective = Objective(name, float(temperature), int(ignore_index), log_mix_p, log_mix_q)
-    impl = triton_divergence if _use_triton(backend, student_hidden.device) else torch_backend
-    loss, *_ = FusedLinearDistillation.apply(*tensors, None, objective, reduction, chunk_size, impl)
-    return loss.reshape(student_hidden.shape[:-1]) if reduction == "none" else loss
+    impl = parallel or (triton_divergence if _use_triton(backend, student_hidden.device) else torch_backend)
+    inner = "sum" if num_items_in_batch is not None else reduction
+    loss, *_ = FusedLinearDistillation.apply(*tensors, None, objective, inner, chunk_size, impl)
+    return _finish(loss, reduction, num_items_in_batch, student_hidden.shape[:-1])
 
 
 def fused_linear_hybrid_kl_loss(student_hidden, student_weight, teacher_hidden=None, teacher_weight=None, labels=None,
                                 *, student_bias=None, teacher_bias=None, teacher_logits=None, sampled_ids=None,
                                 seed=None, fkl_weight=1.0, rkl_weight=1.0, temperature=1.0, ignore_index=-100,
-                                reduction="mean", chunk_size=None, backend="auto", return_details=False):
+                                reduction="mean", chunk_size=None, backend="auto", return_details=False,
+                                num_items_in_batch=None, process_group=None, vocab_offset=None):
     """HPD from hidden states and lm_head weights (see `hybrid_kl_loss`); `y_hat` is drawn in the
     kernel per chunk with the noise of each row's global index, so chunking never changes it."""
+    _check_num_items(num_items_in_batch, reduction)
     tensors, vocab, chunk_size = _prepare(
         student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, teacher_logits,
         labels, labels_required=True, temperature=temperature, ignore_index=ignore_index, reduction=reduction,
         chunk_size=chunk_size, backend=backend)
     _check_hpd_options(fkl_weight, rkl_weight, seed)
+    parallel, chunk_size = _parallel_setup(process_group, vocab_offset, student_weight, teacher_weight,
+                                           teacher_logits, backend, chunk_size)
+    if parallel is not None:
+        vocab = parallel.global_vocab
     flat_labels = tensors[-1]
     active = active_rows(flat_labels, flat_labels.shape[0], vocab, ignore_index, flat_labels.device)
     leading = student_hidden.shape[:-1]
     if sampled_ids is not None:
         sampled_ids = _check_sampled_ids(sampled_ids, leading, active, vocab)
     elif seed is None:
-        seed = _draw_seed()
+        seed = _shared_seed(_draw_seed() if process_group is None else None, process_group)
     objective = Objective("hpd", float(temperature), int(ignore_index), seed=seed or 0,
                           fkl_weight=float(fkl_weight), rkl_weight=float(rkl_weight))
-    impl = triton_hybrid if _use_triton(backend, student_hidden.device) else torch_backend
+    impl = parallel or (triton_hybrid if _use_triton(backend, student_hidden.device) else torch_backend)
+    inner = "sum" if num_items_in_batch is not None else reduction
     loss, drawn, w_label, w_sample = FusedLinearDistillation.apply(
-        *tensors, sampled_ids, objective, reduction, chunk_size, impl)
-    loss = loss.reshape(leading) if reduction == "none" else loss
+        *tensors, sampled_ids, objective, inner, chunk_size, impl)
+    loss = _finish(loss, reduction, num_items_in_batch, leading)
     if not return_details:
         return loss
     return loss, _details(drawn, w_label, w_sample, flat_labels, active, leading)

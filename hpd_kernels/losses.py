@@ -146,13 +146,68 @@ def _rows(logits):
     return rows if rows.stride(-1) == 1 or rows.shape[-1] == 1 else rows.contiguous()
 
 
-def _reduce(per_row, active, reduction, leading_shape):
+def _check_num_items(num_items_in_batch, reduction):
+    if num_items_in_batch is None:
+        return
+    if reduction != "mean":
+        raise ValueError(f"num_items_in_batch divides the summed loss, so it needs reduction='mean', "
+                         f"got reduction={reduction!r}")
+    if isinstance(num_items_in_batch, torch.Tensor):
+        if num_items_in_batch.numel() != 1 or num_items_in_batch.dtype.is_complex:
+            raise ValueError(f"num_items_in_batch must be a number or a one-element tensor, got shape "
+                             f"{tuple(num_items_in_batch.shape)}")
+    elif not isinstance(num_items_in_batch, (int, float)) or not num_items_in_batch > 0:
+        raise ValueError(f"num_items_in_batch must be > 0 (the active tokens of the global batch), "
+                         f"got {num_items_in_batch!r}")
+
+
+def _reduce(per_row, active, reduction, leading_shape, num_items_in_batch=None):
+    """`"mean"` is over this call's active rows, or over `num_items_in_batch` when given: the active
+    tokens of the whole global batch (every rank, every accumulation step), so that per-call losses
+    summed over ranks and micro-batches give the global token mean."""
     if reduction == "none":
         return per_row.reshape(leading_shape)
     total = per_row.sum()
     if reduction == "sum":
         return total
+    if num_items_in_batch is not None:
+        return total / torch.as_tensor(num_items_in_batch, device=total.device).to(total.dtype)
     return total / active.sum().clamp(min=1).to(total.dtype)
+
+
+def _parallel(process_group, vocab_offset, student_logits, teacher_logits, backend, names=("student_logits",
+                                                                                          "teacher_logits")):
+    """The vocabulary-parallel implementation for this rank's slice, or None without a group."""
+    if process_group is None:
+        if vocab_offset is not None:
+            raise ValueError("vocab_offset is only meaningful with process_group (a vocabulary-parallel group)")
+        return None
+    import torch.distributed as dist
+
+    from .ops.vocab_parallel import VocabParallel, slice_layout
+
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("process_group was given but torch.distributed is not initialised")
+    if backend == "triton":
+        raise ValueError("vocabulary-parallel losses run the torch backend's math on each slice; use "
+                         "backend='auto' or 'torch'")
+    student_width, teacher_width = student_logits.shape[-1], teacher_logits.shape[-1]
+    if student_width != teacher_width:
+        raise ValueError(f"with process_group, {names[0]} and {names[1]} must hold the same vocabulary slice; "
+                         f"got widths {student_width} and {teacher_width}")
+    offset, global_vocab = slice_layout(process_group, student_width, vocab_offset)
+    return VocabParallel(process_group, offset, global_vocab)
+
+
+def _shared_seed(seed, process_group):
+    """One seed for every rank of the group (rank 0's draw when none was given)."""
+    if seed is not None or process_group is None:
+        return seed
+    import torch.distributed as dist
+
+    drawn = torch.tensor([_draw_seed()], dtype=torch.int64)
+    dist.broadcast(drawn, src=dist.get_global_rank(process_group, 0), group=process_group)
+    return int(drawn.item())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -160,63 +215,87 @@ def _reduce(per_row, active, reduction, leading_shape):
 # ----------------------------------------------------------------------------------------------
 
 def _divergence_loss(divergence, student_logits, teacher_logits, labels, *, temperature, ignore_index,
-                     reduction, backend, beta=0.5, alpha=0.1):
+                     reduction, backend, beta=0.5, alpha=0.1, num_items_in_batch=None, process_group=None,
+                     vocab_offset=None):
     _validate(student_logits, teacher_logits, labels, temperature=temperature, reduction=reduction,
               backend=backend, ignore_index=ignore_index, labels_required=False)
-    impl = triton_divergence if _use_triton(backend, student_logits.device) else torch_backend
+    _check_num_items(num_items_in_batch, reduction)
+    parallel = _parallel(process_group, vocab_offset, student_logits, teacher_logits, backend)
+    if parallel is not None:
+        impl = parallel
+    else:
+        impl = triton_divergence if _use_triton(backend, student_logits.device) else torch_backend
     divergence, log_mix_p, log_mix_q = mixture_logs(divergence, beta, alpha)
     student, teacher = _rows(student_logits), _rows(teacher_logits)
     flat_labels = None if labels is None else labels.reshape(-1).to(torch.int64).contiguous()
     per_row = DivergenceFunction.apply(student, teacher.detach(), flat_labels, divergence, float(temperature),
                                        log_mix_p, log_mix_q, int(ignore_index), impl)
-    vocab = min(student.shape[1], teacher.shape[1])
+    vocab = parallel.global_vocab if parallel is not None else min(student.shape[1], teacher.shape[1])
     active = active_rows(flat_labels, student.shape[0], vocab, ignore_index, student.device)
-    return _reduce(per_row, active, reduction, student_logits.shape[:-1])
+    return _reduce(per_row, active, reduction, student_logits.shape[:-1], num_items_in_batch)
 
 
 def forward_kl_loss(student_logits, teacher_logits, labels=None, *, temperature=1.0, ignore_index=-100,
-                    reduction="mean", backend="auto"):
+                    reduction="mean", backend="auto", num_items_in_batch=None,
+                    process_group=None, vocab_offset=None):
     """KL(p || q), the mode-covering divergence. Gradient weights `w = p`."""
     return _divergence_loss("forward_kl", student_logits, teacher_logits, labels, temperature=temperature,
-                            ignore_index=ignore_index, reduction=reduction, backend=backend)
+                            ignore_index=ignore_index, reduction=reduction, backend=backend,
+                            num_items_in_batch=num_items_in_batch, process_group=process_group,
+                            vocab_offset=vocab_offset)
 
 
 def reverse_kl_loss(student_logits, teacher_logits, labels=None, *, temperature=1.0, ignore_index=-100,
-                    reduction="mean", backend="auto"):
+                    reduction="mean", backend="auto", num_items_in_batch=None,
+                    process_group=None, vocab_offset=None):
     """KL(q || p), the mode-seeking divergence. Weights `w = q (log p - log q)`."""
     return _divergence_loss("reverse_kl", student_logits, teacher_logits, labels, temperature=temperature,
-                            ignore_index=ignore_index, reduction=reduction, backend=backend)
+                            ignore_index=ignore_index, reduction=reduction, backend=backend,
+                            num_items_in_batch=num_items_in_batch, process_group=process_group,
+                            vocab_offset=vocab_offset)
 
 
 def generalized_jsd_loss(student_logits, teacher_logits, labels=None, *, beta=0.5, temperature=1.0,
-                         ignore_index=-100, reduction="mean", backend="auto"):
+                         ignore_index=-100, reduction="mean", backend="auto", num_items_in_batch=None,
+                         process_group=None, vocab_offset=None):
     """beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q; beta=0 is forward KL, 1 reverse KL."""
     _check_fraction("beta", beta)
     return _divergence_loss("jsd", student_logits, teacher_logits, labels, temperature=temperature,
-                            ignore_index=ignore_index, reduction=reduction, backend=backend, beta=beta)
+                            ignore_index=ignore_index, reduction=reduction, backend=backend,
+                            num_items_in_batch=num_items_in_batch, process_group=process_group,
+                            vocab_offset=vocab_offset, beta=beta)
 
 
 def skew_forward_kl_loss(student_logits, teacher_logits, labels=None, *, alpha=0.1, temperature=1.0,
-                         ignore_index=-100, reduction="mean", backend="auto"):
+                         ignore_index=-100, reduction="mean", backend="auto", num_items_in_batch=None,
+                         process_group=None, vocab_offset=None):
     """KL(p || alpha p + (1 - alpha) q) (DistiLLM's skew KL)."""
     _check_fraction("alpha", alpha)
     return _divergence_loss("skew_forward_kl", student_logits, teacher_logits, labels, temperature=temperature,
-                            ignore_index=ignore_index, reduction=reduction, backend=backend, alpha=alpha)
+                            ignore_index=ignore_index, reduction=reduction, backend=backend,
+                            num_items_in_batch=num_items_in_batch, process_group=process_group,
+                            vocab_offset=vocab_offset, alpha=alpha)
 
 
 def skew_reverse_kl_loss(student_logits, teacher_logits, labels=None, *, alpha=0.1, temperature=1.0,
-                         ignore_index=-100, reduction="mean", backend="auto"):
+                         ignore_index=-100, reduction="mean", backend="auto", num_items_in_batch=None,
+                         process_group=None, vocab_offset=None):
     """KL(q || alpha q + (1 - alpha) p) (DistiLLM's skew reverse KL)."""
     _check_fraction("alpha", alpha)
     return _divergence_loss("skew_reverse_kl", student_logits, teacher_logits, labels, temperature=temperature,
-                            ignore_index=ignore_index, reduction=reduction, backend=backend, alpha=alpha)
+                            ignore_index=ignore_index, reduction=reduction, backend=backend,
+                            num_items_in_batch=num_items_in_batch, process_group=process_group,
+                            vocab_offset=vocab_offset, alpha=alpha)
 
 
 def tvd_loss(student_logits, teacher_logits, labels=None, *, temperature=1.0, ignore_index=-100,
-             reduction="mean", backend="auto"):
+             reduction="mean", backend="auto", num_items_in_batch=None,
+             process_group=None, vocab_offset=None):
     """Total variation distance 1/2 sum |p - q|."""
     return _divergence_loss("tvd", student_logits, teacher_logits, labels, temperature=temperature,
-                            ignore_index=ignore_index, reduction=reduction, backend=backend)
+                            ignore_index=ignore_index, reduction=reduction, backend=backend,
+                            num_items_in_batch=num_items_in_batch, process_group=process_group,
+                            vocab_offset=vocab_offset)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -224,19 +303,23 @@ def tvd_loss(student_logits, teacher_logits, labels=None, *, temperature=1.0, ig
 # ----------------------------------------------------------------------------------------------
 
 def _hybrid(student_logits, teacher_logits, labels, *, sampled_ids, seed, fkl_weight, rkl_weight, temperature,
-            ignore_index, backend):
+            ignore_index, backend, process_group=None, vocab_offset=None):
     _validate(student_logits, teacher_logits, labels, temperature=temperature, reduction="none",
               backend=backend, ignore_index=ignore_index, labels_required=True)
     _check_hpd_options(fkl_weight, rkl_weight, seed)
-    impl = triton_hybrid if _use_triton(backend, student_logits.device) else torch_backend
+    parallel = _parallel(process_group, vocab_offset, student_logits, teacher_logits, backend)
+    if parallel is not None:
+        impl = parallel
+    else:
+        impl = triton_hybrid if _use_triton(backend, student_logits.device) else torch_backend
     student, teacher = _rows(student_logits), _rows(teacher_logits)
-    vocab = min(student.shape[1], teacher.shape[1])
+    vocab = parallel.global_vocab if parallel is not None else min(student.shape[1], teacher.shape[1])
     flat_labels = labels.reshape(-1).to(torch.int64).contiguous()
     active = active_rows(flat_labels, student.shape[0], vocab, ignore_index, student.device)
     if sampled_ids is not None:
         sampled_ids = _check_sampled_ids(sampled_ids, student_logits.shape[:-1], active, vocab)
     elif seed is None:
-        seed = _draw_seed()
+        seed = _shared_seed(_draw_seed() if process_group is None else None, process_group)
     per_row, drawn, w_label, w_sample = HybridFunction.apply(
         student, teacher.detach(), flat_labels, sampled_ids, seed, float(temperature), float(fkl_weight),
         float(rkl_weight), int(ignore_index), impl)
@@ -250,30 +333,38 @@ def _details(drawn, w_label, w_sample, flat_labels, active, leading):
 
 def hybrid_kl_loss(student_logits, teacher_logits, labels, *, sampled_ids=None, seed=None, fkl_weight=1.0,
                    rkl_weight=1.0, temperature=1.0, ignore_index=-100, reduction="mean", backend="auto",
-                   return_details=False):
+                   return_details=False, num_items_in_batch=None, process_group=None, vocab_offset=None):
     """Hybrid Policy Distillation loss (spec: forward-KL signal on `y`, reverse-KL signal on `y_hat ~ q`).
 
     `sampled_ids` gives `y_hat` (shape of `labels`); when None the kernel draws it by Gumbel-max,
     reproducibly from `seed` (or from torch's generator when `seed` is None as well).
     With `return_details=True` returns `(loss, HybridDetails)`.
+
+    `num_items_in_batch` (with `reduction="mean"`) divides the summed loss by the active tokens of
+    the global batch instead of this call's. `process_group` makes the call vocabulary-parallel:
+    the logits are this rank's slice of the vocabulary, starting at `vocab_offset` (default: the
+    widths of the lower ranks), and labels / `sampled_ids` are global ids.
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    _check_num_items(num_items_in_batch, reduction)
     per_row, active, details = _hybrid(
         student_logits, teacher_logits, labels, sampled_ids=sampled_ids, seed=seed, fkl_weight=fkl_weight,
-        rkl_weight=rkl_weight, temperature=temperature, ignore_index=ignore_index, backend=backend)
-    loss = _reduce(per_row, active, reduction, student_logits.shape[:-1])
+        rkl_weight=rkl_weight, temperature=temperature, ignore_index=ignore_index, backend=backend,
+        process_group=process_group, vocab_offset=vocab_offset)
+    loss = _reduce(per_row, active, reduction, student_logits.shape[:-1], num_items_in_batch)
     return (loss, details) if return_details else loss
 
 
 @torch.no_grad()
 def hpd_token_weights(student_logits, teacher_logits, labels, *, sampled_ids=None, seed=None, fkl_weight=1.0,
-                      rkl_weight=1.0, temperature=1.0, ignore_index=-100, backend="auto") -> HybridDetails:
+                      rkl_weight=1.0, temperature=1.0, ignore_index=-100, backend="auto", process_group=None,
+                      vocab_offset=None) -> HybridDetails:
     """HPD's per-row weights `(w_y, w_hat)` and samples `y_hat`, forward only (no graph is built)."""
     _, _, details = _hybrid(
         student_logits.detach(), teacher_logits, labels, sampled_ids=sampled_ids, seed=seed,
         fkl_weight=fkl_weight, rkl_weight=rkl_weight, temperature=temperature, ignore_index=ignore_index,
-        backend=backend)
+        backend=backend, process_group=process_group, vocab_offset=vocab_offset)
     return details
 
 

@@ -39,7 +39,7 @@ def test_resume_replays_an_interrupted_run_exactly(tmp_path):
     teacher = _model(16, seed=5)
     config = TrainConfig(objective="hpd", steps=7, batch_size=6, lr=1e-2, warmup_steps=2, save_every=2,
                          on_policy_fraction=0.5, max_new_tokens=6, backend="torch", seed=3)
-    evaluate = lambda model: {"weight_sum": float(sum(p.detach().double().sum() for p in model.parameters()))}  # noqa: E731
+    evaluate = lambda model, step: {"weight_sum": float(sum(p.detach().double().sum() for p in model.parameters()))}  # noqa: E731
 
     whole = _model(8, seed=1)
     uninterrupted = train(config, whole, teacher, _examples(), eos_id=EOS, evaluate=evaluate,

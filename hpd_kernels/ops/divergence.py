@@ -254,7 +254,9 @@ class DivergenceFunction(torch.autograd.Function):
         loss, stats = impl.divergence_forward(
             student, teacher, labels, divergence=divergence, temperature=temperature,
             log_mix_p=log_mix_p, log_mix_q=log_mix_q, ignore_index=ignore_index)
-        active = active_rows(labels, student.shape[0], min(student.shape[1], teacher.shape[1]), ignore_index, student.device)
+        # A vocabulary-parallel impl knows the global vocabulary (labels are global ids).
+        vocab = getattr(impl, "global_vocab", min(student.shape[1], teacher.shape[1]))
+        active = active_rows(labels, student.shape[0], vocab, ignore_index, student.device)
         ctx.save_for_backward(student, teacher, stats, active)
         ctx.params = (divergence, temperature, log_mix_p, log_mix_q, impl)
         return loss

@@ -124,6 +124,8 @@ class _Chunks:
                 grad_weight.addmm_(grad_logits.t().to(acc_dtype), hidden[rows].to(acc_dtype))
             if grad_bias is not None:
                 grad_bias += grad_logits.sum(0, dtype=acc_dtype)
+        if grad_hidden is not None and hasattr(self.impl, "reduce_hidden_grad"):
+            self.impl.reduce_hidden_grad(grad_hidden)  # vocabulary-parallel: sum over the slices
         details = (drawn, label_weight, sample_weight) if hpd else None
         return per_row, details, (grad_hidden, grad_weight, grad_bias)
 
@@ -139,7 +141,7 @@ class FusedLinearDistillation(torch.autograd.Function):
         inputs = (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
                   teacher_logits, labels, sampled_ids)
         teacher_vocab = teacher_logits.shape[-1] if teacher_logits is not None else teacher_weight.shape[0]
-        vocab = min(student_weight.shape[0], teacher_vocab)
+        vocab = getattr(impl, "global_vocab", min(student_weight.shape[0], teacher_vocab))
         active = active_rows(labels, student_hidden.shape[0], vocab, objective.ignore_index, student_hidden.device)
         acc_dtype = torch.float64 if student_hidden.dtype == torch.float64 else torch.float32
         want = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], student_bias is not None and ctx.needs_input_grad[2])

@@ -193,7 +193,9 @@ class HybridFunction(torch.autograd.Function):
             student, teacher, labels, sampled_ids, seed=seed, temperature=temperature,
             fkl_weight=fkl_weight, rkl_weight=rkl_weight, ignore_index=ignore_index)
         vocab = min(student.shape[1], teacher.shape[1])
-        active = active_rows(labels, student.shape[0], vocab, ignore_index, student.device)
+        # A vocabulary-parallel impl knows the global vocabulary (labels are global ids).
+        active = active_rows(labels, student.shape[0], getattr(impl, "global_vocab", vocab), ignore_index,
+                             student.device)
         ctx.save_for_backward(student, labels, sampled_ids, stats, active)
         ctx.params = (vocab, temperature, impl)
         w_y, w_hat = stats[:, STAT_W_LABEL].clone(), stats[:, STAT_W_SAMPLE].clone()

@@ -393,7 +393,7 @@ def run_distill(config, out_dir, *, cache_dir=None, log=print):
         evaluations["student_before"] = evaluate_model(student, workload, config["eval"], teacher)
         _json_dump(evaluations_path, evaluations)
     history = train(distill_config, student, teacher, workload.examples, run_dir=os.path.join(out_dir, "distill"),
-                    evaluate=lambda model: evaluate_model(model, workload, config["eval"], teacher),
+                    evaluate=lambda model, step: evaluate_model(model, workload, config["eval"], teacher),
                     label=f"student {distill_config.objective}", **common)
     final = history[-1]
     evaluations["student_after"] = {key.removeprefix("eval_"): value for key, value in final.items()

@@ -218,7 +218,7 @@ def train(config: TrainConfig, student, teacher, examples, *, pad_id=0, eos_id=N
           run_dir=None, label=None, progress=True, stop_after=None, log=print):
     """Train `student` in place on `examples` (a list of (prompt ids, response ids)).
 
-    `evaluate(model) -> dict` runs every `eval_every` steps and after the last; its values enter
+    `evaluate(model, step) -> dict` runs every `eval_every` steps and after the last; its values enter
     the step's metrics as `eval_<name>`. With `run_dir`, metrics go to `run_dir/metrics.jsonl`,
     checkpoints to `run_dir/checkpoint-*`, and a run that finds a checkpoint there resumes from it
     (refusing one written with a different config). `stop_after` ends this call after that many
@@ -286,7 +286,7 @@ def train(config: TrainConfig, student, teacher, examples, *, pad_id=0, eos_id=N
                       "peak_memory_mb": _peak_memory_mb(device)}
             last = step + 1 == config.steps
             if evaluate is not None and (last or (config.eval_every and (step + 1) % config.eval_every == 0)):
-                record.update({f"eval_{key}": value for key, value in evaluate(student).items()})
+                record.update({f"eval_{key}": value for key, value in evaluate(student, step + 1).items()})
                 student.train()
             history.append(record)
             if metrics_file:

@@ -1,0 +1,398 @@
+"""`hpd experiment`: every objective against HPD on the same teacher, data, optimiser and budget.
+
+For each seed, the student is initialised and warmed up with `sft` once (that seed's "student
+before"); every objective then continues from that same warm student, with the same `distill`
+options (steps, batch size, learning rate and schedule, clipping, evaluation), only `objective`
+differing. The seed also fixes the batches and the sampling noise of the distillation, so two
+objectives at one seed see the same examples in the same order (a paired comparison).
+
+A sensitivity sweep reruns HPD over a grid of `fkl_weight` x `rkl_weight`, and with
+`on_policy_fraction` > 0 (full student rollouts) against the approximate on-policy default.
+
+Each run lives in `<out>/runs/<name>/` (trainer checkpoints, metrics) and is marked finished by its
+`summary.json`: an interrupted experiment resumes the unfinished runs from their checkpoints and
+never redoes a finished one. The report (`results.md`, `results.json`, PNG plots) is rebuilt from
+the summaries at the end of every invocation.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import statistics
+import subprocess
+import time
+
+import torch
+
+from .checkpoint import load_model, save_model
+from .pipeline import (
+    DEFAULT_CONFIG,
+    ConfigError,
+    Workload,
+    _claim_output_dir,
+    _json_dump,
+    _prepare_teacher,
+    _train_config,
+    build_model,
+    default_cache_dir,
+    evaluate_model,
+    validate_config,
+)
+from .trainer import train
+
+DEFAULT_EXPERIMENT = {
+    "objectives": ["sft", "fkl", "rkl", "jsd", "skl", "hpd"],
+    "seeds": [0, 1, 2],
+    # Shared by every run; `objective` and `seed` are set per run.
+    "distill": {"steps": 1000, "batch_size": 32, "lr": 3e-3, "warmup_steps": 20, "eval_every": 200,
+                "save_every": 250},
+    "sweep": {"fkl_weight": [0.5, 1.0, 2.0], "rkl_weight": [0.5, 1.0, 2.0], "on_policy_fraction": [0.5],
+              "seeds": [0, 1]},
+    "eval": {"max_new_tokens": 48, "temperature": 1.0, "seed": 0, "samples": 4},
+    # Everything else (task or data, teacher, student and its warm-up) comes from `hpd distill`'s
+    # default config, overridable under "base".
+    "base": {},
+}
+
+EXPERIMENT_KEYS = set(DEFAULT_EXPERIMENT) | {"device"}
+SWEEP_KEYS = {"fkl_weight", "rkl_weight", "on_policy_fraction", "seeds"}
+SPIKE_WINDOW, SPIKE_FACTOR = 50, 1.5
+
+
+def load_experiment(path=None):
+    """The default experiment, overridden key by key by the JSON file at `path`."""
+    experiment = copy.deepcopy(DEFAULT_EXPERIMENT)
+    if path is not None:
+        if not os.path.isfile(path):
+            raise ConfigError(f"experiment file {path} does not exist")
+        try:
+            with open(path, encoding="utf-8") as handle:
+                user = json.load(handle)
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"{path}: not valid JSON (line {error.lineno}, column {error.colno}: {error.msg})") from None
+        if not isinstance(user, dict):
+            raise ConfigError(f"{path}: expected a JSON object at the top level")
+        for key, value in user.items():
+            if key not in EXPERIMENT_KEYS:
+                raise ConfigError(f"{path}: unknown key {key!r}; known keys: {sorted(EXPERIMENT_KEYS)}")
+            if key in ("sweep", "eval", "distill") and isinstance(value, dict):
+                experiment[key].update(value)
+            else:
+                experiment[key] = value
+        if isinstance(user.get("base"), dict) and isinstance(user["base"].get("data"), str):
+            user["base"]["data"] = os.path.join(os.path.dirname(os.path.abspath(path)), user["base"]["data"])
+    source = path or "the default experiment"
+    for key in experiment["sweep"]:
+        if key not in SWEEP_KEYS:
+            raise ConfigError(f"{source}: unknown key sweep.{key!r}; known keys: {sorted(SWEEP_KEYS)}")
+    for key in ("objective", "seed"):
+        if key in experiment["distill"]:
+            raise ConfigError(f"{source}: distill.{key} is set per run (use 'objectives' and 'seeds')")
+    if not experiment["objectives"] or not experiment["seeds"]:
+        raise ConfigError(f"{source}: 'objectives' and 'seeds' must not be empty")
+    base = copy.deepcopy(DEFAULT_CONFIG)
+    if "data" in experiment["base"]:
+        base.pop("task")
+    for key, value in experiment["base"].items():
+        if key not in base and key not in ("data", "eval_data", "eval_fraction", "task"):
+            raise ConfigError(f"{source}: unknown key base.{key!r}")
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            base[key].update(value)
+        else:
+            base[key] = value
+    base["eval"] = {key: value for key, value in experiment["eval"].items() if key != "samples"}
+    base["distill"] = {}
+    validate_config(base, source)
+    for objective in experiment["objectives"]:
+        _train_config({**experiment["distill"], "objective": objective}, f"{source}: distill")
+    experiment["base"] = base
+    return experiment
+
+
+def planned_runs(experiment):
+    """`[(name, group, seed, TrainConfig overrides)]`: the main grid, then the HPD sweep."""
+    runs = []
+    for objective in experiment["objectives"]:
+        for seed in experiment["seeds"]:
+            runs.append((f"{objective}-seed{seed}", objective, seed, {"objective": objective}))
+    sweep = experiment["sweep"]
+    for fkl_weight in sweep.get("fkl_weight", []):
+        for rkl_weight in sweep.get("rkl_weight", []):
+            if (fkl_weight, rkl_weight) == (1.0, 1.0) and "hpd" in experiment["objectives"]:
+                continue  # the main grid's hpd
+            group = f"hpd fkl={fkl_weight:g} rkl={rkl_weight:g}"
+            for seed in sweep.get("seeds", experiment["seeds"]):
+                runs.append((f"hpd-fkl{fkl_weight:g}-rkl{rkl_weight:g}-seed{seed}", group, seed,
+                             {"objective": "hpd", "fkl_weight": fkl_weight, "rkl_weight": rkl_weight}))
+    for fraction in sweep.get("on_policy_fraction", []):
+        if fraction == 0:
+            continue
+        group = f"hpd on-policy={fraction:g}"
+        for seed in sweep.get("seeds", experiment["seeds"]):
+            runs.append((f"hpd-onpolicy{fraction:g}-seed{seed}", group, seed,
+                         {"objective": "hpd", "on_policy_fraction": fraction}))
+    return runs
+
+
+def stability(history, max_grad_norm):
+    """Loss spikes (a step whose loss exceeds 1.5x the median of the previous 50) and gradient-norm
+    statistics of one run."""
+    losses = [record["loss"] for record in history]
+    spikes = sum(1 for index in range(SPIKE_WINDOW, len(losses))
+                 if losses[index] > SPIKE_FACTOR * statistics.median(losses[index - SPIKE_WINDOW:index]))
+    norms = sorted(record["grad_norm"] for record in history)
+    return {"loss_spikes": spikes, "grad_norm_mean": statistics.fmean(norms), "grad_norm_max": norms[-1],
+            "grad_norm_p95": norms[min(len(norms) - 1, int(0.95 * len(norms)))],
+            "clipped_fraction": sum(norm > max_grad_norm for norm in norms) / len(norms) if max_grad_norm else 0.0}
+
+
+def evaluate_with_samples(model, workload, eval_config, teacher, samples):
+    """`evaluate_model`, with the sampled accuracy averaged over `samples` independent draws."""
+    result = evaluate_model(model, workload, eval_config, teacher)
+    if samples > 1:
+        from .task import answer_accuracy
+
+        draws = [result["sampled_accuracy"]] + [
+            answer_accuracy(model, workload.eval_problems, workload.tokenizer, greedy=False,
+                            temperature=eval_config["temperature"], max_new_tokens=eval_config["max_new_tokens"],
+                            seed=eval_config["seed"] + draw, score=workload.score)
+            for draw in range(1, samples)]
+        result["sampled_accuracy"] = statistics.fmean(draws)
+    return result
+
+
+def _git_commit():
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                                timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return (commit + ("+uncommitted-changes" if dirty else "")) or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def run_experiment(experiment, out_dir, *, cache_dir=None, log=print, only=None):
+    """Run (or resume) every planned run, then write the report; returns the report dict.
+    `only` limits this invocation to the first `only` unfinished runs (a time-sliced job)."""
+    base = experiment["base"]
+    device = experiment.get("device", "auto")
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    workload = Workload(base)
+    teacher = build_model(base["teacher"], workload.tokenizer, "teacher", device)
+    build_model(base["student"], workload.tokenizer, "student", device)  # checks the student before writing
+    stored = {key: value for key, value in experiment.items()}
+    _claim_output_dir(out_dir, stored)
+    teacher, teacher_eval = _prepare_teacher(teacher, base, workload, cache_dir or default_cache_dir(), log)
+    samples = experiment["eval"].get("samples", 1)
+    teacher_path = os.path.join(out_dir, "teacher_evaluation.json")
+    if not os.path.isfile(teacher_path):
+        _json_dump(teacher_path, evaluate_with_samples(teacher, workload, base["eval"], None, samples))
+    common = dict(pad_id=workload.tokenizer.pad_id, eos_id=workload.tokenizer.eos_id, log=log)
+    started, done_now = time.perf_counter(), 0
+    for name, group, seed, overrides in planned_runs(experiment):
+        run_dir = os.path.join(out_dir, "runs", name)
+        if os.path.isfile(os.path.join(run_dir, "summary.json")):
+            continue
+        if only is not None and done_now >= only:
+            break
+        student = _warm_student(base, workload, seed, device, out_dir, teacher, samples, common)
+        config = _train_config({**experiment["distill"], **overrides, "seed": 1000 + seed}, f"run {name}")
+        if not config.max_new_tokens:
+            config.max_new_tokens = workload.max_response_tokens()
+        log(f"run {name}")
+        run_started = time.perf_counter()
+        history = train(config, student, teacher, workload.examples, run_dir=run_dir, label=name,
+                        evaluate=lambda model, step: evaluate_with_samples(
+                            model, workload, base["eval"], teacher, samples if step == config.steps else 1),
+                        **common)
+        final = {key.removeprefix("eval_"): value for key, value in history[-1].items() if key.startswith("eval_")}
+        summary = {"name": name, "group": group, "seed": seed, "config": config.to_dict(), "final": final,
+                   "stability": stability(history, config.max_grad_norm),
+                   "efficiency": {"step_time_ms_mean": 1000 * statistics.fmean(r["step_time_s"] for r in history),
+                                  "train_seconds": sum(r["step_time_s"] for r in history),
+                                  "wall_seconds_this_invocation": time.perf_counter() - run_started,
+                                  "peak_memory_mb": max(r["peak_memory_mb"] for r in history),
+                                  "tokens_per_s_mean": statistics.fmean(r["tokens_per_s"] for r in history)},
+                   "commit": _git_commit()}
+        _json_dump(os.path.join(run_dir, "summary.json"), summary)
+        done_now += 1
+    report = write_report(experiment, out_dir)
+    report["seconds_this_invocation"] = time.perf_counter() - started
+    return report
+
+
+def _warm_student(base, workload, seed, device, out_dir, teacher, samples, common):
+    """The student after its `sft` warm-up for `seed`, trained once and reused by every run."""
+    folder = os.path.join(out_dir, f"warmup-seed{seed}")
+    weights = os.path.join(folder, "student.safetensors")
+    section = copy.deepcopy(base["student"])
+    warmup = section.get("warmup")
+    if warmup:
+        section["warmup"] = {**warmup, "seed": seed}
+    torch.manual_seed(seed)
+    student = build_model({**section, "train": {"seed": seed}}, workload.tokenizer, "student", device)
+    if os.path.isfile(weights):
+        load_model(student, weights)
+        return student
+    if warmup:
+        train(_train_config(section["warmup"], "student.warmup"), student, None, workload.examples,
+              run_dir=os.path.join(folder, "run"), label=f"warm-up seed {seed}", **common)
+    _json_dump(os.path.join(folder, "evaluation.json"),
+               evaluate_with_samples(student, workload, base["eval"], teacher, samples))
+    save_model(student, weights)
+    return student
+
+
+# ----------------------------------------------------------------------------------------------
+# Report
+
+
+def _mean_std(values):
+    values = [value for value in values if value is not None]
+    if not values:
+        return None, None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def _curves(run_dir, key, smooth=1):
+    """`(steps, values)` of one metric in a run's metrics.jsonl, averaged over `smooth` steps."""
+    with open(os.path.join(run_dir, "metrics.jsonl")) as handle:
+        points = [(record["step"], record[key]) for record in map(json.loads, handle) if key in record]
+    if smooth > 1:
+        points = [(points[index + smooth - 1][0], statistics.fmean(value for _, value in points[index:index + smooth]))
+                  for index in range(0, len(points) - smooth + 1, smooth)]
+    return points
+
+
+COLUMNS = (("greedy acc", ("final", "greedy_accuracy"), "{:.1%}"),
+           ("sampled acc", ("final", "sampled_accuracy"), "{:.1%}"),
+           ("FKL to teacher", ("final", "fkl_to_teacher"), "{:.3f}"),
+           ("RKL to teacher", ("final", "rkl_to_teacher"), "{:.3f}"),
+           ("held-out CE", ("final", "heldout_ce"), "{:.3f}"),
+           ("final entropy", ("curve", "entropy"), "{:.3f}"),
+           ("loss spikes", ("stability", "loss_spikes"), "{:.1f}"),
+           ("grad-norm p95", ("stability", "grad_norm_p95"), "{:.2f}"),
+           ("step time (ms)", ("efficiency", "step_time_ms_mean"), "{:.1f}"),
+           ("peak mem (MiB)", ("efficiency", "peak_memory_mb"), "{:.0f}"))
+
+
+def write_report(experiment, out_dir):
+    """Table (mean ± std over seeds), raw JSON and plots from the finished runs' summaries."""
+    summaries, groups = [], {}
+    for name, group, seed, _ in planned_runs(experiment):
+        path = os.path.join(out_dir, "runs", name, "summary.json")
+        if os.path.isfile(path):
+            with open(path) as handle:
+                summary = json.load(handle)
+            entropy = _curves(os.path.join(out_dir, "runs", name), "entropy")
+            tail = [value for _, value in entropy[-50:]]
+            summary["curve"] = {"entropy": statistics.fmean(tail) if tail else None}
+            summaries.append(summary)
+            groups.setdefault(group, []).append(summary)
+    teacher = {}
+    if os.path.isfile(os.path.join(out_dir, "teacher_evaluation.json")):
+        with open(os.path.join(out_dir, "teacher_evaluation.json")) as handle:
+            teacher = json.load(handle)
+    befores = []
+    for seed in sorted({summary["seed"] for summary in summaries}):
+        path = os.path.join(out_dir, f"warmup-seed{seed}", "evaluation.json")
+        if os.path.isfile(path):
+            with open(path) as handle:
+                befores.append(json.load(handle))
+    table = {}
+    for group, members in groups.items():
+        row = {}
+        for label, (section, key), _ in COLUMNS:
+            row[label] = _mean_std([member[section].get(key) for member in members])
+        row["seeds"] = len(members)
+        table[group] = row
+    lines = [f"| run | seeds | " + " | ".join(label for label, _, _ in COLUMNS) + " |",
+             "|---|---:|" + "---:|" * len(COLUMNS)]
+
+    def cell(mean_std, fmt):
+        mean, std = mean_std
+        if mean is None:
+            return "-"
+        if fmt.endswith("%}"):
+            return f"{mean:.1%} ± {std:.1%}"
+        return fmt.format(mean) + " ± " + fmt.format(std)
+
+    teacher_cells = [f"{teacher[key]:.1%}" if key in teacher else "-" for key in ("greedy_accuracy", "sampled_accuracy")]
+    lines.append(f"| teacher | - | {teacher_cells[0]} | {teacher_cells[1]} | - | - | "
+                 f"{teacher.get('heldout_ce', float('nan')):.3f} |" + " - |" * (len(COLUMNS) - 5))
+    if befores:
+        before_row = {label: _mean_std([before.get(key) for before in befores])
+                      for label, (section, key), _ in COLUMNS if section == "final"}
+        lines.append(f"| student before (sft warm-up) | {len(befores)} | "
+                     + " | ".join(cell(before_row[label], fmt) if label in before_row else "-"
+                                  for label, _, fmt in COLUMNS) + " |")
+    for group, row in table.items():
+        lines.append(f"| {group} | {row['seeds']} | " + " | ".join(cell(row[label], fmt) for label, _, fmt in COLUMNS)
+                     + " |")
+    markdown = "\n".join(lines)
+    with open(os.path.join(out_dir, "results.md"), "w") as handle:
+        handle.write(markdown + "\n")
+    report = {"experiment": {key: value for key, value in experiment.items() if key != "base"},
+              "base": experiment["base"], "teacher": teacher, "student_before": befores,
+              "table": {group: {label: list(value) if isinstance(value, tuple) else value
+                                for label, value in row.items()} for group, row in table.items()},
+              "runs": summaries, "planned": len(planned_runs(experiment)), "finished": len(summaries),
+              "commits": sorted({summary.get("commit") or "unknown" for summary in summaries})}
+    _json_dump(os.path.join(out_dir, "results.json"), report)
+    plot_experiment(experiment, out_dir, groups, teacher)
+    report["markdown"] = markdown
+    return report
+
+
+def plot_experiment(experiment, out_dir, groups, teacher):
+    """accuracy.png and entropy.png: one line per objective (mean over seeds) with a min-max band."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    main_groups = [group for group in groups if group in experiment["objectives"]]
+    sweep_groups = [group for group in groups if group not in experiment["objectives"]]
+    panels = (("accuracy.png", (("eval_greedy_accuracy", "greedy accuracy"),
+                                ("eval_sampled_accuracy", "sampled accuracy (mean over draws)")), 1),
+              ("entropy.png", (("entropy", "student entropy on training batches (nats/token)"),
+                               ("eval_rkl_to_teacher", "reverse KL to the teacher, held out")), 50))
+    for filename, metrics, smooth in panels:
+        figure, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+        for axis, (key, title) in zip(axes, metrics):
+            for group in main_groups + sweep_groups:
+                curves = [_curves(os.path.join(out_dir, "runs", member["name"]), key, smooth if key == "entropy" else 1)
+                          for member in groups[group]]
+                length = min(len(curve) for curve in curves)
+                if not length:
+                    continue
+                steps = [step for step, _ in curves[0][:length]]
+                values = [[curve[index][1] for curve in curves] for index in range(length)]
+                mean = [statistics.fmean(column) for column in values]
+                style = "-" if group in main_groups else ":"
+                line, = axis.plot(steps, mean, style, label=f"{group} (n={len(curves)})",
+                                  marker="o" if length < 30 else None, markersize=3)
+                axis.fill_between(steps, [min(column) for column in values], [max(column) for column in values],
+                                  color=line.get_color(), alpha=0.15)
+            if key == "entropy":
+                teacher_curve = [_curves(os.path.join(out_dir, "runs", member["name"]), "teacher_entropy", smooth)
+                                 for group in main_groups for member in groups[group] if group != "sft"][:1]
+                if teacher_curve and teacher_curve[0]:
+                    axis.plot(*zip(*teacher_curve[0]), "k--", label="teacher")
+            if key == "eval_greedy_accuracy" and "greedy_accuracy" in teacher:
+                axis.axhline(teacher["greedy_accuracy"], color="k", linestyle="--", label="teacher")
+            axis.set_title(title, fontsize=10)
+            axis.set_xlabel("step")
+            axis.grid(alpha=0.3)
+            if axis.lines:
+                axis.legend(fontsize=6)
+        figure.suptitle("hpd experiment: mean over seeds, band = min to max")
+        figure.tight_layout()
+        figure.savefig(os.path.join(out_dir, filename), dpi=110)
+        plt.close(figure)
