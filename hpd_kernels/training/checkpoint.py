@@ -114,8 +114,9 @@ def save_checkpoint(run_dir, step, model, optimizer, trainer_state):
     return final
 
 
-def latest_checkpoint(run_dir):
-    """`(path, trainer_state)` of the newest complete checkpoint in `run_dir`, or `(None, None)`."""
+def latest_checkpoint(run_dir, sharded=False):
+    """`(path, trainer_state)` of the newest complete checkpoint in `run_dir`, or `(None, None)`.
+    A checkpoint of the other kind (sharded FSDP against a single file) is refused."""
     pointer = os.path.join(run_dir, "latest.json")
     if not os.path.isfile(pointer):
         return None, None
@@ -124,9 +125,14 @@ def latest_checkpoint(run_dir):
             name = json.load(handle)["checkpoint"]
         path = os.path.join(run_dir, name)
         with open(os.path.join(path, "trainer_state.json")) as handle:
-            return path, json.load(handle)
+            state = json.load(handle)
     except (OSError, ValueError, KeyError) as error:
         raise CheckpointError(f"{pointer} names a checkpoint that cannot be read: {error}") from error
+    if bool(state.get("sharded", False)) != sharded:
+        kind = "a sharded (FSDP) checkpoint" if state.get("sharded") else "a single-file checkpoint"
+        raise CheckpointError(f"{path} is {kind}; this run needs the other kind (strategy and world size must "
+                              f"match the run that wrote it)")
+    return path, state
 
 
 def load_checkpoint(path, model, optimizer):

@@ -32,9 +32,10 @@ def _chunk_cross_entropy(hidden, weight, labels, ignore_index):
     return torch.nn.functional.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum")
 
 
-def cross_entropy_from_hidden(hidden, weight, labels, ignore_index=-100, chunk_rows=1024):
-    """Cross-entropy on the data (SFT), mean over active tokens, from hidden states. Each chunk's
-    logits are recomputed in backward (activation checkpointing), so they never all exist at once."""
+def cross_entropy_from_hidden(hidden, weight, labels, ignore_index=-100, chunk_rows=1024, num_items_in_batch=None):
+    """Cross-entropy on the data (SFT), mean over active tokens (or the sum over
+    `num_items_in_batch`), from hidden states. Each chunk's logits are recomputed in backward
+    (activation checkpointing), so they never all exist at once."""
     rows = hidden.reshape(-1, hidden.shape[-1])
     flat = labels.reshape(-1)
     total = rows.new_zeros((), dtype=torch.float64 if rows.dtype == torch.float64 else torch.float32)
@@ -42,24 +43,29 @@ def cross_entropy_from_hidden(hidden, weight, labels, ignore_index=-100, chunk_r
         total = total + torch.utils.checkpoint.checkpoint(
             _chunk_cross_entropy, rows[start:start + chunk_rows], weight, flat[start:start + chunk_rows], ignore_index,
             use_reentrant=False)
+    if num_items_in_batch is not None:
+        return total / num_items_in_batch
     return total / (flat != ignore_index).sum().clamp(min=1)
 
 
 def distillation_loss(objective, student_hidden, student_weight, teacher_hidden, teacher_weight, labels, *,
                       seed=None, temperature=1.0, fkl_weight=1.0, rkl_weight=1.0, beta=0.5, alpha=0.1,
-                      backend="auto"):
-    """`(loss, details)` for one objective; `details` holds HPD's sampled ids and `y_hat != y` rate."""
+                      backend="auto", num_items_in_batch=None):
+    """`(loss, details)` for one objective; `details` holds HPD's sampled ids and `y_hat != y` rate.
+    `num_items_in_batch`: divide the sum by the global batch's active tokens instead of the mean."""
     if objective == "sft":
-        return cross_entropy_from_hidden(student_hidden, student_weight, labels), None
+        return cross_entropy_from_hidden(student_hidden, student_weight, labels,
+                                         num_items_in_batch=num_items_in_batch), None
     if objective == "hpd":
         return hpd_kernels.fused_linear_hybrid_kl_loss(
             student_hidden, student_weight, teacher_hidden, teacher_weight, labels, seed=seed, temperature=temperature,
-            fkl_weight=fkl_weight, rkl_weight=rkl_weight, backend=backend, return_details=True)
+            fkl_weight=fkl_weight, rkl_weight=rkl_weight, backend=backend, return_details=True,
+            num_items_in_batch=num_items_in_batch)
     if objective not in DIVERGENCE_OF:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     loss = hpd_kernels.fused_linear_divergence_loss(
         student_hidden, student_weight, teacher_hidden, teacher_weight, labels, divergence=DIVERGENCE_OF[objective],
-        beta=beta, alpha=alpha, temperature=temperature, backend=backend)
+        beta=beta, alpha=alpha, temperature=temperature, backend=backend, num_items_in_batch=num_items_in_batch)
     return loss, None
 
 

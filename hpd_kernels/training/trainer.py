@@ -13,6 +13,7 @@ replays exactly the numbers of an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -24,6 +25,7 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 
+from . import distributed
 from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from .objectives import OBJECTIVES, distillation_loss, shifted_labels, token_entropy
 
@@ -54,12 +56,15 @@ class TrainConfig:
     precision: str = "auto"         # auto (bf16 autocast on CUDA, fp32 elsewhere), fp32 or bf16
     eval_every: int = 0             # steps between evaluations (0: only at the end)
     save_every: int = 0             # steps between checkpoints (0: only at the end)
+    strategy: str = "ddp"           # under torchrun: ddp (replicated student) or fsdp (FSDP2 fully_shard)
     seed: int = 0
     backend: str = "auto"           # loss backend: auto, triton or torch
 
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.strategy not in ("ddp", "fsdp"):
+            raise ValueError(f"strategy must be ddp or fsdp, got {self.strategy!r}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
         if not 0.0 <= self.on_policy_fraction <= 1.0:
@@ -110,18 +115,24 @@ def _forward(model, input_ids, attention, bf16):
         return model(input_ids, attention_mask=attention)
 
 
-def batch_loss(config: TrainConfig, student, teacher, input_ids, loss_mask, pad_id, seed):
-    """`(loss, metrics, active_tokens)` of one micro-batch: the library's loss, exactly."""
+def batch_loss(config: TrainConfig, student, teacher, input_ids, loss_mask, pad_id, seed, num_items_in_batch=None,
+               engine=None):
+    """`(loss, metrics, active_tokens)` of one micro-batch: the library's loss, exactly.
+
+    With `num_items_in_batch` the loss is this micro-batch's sum over the global batch's active
+    token count (see `hybrid_kl_loss`). `engine` is the module that runs the forward pass (a
+    DistributedDataParallel wrapper of `student`, say); `student` gives the lm_head."""
     labels = shifted_labels(input_ids, loss_mask)
     attention = (input_ids != pad_id).long() | loss_mask
     bf16 = _use_bf16(config, input_ids.device)
-    hidden = _forward(student, input_ids, attention, bf16)
+    hidden = _forward(engine if engine is not None else student, input_ids, attention, bf16)
     student_weight = student.lm_head.weight
     if bf16:  # the losses take one dtype per side; fp32 accumulation happens inside them
         hidden, student_weight = hidden.to(torch.bfloat16), student_weight.to(torch.bfloat16)
     metrics = {}
     if config.objective == "sft":
-        loss, _ = distillation_loss("sft", hidden, student_weight, None, None, labels)
+        loss, _ = distillation_loss("sft", hidden, student_weight, None, None, labels,
+                                    num_items_in_batch=num_items_in_batch)
     else:
         with torch.no_grad():
             teacher_hidden = _forward(teacher, input_ids, attention, bf16)
@@ -132,20 +143,25 @@ def batch_loss(config: TrainConfig, student, teacher, input_ids, loss_mask, pad_
         loss, details = distillation_loss(
             config.objective, hidden, student_weight, teacher_hidden, teacher_weight, labels,
             seed=seed, temperature=config.temperature, fkl_weight=config.fkl_weight, rkl_weight=config.rkl_weight,
-            beta=config.beta, alpha=config.alpha, backend=config.backend)
+            beta=config.beta, alpha=config.alpha, backend=config.backend, num_items_in_batch=num_items_in_batch)
         if details is not None:
             metrics["mismatch_rate"] = float(details.mismatch_rate)
+    active_tokens = int((labels != -100).sum())
     if config.objective == "sft":
         cross_entropy = loss.detach()
+        if num_items_in_batch is not None:  # report this micro-batch's own mean
+            cross_entropy = cross_entropy * num_items_in_batch / max(1, active_tokens)
     elif config.ce_weight:
-        cross_entropy, _ = distillation_loss("sft", hidden, student_weight, None, None, labels)
-        loss = loss + config.ce_weight * cross_entropy
+        extra, _ = distillation_loss("sft", hidden, student_weight, None, None, labels,
+                                     num_items_in_batch=num_items_in_batch)
+        loss = loss + config.ce_weight * extra
+        cross_entropy = extra.detach() * (1 if num_items_in_batch is None else num_items_in_batch / max(1, active_tokens))
     else:  # reported only: no graph
         with torch.no_grad():
             cross_entropy, _ = distillation_loss("sft", hidden.detach(), student_weight.detach(), None, None, labels)
     metrics["cross_entropy"] = float(cross_entropy.detach())
     metrics["entropy"] = float(token_entropy(hidden.detach(), student_weight.detach(), labels))
-    return loss, metrics, int((labels != -100).sum())
+    return loss, metrics, active_tokens
 
 
 def _step_rng(config, step, micro, purpose):
@@ -153,10 +169,12 @@ def _step_rng(config, step, micro, purpose):
     return (config.seed * 1_000_003 + step * 7_919 + micro * 104_729 + purpose * 15_485_863) % 2_147_483_647
 
 
-def _draw_batch(config, student, examples, step, micro, pad_id, eos_id, device):
-    """`(input_ids, loss_mask, on_policy)` for one micro-batch."""
+def _draw_batch(config, student, examples, step, micro, pad_id, eos_id, device, rank=0, world=1):
+    """`(input_ids, loss_mask, on_policy)` for this rank's share of one micro-batch: every rank
+    draws the same global batch of `batch_size * world` examples and keeps its slice."""
     generator = torch.Generator().manual_seed(_step_rng(config, step, micro, 1))
-    picks = torch.randint(0, len(examples), (config.batch_size,), generator=generator).tolist()
+    picks = torch.randint(0, len(examples), (config.batch_size * world,), generator=generator).tolist()
+    picks = picks[rank * config.batch_size:(rank + 1) * config.batch_size]
     batch = [examples[index] for index in picks]
     on_policy = random.Random(_step_rng(config, step, micro, 2)).random() < config.on_policy_fraction
     if on_policy:
@@ -165,7 +183,8 @@ def _draw_batch(config, student, examples, step, micro, pad_id, eos_id, device):
         max_new = config.max_new_tokens or max(len(response) for _, response in examples)
         rollout = generate(student, [prompt for prompt, _ in batch], max_new_tokens=max_new, eos_id=eos_id,
                            pad_id=pad_id, temperature=config.rollout_temperature, top_p=config.rollout_top_p,
-                           generator=torch.Generator(device=device).manual_seed(_step_rng(config, step, micro, 3)))
+                           generator=torch.Generator(device=device).manual_seed(
+                               _step_rng(config, step, micro, 3) + 7_777 * rank))
         student.train()
         responses = rollout.sequences[:, rollout.prompt_width:].tolist()
         batch = [(prompt, response[:length]) for (prompt, _), response, length
@@ -214,6 +233,20 @@ def _rewrite_metrics(path, last_step):
     os.replace(path + ".tmp", path)
 
 
+def _wrap(config, student, world, device):
+    """The module that runs the forward pass: the student itself, or its DDP / FSDP2 wrapper."""
+    if world == 1:
+        return student, None
+    if config.strategy == "fsdp":
+        from .fsdp import shard_student
+
+        return shard_student(student), "fsdp"
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(student, device_ids=ids), "ddp"
+
+
 def train(config: TrainConfig, student, teacher, examples, *, pad_id=0, eos_id=None, evaluate=None,
           run_dir=None, label=None, progress=True, stop_after=None, log=print):
     """Train `student` in place on `examples` (a list of (prompt ids, response ids)).
@@ -224,6 +257,10 @@ def train(config: TrainConfig, student, teacher, examples, *, pad_id=0, eos_id=N
     (refusing one written with a different config). `stop_after` ends this call after that many
     steps, as an interruption would: the next call resumes from the last checkpoint and replays
     the steps after it.
+
+    Under torchrun (an initialised default process group), `batch_size` is per rank, the student is
+    wrapped in DDP (or sharded with FSDP2: `strategy="fsdp"`), and the loss is the mean over the
+    active tokens of the global batch. Rank 0 logs, evaluates and checkpoints.
     Returns the list of per-step metric dicts.
     """
     if not examples:
@@ -231,30 +268,42 @@ def train(config: TrainConfig, student, teacher, examples, *, pad_id=0, eos_id=N
     if config.objective != "sft" and teacher is None:
         raise ValueError(f"objective {config.objective!r} needs a teacher")
     device = student.lm_head.weight.device
+    world, rank = distributed.world_size(), distributed.rank()
+    main = rank == 0
     torch.manual_seed(config.seed)
+    engine, strategy = _wrap(config, student, world, device)
     optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     history, start_step = [], 0
     metrics_path = os.path.join(run_dir, "metrics.jsonl") if run_dir else None
     if run_dir:
-        checkpoint, state = latest_checkpoint(run_dir)
+        checkpoint, state = latest_checkpoint(run_dir, sharded=strategy == "fsdp")
         if checkpoint is not None:
             if state.get("config") != config.to_dict():
                 changed = sorted(key for key in config.to_dict() if state.get("config", {}).get(key) != getattr(config, key))
                 raise CheckpointError(f"{run_dir} holds a run with a different config (differs in {changed}); "
                                       f"use another output directory: nothing there was changed")
-            load_checkpoint(checkpoint, student, optimizer)
+            if strategy == "fsdp":
+                from .fsdp import load_sharded
+
+                load_sharded(checkpoint, student, optimizer)
+            else:
+                load_checkpoint(checkpoint, student, optimizer)
             start_step = state["step"]
-            _rewrite_metrics(metrics_path, start_step)
+            distributed.barrier()
+            if main:
+                _rewrite_metrics(metrics_path, start_step)
+            distributed.barrier()
             with open(metrics_path) as handle:
                 history = [json.loads(line) for line in handle if line.strip()]
-            if log:
+            if log and main:
                 log(f"resumed {run_dir} at step {start_step}/{config.steps}")
-        os.makedirs(run_dir, exist_ok=True)
+        if main:
+            os.makedirs(run_dir, exist_ok=True)
     if teacher is not None:
         teacher.eval()
     student.train()
-    bar = Progress(config.steps, label or config.objective) if progress else None
-    metrics_file = open(metrics_path, "a") if metrics_path else None
+    bar = Progress(config.steps, label or config.objective) if progress and main else None
+    metrics_file = open(metrics_path, "a") if metrics_path and main else None
     try:
         end_step = config.steps if stop_after is None else min(config.steps, start_step + stop_after)
         for step in range(start_step, end_step):
@@ -264,36 +313,63 @@ def train(config: TrainConfig, student, teacher, examples, *, pad_id=0, eos_id=N
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(config, step)
             optimizer.zero_grad(set_to_none=True)
-            totals, tokens, on_policy_batches = {"loss": 0.0}, 0, 0
-            for micro in range(config.grad_accum):
-                input_ids, loss_mask, on_policy = _draw_batch(config, student, examples, step, micro, pad_id, eos_id,
-                                                              device)
+            batches = [_draw_batch(config, student, examples, step, micro, pad_id, eos_id, device, rank, world)
+                       for micro in range(config.grad_accum)]
+            local_tokens = [int((shifted_labels(ids, mask) != -100).sum()) for ids, mask, _ in batches]
+            # One division by the active tokens of the global batch (all ranks, all micro-batches).
+            # A single micro-batch on a single process keeps the plain mean (the same numbers).
+            global_tokens = None
+            if world > 1 or config.grad_accum > 1:
+                global_tokens = max(1, int(distributed.all_reduce_sum([sum(local_tokens)], device)[0]))
+            totals, on_policy_batches = {"loss": 0.0}, 0
+            for micro, (input_ids, loss_mask, on_policy) in enumerate(batches):
                 on_policy_batches += on_policy
-                seed = _step_rng(config, step, micro, 4)
-                loss, metrics, micro_tokens = batch_loss(config, student, teacher, input_ids, loss_mask, pad_id, seed)
-                (loss / config.grad_accum).backward()
-                totals["loss"] += float(loss.detach()) / config.grad_accum
+                seed = _step_rng(config, step, micro, 4) + 7_777 * rank
+                sync = strategy != "ddp" or micro == config.grad_accum - 1
+                with (contextlib.nullcontext() if sync else engine.no_sync()):
+                    loss, metrics, _ = batch_loss(config, student, teacher, input_ids, loss_mask, pad_id, seed,
+                                                  num_items_in_batch=global_tokens, engine=engine)
+                    # DDP and FSDP average gradients over ranks; the loss is already a share of the
+                    # global mean, so undo that average.
+                    (loss * world).backward()
+                totals["loss"] += float(loss.detach())
                 for key, value in metrics.items():
                     totals[key] = totals.get(key, 0.0) + value / config.grad_accum
-                tokens += micro_tokens
+            if global_tokens is not None:
+                keys = sorted(totals)
+                reduced = distributed.all_reduce_sum([totals[key] for key in keys], device)
+                totals = {key: value if key == "loss" else value / world for key, value in zip(keys, reduced)}
             max_norm = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
             grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), max_norm)
+            if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
+                grad_norm = grad_norm.full_tensor()
             optimizer.step()
             elapsed = time.perf_counter() - started
+            tokens = int(distributed.all_reduce_sum([sum(local_tokens)], device)[0])
             record = {"step": step + 1, **totals, "grad_norm": float(grad_norm), "lr": learning_rate(config, step),
                       "on_policy_fraction": on_policy_batches / config.grad_accum, "tokens": tokens,
                       "tokens_per_s": tokens / elapsed, "step_time_s": elapsed,
                       "peak_memory_mb": _peak_memory_mb(device)}
             last = step + 1 == config.steps
             if evaluate is not None and (last or (config.eval_every and (step + 1) % config.eval_every == 0)):
-                record.update({f"eval_{key}": value for key, value in evaluate(student, step + 1).items()})
+                if main or strategy == "fsdp":  # a sharded model needs every rank in its forward passes
+                    scores = evaluate(student, step + 1)
+                    if main:
+                        record.update({f"eval_{key}": value for key, value in scores.items()})
                 student.train()
+                distributed.barrier()
             history.append(record)
             if metrics_file:
                 metrics_file.write(json.dumps(record) + "\n")
                 metrics_file.flush()
             if run_dir and (last or (config.save_every and (step + 1) % config.save_every == 0)):
-                save_checkpoint(run_dir, step + 1, student, optimizer, {"config": config.to_dict()})
+                if strategy == "fsdp":
+                    from .fsdp import save_sharded
+
+                    save_sharded(run_dir, step + 1, student, optimizer, {"config": config.to_dict()})
+                elif main:
+                    save_checkpoint(run_dir, step + 1, student, optimizer, {"config": config.to_dict()})
+                distributed.barrier()
             if bar:
                 bar.update(step + 1, f"loss {record['loss']:.4f} ce {record['cross_entropy']:.4f} "
                                      f"{record['tokens_per_s']:.0f} tok/s")
