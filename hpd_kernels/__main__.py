@@ -1,10 +1,14 @@
 """`python -m hpd_kernels`: a one-minute demonstration on random logits.
 
+`python -m hpd_kernels distill|experiment|bench ...` is the `hpd` command (so that
+`torchrun --nproc-per-node 2 -m hpd_kernels distill` runs it on every rank).
+
 Computes HPD and every divergence with the library (torch backend on the CPU, Triton on a GPU)
 and with the naive reference, and prints the values side by side with the HPD details.
 """
 
 import argparse
+import sys
 
 import torch
 
@@ -13,6 +17,11 @@ import reference
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] and argv[0] in ("distill", "experiment", "bench"):
+        from .cli import main as hpd
+
+        return hpd(argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=512)
     parser.add_argument("--vocab", type=int, default=32000)
@@ -42,4 +51,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -75,6 +75,8 @@ def _run_distill(args):
     if args.device:
         config["device"] = args.device
     results = run_distill(config, args.out, cache_dir=args.cache_dir, log=lambda text: print(text, flush=True))
+    if results is None:  # not rank 0 under torchrun
+        return 0
     print()
     print(results_table(results["evaluations"], results["objective"]))
     print(f"\n{args.out}: results.md, results.json, distill.png, metrics in distill/metrics.jsonl "

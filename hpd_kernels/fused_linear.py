@@ -26,7 +26,7 @@ from .losses import (
 )
 from .ops import divergence as triton_divergence
 from .ops import hybrid as triton_hybrid
-from .ops import torch_backend
+from .ops import custom_ops, torch_backend
 from .ops.common import active_rows
 from .ops.divergence import DIVERGENCE_CODES, mixture_logs
 from .ops.fused_linear import FusedLinearDistillation, Objective, rows_per_chunk
@@ -123,6 +123,19 @@ def _parallel_setup(process_group, vocab_offset, student_weight, teacher_weight,
     return parallel, chunk_size
 
 
+def _compiled_call(tensors, sampled_ids, objective, reduction, chunk_size, use_triton):
+    """The fused-linear loss through its custom op (under torch.compile): `(loss, drawn, w_y, w_hat)`."""
+    if reduction == "none":
+        raise ValueError("under torch.compile the fused-linear losses support reduction='mean' or 'sum'")
+    student_hidden, student_weight, student_bias = tensors[:3]
+    outputs = custom_ops.fused_linear(
+        *tensors, sampled_ids, objective.name, objective.temperature, objective.ignore_index, objective.log_mix_p,
+        objective.log_mix_q, objective.seed, objective.fkl_weight, objective.rkl_weight, reduction, chunk_size,
+        "triton" if use_triton else "torch", student_hidden.requires_grad, student_weight.requires_grad,
+        student_bias is not None and student_bias.requires_grad)
+    return outputs[:4]
+
+
 def _finish(loss, reduction, num_items_in_batch, leading):
     if reduction == "none":
         return loss.reshape(leading)
@@ -153,9 +166,13 @@ def fused_linear_divergence_loss(student_hidden, student_weight, teacher_hidden=
                                            teacher_logits, backend, chunk_size)
     name, log_mix_p, log_mix_q = mixture_logs(divergence, beta, alpha)
     objective = Objective(name, float(temperature), int(ignore_index), log_mix_p, log_mix_q)
-    impl = parallel or (triton_divergence if _use_triton(backend, student_hidden.device) else torch_backend)
+    use_triton = _use_triton(backend, student_hidden.device)
+    impl = parallel or (triton_divergence if use_triton else torch_backend)
     inner = "sum" if num_items_in_batch is not None else reduction
-    loss, *_ = FusedLinearDistillation.apply(*tensors, None, objective, inner, chunk_size, impl)
+    if torch.compiler.is_compiling():
+        loss, *_ = _compiled_call(tensors, None, objective, inner, chunk_size, use_triton)
+    else:
+        loss, *_ = FusedLinearDistillation.apply(*tensors, None, objective, inner, chunk_size, impl)
     return _finish(loss, reduction, num_items_in_batch, student_hidden.shape[:-1])
 
 
@@ -185,10 +202,14 @@ def fused_linear_hybrid_kl_loss(student_hidden, student_weight, teacher_hidden=N
         seed = _shared_seed(_draw_seed() if process_group is None else None, process_group)
     objective = Objective("hpd", float(temperature), int(ignore_index), seed=seed or 0,
                           fkl_weight=float(fkl_weight), rkl_weight=float(rkl_weight))
-    impl = parallel or (triton_hybrid if _use_triton(backend, student_hidden.device) else torch_backend)
+    use_triton = _use_triton(backend, student_hidden.device)
+    impl = parallel or (triton_hybrid if use_triton else torch_backend)
     inner = "sum" if num_items_in_batch is not None else reduction
-    loss, drawn, w_label, w_sample = FusedLinearDistillation.apply(
-        *tensors, sampled_ids, objective, inner, chunk_size, impl)
+    if torch.compiler.is_compiling():
+        loss, drawn, w_label, w_sample = _compiled_call(tensors, sampled_ids, objective, inner, chunk_size, use_triton)
+    else:
+        loss, drawn, w_label, w_sample = FusedLinearDistillation.apply(
+            *tensors, sampled_ids, objective, inner, chunk_size, impl)
     loss = _finish(loss, reduction, num_items_in_batch, leading)
     if not return_details:
         return loss

@@ -13,7 +13,7 @@ import torch
 
 from .ops import divergence as triton_divergence
 from .ops import hybrid as triton_hybrid
-from .ops import torch_backend
+from .ops import custom_ops, torch_backend
 from .ops.common import active_rows
 from .ops.divergence import DivergenceFunction, mixture_logs
 from .ops.hybrid import HybridFunction
@@ -91,9 +91,14 @@ def _check_options(temperature, reduction, backend):
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
+def _compiling():
+    return torch.compiler.is_compiling()
+
+
 def _check_labels(labels, leading_shape, device, ignore_index):
     _check_ids("labels", labels, leading_shape, device)
-    if labels.numel() and bool(((labels < 0) & (labels != ignore_index)).any()):
+    # Value checks read the tensor (a sync, and a graph break under torch.compile): eager only.
+    if not _compiling() and labels.numel() and bool(((labels < 0) & (labels != ignore_index)).any()):
         raise ValueError(f"labels must be token ids >= 0 or ignore_index ({ignore_index}); found other negative values")
 
 
@@ -109,13 +114,16 @@ def _check_sampled_ids(sampled_ids, leading_shape, active, vocab):
     """Flattened int64 sampled ids, each active row's within [0, vocab)."""
     _check_ids("sampled_ids", sampled_ids, leading_shape, active.device)
     sampled_ids = sampled_ids.reshape(-1).to(torch.int64).contiguous()
-    if bool((active & ((sampled_ids < 0) | (sampled_ids >= vocab))).any()):
+    if not _compiling() and bool((active & ((sampled_ids < 0) | (sampled_ids >= vocab))).any()):
         raise ValueError(f"sampled_ids must lie in [0, {vocab}) (the shared vocabulary) on every active row")
     return sampled_ids
 
 
 def _draw_seed():
     # Drawn from torch's generator, so torch.manual_seed makes the whole call reproducible.
+    if _compiling():
+        raise ValueError("under torch.compile, pass seed= (or sampled_ids=) to HPD: drawing a seed would "
+                         "read a tensor inside the graph")
     return int(torch.randint(0, 2**62, (1,)).item())
 
 
@@ -178,6 +186,8 @@ def _reduce(per_row, active, reduction, leading_shape, num_items_in_batch=None):
 def _parallel(process_group, vocab_offset, student_logits, teacher_logits, backend, names=("student_logits",
                                                                                           "teacher_logits")):
     """The vocabulary-parallel implementation for this rank's slice, or None without a group."""
+    if process_group is not None and _compiling():
+        raise ValueError("vocabulary-parallel losses (process_group) are not supported under torch.compile")
     if process_group is None:
         if vocab_offset is not None:
             raise ValueError("vocab_offset is only meaningful with process_group (a vocabulary-parallel group)")
@@ -228,8 +238,13 @@ def _divergence_loss(divergence, student_logits, teacher_logits, labels, *, temp
     divergence, log_mix_p, log_mix_q = mixture_logs(divergence, beta, alpha)
     student, teacher = _rows(student_logits), _rows(teacher_logits)
     flat_labels = None if labels is None else labels.reshape(-1).to(torch.int64).contiguous()
-    per_row = DivergenceFunction.apply(student, teacher.detach(), flat_labels, divergence, float(temperature),
-                                       log_mix_p, log_mix_q, int(ignore_index), impl)
+    if _compiling():  # the custom op: opaque to the compiler, same implementation
+        per_row, _ = custom_ops.divergence_rows(student, teacher.detach(), flat_labels, divergence,
+                                                float(temperature), log_mix_p, log_mix_q, int(ignore_index),
+                                                "torch" if impl is torch_backend else "triton")
+    else:
+        per_row = DivergenceFunction.apply(student, teacher.detach(), flat_labels, divergence, float(temperature),
+                                           log_mix_p, log_mix_q, int(ignore_index), impl)
     vocab = parallel.global_vocab if parallel is not None else min(student.shape[1], teacher.shape[1])
     active = active_rows(flat_labels, student.shape[0], vocab, ignore_index, student.device)
     return _reduce(per_row, active, reduction, student_logits.shape[:-1], num_items_in_batch)
@@ -320,9 +335,15 @@ def _hybrid(student_logits, teacher_logits, labels, *, sampled_ids, seed, fkl_we
         sampled_ids = _check_sampled_ids(sampled_ids, student_logits.shape[:-1], active, vocab)
     elif seed is None:
         seed = _shared_seed(_draw_seed() if process_group is None else None, process_group)
-    per_row, drawn, w_label, w_sample = HybridFunction.apply(
-        student, teacher.detach(), flat_labels, sampled_ids, seed, float(temperature), float(fkl_weight),
-        float(rkl_weight), int(ignore_index), impl)
+    if _compiling():
+        per_row, stats, drawn = custom_ops.hybrid_rows(
+            student, teacher.detach(), flat_labels, sampled_ids, int(seed or 0), float(temperature),
+            float(fkl_weight), float(rkl_weight), int(ignore_index), "torch" if impl is torch_backend else "triton")
+        w_label, w_sample = stats[:, 1].detach(), stats[:, 2].detach()
+    else:
+        per_row, drawn, w_label, w_sample = HybridFunction.apply(
+            student, teacher.detach(), flat_labels, sampled_ids, seed, float(temperature), float(fkl_weight),
+            float(rkl_weight), int(ignore_index), impl)
     return per_row, active, _details(drawn, w_label, w_sample, flat_labels, active, student_logits.shape[:-1])
 
 

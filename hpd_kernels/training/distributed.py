@@ -32,6 +32,10 @@ def is_main():
     return rank() == 0
 
 
+def launched_by_torchrun():
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def setup_from_env():
     """Initialise the default group when launched by torchrun; returns the device of this rank."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not initialised():

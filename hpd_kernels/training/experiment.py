@@ -193,6 +193,7 @@ def run_experiment(experiment, out_dir, *, cache_dir=None, log=print, only=None)
         _json_dump(teacher_path, evaluate_with_samples(teacher, workload, base["eval"], None, samples))
     common = dict(pad_id=workload.tokenizer.pad_id, eos_id=workload.tokenizer.eos_id, log=log)
     started, done_now = time.perf_counter(), 0
+    commit = _git_commit()  # the code this process imported, not whatever is checked out when a run ends
     for name, group, seed, overrides in planned_runs(experiment):
         run_dir = os.path.join(out_dir, "runs", name)
         if os.path.isfile(os.path.join(run_dir, "summary.json")):
@@ -217,7 +218,7 @@ def run_experiment(experiment, out_dir, *, cache_dir=None, log=print, only=None)
                                   "wall_seconds_this_invocation": time.perf_counter() - run_started,
                                   "peak_memory_mb": max(r["peak_memory_mb"] for r in history),
                                   "tokens_per_s_mean": statistics.fmean(r["tokens_per_s"] for r in history)},
-                   "commit": _git_commit()}
+                   "commit": commit}
         _json_dump(os.path.join(run_dir, "summary.json"), summary)
         done_now += 1
     report = write_report(experiment, out_dir)

@@ -27,6 +27,7 @@ import time
 import torch
 
 from ..models.decoder import DecoderConfig, DecoderLM
+from . import distributed
 from .checkpoint import CheckpointError, load_model, save_model
 from .data import DataError, CharTokenizer, HFTokenizer, check_aligned, encode_pairs, read_jsonl
 from .objectives import shifted_labels
@@ -343,12 +344,15 @@ def _prepare_teacher(model, config, workload, cache_dir, log):
         history = train(train_config, model, None, workload.examples, pad_id=workload.tokenizer.pad_id,
                         eos_id=workload.tokenizer.eos_id, run_dir=os.path.join(folder, "run"), label="teacher sft",
                         log=log)
-        info = {"evaluation": evaluate_model(model, workload, config["eval"]), "train_seconds": time.perf_counter() - started,
-                "final_train_metrics": history[-1]}
-        save_model(model, weights, metadata={"config": json.dumps(section)})
-        with open(info_path + ".tmp", "w") as handle:
-            json.dump(info, handle, indent=1)
-        os.replace(info_path + ".tmp", info_path)
+        info = None
+        if distributed.is_main():  # under torchrun every rank trained (DDP); rank 0 writes the cache
+            info = {"evaluation": evaluate_model(model, workload, config["eval"]),
+                    "train_seconds": time.perf_counter() - started, "final_train_metrics": history[-1]}
+            save_model(model, weights, metadata={"config": json.dumps(section)})
+            with open(info_path + ".tmp", "w") as handle:
+                json.dump(info, handle, indent=1)
+            os.replace(info_path + ".tmp", info_path)
+        info = distributed.broadcast_object(info)
     model.eval().requires_grad_(False)
     return model, info["evaluation"]
 
@@ -363,25 +367,35 @@ def run_distill(config, out_dir, *, cache_dir=None, log=print):
     """Teacher (loaded or trained and cached), student warm-up, distillation, evaluation; returns
     the results dict also written to `out_dir/results.json` (+ `results.md`, `distill.png`)."""
     started = time.perf_counter()
-    device = config.get("device", "auto")
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    device = _device(config.get("device", "auto"))
+    main = distributed.is_main()
+    if not main:
+        log = _silent
     # Data, models and checkpoints are all checked before anything is written.
     workload = Workload(config)
     teacher = build_model(config["teacher"], workload.tokenizer, "teacher", device)
     student = build_model(config["student"], workload.tokenizer, "student", device)
     distill_config = _train_config(config["distill"], "distill")
-    resumed = _claim_output_dir(out_dir, config)
+    resumed = _on_main(lambda: _claim_output_dir(out_dir, config))
     if resumed:
         log(f"{out_dir}: continuing the run found there")
     teacher, teacher_eval = _prepare_teacher(teacher, config, workload, cache_dir or default_cache_dir(), log)
     evaluations_path = os.path.join(out_dir, "evaluations.json")
-    evaluations = {}
-    if os.path.isfile(evaluations_path):
-        with open(evaluations_path) as handle:
-            evaluations = json.load(handle)
-    if "teacher" not in evaluations:
-        evaluations["teacher"] = teacher_eval or evaluate_model(teacher, workload, config["eval"])
-        _json_dump(evaluations_path, evaluations)
+
+    def update_evaluations(key, compute):
+        """Rank 0 evaluates (once: the result is kept on disk) and tells the other ranks."""
+        def work():
+            stored = {}
+            if os.path.isfile(evaluations_path):
+                with open(evaluations_path) as handle:
+                    stored = json.load(handle)
+            if key not in stored:
+                stored[key] = compute()
+                _json_dump(evaluations_path, stored)
+            return stored
+        return _on_main(work)
+
+    evaluations = update_evaluations("teacher", lambda: teacher_eval or evaluate_model(teacher, workload, config["eval"]))
     if not distill_config.max_new_tokens:
         distill_config.max_new_tokens = workload.max_response_tokens()
     common = dict(pad_id=workload.tokenizer.pad_id, eos_id=workload.tokenizer.eos_id, log=log)
@@ -389,12 +403,13 @@ def run_distill(config, out_dir, *, cache_dir=None, log=print):
         warmup = _train_config(config["student"]["warmup"], "student.warmup")
         train(warmup, student, None, workload.examples, run_dir=os.path.join(out_dir, "student_warmup"),
               label="student warm-up sft", **common)
-    if "student_before" not in evaluations:
-        evaluations["student_before"] = evaluate_model(student, workload, config["eval"], teacher)
-        _json_dump(evaluations_path, evaluations)
+    evaluations = update_evaluations("student_before", lambda: evaluate_model(student, workload, config["eval"], teacher))
     history = train(distill_config, student, teacher, workload.examples, run_dir=os.path.join(out_dir, "distill"),
                     evaluate=lambda model, step: evaluate_model(model, workload, config["eval"], teacher),
                     label=f"student {distill_config.objective}", **common)
+    if not main:  # rank 0 evaluates and writes the results
+        distributed.barrier()
+        return None
     final = history[-1]
     evaluations["student_after"] = {key.removeprefix("eval_"): value for key, value in final.items()
                                     if key.startswith("eval_")}
@@ -404,7 +419,8 @@ def run_distill(config, out_dir, *, cache_dir=None, log=print):
     before = {"step": 0, **{f"eval_{key}": value for key, value in evaluations["student_before"].items()}}
     plot_runs({f"student ({distill_config.objective})": [before] + history}, os.path.join(out_dir, "distill.png"),
               title=f"hpd distill: {distill_config.objective}")
-    results = {"objective": distill_config.objective, "evaluations": evaluations, "device": device,
+    results = {"objective": distill_config.objective, "evaluations": evaluations, "device": str(device),
+               "world_size": distributed.world_size(),
                "seconds_this_invocation": time.perf_counter() - started,
                "distill_step_time_s": sum(r["step_time_s"] for r in history) / len(history),
                "distill_peak_memory_mb": max(r["peak_memory_mb"] for r in history)}
@@ -412,7 +428,34 @@ def run_distill(config, out_dir, *, cache_dir=None, log=print):
     table = results_table(evaluations, distill_config.objective)
     with open(os.path.join(out_dir, "results.md"), "w") as handle:
         handle.write(table + "\n")
+    distributed.barrier()
     return results
+
+
+def _silent(*_):
+    pass
+
+
+def _device(choice):
+    """This process's device: under torchrun, the local rank's GPU (or the CPU)."""
+    if distributed.launched_by_torchrun():
+        device = distributed.setup_from_env()
+        return device if choice in ("auto", "cuda") or device.type == "cpu" else torch.device(choice)
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if choice == "auto" else choice)
+
+
+def _on_main(work):
+    """Run `work()` on rank 0 only and hand its result (or its error) to every rank."""
+    result, error = None, None
+    if distributed.is_main():
+        try:
+            result = work()
+        except (ConfigError, DataError, CheckpointError) as caught:
+            error = (type(caught).__name__, str(caught))
+    result, error = distributed.broadcast_object((result, error))
+    if error is not None:
+        raise {"ConfigError": ConfigError, "DataError": DataError, "CheckpointError": CheckpointError}[error[0]](error[1])
+    return result
 
 
 def results_table(evaluations, objective):

@@ -1,0 +1,111 @@
+"""torch.compile(fullgraph=True) through the losses' custom ops: no graph break, the eager numbers."""
+
+import pytest
+import torch
+
+import hpd_kernels
+
+ROWS, VOCAB, HIDDEN = 12, 29, 8
+OPTIONS = {"forward_kl": {}, "reverse_kl": {}, "jsd": {"beta": 0.3}, "skew_forward_kl": {"alpha": 0.2},
+           "skew_reverse_kl": {"alpha": 0.2}, "tvd": {}}
+
+
+def _inputs():
+    torch.manual_seed(0)
+    student = torch.randn(ROWS, VOCAB, dtype=torch.float64)
+    teacher = torch.randn(ROWS, VOCAB + 3, dtype=torch.float64)  # a padded teacher vocabulary
+    labels = torch.randint(0, VOCAB, (ROWS,))
+    labels[3] = -100
+    return student, teacher, labels
+
+
+def _both(function, *tensors):
+    """`(eager, compiled)` results of `function(*tensors)`: the value and the gradient of tensors[0]."""
+    results = []
+    for runner in (function, torch.compile(function, fullgraph=True, backend="aot_eager")):
+        leaf = tensors[0].clone().requires_grad_(True)
+        value = runner(leaf, *tensors[1:])
+        value.backward()
+        results.append((value.detach(), leaf.grad))
+    return results
+
+
+@pytest.mark.parametrize("name", sorted(OPTIONS) + ["hpd"])
+def test_logits_losses_compile_without_graph_breaks_and_match_eager(name):
+    torch._dynamo.reset()
+    student, teacher, labels = _inputs()
+    if name == "hpd":
+        function = lambda s, t, y: hpd_kernels.hybrid_kl_loss(s, t, y, seed=7, temperature=1.3, backend="torch")  # noqa
+    else:
+        function = lambda s, t, y: hpd_kernels.DIVERGENCES[name](s, t, y, temperature=1.3, backend="torch",  # noqa
+                                                                 **OPTIONS[name])
+    (eager, eager_grad), (compiled, compiled_grad) = _both(function, student, teacher, labels)
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+    torch.testing.assert_close(compiled_grad, eager_grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("objective", ["hpd", "jsd"])
+def test_a_compiled_training_step_with_a_fused_linear_loss_matches_eager(objective):
+    """A full step (model forward, fused-linear loss over the lm_head, backward, optimiser) with the
+    forward and loss compiled with fullgraph=True by Inductor."""
+    torch._dynamo.reset()
+    _, _, labels = _inputs()
+    torch.manual_seed(1)
+    features = torch.randn(ROWS, 6)
+    teacher_hidden, teacher_weight = torch.randn(ROWS, 5), torch.randn(VOCAB, 5)
+
+    def make():
+        torch.manual_seed(2)
+        return torch.nn.Sequential(torch.nn.Linear(6, HIDDEN), torch.nn.Tanh()), torch.nn.Linear(HIDDEN, VOCAB,
+                                                                                                 bias=False)
+
+    def loss_of(body, head):
+        hidden = body(features)
+        if objective == "hpd":
+            return hpd_kernels.fused_linear_hybrid_kl_loss(hidden, head.weight, teacher_hidden, teacher_weight, labels,
+                                                           seed=3, backend="torch", num_items_in_batch=20)
+        return hpd_kernels.fused_linear_jsd_loss(hidden, head.weight, teacher_hidden, teacher_weight, labels,
+                                                 beta=0.4, backend="torch", chunk_size=5)
+
+    runs = []
+    for compiled in (False, True):
+        body, head = make()
+        optimizer = torch.optim.SGD([*body.parameters(), *head.parameters()], lr=0.5)
+        step = torch.compile(loss_of, fullgraph=True) if compiled else loss_of
+        losses = []
+        for _ in range(3):
+            optimizer.zero_grad()
+            loss = step(body, head)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        runs.append((losses, [p.detach().clone() for p in (*body.parameters(), *head.parameters())]))
+    (eager_losses, eager_params), (compiled_losses, compiled_params) = runs
+    assert compiled_losses == pytest.approx(eager_losses, rel=1e-5)
+    assert eager_losses[-1] != pytest.approx(eager_losses[0], rel=1e-3)  # the steps changed the weights
+    for eager, compiled in zip(eager_params, compiled_params):
+        torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+
+
+def test_hpd_under_compile_needs_a_seed():
+    torch._dynamo.reset()
+    student, teacher, labels = _inputs()
+    compiled = torch.compile(lambda s, t, y: hpd_kernels.hybrid_kl_loss(s, t, y, backend="torch"), fullgraph=True,
+                             backend="aot_eager")
+    with pytest.raises(Exception, match="pass seed="):
+        compiled(student, teacher, labels)
+
+
+def test_custom_ops_pass_opcheck():
+    """torch.library.opcheck: schemas, fake (meta) implementations and autograd registration agree."""
+    from hpd_kernels.ops import custom_ops
+
+    student, teacher, labels = _inputs()
+    student.requires_grad_(True)
+    torch.library.opcheck(custom_ops.divergence_rows, (student, teacher, labels, "jsd", 1.3, -1.2, -0.3, -100, "torch"))
+    torch.library.opcheck(custom_ops.hybrid_rows, (student, teacher, labels, None, 5, 1.0, 1.0, 1.0, -100, "torch"))
+    hidden = torch.randn(ROWS, HIDDEN, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(VOCAB, HIDDEN, dtype=torch.float64, requires_grad=True)
+    torch.library.opcheck(custom_ops.fused_linear, (
+        hidden, weight, None, None, None, None, teacher, labels, None, "hpd", 1.0, -100, 0.0, 0.0, 3, 1.0, 1.0,
+        "mean", 5, "torch", True, True, False))
