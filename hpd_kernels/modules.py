@@ -1,4 +1,6 @@
-"""`nn.Module` criteria over the functional losses, for trainers that want a loss object."""
+"""`nn.Module` criteria over the functional losses, for trainers that want a loss object.
+Constructor keywords are those of the functions (`process_group=`, `vocab_offset=` included);
+`num_items_in_batch` is per call."""
 
 from __future__ import annotations
 
@@ -16,8 +18,9 @@ class _Criterion(torch.nn.Module):
         self.kwargs = dict(temperature=temperature, ignore_index=ignore_index, reduction=reduction,
                            backend=backend, **extra)
 
-    def forward(self, student_logits, teacher_logits, labels=None):
-        return type(self)._fn(student_logits, teacher_logits, labels, **self.kwargs)
+    def forward(self, student_logits, teacher_logits, labels=None, num_items_in_batch=None):
+        return type(self)._fn(student_logits, teacher_logits, labels, num_items_in_batch=num_items_in_batch,
+                              **self.kwargs)
 
     def extra_repr(self):
         return ", ".join(f"{key}={value!r}" for key, value in self.kwargs.items())
@@ -57,13 +60,14 @@ class SkewReverseKLLoss(_Criterion):
 
 
 class HybridKLLoss(_Criterion):
-    """HPD criterion. `forward(student_logits, teacher_logits, labels, sampled_ids=None, seed=None)`."""
+    """HPD criterion. `forward(student_logits, teacher_logits, labels, sampled_ids=None, seed=None,
+    num_items_in_batch=None)`; `process_group=` / `vocab_offset=` go to the constructor."""
 
     _fn = staticmethod(losses.hybrid_kl_loss)
 
     def __init__(self, fkl_weight=1.0, rkl_weight=1.0, return_details=False, **kwargs):
         super().__init__(fkl_weight=fkl_weight, rkl_weight=rkl_weight, return_details=return_details, **kwargs)
 
-    def forward(self, student_logits, teacher_logits, labels, sampled_ids=None, seed=None):
+    def forward(self, student_logits, teacher_logits, labels, sampled_ids=None, seed=None, num_items_in_batch=None):
         return losses.hybrid_kl_loss(student_logits, teacher_logits, labels, sampled_ids=sampled_ids, seed=seed,
-                                     **self.kwargs)
+                                     num_items_in_batch=num_items_in_batch, **self.kwargs)

@@ -149,3 +149,14 @@ def test_vocab_parallel_arguments_are_checked():
         hpd_kernels.forward_kl_loss(student, student, reduction="sum", num_items_in_batch=4)
     with pytest.raises(RuntimeError, match="torch.distributed is not initialised"):
         hpd_kernels.forward_kl_loss(student, student, process_group=object())
+
+
+def test_num_items_in_batch_divides_the_sum_in_functions_and_criteria():
+    student, teacher, labels = _inputs()
+    total = hpd_kernels.hybrid_kl_loss(student, teacher, labels, seed=2, reduction="sum", backend="torch")
+    for value in (hpd_kernels.hybrid_kl_loss(student, teacher, labels, seed=2, num_items_in_batch=40, backend="torch"),
+                  hpd_kernels.HybridKLLoss(backend="torch")(student, teacher, labels, seed=2, num_items_in_batch=40)):
+        torch.testing.assert_close(value, total / 40)
+    jsd_sum = hpd_kernels.generalized_jsd_loss(student, teacher, labels, reduction="sum")
+    torch.testing.assert_close(hpd_kernels.GeneralizedJSDLoss()(student, teacher, labels, num_items_in_batch=7),
+                               jsd_sum / 7)
