@@ -110,15 +110,18 @@ def test_a_bf16_autocast_step_runs_and_tracks_fp32():
         assert abs(fp32["loss"] - bf16["loss"]) <= 0.05 * abs(fp32["loss"]) + 1e-3
 
 
-def test_hf_adapter_runs_a_distillation_step_on_a_tiny_random_llama(tmp_path):
+@pytest.mark.parametrize("family", ["Llama", "Qwen2"])
+def test_hf_adapter_runs_a_distillation_step_on_a_tiny_random_model(tmp_path, family):
     transformers = pytest.importorskip("transformers")
     from hpd_kernels.models import HFCausalLM
     from hpd_kernels.sampling import generate
 
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
-    student = HFCausalLM(transformers.LlamaForCausalLM(config))
+    config = getattr(transformers, f"{family}Config")(
+        vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=64)
+    model_class = getattr(transformers, f"{family}ForCausalLM")
+    student = HFCausalLM(model_class(config))
     ids = torch.randint(0, VOCAB, (2, 7))
     torch.testing.assert_close(student.lm_head(student(ids)), student.model(ids).logits)
     # Left-padded batched generation equals generating each prompt alone (the KV cache path).
@@ -133,7 +136,7 @@ def test_hf_adapter_runs_a_distillation_step_on_a_tiny_random_llama(tmp_path):
                     run_dir=str(tmp_path), progress=False, log=None)
     assert all(torch.isfinite(torch.tensor(record["loss"])) for record in history)
     assert any(not torch.equal(a, b) for a, b in zip(before, student.parameters()))
-    reloaded = HFCausalLM(transformers.LlamaForCausalLM(config))
+    reloaded = HFCausalLM(model_class(config))
     load_model(reloaded, str(tmp_path / "checkpoint-0000002" / "model.safetensors"))
     assert all(torch.equal(a, b) for a, b in zip(student.parameters(), reloaded.parameters()))
 
