@@ -37,7 +37,9 @@ def _snapshot(folder):
 
 
 def test_help_of_every_command_explains_its_options():
-    for command, needles in ((["--help"], ["distill", "bench"]),
+    for command, needles in ((["--help"], ["distill", "experiment", "bench"]),
+                             (["experiment", "--help"], ["--config", "--out", "--cache-dir", "--device", "--max-runs",
+                                                         "objectives", "seeds", "sweep", "fkl_weight", "samples"]),
                              (["distill", "--help"], ["--config", "--out", "--cache-dir", "--objective", "--steps",
                                                       "--on-policy-fraction", "--seed", "--device", "on_policy_fraction",
                                                       "fkl_weight", "precision"]),
