@@ -113,16 +113,27 @@ def _experiment_parser(subparsers):
                                                            "$HPD_CACHE_DIR or ~/.cache/hpd-kernels)")
     parser.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
     parser.add_argument("--max-runs", type=int, metavar="N", help="stop after N more runs (the rest on the next call)")
+    parser.add_argument("--workers", type=int, metavar="N",
+                        help="runs at once, each in its own process with one CPU thread (default: the CPU count, "
+                             "at most 4, on the CPU; 1 on a GPU)")
     parser.set_defaults(run=_run_experiment)
 
 
 def _run_experiment(args):
+    import os
+
+    import torch
+
     from .training.experiment import load_experiment, run_experiment
 
     experiment = load_experiment(args.config)
     if args.device:
         experiment["device"] = args.device
-    report = run_experiment(experiment, args.out, cache_dir=args.cache_dir, only=args.max_runs,
+    workers = args.workers
+    if workers is None:
+        on_gpu = experiment.get("device", "auto") != "cpu" and torch.cuda.is_available()
+        workers = 1 if on_gpu else max(1, min(4, len(os.sched_getaffinity(0))))
+    report = run_experiment(experiment, args.out, cache_dir=args.cache_dir, only=args.max_runs, workers=workers,
                             log=lambda text: print(text, flush=True))
     print()
     print(report["markdown"])

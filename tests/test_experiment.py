@@ -33,14 +33,14 @@ def test_tiny_experiment_runs_reports_and_resumes_without_redoing_runs(tmp_path,
     out = tmp_path / "exp"
     argv = ["experiment", "--config", str(config), "--out", str(out), "--cache-dir", str(tmp_path / "cache")]
 
-    assert main(argv + ["--max-runs", "1"]) == 0  # interrupted after the first run
+    assert main(argv + ["--max-runs", "1", "--workers", "1"]) == 0  # interrupted after the first run
     assert "1/4 runs finished" in capsys.readouterr().out
     first = _mtimes(out)
     assert len([name for name in first if name.endswith("summary.json")]) == 1
 
-    assert main(argv) == 0
+    assert main(argv + ["--workers", "2"]) == 0  # the other three, two at a time in worker processes
     text = capsys.readouterr().out
-    assert "4/4 runs finished" in text and "run sft-seed0" not in text  # the finished run is not redone
+    assert "4/4 runs finished" in text and "finished sft-seed0" not in text  # the finished run is not redone
     after = _mtimes(out)
     assert all(after[name] == stamp for name, stamp in first.items())
     for name in ("results.md", "results.json", "accuracy.png", "entropy.png"):

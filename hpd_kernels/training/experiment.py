@@ -175,55 +175,96 @@ def _git_commit():
         return None
 
 
-def run_experiment(experiment, out_dir, *, cache_dir=None, log=print, only=None):
+def run_experiment(experiment, out_dir, *, cache_dir=None, log=print, only=None, workers=1):
     """Run (or resume) every planned run, then write the report; returns the report dict.
-    `only` limits this invocation to the first `only` unfinished runs (a time-sliced job)."""
+    `only` limits this invocation to the first `only` unfinished runs (a time-sliced job);
+    `workers` > 1 runs that many runs at once in separate processes (one CPU thread each)."""
     base = experiment["base"]
-    device = experiment.get("device", "auto")
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    device = _device(experiment)
+    cache_dir = cache_dir or default_cache_dir()
     workload = Workload(base)
     teacher = build_model(base["teacher"], workload.tokenizer, "teacher", device)
     build_model(base["student"], workload.tokenizer, "student", device)  # checks the student before writing
-    stored = {key: value for key, value in experiment.items()}
-    _claim_output_dir(out_dir, stored)
-    teacher, teacher_eval = _prepare_teacher(teacher, base, workload, cache_dir or default_cache_dir(), log)
+    _claim_output_dir(out_dir, {key: value for key, value in experiment.items()})
+    teacher, _ = _prepare_teacher(teacher, base, workload, cache_dir, log)
     samples = experiment["eval"].get("samples", 1)
     teacher_path = os.path.join(out_dir, "teacher_evaluation.json")
     if not os.path.isfile(teacher_path):
         _json_dump(teacher_path, evaluate_with_samples(teacher, workload, base["eval"], None, samples))
     common = dict(pad_id=workload.tokenizer.pad_id, eos_id=workload.tokenizer.eos_id, log=log)
-    started, done_now = time.perf_counter(), 0
+    for seed in sorted({seed for _, _, seed, _ in planned_runs(experiment)}):  # warm-ups first, once each
+        _warm_student(base, workload, seed, device, out_dir, teacher, samples, common)
+    started = time.perf_counter()
     commit = _git_commit()  # the code this process imported, not whatever is checked out when a run ends
-    for name, group, seed, overrides in planned_runs(experiment):
-        run_dir = os.path.join(out_dir, "runs", name)
-        if os.path.isfile(os.path.join(run_dir, "summary.json")):
-            continue
-        if only is not None and done_now >= only:
-            break
-        student = _warm_student(base, workload, seed, device, out_dir, teacher, samples, common)
-        config = _train_config({**experiment["distill"], **overrides, "seed": 1000 + seed}, f"run {name}")
-        if not config.max_new_tokens:
-            config.max_new_tokens = workload.max_response_tokens()
-        log(f"run {name}")
-        run_started = time.perf_counter()
-        history = train(config, student, teacher, workload.examples, run_dir=run_dir, label=name,
-                        evaluate=lambda model, step: evaluate_with_samples(
-                            model, workload, base["eval"], teacher, samples if step == config.steps else 1),
-                        **common)
-        final = {key.removeprefix("eval_"): value for key, value in history[-1].items() if key.startswith("eval_")}
-        summary = {"name": name, "group": group, "seed": seed, "config": config.to_dict(), "final": final,
-                   "stability": stability(history, config.max_grad_norm),
-                   "efficiency": {"step_time_ms_mean": 1000 * statistics.fmean(r["step_time_s"] for r in history),
-                                  "train_seconds": sum(r["step_time_s"] for r in history),
-                                  "wall_seconds_this_invocation": time.perf_counter() - run_started,
-                                  "peak_memory_mb": max(r["peak_memory_mb"] for r in history),
-                                  "tokens_per_s_mean": statistics.fmean(r["tokens_per_s"] for r in history)},
-                   "commit": commit}
-        _json_dump(os.path.join(run_dir, "summary.json"), summary)
-        done_now += 1
+    pending = [run for run in planned_runs(experiment)
+               if not os.path.isfile(os.path.join(out_dir, "runs", run[0], "summary.json"))]
+    if only is not None:
+        pending = pending[:only]
+    if workers > 1 and len(pending) > 1:
+        import multiprocessing
+
+        # Rollout runs are the longest: start them first so that the workers finish together.
+        pending.sort(key=lambda run: -run[3].get("on_policy_fraction", 0))
+        jobs = [(experiment, out_dir, cache_dir, run, commit) for run in pending]
+        with multiprocessing.get_context("spawn").Pool(workers, initializer=_single_thread) as pool:
+            for name in pool.imap_unordered(_run_in_worker, jobs):
+                log(f"finished {name}")
+    else:
+        for run in pending:
+            _execute(run, experiment, out_dir, workload, teacher, device, samples, common, commit)
     report = write_report(experiment, out_dir)
     report["seconds_this_invocation"] = time.perf_counter() - started
     return report
+
+
+def _device(experiment):
+    choice = experiment.get("device", "auto")
+    return ("cuda" if torch.cuda.is_available() else "cpu") if choice == "auto" else choice
+
+
+def _single_thread():
+    torch.set_num_threads(1)
+
+
+def _run_in_worker(job):
+    """One run in a worker process: data, cached teacher and warm student rebuilt from disk."""
+    experiment, out_dir, cache_dir, run, commit = job
+    base = experiment["base"]
+    device = _device(experiment)
+    workload = Workload(base)
+    teacher = build_model(base["teacher"], workload.tokenizer, "teacher", device)
+    teacher, _ = _prepare_teacher(teacher, base, workload, cache_dir, lambda *_: None)
+    samples = experiment["eval"].get("samples", 1)
+    common = dict(pad_id=workload.tokenizer.pad_id, eos_id=workload.tokenizer.eos_id, log=lambda *_: None)
+    _execute(run, experiment, out_dir, workload, teacher, device, samples, common, commit, progress=False)
+    return run[0]
+
+
+def _execute(run, experiment, out_dir, workload, teacher, device, samples, common, commit, progress=True):
+    """Train one run (resuming its checkpoint if any) and write its `summary.json`."""
+    name, group, seed, overrides = run
+    base = experiment["base"]
+    run_dir = os.path.join(out_dir, "runs", name)
+    student = _warm_student(base, workload, seed, device, out_dir, teacher, samples, common)
+    config = _train_config({**experiment["distill"], **overrides, "seed": 1000 + seed}, f"run {name}")
+    if not config.max_new_tokens:
+        config.max_new_tokens = workload.max_response_tokens()
+    common["log"](f"run {name}")
+    run_started = time.perf_counter()
+    history = train(config, student, teacher, workload.examples, run_dir=run_dir, label=name, progress=progress,
+                    evaluate=lambda model, step: evaluate_with_samples(
+                        model, workload, base["eval"], teacher, samples if step == config.steps else 1),
+                    **common)
+    final = {key.removeprefix("eval_"): value for key, value in history[-1].items() if key.startswith("eval_")}
+    summary = {"name": name, "group": group, "seed": seed, "config": config.to_dict(), "final": final,
+               "stability": stability(history, config.max_grad_norm),
+               "efficiency": {"step_time_ms_mean": 1000 * statistics.fmean(r["step_time_s"] for r in history),
+                              "train_seconds": sum(r["step_time_s"] for r in history),
+                              "wall_seconds_this_invocation": time.perf_counter() - run_started,
+                              "peak_memory_mb": max(r["peak_memory_mb"] for r in history),
+                              "tokens_per_s_mean": statistics.fmean(r["tokens_per_s"] for r in history)},
+               "threads": torch.get_num_threads(), "commit": commit}
+    _json_dump(os.path.join(run_dir, "summary.json"), summary)
 
 
 def _warm_student(base, workload, seed, device, out_dir, teacher, samples, common):
