@@ -53,7 +53,7 @@ def test_tiny_experiment_runs_reports_and_resumes_without_redoing_runs(tmp_path,
     assert results["finished"] == results["planned"] == 4
     run = results["runs"][0]
     for section, key in (("final", "greedy_accuracy"), ("final", "sampled_accuracy"), ("final", "fkl_to_teacher"),
-                         ("final", "rkl_to_teacher"), ("stability", "loss_spikes"), ("stability", "grad_norm_p95"),
+                         ("final", "rkl_to_teacher"), ("stability", "ce_spikes"), ("stability", "grad_spikes"),
                          ("efficiency", "step_time_ms_mean"), ("efficiency", "peak_memory_mb")):
         assert key in run[section], key
     # Same objective options except the objective: a fair comparison.
@@ -86,10 +86,12 @@ def test_bad_experiment_configs_name_the_key(tmp_path):
 
 
 def test_stability_counts_spikes_against_the_running_median():
-    history = [{"loss": 1.0, "grad_norm": 0.5} for _ in range(60)]
-    history[55]["loss"] = 1.6   # > 1.5 x median: a spike
-    history[57]["loss"] = 1.4   # not
-    history[58]["grad_norm"] = 3.0
+    history = [{"loss": 1.0, "cross_entropy": 1.0, "grad_norm": 0.5} for _ in range(60)]
+    history[55]["cross_entropy"] = 1.6   # > 1.5 x median: a spike
+    history[57]["cross_entropy"] = 1.4   # not
+    history[58]["grad_norm"] = 3.0       # > 3 x median: a gradient spike
+    history[59]["grad_norm"] = 1.4       # not
     result = stability(history, max_grad_norm=1.0)
-    assert result["loss_spikes"] == 1
-    assert result["grad_norm_max"] == 3.0 and result["clipped_fraction"] == pytest.approx(1 / 60)
+    assert result["ce_spikes"] == 1 and result["grad_spikes"] == 1 and result["loss_spikes"] == 0
+    assert result["grad_norm_max"] == 3.0 and result["clipped_fraction"] == pytest.approx(2 / 60)
+    assert result["grad_norm_p95_over_median"] == pytest.approx(1.0)

@@ -136,15 +136,33 @@ def planned_runs(experiment):
     return runs
 
 
+def _spikes(values, factor):
+    """Steps whose value exceeds `factor` x the median of the previous SPIKE_WINDOW steps."""
+    return sum(1 for index in range(SPIKE_WINDOW, len(values))
+               if values[index] > factor * statistics.median(values[index - SPIKE_WINDOW:index]))
+
+
 def stability(history, max_grad_norm):
-    """Loss spikes (a step whose loss exceeds 1.5x the median of the previous 50) and gradient-norm
-    statistics of one run."""
-    losses = [record["loss"] for record in history]
-    spikes = sum(1 for index in range(SPIKE_WINDOW, len(losses))
-                 if losses[index] > SPIKE_FACTOR * statistics.median(losses[index - SPIKE_WINDOW:index]))
-    norms = sorted(record["grad_norm"] for record in history)
-    return {"loss_spikes": spikes, "grad_norm_mean": statistics.fmean(norms), "grad_norm_max": norms[-1],
-            "grad_norm_p95": norms[min(len(norms) - 1, int(0.95 * len(norms)))],
+    """Stability of one run, in measures that mean the same for every objective:
+
+    - `ce_spikes`: steps whose cross-entropy on the data tokens (positive, comparable across
+      objectives) exceeds 1.5x the median of the previous 50 steps;
+    - `grad_spikes`: steps whose gradient norm exceeds 3x the median of the previous 50;
+    - `grad_norm_p95_over_median`: the spread of gradient norms, free of each objective's scale;
+    - `loss_spikes`: the same rule on the training loss itself, kept for reference only: HPD's and
+      the divergences' surrogate losses approach 0 (HPD's can be negative), where a ratio test is
+      meaningless.
+    """
+    norms = [record["grad_norm"] for record in history]
+    ordered = sorted(norms)
+    median = statistics.median(ordered)
+    return {"ce_spikes": _spikes([record["cross_entropy"] for record in history], SPIKE_FACTOR),
+            "grad_spikes": _spikes(norms, 3.0),
+            "loss_spikes": _spikes([record["loss"] for record in history], SPIKE_FACTOR),
+            "grad_norm_mean": statistics.fmean(norms), "grad_norm_median": median, "grad_norm_max": ordered[-1],
+            "grad_norm_p95": ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))],
+            "grad_norm_p95_over_median": ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))] / median
+            if median else None,
             "clipped_fraction": sum(norm > max_grad_norm for norm in norms) / len(norms) if max_grad_norm else 0.0}
 
 
@@ -316,8 +334,9 @@ COLUMNS = (("greedy acc", ("final", "greedy_accuracy"), "{:.1%}"),
            ("RKL to teacher", ("final", "rkl_to_teacher"), "{:.3f}"),
            ("held-out CE", ("final", "heldout_ce"), "{:.3f}"),
            ("final entropy", ("curve", "entropy"), "{:.3f}"),
-           ("loss spikes", ("stability", "loss_spikes"), "{:.1f}"),
-           ("grad-norm p95", ("stability", "grad_norm_p95"), "{:.2f}"),
+           ("CE spikes", ("stability", "ce_spikes"), "{:.1f}"),
+           ("grad spikes", ("stability", "grad_spikes"), "{:.1f}"),
+           ("grad-norm p95/median", ("stability", "grad_norm_p95_over_median"), "{:.2f}"),
            ("step time (ms)", ("efficiency", "step_time_ms_mean"), "{:.1f}"),
            ("peak mem (MiB)", ("efficiency", "peak_memory_mb"), "{:.0f}"))
 
@@ -330,9 +349,15 @@ def write_report(experiment, out_dir):
         if os.path.isfile(path):
             with open(path) as handle:
                 summary = json.load(handle)
-            entropy = _curves(os.path.join(out_dir, "runs", name), "entropy")
-            tail = [value for _, value in entropy[-50:]]
-            summary["curve"] = {"entropy": statistics.fmean(tail) if tail else None}
+            run_dir = os.path.join(out_dir, "runs", name)
+            with open(os.path.join(run_dir, "metrics.jsonl")) as handle:
+                history = [json.loads(line) for line in handle if line.strip()]
+            # Recomputed from the metrics, so that a report always uses the current definitions.
+            summary["stability"] = stability(history, summary["config"]["max_grad_norm"])
+            tail = [record["entropy"] for record in history[-50:]]
+            teacher_tail = [record["teacher_entropy"] for record in history[-50:] if "teacher_entropy" in record]
+            summary["curve"] = {"entropy": statistics.fmean(tail) if tail else None,
+                                "teacher_entropy": statistics.fmean(teacher_tail) if teacher_tail else None}
             summaries.append(summary)
             groups.setdefault(group, []).append(summary)
     teacher = {}
@@ -364,8 +389,11 @@ def write_report(experiment, out_dir):
         return fmt.format(mean) + " ± " + fmt.format(std)
 
     teacher_cells = [f"{teacher[key]:.1%}" if key in teacher else "-" for key in ("greedy_accuracy", "sampled_accuracy")]
+    teacher_entropy = [summary["curve"]["teacher_entropy"] for summary in summaries
+                       if summary["curve"].get("teacher_entropy") is not None]
+    entropy_cell = f"{statistics.fmean(teacher_entropy):.3f}" if teacher_entropy else "-"
     lines.append(f"| teacher | - | {teacher_cells[0]} | {teacher_cells[1]} | - | - | "
-                 f"{teacher.get('heldout_ce', float('nan')):.3f} |" + " - |" * (len(COLUMNS) - 5))
+                 f"{teacher.get('heldout_ce', float('nan')):.3f} | {entropy_cell} |" + " - |" * (len(COLUMNS) - 6))
     if befores:
         before_row = {label: _mean_std([before.get(key) for before in befores])
                       for label, (section, key), _ in COLUMNS if section == "final"}
