@@ -358,6 +358,13 @@ def write_report(experiment, out_dir):
             teacher_tail = [record["teacher_entropy"] for record in history[-50:] if "teacher_entropy" in record]
             summary["curve"] = {"entropy": statistics.fmean(tail) if tail else None,
                                 "teacher_entropy": statistics.fmean(teacher_tail) if teacher_tail else None}
+            # The curves behind the plots, small enough for the raw JSON: every evaluation, and the
+            # training-batch entropies averaged over 50 steps.
+            summary["curves"] = {
+                "eval": [{key: value for key, value in record.items() if key == "step" or key.startswith("eval_")}
+                         for record in history if any(key.startswith("eval_") for key in record)],
+                "entropy_per_50_steps": [value for _, value in _curves(run_dir, "entropy", 50)],
+                "teacher_entropy_per_50_steps": [value for _, value in _curves(run_dir, "teacher_entropy", 50)]}
             summaries.append(summary)
             groups.setdefault(group, []).append(summary)
     teacher = {}
