@@ -2,7 +2,8 @@
 # GPU check, for a CUDA machine that already has torch and triton (installs nothing, needs no network):
 #   1. every objective's Triton kernels against the reference on the GPU (values and gradients,
 #      float64 / float32 / bfloat16 at V=151936, fused-linear too): PASS/FAIL lines;
-#   2. the benchmark, `python -m bench --device cuda`, on a reduced token list.
+#   2. a few trainer steps with bf16 autocast and the Triton losses, against fp32;
+#   3. the benchmark, `python -m bench --device cuda`, on a reduced token list.
 # Each step has its own time limit, so the whole script ends within about 9 minutes (typically 4-6).
 # Outputs go to "${OUT:-bench/results}": gpu_correctness.txt, bench_cuda_*.{json,md,png} and the log.
 #   bash bench/gpu_check.sh            # PYTHON=python3.12 bash bench/gpu_check.sh to pick the interpreter
@@ -46,6 +47,10 @@ echo "== correctness: Triton kernels vs reference (float64 reference)"
 timeout 180 "$py" -m bench.gpu_correctness --device cuda 2>&1 | tee "$out_dir/gpu_correctness.txt"
 correctness_status=${PIPESTATUS[0]}
 
+echo "== trainer: bf16 autocast with the Triton losses against fp32 (a tiny model)"
+timeout 90 "$py" -m bench.gpu_trainer_check 2>&1 | tee "$out_dir/gpu_trainer_check.txt"
+trainer_status=${PIPESTATUS[0]}
+
 echo "== benchmark"
 # 2048 and 8192 tokens at V=151936, bf16; torch.compile (10-60 s per objective to compile) only for
 # HPD and JSD. The benchmark writes its JSON/markdown after every objective, so a timeout keeps
@@ -54,5 +59,5 @@ timeout 360 "$py" -m bench --device cuda --tokens 2048 8192 --repeats 5 --compil
     --out "$out_dir" 2>&1 | tee "$out_dir/gpu_bench_log.txt"
 bench_status=${PIPESTATUS[0]}
 
-echo "== done: correctness exit $correctness_status (0 = all PASS, 124 = timed out), benchmark exit $bench_status"
-[ "$correctness_status" -eq 0 ] && [ "$bench_status" -eq 0 ]
+echo "== done: correctness exit $correctness_status (0 = all PASS, 124 = timed out), trainer exit $trainer_status, benchmark exit $bench_status"
+[ "$correctness_status" -eq 0 ] && [ "$trainer_status" -eq 0 ] && [ "$bench_status" -eq 0 ]

@@ -140,6 +140,19 @@ def _gather(logits, rows, ids, acc_dtype, inv_temperature):
     return logits[rows].gather(1, ids[:, None])[:, 0].to(acc_dtype) * inv_temperature
 
 
+def hpd_row_terms(log_q_y, log_p_y, log_q_hat, log_p_hat, label_ids, sampled_ids, fkl_weight, rkl_weight):
+    """HPD's per-row `(loss, w_y, w_hat)` from the four log-probabilities of `y` and `y_hat`
+    (the spec's weights; shared with the vocabulary-parallel implementation)."""
+    q_y, q_hat = log_q_y.exp(), log_q_hat.exp()
+    d_y = _zero_if(q_y == 0, q_y * (log_p_y - log_q_y))
+    d_hat = _zero_if(q_hat == 0, q_hat * (log_p_hat - log_q_hat))
+    under, over = d_y > 0, d_hat < 0
+    w_y = rkl_weight * d_y + _zero_unless(under, fkl_weight * log_p_y.exp() * torch.where(over, 2.0, 1.0))
+    w_hat = _zero_unless(over & (sampled_ids != label_ids), rkl_weight * d_hat)
+    per_row = -(_zero_if(w_y == 0, w_y * log_q_y) + _zero_if(w_hat == 0, w_hat * log_q_hat))
+    return per_row, w_y, w_hat
+
+
 def hybrid_forward(student, teacher, labels, sampled_ids, *, seed, temperature, fkl_weight, rkl_weight, ignore_index,
                    row_offset=0):
     n_rows, vocab = student.shape[0], min(student.shape[1], teacher.shape[1])
@@ -166,20 +179,17 @@ def hybrid_forward(student, teacher, labels, sampled_ids, *, seed, temperature, 
         log_p_y = _gather(teacher, rows, safe_y, acc_dtype, inv_temperature) - lse_t
         log_q_hat = _gather(student, rows, safe_hat, acc_dtype, inv_temperature) - lse_s
         log_p_hat = _gather(teacher, rows, safe_hat, acc_dtype, inv_temperature) - lse_t
-        q_y, q_hat = log_q_y.exp(), log_q_hat.exp()
-        d_y = _zero_if(q_y == 0, q_y * (log_p_y - log_q_y))
-        d_hat = _zero_if(q_hat == 0, q_hat * (log_p_hat - log_q_hat))
-        under, over = d_y > 0, d_hat < 0
-        w_y = rkl_weight * d_y + _zero_unless(under, fkl_weight * log_p_y.exp() * torch.where(over, 2.0, 1.0))
-        w_hat = _zero_unless(over & (safe_hat != safe_y), rkl_weight * d_hat)
-        per_row = -(_zero_if(w_y == 0, w_y * log_q_y) + _zero_if(w_hat == 0, w_hat * log_q_hat))
+        per_row, w_y, w_hat = hpd_row_terms(log_q_y, log_p_y, log_q_hat, log_p_hat, safe_y, safe_hat, fkl_weight,
+                                            rkl_weight)
         loss[rows] = _zero_unless(live, per_row)
         stats[rows] = torch.stack([lse_s, _zero_unless(live, w_y), _zero_unless(live, w_hat)], dim=1)
         out_ids[rows] = torch.where(live, chunk_ids, out_ids[rows])
     return loss, stats, (out_ids if sample else sampled_ids)
 
 
-def hybrid_backward(student, labels, sampled_ids, stats, row_scale, grad, *, vocab, temperature):
+def hybrid_backward(student, labels, sampled_ids, stats, row_scale, grad, *, vocab, temperature, to_local=None):
+    """`to_local(ids) -> (owned, column)` maps token ids to this tensor's columns (a vocabulary
+    slice, for the vocabulary-parallel implementation); by default every id is a column."""
     n_rows = student.shape[0]
     acc_dtype = stats.dtype
     inv_temperature = 1.0 / temperature
@@ -190,8 +200,10 @@ def hybrid_backward(student, labels, sampled_ids, stats, row_scale, grad, *, voc
         q = (_scaled(student, rows, vocab, acc_dtype, inv_temperature) - lse_s[:, None]).exp()
         chunk_grad = -q * (w_y + w_hat)[:, None]
         index = torch.arange(rows.stop - rows.start, device=student.device)
-        chunk_grad[index, torch.where(live, labels[rows], 0)] += w_y
-        chunk_grad[index, torch.where(live, sampled_ids[rows], 0)] += w_hat
+        for ids, weight in ((labels[rows], w_y), (sampled_ids[rows], w_hat)):
+            ids = torch.where(live, ids, 0)
+            owned, column = (live, ids) if to_local is None else to_local(ids)
+            chunk_grad[index, column] += _zero_unless(owned & live, weight)
         chunk_grad = (-inv_temperature * scale)[:, None] * chunk_grad
         grad[rows, :vocab] = _zero_unless(live[:, None], chunk_grad).to(grad.dtype)
     grad[:, vocab:] = 0

@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from . import torch_backend
 from .gumbel import gumbel_torch, row_keys_torch, seed_key
-from .torch_backend import _acc_dtype, _chunks, _scaled, _zero_if, _zero_unless, divergence_terms
+from .torch_backend import _acc_dtype, _chunks, _scaled, _zero_unless, divergence_terms, hpd_row_terms
 
 
 class VocabParallel:
@@ -136,37 +136,17 @@ class VocabParallel:
             log_p_y = self._owned_logits(teacher, rows, safe_y, acc_dtype, inv_temperature) - lse_t
             log_q_hat = self._owned_logits(student, rows, safe_hat, acc_dtype, inv_temperature) - lse_s
             log_p_hat = self._owned_logits(teacher, rows, safe_hat, acc_dtype, inv_temperature) - lse_t
-            # From here on, the same per-row algebra as the unsharded torch backend.
-            q_y, q_hat = log_q_y.exp(), log_q_hat.exp()
-            d_y = _zero_if(q_y == 0, q_y * (log_p_y - log_q_y))
-            d_hat = _zero_if(q_hat == 0, q_hat * (log_p_hat - log_q_hat))
-            under, over = d_y > 0, d_hat < 0
-            w_y = rkl_weight * d_y + _zero_unless(under, fkl_weight * log_p_y.exp() * torch.where(over, 2.0, 1.0))
-            w_hat = _zero_unless(over & (safe_hat != safe_y), rkl_weight * d_hat)
-            per_row = -(_zero_if(w_y == 0, w_y * log_q_y) + _zero_if(w_hat == 0, w_hat * log_q_hat))
+            per_row, w_y, w_hat = hpd_row_terms(log_q_y, log_p_y, log_q_hat, log_p_hat, safe_y, safe_hat, fkl_weight,
+                                                rkl_weight)
             loss[rows] = _zero_unless(live, per_row)
             stats[rows] = torch.stack([lse_s, _zero_unless(live, w_y), _zero_unless(live, w_hat)], dim=1)
             out_ids[rows] = torch.where(live, chunk_ids, out_ids[rows])
         return loss, stats, (out_ids if sample else sampled_ids)
 
     def hybrid_backward(self, student, labels, sampled_ids, stats, row_scale, grad, *, vocab, temperature):
-        n_rows, acc_dtype = student.shape[0], stats.dtype
-        inv_temperature = 1.0 / temperature
-        width = self._width = student.shape[1]
-        for rows in _chunks(n_rows, width, acc_dtype):
-            scale = row_scale[rows].to(acc_dtype)
-            live = scale != 0
-            lse_s, w_y, w_hat = stats[rows].unbind(1)
-            q = (_scaled(student, rows, width, acc_dtype, inv_temperature) - lse_s[:, None]).exp()
-            chunk_grad = -q * (w_y + w_hat)[:, None]
-            index = torch.arange(rows.stop - rows.start, device=student.device)
-            for ids, weight in ((labels[rows], w_y), (sampled_ids[rows], w_hat)):
-                owned, local = self._local(torch.where(live, ids, 0))
-                chunk_grad[index, local] += _zero_unless(owned & live, weight)
-            chunk_grad = (-inv_temperature * scale)[:, None] * chunk_grad
-            grad[rows, :width] = _zero_unless(live[:, None], chunk_grad).to(grad.dtype)
-        grad[:, width:] = 0
-        return grad
+        self._width = student.shape[1]
+        return torch_backend.hybrid_backward(student, labels, sampled_ids, stats, row_scale, grad,
+                                             vocab=self._width, temperature=temperature, to_local=self._local)
 
     # -- checks -----------------------------------------------------------------------------------
     def _check_widths(self, student, teacher):

@@ -102,6 +102,13 @@ def save_checkpoint(run_dir, step, model, optimizer, trainer_state):
     save_file(tensors, os.path.join(temporary, "optimizer.safetensors"), metadata={"param_groups": groups})
     with open(os.path.join(temporary, "trainer_state.json"), "w") as handle:
         json.dump({"step": step, **trainer_state}, handle, indent=1)
+    return publish_checkpoint(run_dir, name, step)
+
+
+def publish_checkpoint(run_dir, name, step):
+    """Move the complete `.<name>.tmp` folder into place, point `latest.json` at it (atomically)
+    and drop the older checkpoints."""
+    final, temporary = os.path.join(run_dir, name), os.path.join(run_dir, f".{name}.tmp")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(temporary, final)
     pointer = os.path.join(run_dir, "latest.json")

@@ -38,6 +38,7 @@ from .pipeline import (
     build_model,
     default_cache_dir,
     evaluate_model,
+    read_json_object,
     validate_config,
 )
 from .trainer import train
@@ -65,15 +66,9 @@ def load_experiment(path=None):
     """The default experiment, overridden key by key by the JSON file at `path`."""
     experiment = copy.deepcopy(DEFAULT_EXPERIMENT)
     if path is not None:
-        if not os.path.isfile(path):
-            raise ConfigError(f"experiment file {path} does not exist")
-        try:
-            with open(path, encoding="utf-8") as handle:
-                user = json.load(handle)
-        except json.JSONDecodeError as error:
-            raise ConfigError(f"{path}: not valid JSON (line {error.lineno}, column {error.colno}: {error.msg})") from None
-        if not isinstance(user, dict):
-            raise ConfigError(f"{path}: expected a JSON object at the top level")
+        user = read_json_object(path, "experiment file")
+        if isinstance(user.get("base"), dict) and isinstance(user["base"].get("data"), str):
+            user["base"]["data"] = os.path.join(os.path.dirname(os.path.abspath(path)), user["base"]["data"])
         for key, value in user.items():
             if key not in EXPERIMENT_KEYS:
                 raise ConfigError(f"{path}: unknown key {key!r}; known keys: {sorted(EXPERIMENT_KEYS)}")
@@ -81,8 +76,6 @@ def load_experiment(path=None):
                 experiment[key].update(value)
             else:
                 experiment[key] = value
-        if isinstance(user.get("base"), dict) and isinstance(user["base"].get("data"), str):
-            user["base"]["data"] = os.path.join(os.path.dirname(os.path.abspath(path)), user["base"]["data"])
     source = path or "the default experiment"
     for key in experiment["sweep"]:
         if key not in SWEEP_KEYS:

@@ -18,7 +18,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.fsdp import fully_shard
 
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, publish_checkpoint
 
 MODEL, OPTIMIZER = "model.", "optimizer."
 
@@ -44,7 +44,7 @@ def _flatten(model, optimizer):
 def save_sharded(run_dir, step, model, optimizer, trainer_state):
     """Every rank writes its shards into `checkpoint-<step>/`; rank 0 then points `latest.json` at it."""
     name = f"checkpoint-{step:07d}"
-    final, temporary = os.path.join(run_dir, name), os.path.join(run_dir, f".{name}.tmp")
+    temporary = os.path.join(run_dir, f".{name}.tmp")
     if dist.get_rank() == 0:
         shutil.rmtree(temporary, ignore_errors=True)
         os.makedirs(temporary)
@@ -56,15 +56,7 @@ def save_sharded(run_dir, step, model, optimizer, trainer_state):
         with open(os.path.join(temporary, "trainer_state.json"), "w") as handle:
             json.dump({"step": step, "sharded": True, "world_size": dist.get_world_size(), "param_groups": groups,
                        **trainer_state}, handle, indent=1)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(temporary, final)
-        pointer = os.path.join(run_dir, "latest.json")
-        with open(pointer + ".tmp", "w") as handle:
-            json.dump({"checkpoint": name, "step": step}, handle)
-        os.replace(pointer + ".tmp", pointer)
-        for entry in os.listdir(run_dir):
-            if entry.startswith("checkpoint-") and entry != name:
-                shutil.rmtree(os.path.join(run_dir, entry), ignore_errors=True)
+        publish_checkpoint(run_dir, name, step)
     dist.barrier()
 
 

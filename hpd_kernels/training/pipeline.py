@@ -66,6 +66,20 @@ class ConfigError(ValueError):
     """A config that cannot be run: the message names the file and key."""
 
 
+def read_json_object(path, what):
+    """The JSON object in the file at `path`; errors name the file (and line) and say what is wrong."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"{what} {path} does not exist")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            value = json.load(handle)
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"{path}: not valid JSON (line {error.lineno}, column {error.colno}: {error.msg})") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path}: expected a JSON object at the top level")
+    return value
+
+
 def load_config(path=None, overrides=None):
     """The default config, overridden by the JSON file at `path`, then by `overrides` (for the
     `distill` section). Relative paths in the file are taken relative to the file."""
@@ -73,15 +87,7 @@ def load_config(path=None, overrides=None):
     source = "the default config"
     if path is not None:
         source = path
-        if not os.path.isfile(path):
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            with open(path, encoding="utf-8") as handle:
-                user = json.load(handle)
-        except json.JSONDecodeError as error:
-            raise ConfigError(f"{path}: not valid JSON (line {error.lineno}, column {error.colno}: {error.msg})") from None
-        if not isinstance(user, dict):
-            raise ConfigError(f"{path}: expected a JSON object at the top level")
+        user = read_json_object(path, "config file")
         base = os.path.dirname(os.path.abspath(path))
         for key in ("data", "eval_data"):
             if isinstance(user.get(key), str):
@@ -328,8 +334,11 @@ def _prepare_teacher(model, config, workload, cache_dir, log):
     if "train" not in section or section.get("checkpoint"):
         model.eval().requires_grad_(False)
         return model, None
-    key = _digest({"decoder": section["decoder"], "train": section["train"], "data": workload.identity,
-                   "tokenizer": workload.tokenizer.describe(), "eval": config["eval"], "format": 1})
+    identity = {"decoder": section["decoder"], "train": section["train"], "data": workload.identity,
+                "tokenizer": workload.tokenizer.describe(), "eval": config["eval"], "format": 1}
+    if distributed.world_size() > 1:  # batch_size is per rank: another world size trains another teacher
+        identity["world_size"] = distributed.world_size()
+    key = _digest(identity)
     folder = os.path.join(cache_dir, f"teacher-{key}")
     weights, info_path = os.path.join(folder, "model.safetensors"), os.path.join(folder, "info.json")
     if os.path.isfile(weights) and os.path.isfile(info_path):
