@@ -74,7 +74,12 @@ def _run_distill(args):
     config = load_config(args.config, overrides)
     if args.device:
         config["device"] = args.device
-    results = run_distill(config, args.out, cache_dir=args.cache_dir, log=lambda text: print(text, flush=True))
+    from .training import distributed
+
+    try:
+        results = run_distill(config, args.out, cache_dir=args.cache_dir, log=lambda text: print(text, flush=True))
+    finally:
+        distributed.shutdown()
     if results is None:  # not rank 0 under torchrun
         return 0
     print()

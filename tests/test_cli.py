@@ -172,3 +172,11 @@ def test_distill_hugging_face_models_from_a_config_and_refuse_misaligned_vocabul
                          "--cache-dir", str(tmp_path / "cache")], capsys)
     assert code == 2 and "cannot be aligned" in err and "12 of the student's 16 tokens" in err, err
     assert not (tmp_path / "run2").exists()
+
+
+def test_hpd_distill_refuses_fsdp_with_a_pointer_to_the_trainer_api(tmp_path, capsys):
+    config = _write(tmp_path / "fsdp.json", {**TINY, "distill": {**TINY["distill"], "strategy": "fsdp"}})
+    code, _, err = _run(["distill", "--config", config, "--out", str(tmp_path / "run"),
+                         "--cache-dir", str(tmp_path / "cache")], capsys)
+    assert code == 2 and "distill.strategy: hpd distill runs DDP under torchrun" in err, err
+    assert not (tmp_path / "run").exists()

@@ -15,6 +15,13 @@ from hpd_kernels.training.trainer import TrainConfig, train
 VOCAB, EOS, WORLD = 13, 2, 2
 
 
+def _finish():
+    """Both ranks leave together: a rank that tears gloo down while its peer still talks to it can
+    abort the peer's process."""
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def _examples():
     generator = torch.Generator().manual_seed(0)
     examples = []
@@ -46,7 +53,7 @@ def _ddp_worker(rank, init_file, objective, out):
         save_model(student, out + ".safetensors")
         with open(out + ".json", "w") as handle:
             json.dump(history, handle)
-    dist.destroy_process_group()
+    _finish()
 
 
 @pytest.mark.parametrize("objective", ["sft", "jsd"])
@@ -80,7 +87,7 @@ def _fsdp_worker(rank, init_file, folder):
     if rank == 0:
         with open(f"{folder}/histories.json", "w") as handle:
             json.dump({"whole": runs["whole"], "resumed": resumed}, handle)
-    dist.destroy_process_group()
+    _finish()
 
 
 def test_an_fsdp2_run_checkpoints_sharded_safetensors_and_resumes_to_the_same_numbers(tmp_path):
@@ -93,3 +100,25 @@ def test_an_fsdp2_run_checkpoints_sharded_safetensors_and_resumes_to_the_same_nu
     checkpoint = next((tmp_path / "cut").glob("checkpoint-*"))
     files = {path.suffix for path in checkpoint.iterdir()}
     assert ".safetensors" in files and not files & {".pt", ".bin", ".distcp", ".pkl"}, files
+
+
+def test_hpd_distill_runs_under_torchrun_with_two_processes(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    from test_cli import TINY
+
+    with socket.socket() as probe:  # a free port for the rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(TINY))
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
+         "-m", "hpd_kernels", "distill", "--config", str(config), "--out", str(tmp_path / "run"),
+         "--cache-dir", str(tmp_path / "cache")], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("| student after hpd |") == 1  # rank 0 alone reports
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["world_size"] == 2

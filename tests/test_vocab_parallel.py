@@ -18,6 +18,13 @@ DIVERGENCES = {"forward_kl": {}, "reverse_kl": {}, "jsd": {"beta": 0.3}, "skew_f
                "skew_reverse_kl": {"alpha": 0.2}, "tvd": {}}
 
 
+def _finish():
+    """Both ranks leave together: a rank that tears gloo down while its peer still talks to it can
+    abort the peer's process."""
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def _init(rank, init_file):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     torch.manual_seed(0)  # identical full tensors on every rank; each keeps its slice
@@ -74,7 +81,7 @@ def _logits_worker(rank, init_file):
             _close(loss, expected.detach(), f"hpd T={temperature} loss")
             _close(local.grad, full.grad[:, part], f"hpd T={temperature} grad")
             _close(details.label_weight, expected_details.label_weight, "hpd w_y")
-    dist.destroy_process_group()
+    _finish()
 
 
 def _fused_worker(rank, init_file):
@@ -102,7 +109,7 @@ def _fused_worker(rank, init_file):
             results.append((loss.detach(), h.grad, w.grad if sliced else w.grad[part]))
         for what, unsharded, sharded in zip(("loss", "grad hidden", "grad weight"), *results):
             _close(sharded, unsharded, f"fused-linear {objective} {what}")
-    dist.destroy_process_group()
+    _finish()
 
 
 def _global_mean_worker(rank, init_file):
@@ -133,7 +140,7 @@ def _global_mean_worker(rank, init_file):
                                           backend="torch").detach()
     dist.all_reduce(per_rank)
     assert abs(float(per_rank) / WORLD - float(expected)) > 1e-3
-    dist.destroy_process_group()
+    _finish()
 
 
 @pytest.mark.parametrize("worker", [_logits_worker, _fused_worker, _global_mean_worker])

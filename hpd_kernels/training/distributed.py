@@ -68,3 +68,11 @@ def broadcast_object(value):
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def shutdown():
+    """Leave the process group together (a rank that tears gloo down while a peer still talks to it
+    can abort the peer)."""
+    if initialised():
+        barrier()
+        dist.destroy_process_group()

@@ -145,7 +145,10 @@ def validate_config(config, source):
     for where, values in (("teacher.train", teacher.get("train")), ("student.warmup", config["student"].get("warmup")),
                           ("distill", config["distill"])):
         if values is not None:
-            _train_config(values, f"{source}: {where}")
+            if _train_config(values, f"{source}: {where}").strategy == "fsdp":
+                raise ConfigError(f"{source}: {where}.strategy: hpd distill runs DDP under torchrun (it evaluates and "
+                                  f"saves whole models on rank 0); FSDP2 is available in the trainer API, "
+                                  f"train(TrainConfig(strategy='fsdp'), ...)")
 
 
 def _decoder_config(values, vocab_size, where):

@@ -238,9 +238,12 @@ def _wrap(config, student, world, device):
     if world == 1:
         return student, None
     if config.strategy == "fsdp":
+        from torch.distributed.fsdp import FSDPModule
+
         from .fsdp import shard_student
 
-        return shard_student(student), "fsdp"
+        # A student sharded by an earlier run (a warm-up, say) is sharded already.
+        return (student if isinstance(student, FSDPModule) else shard_student(student)), "fsdp"
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [device.index] if device.type == "cuda" else None
