@@ -13,8 +13,8 @@ They call the very same Triton or torch implementations as the eager path; the p
 take this route when `torch.compiler.is_compiling()`.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: torch.library infers each op's schema from the
+# annotations, and real types (not strings) work with every torch release that has custom_op.
 from typing import Optional
 
 import torch
