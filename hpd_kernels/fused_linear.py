@@ -21,6 +21,7 @@ from .losses import (
     _details,
     _draw_seed,
     _parallel,
+    _per_item,
     _shared_seed,
     _use_triton,
 )
@@ -123,13 +124,20 @@ def _parallel_setup(process_group, vocab_offset, student_weight, teacher_weight,
     return parallel, chunk_size
 
 
-def _compiled_call(tensors, sampled_ids, objective, reduction, chunk_size, use_triton):
+def _active(tensors, vocab, ignore_index):
+    """Rows in the loss: labelled with a token of `vocab` (the labels' vocabulary: the whole one
+    across slices), or every row without labels."""
+    hidden, labels = tensors[0], tensors[-1]
+    return active_rows(labels, hidden.shape[0], vocab, ignore_index, hidden.device)
+
+
+def _compiled_call(tensors, sampled_ids, active, objective, reduction, chunk_size, use_triton):
     """The fused-linear loss through its custom op (under torch.compile): `(loss, drawn, w_y, w_hat)`."""
     if reduction == "none":
         raise ValueError("under torch.compile the fused-linear losses support reduction='mean' or 'sum'")
     student_hidden, student_weight, student_bias = tensors[:3]
     outputs = custom_ops.fused_linear(
-        *tensors, sampled_ids, objective.name, objective.temperature, objective.ignore_index, objective.log_mix_p,
+        *tensors, sampled_ids, active, objective.name, objective.temperature, objective.ignore_index, objective.log_mix_p,
         objective.log_mix_q, objective.seed, objective.fkl_weight, objective.rkl_weight, reduction, chunk_size,
         "triton" if use_triton else "torch", student_hidden.requires_grad, student_weight.requires_grad,
         student_bias is not None and student_bias.requires_grad)
@@ -140,7 +148,7 @@ def _finish(loss, reduction, num_items_in_batch, leading):
     if reduction == "none":
         return loss.reshape(leading)
     if num_items_in_batch is not None:  # computed as a sum; divided by the global count
-        return loss / torch.as_tensor(num_items_in_batch, device=loss.device).to(loss.dtype)
+        return _per_item(loss, num_items_in_batch)
     return loss
 
 
@@ -158,21 +166,22 @@ def fused_linear_divergence_loss(student_hidden, student_weight, teacher_hidden=
     _check_fraction("beta", beta)
     _check_fraction("alpha", alpha)
     _check_num_items(num_items_in_batch, reduction)
-    tensors, _, chunk_size = _prepare(
+    tensors, vocab, chunk_size = _prepare(
         student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, teacher_logits,
         labels, labels_required=False, temperature=temperature, ignore_index=ignore_index, reduction=reduction,
         chunk_size=chunk_size, backend=backend)
     parallel, chunk_size = _parallel_setup(process_group, vocab_offset, student_weight, teacher_weight,
                                            teacher_logits, backend, chunk_size)
+    active = _active(tensors, parallel.global_vocab if parallel is not None else vocab, ignore_index)
     name, log_mix_p, log_mix_q = mixture_logs(divergence, beta, alpha)
     objective = Objective(name, float(temperature), int(ignore_index), log_mix_p, log_mix_q)
     use_triton = _use_triton(backend, student_hidden.device)
     impl = parallel or (triton_divergence if use_triton else torch_backend)
     inner = "sum" if num_items_in_batch is not None else reduction
     if torch.compiler.is_compiling():
-        loss, *_ = _compiled_call(tensors, None, objective, inner, chunk_size, use_triton)
+        loss, *_ = _compiled_call(tensors, None, active, objective, inner, chunk_size, use_triton)
     else:
-        loss, *_ = FusedLinearDistillation.apply(*tensors, None, objective, inner, chunk_size, impl)
+        loss, *_ = FusedLinearDistillation.apply(*tensors, None, active, objective, inner, chunk_size, impl)
     return _finish(loss, reduction, num_items_in_batch, student_hidden.shape[:-1])
 
 
@@ -194,7 +203,7 @@ def fused_linear_hybrid_kl_loss(student_hidden, student_weight, teacher_hidden=N
     if parallel is not None:
         vocab = parallel.global_vocab
     flat_labels = tensors[-1]
-    active = active_rows(flat_labels, flat_labels.shape[0], vocab, ignore_index, flat_labels.device)
+    active = _active(tensors, vocab, ignore_index)
     leading = student_hidden.shape[:-1]
     if sampled_ids is not None:
         sampled_ids = _check_sampled_ids(sampled_ids, leading, active, vocab)
@@ -206,10 +215,11 @@ def fused_linear_hybrid_kl_loss(student_hidden, student_weight, teacher_hidden=N
     impl = parallel or (triton_hybrid if use_triton else torch_backend)
     inner = "sum" if num_items_in_batch is not None else reduction
     if torch.compiler.is_compiling():
-        loss, drawn, w_label, w_sample = _compiled_call(tensors, sampled_ids, objective, inner, chunk_size, use_triton)
+        loss, drawn, w_label, w_sample = _compiled_call(tensors, sampled_ids, active, objective, inner, chunk_size,
+                                                        use_triton)
     else:
         loss, drawn, w_label, w_sample = FusedLinearDistillation.apply(
-            *tensors, sampled_ids, objective, inner, chunk_size, impl)
+            *tensors, sampled_ids, active, objective, inner, chunk_size, impl)
     loss = _finish(loss, reduction, num_items_in_batch, leading)
     if not return_details:
         return loss

@@ -179,8 +179,13 @@ def _reduce(per_row, active, reduction, leading_shape, num_items_in_batch=None):
     if reduction == "sum":
         return total
     if num_items_in_batch is not None:
-        return total / torch.as_tensor(num_items_in_batch, device=total.device).to(total.dtype)
+        return _per_item(total, num_items_in_batch)
     return total / active.sum().clamp(min=1).to(total.dtype)
+
+
+def _per_item(total, num_items_in_batch):
+    """A summed loss over the global batch's active tokens (`num_items_in_batch`)."""
+    return total / torch.as_tensor(num_items_in_batch, device=total.device).to(total.dtype)
 
 
 def _parallel(process_group, vocab_offset, student_logits, teacher_logits, backend, names=("student_logits",
@@ -207,6 +212,11 @@ def _parallel(process_group, vocab_offset, student_logits, teacher_logits, backe
                          f"got widths {student_width} and {teacher_width}")
     offset, global_vocab = slice_layout(process_group, student_width, vocab_offset)
     return VocabParallel(process_group, offset, global_vocab)
+
+
+def _label_vocab(parallel, student, teacher):
+    """The vocabulary the labels index: the whole one across slices, else the shared one."""
+    return parallel.global_vocab if parallel is not None else min(student.shape[-1], teacher.shape[-1])
 
 
 def _shared_seed(seed, process_group):
@@ -238,15 +248,15 @@ def _divergence_loss(divergence, student_logits, teacher_logits, labels, *, temp
     divergence, log_mix_p, log_mix_q = mixture_logs(divergence, beta, alpha)
     student, teacher = _rows(student_logits), _rows(teacher_logits)
     flat_labels = None if labels is None else labels.reshape(-1).to(torch.int64).contiguous()
+    active = active_rows(flat_labels, student.shape[0], _label_vocab(parallel, student, teacher), ignore_index,
+                         student.device)
     if _compiling():  # the custom op: opaque to the compiler, same implementation
-        per_row, _ = custom_ops.divergence_rows(student, teacher.detach(), flat_labels, divergence,
+        per_row, _ = custom_ops.divergence_rows(student, teacher.detach(), flat_labels, active, divergence,
                                                 float(temperature), log_mix_p, log_mix_q, int(ignore_index),
                                                 "torch" if impl is torch_backend else "triton")
     else:
-        per_row = DivergenceFunction.apply(student, teacher.detach(), flat_labels, divergence, float(temperature),
-                                           log_mix_p, log_mix_q, int(ignore_index), impl)
-    vocab = parallel.global_vocab if parallel is not None else min(student.shape[1], teacher.shape[1])
-    active = active_rows(flat_labels, student.shape[0], vocab, ignore_index, student.device)
+        per_row = DivergenceFunction.apply(student, teacher.detach(), flat_labels, active, divergence,
+                                           float(temperature), log_mix_p, log_mix_q, int(ignore_index), impl)
     return _reduce(per_row, active, reduction, student_logits.shape[:-1], num_items_in_batch)
 
 
@@ -328,7 +338,7 @@ def _hybrid(student_logits, teacher_logits, labels, *, sampled_ids, seed, fkl_we
     else:
         impl = triton_hybrid if _use_triton(backend, student_logits.device) else torch_backend
     student, teacher = _rows(student_logits), _rows(teacher_logits)
-    vocab = parallel.global_vocab if parallel is not None else min(student.shape[1], teacher.shape[1])
+    vocab = _label_vocab(parallel, student, teacher)
     flat_labels = labels.reshape(-1).to(torch.int64).contiguous()
     active = active_rows(flat_labels, student.shape[0], vocab, ignore_index, student.device)
     if sampled_ids is not None:
@@ -337,13 +347,13 @@ def _hybrid(student_logits, teacher_logits, labels, *, sampled_ids, seed, fkl_we
         seed = _shared_seed(_draw_seed() if process_group is None else None, process_group)
     if _compiling():
         per_row, stats, drawn = custom_ops.hybrid_rows(
-            student, teacher.detach(), flat_labels, sampled_ids, int(seed or 0), float(temperature),
+            student, teacher.detach(), flat_labels, active, sampled_ids, int(seed or 0), float(temperature),
             float(fkl_weight), float(rkl_weight), int(ignore_index), "torch" if impl is torch_backend else "triton")
         w_label, w_sample = stats[:, 1].detach(), stats[:, 2].detach()
     else:
         per_row, drawn, w_label, w_sample = HybridFunction.apply(
-            student, teacher.detach(), flat_labels, sampled_ids, seed, float(temperature), float(fkl_weight),
-            float(rkl_weight), int(ignore_index), impl)
+            student, teacher.detach(), flat_labels, active, sampled_ids, seed, float(temperature),
+            float(fkl_weight), float(rkl_weight), int(ignore_index), impl)
     return per_row, active, _details(drawn, w_label, w_sample, flat_labels, active, student_logits.shape[:-1])
 
 

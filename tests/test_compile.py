@@ -102,10 +102,13 @@ def test_custom_ops_pass_opcheck():
 
     student, teacher, labels = _inputs()
     student.requires_grad_(True)
-    torch.library.opcheck(custom_ops.divergence_rows, (student, teacher, labels, "jsd", 1.3, -1.2, -0.3, -100, "torch"))
-    torch.library.opcheck(custom_ops.hybrid_rows, (student, teacher, labels, None, 5, 1.0, 1.0, 1.0, -100, "torch"))
+    active = labels != -100
+    torch.library.opcheck(custom_ops.divergence_rows,
+                          (student, teacher, labels, active, "jsd", 1.3, -1.2, -0.3, -100, "torch"))
+    torch.library.opcheck(custom_ops.hybrid_rows,
+                          (student, teacher, labels, active, None, 5, 1.0, 1.0, 1.0, -100, "torch"))
     hidden = torch.randn(ROWS, HIDDEN, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(VOCAB, HIDDEN, dtype=torch.float64, requires_grad=True)
     torch.library.opcheck(custom_ops.fused_linear, (
-        hidden, weight, None, None, None, None, teacher, labels, None, "hpd", 1.0, -100, 0.0, 0.0, 3, 1.0, 1.0,
+        hidden, weight, None, None, None, None, teacher, labels, None, active, "hpd", 1.0, -100, 0.0, 0.0, 3, 1.0, 1.0,
         "mean", 5, "torch", True, True, False))

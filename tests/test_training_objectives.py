@@ -70,6 +70,13 @@ def test_trainer_batch_loss_is_the_library_loss():
                                           seed=9, backend="torch")
     torch.testing.assert_close(loss, expected, rtol=1e-10, atol=1e-12)
     assert 0.0 <= metrics["mismatch_rate"] <= 1.0
+    # The reported cross-entropy and entropy are the student's own, on the same active tokens.
+    with torch.no_grad():
+        logits = student.lm_head(student(input_ids, attention_mask=attention))
+    expected_ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+    log_q = torch.log_softmax(logits[labels != -100], -1)
+    assert metrics["cross_entropy"] == pytest.approx(float(expected_ce), rel=1e-6)
+    assert metrics["entropy"] == pytest.approx(float(-(log_q.exp() * log_q).sum(-1).mean()), rel=1e-6)
 
 
 @pytest.mark.parametrize("objective", ["sft", "hpd"])

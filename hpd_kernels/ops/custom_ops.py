@@ -23,8 +23,7 @@ from torch import Tensor
 from . import divergence as triton_divergence
 from . import hybrid as triton_hybrid
 from . import torch_backend
-from .common import active_rows
-from .fused_linear import Objective, _Chunks
+from .fused_linear import Objective, scalar_pass
 
 
 def _acc(tensor):
@@ -40,15 +39,16 @@ def _impl(backend, triton_module):
 
 
 @torch.library.custom_op("hpd_kernels::divergence_rows", mutates_args=())
-def divergence_rows(student: Tensor, teacher: Tensor, labels: Optional[Tensor], divergence: str, temperature: float,
-                    log_mix_p: float, log_mix_q: float, ignore_index: int, backend: str) -> tuple[Tensor, Tensor]:
+def divergence_rows(student: Tensor, teacher: Tensor, labels: Optional[Tensor], active: Tensor, divergence: str,
+                    temperature: float, log_mix_p: float, log_mix_q: float, ignore_index: int,
+                    backend: str) -> tuple[Tensor, Tensor]:
     return _impl(backend, triton_divergence).divergence_forward(
         student, teacher, labels, divergence=divergence, temperature=temperature, log_mix_p=log_mix_p,
         log_mix_q=log_mix_q, ignore_index=ignore_index)
 
 
 @divergence_rows.register_fake
-def _(student, teacher, labels, divergence, temperature, log_mix_p, log_mix_q, ignore_index, backend):
+def _(student, teacher, labels, active, divergence, temperature, log_mix_p, log_mix_q, ignore_index, backend):
     rows = student.shape[0]
     return student.new_empty((rows,), dtype=_acc(student)), student.new_empty((rows, 3), dtype=_acc(student))
 
@@ -68,9 +68,7 @@ def _(student, teacher, stats, row_scale, divergence, temperature, log_mix_p, lo
 
 
 def _divergence_setup(ctx, inputs, output):
-    student, teacher, labels, divergence, temperature, log_mix_p, log_mix_q, ignore_index, backend = inputs
-    active = active_rows(labels, student.shape[0], min(student.shape[1], teacher.shape[1]), ignore_index,
-                         student.device)
+    student, teacher, _, active, divergence, temperature, log_mix_p, log_mix_q, _, backend = inputs
     ctx.save_for_backward(student, teacher, output[1], active)
     ctx.params = (divergence, temperature, log_mix_p, log_mix_q, backend)
 
@@ -81,7 +79,7 @@ def _divergence_backward(ctx, grad_loss, _grad_stats):
     row_scale = torch.where(active, grad_loss.to(stats.dtype), torch.zeros_like(stats[:, 0]))
     grad = divergence_rows_backward(student, teacher, stats, row_scale, divergence, temperature, log_mix_p,
                                     log_mix_q, backend)
-    return grad, None, None, None, None, None, None, None, None
+    return grad, None, None, None, None, None, None, None, None, None
 
 
 divergence_rows.register_autograd(_divergence_backward, setup_context=_divergence_setup)
@@ -92,8 +90,8 @@ divergence_rows.register_autograd(_divergence_backward, setup_context=_divergenc
 
 
 @torch.library.custom_op("hpd_kernels::hybrid_rows", mutates_args=())
-def hybrid_rows(student: Tensor, teacher: Tensor, labels: Tensor, sampled_ids: Optional[Tensor], seed: int,
-                temperature: float, fkl_weight: float, rkl_weight: float, ignore_index: int,
+def hybrid_rows(student: Tensor, teacher: Tensor, labels: Tensor, active: Tensor, sampled_ids: Optional[Tensor],
+                seed: int, temperature: float, fkl_weight: float, rkl_weight: float, ignore_index: int,
                 backend: str) -> tuple[Tensor, Tensor, Tensor]:
     loss, stats, ids = _impl(backend, triton_hybrid).hybrid_forward(
         student, teacher, labels, sampled_ids, seed=seed, temperature=temperature, fkl_weight=fkl_weight,
@@ -102,7 +100,8 @@ def hybrid_rows(student: Tensor, teacher: Tensor, labels: Tensor, sampled_ids: O
 
 
 @hybrid_rows.register_fake
-def _(student, teacher, labels, sampled_ids, seed, temperature, fkl_weight, rkl_weight, ignore_index, backend):
+def _(student, teacher, labels, active, sampled_ids, seed, temperature, fkl_weight, rkl_weight, ignore_index,
+      backend):
     rows = student.shape[0]
     return (student.new_empty((rows,), dtype=_acc(student)), student.new_empty((rows, 3), dtype=_acc(student)),
             student.new_empty((rows,), dtype=torch.int64))
@@ -122,9 +121,8 @@ def _(student, labels, sampled_ids, stats, row_scale, vocab, temperature, backen
 
 
 def _hybrid_setup(ctx, inputs, output):
-    student, teacher, labels, _, _, temperature, _, _, ignore_index, backend = inputs
+    student, teacher, labels, active, _, _, temperature, _, _, _, backend = inputs
     vocab = min(student.shape[1], teacher.shape[1])
-    active = active_rows(labels, student.shape[0], vocab, ignore_index, student.device)
     ctx.save_for_backward(student, labels, output[2], output[1], active)
     ctx.params = (vocab, temperature, backend)
 
@@ -134,7 +132,7 @@ def _hybrid_backward(ctx, grad_loss, _grad_stats, _grad_ids):
     vocab, temperature, backend = ctx.params
     row_scale = torch.where(active, grad_loss.to(stats.dtype), torch.zeros_like(stats[:, 0]))
     grad = hybrid_rows_backward(student, labels, ids, stats, row_scale, vocab, temperature, backend)
-    return grad, None, None, None, None, None, None, None, None, None
+    return grad, None, None, None, None, None, None, None, None, None, None
 
 
 hybrid_rows.register_autograd(_hybrid_backward, setup_context=_hybrid_setup)
@@ -148,24 +146,20 @@ hybrid_rows.register_autograd(_hybrid_backward, setup_context=_hybrid_setup)
 def fused_linear(student_hidden: Tensor, student_weight: Tensor, student_bias: Optional[Tensor],
                  teacher_hidden: Optional[Tensor], teacher_weight: Optional[Tensor], teacher_bias: Optional[Tensor],
                  teacher_logits: Optional[Tensor], labels: Optional[Tensor], sampled_ids: Optional[Tensor],
-                 objective: str, temperature: float, ignore_index: int, log_mix_p: float, log_mix_q: float, seed: int,
+                 active: Tensor, objective: str, temperature: float, ignore_index: int, log_mix_p: float,
+                 log_mix_q: float, seed: int,
                  fkl_weight: float, rkl_weight: float, reduction: str, chunk_size: int, backend: str,
                  want_hidden: bool, want_weight: bool, want_bias: bool
                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     spec = Objective(objective, temperature, ignore_index, log_mix_p, log_mix_q, seed, fkl_weight, rkl_weight)
     hpd = objective == "hpd"
     impl = _impl(backend, triton_hybrid if hpd else triton_divergence)
-    teacher_vocab = teacher_logits.shape[-1] if teacher_logits is not None else teacher_weight.shape[0]
-    vocab = min(student_weight.shape[0], teacher_vocab)
-    active = active_rows(labels, student_hidden.shape[0], vocab, ignore_index, student_hidden.device)
     acc_dtype = _acc(student_hidden)
-    denominator = active.sum().clamp(min=1).to(acc_dtype)
-    row_scale = active.to(acc_dtype) / denominator if reduction == "mean" else active.to(acc_dtype)
     want = (want_hidden, want_weight, want_bias and student_bias is not None)
     inputs = (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
               teacher_logits, labels, sampled_ids)
-    per_row, details, grads = _Chunks(inputs, spec, impl, chunk_size).run(row_scale if any(want) else None, want)
-    loss = per_row.sum() / denominator if reduction == "mean" else per_row.sum()
+    loss, details, grads = scalar_pass(inputs, active, spec, impl, chunk_size, reduction, want)
+
     def empty(dtype=student_hidden.dtype):  # a fresh tensor each: outputs may not alias one another
         return student_hidden.new_empty((0,), dtype=dtype)
 
@@ -183,8 +177,8 @@ def fused_linear(student_hidden: Tensor, student_weight: Tensor, student_bias: O
 
 @fused_linear.register_fake
 def _(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, teacher_logits,
-      labels, sampled_ids, objective, temperature, ignore_index, log_mix_p, log_mix_q, seed, fkl_weight, rkl_weight,
-      reduction, chunk_size, backend, want_hidden, want_weight, want_bias):
+      labels, sampled_ids, active, objective, temperature, ignore_index, log_mix_p, log_mix_q, seed, fkl_weight,
+      rkl_weight, reduction, chunk_size, backend, want_hidden, want_weight, want_bias):
     acc_dtype, rows = _acc(student_hidden), student_hidden.shape[0]
     empty = student_hidden.new_empty((0,))
     hpd = objective == "hpd"
@@ -198,7 +192,7 @@ def _(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weig
 
 
 def _fused_setup(ctx, inputs, output):
-    ctx.wants = (inputs[20], inputs[21], inputs[22] and inputs[2] is not None)
+    ctx.wants = (inputs[21], inputs[22], inputs[23] and inputs[2] is not None)
     ctx.save_for_backward(*output[4:])
 
 
@@ -206,7 +200,7 @@ def _fused_backward(ctx, grad_loss, *_):
     grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
     scaled = [grad * grad_loss.to(grad.dtype) if want else None
               for grad, want in zip((grad_hidden, grad_weight, grad_bias), ctx.wants)]
-    return (*scaled,) + (None,) * 20
+    return (*scaled,) + (None,) * 21
 
 
 fused_linear.register_autograd(_fused_backward, setup_context=_fused_setup)

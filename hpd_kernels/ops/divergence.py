@@ -23,7 +23,6 @@ import math
 
 import torch
 
-from .common import active_rows
 from .triton_utils import HAS_TRITON, launch_shape, logaddexp, online_logsumexp_step, tl, triton
 
 # Divergence codes: the kernels' DIVERGENCE constexpr.
@@ -244,19 +243,19 @@ def divergence_backward(student, teacher, stats, row_scale, grad, *, divergence,
 class DivergenceFunction(torch.autograd.Function):
     """Per-row divergence losses `[N]` of flattened logits; the gradient is recomputed in backward.
 
-    `impl` is this module (Triton) or `torch_backend`: both expose `divergence_forward/backward`.
+    `impl` is this module (Triton), `torch_backend` or a `VocabParallel` slice: all expose
+    `divergence_forward/backward`. `active` marks the rows in the loss (the caller's, which knows
+    the vocabulary the labels index).
     The reduction is left to autograd outside (a sum or a mean over `[N]`), whose incoming
     per-row gradient becomes the kernel's `row_scale`.
     """
 
     @staticmethod
-    def forward(ctx, student, teacher, labels, divergence, temperature, log_mix_p, log_mix_q, ignore_index, impl):
+    def forward(ctx, student, teacher, labels, active, divergence, temperature, log_mix_p, log_mix_q, ignore_index,
+                impl):
         loss, stats = impl.divergence_forward(
             student, teacher, labels, divergence=divergence, temperature=temperature,
             log_mix_p=log_mix_p, log_mix_q=log_mix_q, ignore_index=ignore_index)
-        # A vocabulary-parallel impl knows the global vocabulary (labels are global ids).
-        vocab = getattr(impl, "global_vocab", min(student.shape[1], teacher.shape[1]))
-        active = active_rows(labels, student.shape[0], vocab, ignore_index, student.device)
         ctx.save_for_backward(student, teacher, stats, active)
         ctx.params = (divergence, temperature, log_mix_p, log_mix_q, impl)
         return loss
@@ -271,5 +270,5 @@ class DivergenceFunction(torch.autograd.Function):
             grad = impl.divergence_backward(
                 student, teacher, stats, row_scale, torch.empty_like(student, memory_format=torch.contiguous_format),
                 divergence=divergence, temperature=temperature, log_mix_p=log_mix_p, log_mix_q=log_mix_q)
-        return grad, None, None, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None, None, None
 

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 
 import torch
 
-from .common import active_rows
 
 CPU_CHUNK_BUDGET = 32 * 2**20
 
@@ -132,6 +131,20 @@ class _Chunks:
         return per_row, details, (grad_hidden, grad_weight, grad_bias)
 
 
+def scalar_pass(inputs, active, objective, impl, chunk_size, reduction, want):
+    """`(loss, details, grads)` of a scalar reduction ("mean" over the `active` rows, or "sum") in
+    one pass: the gradients the `want` flags ask for are computed while each chunk's logits exist."""
+    hidden = inputs[0]
+    acc_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    denominator = active.sum().clamp(min=1).to(acc_dtype)
+    row_scale = None
+    if any(want):
+        row_scale = active.to(acc_dtype) / denominator if reduction == "mean" else active.to(acc_dtype)
+    per_row, details, grads = _Chunks(inputs, objective, impl, chunk_size).run(row_scale, want)
+    loss = per_row.sum() / denominator if reduction == "mean" else per_row.sum()
+    return loss, details, grads
+
+
 class FusedLinearDistillation(torch.autograd.Function):
     """Loss from hidden states and lm_head weights: `(loss, sampled_ids, w_y, w_hat)`, the last
     three (no gradient) empty for the divergences. Gradients reach the student's hidden states,
@@ -139,23 +152,15 @@ class FusedLinearDistillation(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
-                teacher_logits, labels, sampled_ids, objective, reduction, chunk_size, impl):
+                teacher_logits, labels, sampled_ids, active, objective, reduction, chunk_size, impl):
         inputs = (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
                   teacher_logits, labels, sampled_ids)
-        teacher_vocab = teacher_logits.shape[-1] if teacher_logits is not None else teacher_weight.shape[0]
-        vocab = getattr(impl, "global_vocab", min(student_weight.shape[0], teacher_vocab))
-        active = active_rows(labels, student_hidden.shape[0], vocab, objective.ignore_index, student_hidden.device)
-        acc_dtype = torch.float64 if student_hidden.dtype == torch.float64 else torch.float32
         want = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], student_bias is not None and ctx.needs_input_grad[2])
-        denominator = active.sum().clamp(min=1).to(acc_dtype)
-
-        # A scalar loss: compute the gradients now, while the chunk's logits exist.
         eager = reduction != "none" and any(want)
-        row_scale = None
-        if eager:
-            row_scale = active.to(acc_dtype) / denominator if reduction == "mean" else active.to(acc_dtype)
-        per_row, details, grads = _Chunks(inputs, objective, impl, chunk_size).run(
-            row_scale, want if eager else (False, False, False))
+        if reduction == "none":
+            loss, details, grads = _Chunks(inputs, objective, impl, chunk_size).run()
+        else:
+            loss, details, grads = scalar_pass(inputs, active, objective, impl, chunk_size, reduction, want)
 
         ctx.objective, ctx.impl, ctx.chunk_size, ctx.want, ctx.eager = objective, impl, chunk_size, want, eager
         ctx.param_dtypes = (student_weight.dtype, None if student_bias is None else student_bias.dtype)
@@ -165,13 +170,6 @@ class FusedLinearDistillation(torch.autograd.Function):
             used_ids = details[0] if details is not None else sampled_ids
             ctx.save_for_backward(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
                                   teacher_bias, teacher_logits, labels, used_ids, active)
-
-        if reduction == "none":
-            loss = per_row
-        elif reduction == "sum":
-            loss = per_row.sum()
-        else:
-            loss = per_row.sum() / denominator
         if details is None:
             empty = torch.empty(0, device=student_hidden.device)
             details = (empty.long(), empty, empty.clone())
@@ -194,4 +192,4 @@ class FusedLinearDistillation(torch.autograd.Function):
         weight_dtype, bias_dtype = ctx.param_dtypes
         grad_weight = None if grad_weight is None else grad_weight.to(weight_dtype)
         grad_bias = None if grad_bias is None else grad_bias.to(bias_dtype)
-        return (grad_hidden, grad_weight, grad_bias) + (None,) * 10
+        return (grad_hidden, grad_weight, grad_bias) + (None,) * 11

@@ -13,7 +13,6 @@ from __future__ import annotations
 import torch
 
 from .gumbel import gumbel_triton, row_keys_triton, seed_key
-from .common import active_rows
 from .divergence import kernel_scalars
 from .triton_utils import HAS_TRITON, launch_shape, online_logsumexp_step, tl, triton
 
@@ -184,18 +183,16 @@ def hybrid_backward(student, labels, sampled_ids, stats, row_scale, grad, *, voc
 class HybridFunction(torch.autograd.Function):
     """Per-row HPD losses `[N]`, plus `y_hat`, `w_y`, `w_hat` (no gradient) from one forward pass.
 
-    `impl` is this module (Triton) or `torch_backend`; see `DivergenceFunction`.
+    `impl` and `active` as in `DivergenceFunction`.
     """
 
     @staticmethod
-    def forward(ctx, student, teacher, labels, sampled_ids, seed, temperature, fkl_weight, rkl_weight, ignore_index, impl):
+    def forward(ctx, student, teacher, labels, active, sampled_ids, seed, temperature, fkl_weight, rkl_weight,
+                ignore_index, impl):
         loss, stats, sampled_ids = impl.hybrid_forward(
             student, teacher, labels, sampled_ids, seed=seed, temperature=temperature,
             fkl_weight=fkl_weight, rkl_weight=rkl_weight, ignore_index=ignore_index)
         vocab = min(student.shape[1], teacher.shape[1])
-        # A vocabulary-parallel impl knows the global vocabulary (labels are global ids).
-        active = active_rows(labels, student.shape[0], getattr(impl, "global_vocab", vocab), ignore_index,
-                             student.device)
         ctx.save_for_backward(student, labels, sampled_ids, stats, active)
         ctx.params = (vocab, temperature, impl)
         w_y, w_hat = stats[:, STAT_W_LABEL].clone(), stats[:, STAT_W_SAMPLE].clone()
@@ -213,4 +210,4 @@ class HybridFunction(torch.autograd.Function):
                 student, labels, sampled_ids, stats, row_scale,
                 torch.empty_like(student, memory_format=torch.contiguous_format),
                 vocab=vocab, temperature=temperature)
-        return grad, None, None, None, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None, None, None, None

@@ -92,20 +92,47 @@ def _scaled(logits, rows, vocab, acc_dtype, inv_temperature):
     return chunk if inv_temperature == 1.0 else chunk * inv_temperature
 
 
-def divergence_forward(student, teacher, labels, *, divergence, temperature, log_mix_p, log_mix_q, ignore_index):
+class WholeVocabulary:
+    """The row reductions of the forward passes when these logits hold the whole vocabulary.
+    `VocabParallel` overrides them with collectives, so one implementation serves both."""
+
+    def label_vocab(self, width):
+        """The vocabulary that labels index (chunking uses it too, so every slice cuts alike)."""
+        return width
+
+    def logsumexp(self, scaled):
+        return _logsumexp(scaled)
+
+    def row_sums(self, sums):
+        return sums
+
+    def sample(self, scaled_student, first_row, key):
+        return sample_gumbel_max(scaled_student, first_row, key)
+
+    def gather(self, logits, rows, ids, acc_dtype, inv_temperature):
+        return _gather(logits, rows, ids, acc_dtype, inv_temperature)
+
+
+WHOLE = WholeVocabulary()
+
+
+def divergence_forward(student, teacher, labels, *, divergence, temperature, log_mix_p, log_mix_q, ignore_index,
+                       vocabulary=WHOLE):
     n_rows, vocab = student.shape[0], min(student.shape[1], teacher.shape[1])
     acc_dtype = _acc_dtype(student)
     inv_temperature = 1.0 / temperature
-    active = active_rows(labels, n_rows, vocab, ignore_index, student.device)
+    label_vocab = vocabulary.label_vocab(vocab)
+    active = active_rows(labels, n_rows, label_vocab, ignore_index, student.device)
     loss = torch.zeros(n_rows, dtype=acc_dtype, device=student.device)
     stats = torch.zeros(n_rows, 3, dtype=acc_dtype, device=student.device)
-    for rows in _chunks(n_rows, vocab, acc_dtype):
+    for rows in _chunks(n_rows, label_vocab, acc_dtype):
         s = _scaled(student, rows, vocab, acc_dtype, inv_temperature)
         t = _scaled(teacher, rows, vocab, acc_dtype, inv_temperature)
-        lse_s, lse_t = _logsumexp(s), _logsumexp(t)
+        lse_s, lse_t = vocabulary.logsumexp(s), vocabulary.logsumexp(t)
         value, weight = divergence_terms(s - lse_s[:, None], t - lse_t[:, None], log_mix_p, log_mix_q, divergence)
-        loss[rows] = _zero_unless(active[rows], value.sum(-1))
-        stats[rows] = torch.stack([lse_s, lse_t, weight.sum(-1)], dim=1)
+        row_value, row_weight = vocabulary.row_sums(torch.stack([value.sum(-1), weight.sum(-1)], dim=1)).unbind(1)
+        loss[rows] = _zero_unless(active[rows], row_value)
+        stats[rows] = torch.stack([lse_s, lse_t, row_weight], dim=1)
     return loss, stats
 
 
@@ -154,31 +181,33 @@ def hpd_row_terms(log_q_y, log_p_y, log_q_hat, log_p_hat, label_ids, sampled_ids
 
 
 def hybrid_forward(student, teacher, labels, sampled_ids, *, seed, temperature, fkl_weight, rkl_weight, ignore_index,
-                   row_offset=0):
+                   row_offset=0, vocabulary=WHOLE):
     n_rows, vocab = student.shape[0], min(student.shape[1], teacher.shape[1])
     acc_dtype = _acc_dtype(student)
     inv_temperature = 1.0 / temperature
-    active = active_rows(labels, n_rows, vocab, ignore_index, student.device)
+    label_vocab = vocabulary.label_vocab(vocab)
+    active = active_rows(labels, n_rows, label_vocab, ignore_index, student.device)
     sample = sampled_ids is None
     key = seed_key(seed or 0)
     out_ids = torch.full((n_rows,), ignore_index, dtype=torch.int64, device=student.device)
     loss = torch.zeros(n_rows, dtype=acc_dtype, device=student.device)
     stats = torch.zeros(n_rows, 3, dtype=acc_dtype, device=student.device)
-    for rows in _chunks(n_rows, vocab, acc_dtype):
+    gather = vocabulary.gather
+    for rows in _chunks(n_rows, label_vocab, acc_dtype):
         live = active[rows]
         scaled_student = _scaled(student, rows, vocab, acc_dtype, inv_temperature)
-        lse_s = _logsumexp(scaled_student)
-        lse_t = _logsumexp(_scaled(teacher, rows, vocab, acc_dtype, inv_temperature))
+        lse_s = vocabulary.logsumexp(scaled_student)
+        lse_t = vocabulary.logsumexp(_scaled(teacher, rows, vocab, acc_dtype, inv_temperature))
         if sample:
-            chunk_ids = sample_gumbel_max(scaled_student, row_offset + rows.start, key)
+            chunk_ids = vocabulary.sample(scaled_student, row_offset + rows.start, key)
         else:
             chunk_ids = sampled_ids[rows]
         safe_y = torch.where(live, labels[rows], 0)
         safe_hat = torch.where(live, chunk_ids, 0)
-        log_q_y = _gather(student, rows, safe_y, acc_dtype, inv_temperature) - lse_s
-        log_p_y = _gather(teacher, rows, safe_y, acc_dtype, inv_temperature) - lse_t
-        log_q_hat = _gather(student, rows, safe_hat, acc_dtype, inv_temperature) - lse_s
-        log_p_hat = _gather(teacher, rows, safe_hat, acc_dtype, inv_temperature) - lse_t
+        log_q_y = gather(student, rows, safe_y, acc_dtype, inv_temperature) - lse_s
+        log_p_y = gather(teacher, rows, safe_y, acc_dtype, inv_temperature) - lse_t
+        log_q_hat = gather(student, rows, safe_hat, acc_dtype, inv_temperature) - lse_s
+        log_p_hat = gather(teacher, rows, safe_hat, acc_dtype, inv_temperature) - lse_t
         per_row, w_y, w_hat = hpd_row_terms(log_q_y, log_p_y, log_q_hat, log_p_hat, safe_y, safe_hat, fkl_weight,
                                             rkl_weight)
         loss[rows] = _zero_unless(live, per_row)

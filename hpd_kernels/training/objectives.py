@@ -70,15 +70,17 @@ def distillation_loss(objective, student_hidden, student_weight, teacher_hidden,
 
 
 @torch.no_grad()
-def token_entropy(hidden, weight, labels, ignore_index=-100, chunk_rows=1024):
-    """Mean entropy (nats) of `softmax(hidden @ weight.T)` over the active positions, in float32
-    chunks of rows (a metric: no graph, no full `[tokens, vocab]` tensor)."""
-    rows = hidden.reshape(-1, hidden.shape[-1])
+def token_statistics(hidden, weight, labels, ignore_index=-100, chunk_rows=1024):
+    """`(entropy, cross_entropy)`: the mean entropy of `softmax(hidden @ weight.T)` and the mean
+    cross-entropy of the labels, in nats per active position, from one float32 pass over chunks of
+    rows (metrics: no graph, no full `[tokens, vocab]` tensor)."""
     active = labels.reshape(-1) != ignore_index
-    rows = rows[active]
-    total = torch.zeros((), dtype=torch.float64, device=hidden.device)
+    rows, targets = hidden.reshape(-1, hidden.shape[-1])[active], labels.reshape(-1)[active]
+    entropy = torch.zeros((), dtype=torch.float64, device=hidden.device)
+    cross_entropy = torch.zeros((), dtype=torch.float64, device=hidden.device)
     for start in range(0, rows.shape[0], chunk_rows):
-        logits = (rows[start:start + chunk_rows] @ weight.t()).float()
-        log_probs = torch.log_softmax(logits, dim=-1)
-        total += -(log_probs.exp() * log_probs).nan_to_num().sum().double()
-    return total / max(1, rows.shape[0])
+        log_probs = torch.log_softmax((rows[start:start + chunk_rows] @ weight.t()).float(), dim=-1)
+        entropy -= (log_probs.exp() * log_probs).nan_to_num().sum().double()
+        cross_entropy -= log_probs.gather(1, targets[start:start + chunk_rows, None]).sum().double()
+    count = max(1, rows.shape[0])
+    return entropy / count, cross_entropy / count

@@ -27,7 +27,7 @@ import torch
 
 from . import distributed
 from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
-from .objectives import OBJECTIVES, distillation_loss, shifted_labels, token_entropy
+from .objectives import OBJECTIVES, distillation_loss, shifted_labels, token_statistics
 
 
 @dataclass
@@ -139,28 +139,21 @@ def batch_loss(config: TrainConfig, student, teacher, input_ids, loss_mask, pad_
             teacher_weight = teacher.lm_head.weight
             if bf16:
                 teacher_hidden, teacher_weight = teacher_hidden.to(torch.bfloat16), teacher_weight.to(torch.bfloat16)
-            metrics["teacher_entropy"] = float(token_entropy(teacher_hidden, teacher_weight, labels))
+            metrics["teacher_entropy"] = float(token_statistics(teacher_hidden, teacher_weight, labels)[0])
         loss, details = distillation_loss(
             config.objective, hidden, student_weight, teacher_hidden, teacher_weight, labels,
             seed=seed, temperature=config.temperature, fkl_weight=config.fkl_weight, rkl_weight=config.rkl_weight,
             beta=config.beta, alpha=config.alpha, backend=config.backend, num_items_in_batch=num_items_in_batch)
         if details is not None:
             metrics["mismatch_rate"] = float(details.mismatch_rate)
-    active_tokens = int((labels != -100).sum())
-    if config.objective == "sft":
-        cross_entropy = loss.detach()
-        if num_items_in_batch is not None:  # report this micro-batch's own mean
-            cross_entropy = cross_entropy * num_items_in_batch / max(1, active_tokens)
-    elif config.ce_weight:
+    if config.ce_weight and config.objective != "sft":
         extra, _ = distillation_loss("sft", hidden, student_weight, None, None, labels,
                                      num_items_in_batch=num_items_in_batch)
         loss = loss + config.ce_weight * extra
-        cross_entropy = extra.detach() * (1 if num_items_in_batch is None else num_items_in_batch / max(1, active_tokens))
-    else:  # reported only: no graph
-        with torch.no_grad():
-            cross_entropy, _ = distillation_loss("sft", hidden.detach(), student_weight.detach(), None, None, labels)
-    metrics["cross_entropy"] = float(cross_entropy.detach())
-    metrics["entropy"] = float(token_entropy(hidden.detach(), student_weight.detach(), labels))
+    # What is reported, whatever the objective: this micro-batch's own means, from one pass.
+    entropy, cross_entropy = token_statistics(hidden.detach(), student_weight.detach(), labels)
+    metrics["cross_entropy"], metrics["entropy"] = float(cross_entropy), float(entropy)
+    active_tokens = int((labels != -100).sum())
     return loss, metrics, active_tokens
 
 
@@ -185,7 +178,6 @@ def _draw_batch(config, student, examples, step, micro, pad_id, eos_id, device, 
                            pad_id=pad_id, temperature=config.rollout_temperature, top_p=config.rollout_top_p,
                            generator=torch.Generator(device=device).manual_seed(
                                _step_rng(config, step, micro, 3) + 7_777 * rank))
-        student.train()
         responses = rollout.sequences[:, rollout.prompt_width:].tolist()
         batch = [(prompt, response[:length]) for (prompt, _), response, length
                  in zip(batch, responses, rollout.response_lengths.tolist())]
@@ -318,12 +310,12 @@ def train(config: TrainConfig, student, teacher, examples, *, pad_id=0, eos_id=N
             optimizer.zero_grad(set_to_none=True)
             batches = [_draw_batch(config, student, examples, step, micro, pad_id, eos_id, device, rank, world)
                        for micro in range(config.grad_accum)]
-            local_tokens = [int((shifted_labels(ids, mask) != -100).sum()) for ids, mask, _ in batches]
+            # Active tokens: position i predicts token i + 1, so the mask without its first column.
+            tokens = int(distributed.all_reduce_sum([sum(int(mask[:, 1:].sum()) for _, mask, _ in batches)],
+                                                    device)[0])
             # One division by the active tokens of the global batch (all ranks, all micro-batches).
             # A single micro-batch on a single process keeps the plain mean (the same numbers).
-            global_tokens = None
-            if world > 1 or config.grad_accum > 1:
-                global_tokens = max(1, int(distributed.all_reduce_sum([sum(local_tokens)], device)[0]))
+            global_tokens = max(1, tokens) if world > 1 or config.grad_accum > 1 else None
             totals, on_policy_batches = {"loss": 0.0}, 0
             for micro, (input_ids, loss_mask, on_policy) in enumerate(batches):
                 on_policy_batches += on_policy
@@ -348,7 +340,6 @@ def train(config: TrainConfig, student, teacher, examples, *, pad_id=0, eos_id=N
                 grad_norm = grad_norm.full_tensor()
             optimizer.step()
             elapsed = time.perf_counter() - started
-            tokens = int(distributed.all_reduce_sum([sum(local_tokens)], device)[0])
             record = {"step": step + 1, **totals, "grad_norm": float(grad_norm), "lr": learning_rate(config, step),
                       "on_policy_fraction": on_policy_batches / config.grad_accum, "tokens": tokens,
                       "tokens_per_s": tokens / elapsed, "step_time_s": elapsed,
