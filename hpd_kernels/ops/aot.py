@@ -1,9 +1,19 @@
 """Compile every Triton kernel specialisation the library launches for a Hopper GPU (sm_90),
-on a machine without one, and report registers and spills from `ptxas -v`.
+on a machine without one, exactly as the JIT would specialise it at a real call, and report
+registers and spills from `ptxas -v`.
 
 Triton's CPU interpreter runs a kernel as NumPy and accepts code that no GPU compiler would
-(dtype mismatches in `tl.where`, unsupported casts, shapes that do not lower). Building PTX and a
-cubin with the `ptxas` shipped in the triton wheel catches that here and in CI.
+(dtype mismatches in `tl.where`, unsupported casts, shapes that do not lower, an int argument
+that the JIT turns into a constant because it equals 1). Building PTX and a cubin with the
+`ptxas` shipped in the triton wheel catches that here and in CI.
+
+How a launch is specialised: the library's own wrappers (`divergence_forward`, `hybrid_forward`,
+...) are called on `meta` tensors of a real shape (no memory, and `launch_shape` takes its GPU
+branch); each kernel launch is captured instead of run, and its arguments go through Triton's own
+binder for a CUDA target. That yields what the JIT yields on the GPU: 16-byte-divisible pointers
+(CUDA allocations are aligned), `tt.divisibility=16` on integers divisible by 16 (the vocabulary
+151936 and the row strides), i32 for integers that fit, and integers equal to 1 turned into
+constants.
 
     python -m hpd_kernels.ops.aot [--out report.md]
 
@@ -14,56 +24,55 @@ function); the test suite calls it in a subprocess.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import subprocess
 import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
 
 ARCH = 90
-POINTER = {"float16": "*fp16", "bfloat16": "*bf16", "float32": "*fp32", "float64": "*fp64"}
+DTYPES = ("float16", "bfloat16", "float32", "float64")
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")
+# The shape every launch is specialised at: 8192 tokens of a Qwen-sized vocabulary.
+ROWS, VOCAB = 8192, 151936
 
 
-def specializations():
-    """(kernel name, variant label, signature, constexprs) for every launch the library makes on a GPU."""
-    import torch
+@dataclass
+class Launch:
+    """One captured kernel launch: the kernel's name, a label, and the arguments it was given."""
 
-    from .divergence import DIVERGENCE_CODES
-    from .triton_utils import launch_shape
-
-    for dtype, pointer in POINTER.items():
-        acc = "*fp64" if dtype == "float64" else "*fp32"
-        fp64 = dtype == "float64"
-        # What launch_shape picks on a GPU for a large vocabulary (num_warps travels in `block`).
-        block = launch_shape(1, 1 << 20, torch.device("cuda"), fp64)
-        for name in DIVERGENCES:
-            for has_labels in (True, False):
-                yield ("divergence_forward", f"{name} {dtype} labels={has_labels}", {
-                    "student_ptr": pointer, "teacher_ptr": pointer, "labels_ptr": "*i64", "loss_ptr": acc,
-                    "stats_ptr": acc, "scalars_ptr": acc, "n_rows": "i32", "vocab": "i32",
-                    "stride_student": "i64", "stride_teacher": "i64", "ignore_index": "i32",
-                }, dict(DIVERGENCE=DIVERGENCE_CODES[name], HAS_LABELS=has_labels, FP64=fp64, **block))
-            yield ("divergence_backward", f"{name} {dtype}", {
-                "student_ptr": pointer, "teacher_ptr": pointer, "stats_ptr": acc, "row_scale_ptr": acc,
-                "grad_ptr": pointer, "scalars_ptr": acc, "n_rows": "i32", "vocab": "i32", "student_vocab": "i32",
-                "stride_student": "i64", "stride_teacher": "i64", "stride_grad": "i64",
-            }, dict(DIVERGENCE=DIVERGENCE_CODES[name], FP64=fp64, **block))
-        for sample in (True, False):
-            yield ("hybrid_forward", f"{dtype} sample={sample}", {
-                "student_ptr": pointer, "teacher_ptr": pointer, "labels_ptr": "*i64", "sampled_ptr": "*i64",
-                "loss_ptr": acc, "stats_ptr": acc, "scalars_ptr": acc, "n_rows": "i32", "vocab": "i32",
-                "stride_student": "i64", "stride_teacher": "i64", "ignore_index": "i32", "seed": "i64", "row_offset": "i64",
-            }, dict(SAMPLE=sample, FP64=fp64, **block))
-        yield ("hybrid_backward", dtype, {
-            "student_ptr": pointer, "labels_ptr": "*i64", "sampled_ptr": "*i64", "stats_ptr": acc,
-            "row_scale_ptr": acc, "grad_ptr": pointer, "scalars_ptr": acc, "n_rows": "i32", "vocab": "i32",
-            "student_vocab": "i32", "stride_student": "i64", "stride_grad": "i64",
-        }, dict(FP64=fp64, **block))
+    kernel: str
+    variant: str
+    args: tuple
+    kwargs: dict
+    # Reads and writes of [rows, vocab] data per row and column, in bytes (for the cost model).
+    bytes_per_element: int = 0
+    passes: int = 1
+    overrides: dict = field(default_factory=dict)
 
 
-def _kernel(name):
+@contextlib.contextmanager
+def _captured(kernels):
+    """Replace each kernel's launch by a recorder: `kernel[grid](*args, **kwargs)` stores the call."""
+    calls = []
+    saved = {}
+    for name, kernel in kernels.items():
+        saved[name] = kernel.__dict__.get("run")
+        kernel.run = (lambda name: lambda *args, grid, warmup, **kwargs: calls.append((name, args, kwargs)))(name)
+    try:
+        yield calls
+    finally:
+        for name, kernel in kernels.items():
+            if saved[name] is None:
+                del kernel.run
+            else:
+                kernel.run = saved[name]
+
+
+def _kernels():
     from . import divergence, hybrid
 
     return {
@@ -71,7 +80,95 @@ def _kernel(name):
         "divergence_backward": divergence._divergence_backward_kernel,
         "hybrid_forward": hybrid._hybrid_forward_kernel,
         "hybrid_backward": hybrid._hybrid_backward_kernel,
-    }[name]
+    }
+
+
+def launches(rows: int = ROWS, vocab: int = VOCAB, dtypes=DTYPES):
+    """Every kernel launch the library makes on a GPU, captured from its own wrappers at `[rows, vocab]`."""
+    import torch
+
+    from . import divergence, hybrid
+
+    meta = torch.device("meta")
+    found = []
+    with _captured(_kernels()) as calls:
+        for dtype_name in dtypes:
+            dtype = getattr(torch, dtype_name)
+            acc = torch.float64 if dtype == torch.float64 else torch.float32
+            student = torch.empty(rows, vocab, dtype=dtype, device=meta)
+            teacher = torch.empty(rows, vocab, dtype=dtype, device=meta)
+            labels = torch.empty(rows, dtype=torch.int64, device=meta)
+            stats = torch.empty(rows, 3, dtype=acc, device=meta)
+            row_scale = torch.empty(rows, dtype=acc, device=meta)
+            itemsize = student.element_size()
+
+            def take(kernel, variant, bytes_per_element, passes=1):
+                name, args, kwargs = calls.pop()
+                assert name == kernel, (name, kernel)
+                found.append(Launch(kernel, variant, args, kwargs, bytes_per_element, passes))
+
+            for name in DIVERGENCES:
+                resolved, log_mix_p, log_mix_q = divergence.mixture_logs(name, 0.5, 0.1)
+                mixture = dict(divergence=resolved, temperature=1.0, log_mix_p=log_mix_p, log_mix_q=log_mix_q)
+                passes = 1 if resolved in ("forward_kl", "reverse_kl") else 2
+                for has_labels in (True, False):
+                    divergence.divergence_forward(student, teacher, labels if has_labels else None,
+                                                  ignore_index=-100, **mixture)
+                    take("divergence_forward", f"{name} {dtype_name} labels={has_labels}",
+                         passes * 2 * itemsize, passes)
+                divergence.divergence_backward(student, teacher, stats, row_scale, torch.empty_like(student),
+                                               **mixture)
+                take("divergence_backward", f"{name} {dtype_name}", 3 * itemsize)
+            for sample in (True, False):
+                hybrid.hybrid_forward(student, teacher, labels, None if sample else labels, seed=0, temperature=1.0,
+                                      fkl_weight=1.0, rkl_weight=1.0, ignore_index=-100)
+                take("hybrid_forward", f"{dtype_name} sample={sample}", 2 * itemsize)
+            hybrid.hybrid_backward(student, labels, labels, stats, row_scale, torch.empty_like(student),
+                                   vocab=vocab, temperature=1.0)
+            take("hybrid_backward", dtype_name, 2 * itemsize)
+    return found
+
+
+def int_arguments(launch: Launch):
+    """Names of the launch's plain integer arguments (each of which the JIT would fold if it were 1)."""
+    kernel = _kernels()[launch.kernel]
+    return [name for name, value in zip(kernel.arg_names, launch.args) if type(value) is int]
+
+
+def with_value(launch: Launch, argument: str, value) -> Launch:
+    kernel = _kernels()[launch.kernel]
+    args = list(launch.args)
+    args[kernel.arg_names.index(argument)] = value
+    return Launch(launch.kernel, f"{launch.variant} {argument}={value}", tuple(args), launch.kwargs,
+                  launch.bytes_per_element, launch.passes)
+
+
+def specialise(launch: Launch, target):
+    """Triton's own binder on the captured arguments: (signature, constexprs, attrs, options)."""
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    kernel = _kernels()[launch.kernel]
+    backend = make_backend(target)
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound, specialization, options = binder(*launch.args, **launch.kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, dict(launch.kwargs), bound, specialization,
+                                                              options)
+    return signature, constexprs, attrs, options
+
+
+def compile_launch(launch: Launch, arch: int = ARCH):
+    """The compiled kernel (PTX, cubin, metadata) for sm_`arch`, specialised as the JIT would."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    target = GPUTarget("cuda", arch, 32)
+    signature, constexprs, attrs, options = specialise(launch, target)
+    source = ASTSource(fn=_kernels()[launch.kernel], signature=signature, constexprs=constexprs, attrs=attrs)
+    compiled = triton.compile(source, target=target, options=options.__dict__)
+    assert compiled.asm["cubin"], f"{launch.kernel} {launch.variant}: empty cubin"
+    return compiled
 
 
 def ptxas_path(arch: int = ARCH):
@@ -102,40 +199,28 @@ def ptxas_usage(ptx: str, arch: int = ARCH) -> dict:
     }
 
 
-def compile_one(spec):
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    name, variant, signature, constexprs = spec
-    constexprs = dict(constexprs)
-    num_warps = constexprs.pop("num_warps")
-    kernel = _kernel(name)
-    full_signature = {arg: signature.get(arg, "constexpr") for arg in kernel.arg_names}
-    missing = [arg for arg in kernel.arg_names if arg not in signature and arg not in constexprs]
-    if missing:
-        raise ValueError(f"{name}: no type for arguments {missing}")
-    source = ASTSource(fn=kernel, signature=full_signature, constexprs=constexprs)
-    compiled = triton.compile(source, target=GPUTarget("cuda", ARCH, 32), options={"num_warps": num_warps})
-    assert compiled.asm["cubin"], f"{name} {variant}: empty cubin"
+def compile_one(launch: Launch) -> dict:
+    compiled = compile_launch(launch)
     usage = ptxas_usage(compiled.asm["ptx"])
-    return dict(kernel=name, variant=variant, block_v=constexprs["BLOCK_V"], num_warps=num_warps, cubin_bytes=len(compiled.asm["cubin"]),
+    return dict(kernel=launch.kernel, variant=launch.variant, block_v=launch.kwargs["BLOCK_V"],
+                num_warps=launch.kwargs["num_warps"], cubin_bytes=len(compiled.asm["cubin"]),
                 shared_bytes=compiled.metadata.shared, **usage)
 
 
-def compile_all(jobs: int | None = None):
-    specs = list(specializations())
+def compile_all(jobs: int | None = None, items=None):
+    items = list(launches()) if items is None else list(items)
     with ProcessPoolExecutor(max_workers=jobs or os.cpu_count() or 1) as pool:
-        return list(pool.map(compile_one, specs))
+        return list(pool.map(compile_one, items))
 
 
 def report(rows) -> str:
     import triton
 
     lines = [f"# Triton kernels compiled ahead of time for sm_{ARCH} (H100/H200)", "",
-             f"triton {triton.__version__}, one row per program (BLOCK_N=1), the tile width and warps that "
-             "`launch_shape` picks on a GPU for a large vocabulary; registers and spills from `ptxas -v` "
-             "(the ptxas triton uses).", "",
+             f"triton {triton.__version__}. Each launch is captured from the library's wrappers at "
+             f"[{ROWS}, {VOCAB}] and specialised by Triton's own binder, as the JIT does on a GPU "
+             "(aligned pointers, `tt.divisibility=16` on vocabulary and strides, i32 integers); "
+             "registers and spills from `ptxas -v` (the ptxas triton uses).", "",
              "| kernel | specialisation | BLOCK_V | warps | registers | spill stores (B) | spill loads (B) | shared (B) | cubin (B) |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
@@ -149,9 +234,18 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", help="write the markdown report here as well as to stdout")
     parser.add_argument("--jobs", type=int, default=None, help="parallel compiler processes (default: all cores)")
+    parser.add_argument("--ones", action="store_true",
+                        help="compile instead every launch once per integer argument set to 1 (the JIT folds a 1 "
+                             "into a constant), and print one line per compile")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         sys.exit("unset TRITON_INTERPRET: the interpreter's kernels cannot be compiled")
+    if args.ones:
+        items = [with_value(launch, name, 1) for launch in launches(dtypes=("bfloat16",))
+                 for name in int_arguments(launch)]
+        for row in compile_all(args.jobs, items):
+            print(f"compiled {row['kernel']} {row['variant']}")
+        return
     text = report(compile_all(args.jobs))
     print(text)
     if args.out:

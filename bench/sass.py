@@ -1,0 +1,215 @@
+"""`python -m bench.sass`: a static cost model of every Triton kernel on an H200, from its SASS.
+
+No GPU is needed. Each kernel launch is captured from the library's own wrappers at
+N = 8192 rows and V = 151936 (a Qwen vocabulary) and specialised by Triton's binder exactly as the
+JIT specialises it on a GPU (`hpd_kernels.ops.aot`): 16-byte-aligned pointers, `tt.divisibility=16`
+on the vocabulary and the strides, i32 integers, the tile and warps `launch_shape` picks. It is
+compiled for sm_90 and disassembled with the `cuobjdump` shipped in the triton wheel. The
+vocabulary loops are the backward branches of the SASS whose body loads global memory; per element
+(one column of one row) the report gives
+
+- SASS instructions: the loop bodies' instructions / the elements one thread handles per iteration
+  (`BLOCK_N * BLOCK_V / (32 * num_warps)`); two-pass kernels add both loops;
+- MUFU (ex2, lg2, rcp: the special-function unit) instructions and whether the loads are 128-bit;
+- registers and spills (`ptxas -v`).
+
+The model (H200 SXM: 132 SMs, 4 schedulers per SM, 1.98 GHz, 16 MUFU lanes per SM, 3.8 TB/s
+achievable HBM3e bandwidth of its 4.8 TB/s peak):
+
+    issue time  = N V (instr/element) / 32 / (132 * 4 * 1.98e9)   one warp-instruction per scheduler per clock
+    MUFU time   = N V (MUFU/element) / (132 * 16 * 1.98e9)
+    memory time = N V (bytes/element) / 3.8e12                   every [N, V] read and write, once per pass
+    predicted   = max(issue, MUFU, memory)
+
+Caveats: the issue model is optimistic (it assumes every clock issues; dependent latencies, bank
+conflicts in the cross-warp reductions and the tail outside the loop are ignored), the loop count is
+static (a data-dependent skip inside the loop is counted as never taken, so skipping only makes the
+real kernel faster), and memory time assumes every byte streams once at copy bandwidth. A kernel
+whose predicted time is its memory time is "at the floor" in this model; real GPUs lose a few
+percent more to launch and tail effects.
+
+    python -m bench.sass                       # prints the report, writes bench/results/sass_sm90.{md,json}
+    python -m bench.sass --dtypes bfloat16 --out /tmp/x
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+SMS, SCHEDULERS, CLOCK_HZ, MUFU_LANES, BANDWIDTH = 132, 4, 1.98e9, 16, 3.8e12
+# Targets of the issue this model serves: forward + backward within these multiples of memory time.
+TARGETS = {"divergence": 1.25, "hpd sampled": 1.6, "hpd given": 1.25}
+
+_INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
+
+
+def parse_sass(text: str):
+    """[(address, opcode, operands)] of the (single) kernel in `cuobjdump -sass` output."""
+    return [(int(match.group(1), 16), match.group(3), match.group(4).strip())
+            for match in _INSTRUCTION.finditer(text)]
+
+
+def vocabulary_loops(instructions):
+    """(start, end) address ranges of the loops that stream global memory: backward branches whose
+    body holds a global load, innermost first-come (no range is kept that contains another kept one)."""
+    loops = []
+    for address, opcode, operands in instructions:
+        if opcode.startswith("BRA") and operands.startswith("0x"):
+            target = int(operands.split()[0].rstrip(","), 16)
+            if target < address:
+                body = [ins for ins in instructions if target <= ins[0] <= address]
+                if any(ins[1].startswith("LDG") for ins in body):
+                    loops.append((target, address))
+    return [loop for loop in loops
+            if not any(other != loop and loop[0] <= other[0] and other[1] <= loop[1] for other in loops)]
+
+
+def loop_statistics(instructions, loops):
+    body = [ins for ins in instructions for start, end in loops if start <= ins[0] <= end]
+    loads = [ins for ins in body if ins[1].startswith("LDG")]
+    return {
+        "instructions": len(body),
+        "mufu": sum(ins[1].startswith("MUFU") for ins in body),
+        "loads_128": sum(".128" in ins[1] for ins in body),
+        "loads_other": sum(".128" not in ins[1] for ins in loads),
+        "loops": len(loops),
+    }
+
+
+def cuobjdump_path():
+    from hpd_kernels.ops.aot import ptxas_path
+
+    return os.path.join(os.path.dirname(ptxas_path()), "cuobjdump")
+
+
+def analyse(launch) -> dict:
+    from hpd_kernels.ops import aot
+
+    compiled = aot.compile_launch(launch)
+    with tempfile.TemporaryDirectory() as folder:
+        cubin = os.path.join(folder, "kernel.cubin")
+        with open(cubin, "wb") as handle:
+            handle.write(compiled.asm["cubin"])
+        sass = subprocess.run([cuobjdump_path(), "-sass", cubin], capture_output=True, text=True, check=True).stdout
+    instructions = parse_sass(sass)
+    loops = vocabulary_loops(instructions)
+    stats = loop_statistics(instructions, loops)
+    kwargs = launch.kwargs
+    elements_per_thread = kwargs["BLOCK_N"] * kwargs["BLOCK_V"] / (32 * kwargs["num_warps"])
+    row = dict(kernel=launch.kernel, variant=launch.variant, block_v=kwargs["BLOCK_V"], num_warps=kwargs["num_warps"],
+               bytes_per_element=launch.bytes_per_element, passes=launch.passes,
+               instr_per_element=stats["instructions"] / elements_per_thread,
+               mufu_per_element=stats["mufu"] / elements_per_thread,
+               loads_128=stats["loads_128"], loads_other=stats["loads_other"], loops=stats["loops"],
+               **aot.ptxas_usage(compiled.asm["ptx"]))
+    row.update(predict(row))
+    return row
+
+
+def predict(row, rows=None, vocab=None) -> dict:
+    from hpd_kernels.ops.aot import ROWS, VOCAB
+
+    elements = (rows or ROWS) * (vocab or VOCAB)
+    issue = elements * row["instr_per_element"] / 32 / (SMS * SCHEDULERS * CLOCK_HZ)
+    mufu = elements * row["mufu_per_element"] / (SMS * MUFU_LANES * CLOCK_HZ)
+    memory = elements * row["bytes_per_element"] / BANDWIDTH
+    times = {"issue": issue, "MUFU": mufu, "memory": memory}
+    bound = max(times, key=times.get)
+    return {"issue_ms": issue * 1e3, "mufu_ms": mufu * 1e3, "memory_ms": memory * 1e3,
+            "predicted_ms": times[bound] * 1e3, "bound": bound}
+
+
+def objective_totals(rows):
+    """Forward + backward per objective and dtype (the labelled divergence forward, as losses launch it)."""
+    totals = []
+    by_variant = {(row["kernel"], row["variant"]): row for row in rows}
+    dtypes = sorted({row["variant"].split()[1] for row in rows if row["kernel"] == "divergence_backward"})
+    from hpd_kernels.ops.aot import DIVERGENCES
+
+    for dtype in dtypes:
+        pairs = [(name, "divergence", by_variant[("divergence_forward", f"{name} {dtype} labels=True")],
+                  by_variant[("divergence_backward", f"{name} {dtype}")]) for name in DIVERGENCES]
+        pairs += [(f"hpd ({kind})", f"hpd {kind}", by_variant[("hybrid_forward", f"{dtype} sample={kind == 'sampled'}")],
+                   by_variant[("hybrid_backward", dtype)]) for kind in ("sampled", "given")]
+        for name, family, forward, backward in pairs:
+            predicted = forward["predicted_ms"] + backward["predicted_ms"]
+            memory = forward["memory_ms"] + backward["memory_ms"]
+            ratio = predicted / memory
+            totals.append(dict(objective=name, dtype=dtype, predicted_ms=predicted, memory_ms=memory, ratio=ratio,
+                               target=TARGETS[family], meets=ratio <= TARGETS[family] + 1e-9,
+                               instr_per_element=forward["instr_per_element"] + backward["instr_per_element"]))
+    return totals
+
+
+def report(rows, totals) -> str:
+    import triton
+
+    from hpd_kernels.ops.aot import ROWS, VOCAB
+
+    lines = ["# Static cost model of the Triton kernels on an H200 (sm_90 SASS)", "",
+             f"Generated by `python -m bench.sass` (triton {triton.__version__}, no GPU). N = {ROWS} rows, "
+             f"V = {VOCAB}. Model: issue = instr x N V / 32 / ({SMS} SMs x {SCHEDULERS} schedulers x "
+             f"{CLOCK_HZ / 1e9:.2f} GHz); MUFU = MUFU x N V / ({SMS} x {MUFU_LANES} x {CLOCK_HZ / 1e9:.2f} GHz); "
+             f"memory = bytes x N V / {BANDWIDTH / 1e12:.1f} TB/s; predicted = the largest. The issue model is "
+             "optimistic (one warp-instruction per scheduler per clock, no stalls); a data-dependent skip inside a "
+             "loop is counted as never taken. See the module docstring for the caveats.", "",
+             "## Forward + backward per objective", "",
+             "| objective | dtype | instr/element (fwd+bwd) | predicted (ms) | memory (ms) | predicted / memory | target | meets |",
+             "|---|---|---:|---:|---:|---:|---:|---|"]
+    for total in totals:
+        lines.append(f"| {total['objective']} | {total['dtype']} | {total['instr_per_element']:.1f} | "
+                     f"{total['predicted_ms']:.2f} | {total['memory_ms']:.2f} | {total['ratio']:.2f}x | "
+                     f"{total['target']:.2f}x | {'yes' if total['meets'] else '**no**'} |")
+    lines += ["", "## Every kernel", "",
+              "| kernel | specialisation | BLOCK_V | warps | instr/element | MUFU/element | LDG.128 / other LDG in loop "
+              "| registers | spills (B) | bytes/element | issue (ms) | MUFU (ms) | memory (ms) | bound |",
+              "|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---|"]
+    for row in rows:
+        lines.append(f"| {row['kernel']} | {row['variant']} | {row['block_v']} | {row['num_warps']} | "
+                     f"{row['instr_per_element']:.1f} | {row['mufu_per_element']:.2f} | "
+                     f"{row['loads_128']} / {row['loads_other']} | {row['registers']} | "
+                     f"{row['spill_stores'] + row['spill_loads']} | {row['bytes_per_element']} | {row['issue_ms']:.2f} | "
+                     f"{row['mufu_ms']:.2f} | {row['memory_ms']:.2f} | {row['bound']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m bench.sass", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"],
+                        choices=["float16", "bfloat16", "float32"], help="logit dtypes (default: bfloat16 float32)")
+    parser.add_argument("--out", default=os.path.join(HERE, "results"),
+                        help="folder for sass_sm90.md and sass_sm90.json (default: bench/results)")
+    parser.add_argument("--jobs", type=int, default=None, help="parallel compiler processes (default: all cores)")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        parser.exit(2, "python -m bench.sass: unset TRITON_INTERPRET (the interpreter's kernels cannot be compiled)\n")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        parser.exit(2, f"python -m bench.sass: --out {args.out} is not a folder\n")
+    from hpd_kernels.ops import aot
+
+    launches = aot.launches(dtypes=args.dtypes)
+    with ProcessPoolExecutor(max_workers=args.jobs or os.cpu_count() or 1) as pool:
+        rows = list(pool.map(analyse, launches))
+    totals = objective_totals(rows)
+    text = report(rows, totals)
+    print(text)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "sass_sm90.md"), "w") as handle:
+        handle.write(text)
+    with open(os.path.join(args.out, "sass_sm90.json"), "w") as handle:
+        json.dump({"model": dict(sms=SMS, schedulers=SCHEDULERS, clock_hz=CLOCK_HZ, mufu_lanes=MUFU_LANES,
+                                 bandwidth=BANDWIDTH), "kernels": rows, "objectives": totals}, handle, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
