@@ -11,7 +11,8 @@ to `--out`.
     python -m bench --quick               # a smoke run on tiny shapes (results go to a temp folder)
     python -m bench --device cuda --tokens 2048 8192 --objectives hpd jsd
 
-A benchmark, not a test: nothing here asserts a number.
+The JSON and markdown are rewritten after every measurement, so a run stopped by a time limit keeps
+all it measured. A benchmark, not a test: nothing here asserts a number.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # The CPU may be shared: before each measurement wait (up to QUIET_WAIT_S) until other processes
 # use under measure.CONTENDED_CORES; a measurement during which they used more is run again (at
 # most RETRIES more times, waiting for quiet first) and the least disturbed attempt is kept.
+# --quick does neither: a smoke run's times mean nothing, and it should take a minute, not many.
 RETRIES = 2
 QUIET_WAIT_S = 60
 
@@ -48,7 +50,7 @@ DEFAULTS = {
                  teacher_hidden=4096, repeats=10, warmup=2),
 }
 QUICK = dict(tokens=[128, 256], vocab=4096, student_hidden=64, teacher_hidden=128, repeats=1, warmup=1,
-             objectives=["hpd", "jsd"])
+             objectives=["hpd", "jsd"], retries=0, quiet_wait_s=0)
 
 
 def parse_args(argv=None):
@@ -71,7 +73,8 @@ def parse_args(argv=None):
                         help="objectives that get the torch.compile variant (default: all; compiling takes "
                              "10-60 s per objective)")
     parser.add_argument("--out", help="output folder (default bench/results; with --quick a temporary folder)")
-    parser.add_argument("--quick", action="store_true", help="tiny shapes, one repeat, HPD and JSD: a smoke run")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, one repeat, HPD and JSD, no waiting for "
+                        "a quiet CPU: a smoke run")
     parser.add_argument("--render", metavar="JSON", help="measure nothing: redraw the table and plot of a "
                         "results JSON (written next to it)")
     return parser.parse_args(argv)
@@ -83,7 +86,7 @@ def resolve_settings(args) -> dict:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is visible to torch")
-    settings = dict(DEFAULTS[device])
+    settings = dict(DEFAULTS[device], retries=RETRIES, quiet_wait_s=QUIET_WAIT_S)
     if args.quick:
         settings.update(QUICK)
     given = dict(tokens=args.tokens, vocab=args.vocab, dtype=args.dtype, repeats=args.repeats, warmup=args.warmup,
@@ -130,8 +133,11 @@ def plan(settings):
                     dtype=settings["dtype"], device=settings["device"],
                     warmup=settings["warmup"] + (1 if variant == workloads.COMPILED else 0),
                     repeats=settings["repeats"]))
-    # Run objective by objective, token count by token count, every variant side by side.
+    # Run objective by objective, token count by token count, every variant side by side; torch.compile
+    # last of each group: its compile (10-60 s) is what most likely runs past a time limit, and the
+    # measurements before it are written by then.
     order = {name: index for index, name in enumerate(workloads.VARIANTS)}
+    order[workloads.COMPILED] = len(order)
     jobs.sort(key=lambda job: (settings["objectives"].index(job.objective), job.tokens, order[job.variant]))
     return jobs, skipped
 
@@ -140,19 +146,20 @@ def _others_load(result):
     return result.get("other_cpu_load") or 0.0
 
 
-def _run_when_quiet(runner, job):
-    load = measure.wait_for_quiet_cpu(QUIET_WAIT_S, measure.CONTENDED_CORES)
-    if load >= measure.CONTENDED_CORES:
-        print(f"  other processes keep {load:.2f} cores busy; measuring anyway", flush=True)
+def _run_when_quiet(runner, job, quiet_wait_s):
+    if quiet_wait_s > 0:
+        load = measure.wait_for_quiet_cpu(quiet_wait_s, measure.CONTENDED_CORES)
+        if load >= measure.CONTENDED_CORES:
+            print(f"  other processes keep {load:.2f} cores busy; measuring anyway", flush=True)
     return runner.run(job)
 
 
-def measure_on_cpu(runner, job):
+def measure_on_cpu(runner, job, retries, quiet_wait_s):
     """One CPU measurement in a fresh process, retried while other processes disturbed it."""
-    result, attempts = _run_when_quiet(runner, job), 1
-    while attempts <= RETRIES and _others_load(result) > measure.CONTENDED_CORES:
+    result, attempts = _run_when_quiet(runner, job, quiet_wait_s), 1
+    while attempts <= retries and _others_load(result) > measure.CONTENDED_CORES:
         print(f"  other processes used {_others_load(result):.2f} cores meanwhile: measuring again", flush=True)
-        retry = _run_when_quiet(runner, job)
+        retry = _run_when_quiet(runner, job, quiet_wait_s)
         attempts += 1
         if "error" not in retry and _others_load(retry) < _others_load(result):
             result = retry
@@ -212,16 +219,15 @@ def main(argv=None):
     runner = measure.FreshProcessRunner() if settings["device"] == "cpu" else None
     started = time.perf_counter()
     for index, job in enumerate(jobs, 1):
-        result = measure_on_cpu(runner, job) if runner else measure.measure_cuda(job)
+        result = (measure_on_cpu(runner, job, settings["retries"], settings["quiet_wait_s"]) if runner
+                  else measure.measure_cuda(job))
         record["results"].append({"objective": job.objective, "tokens": job.tokens, "variant": job.variant, **result})
         summary = (f"error: {result['error']}" if "error" in result else
                    f"{result['peak_bytes'] / report.MIB:8.0f} MiB {result['seconds'] * 1e3:9.1f} ms"
                    + (f"  (others' CPU {result['other_cpu_load']:.2f})" if result.get("other_cpu_load") else ""))
         print(f"[{index:3d}/{len(jobs)} {time.perf_counter() - started:6.0f}s] {job.objective:<16} "
               f"{job.tokens:>6} {job.variant:<26} {summary}", flush=True)
-        last_of_objective = index == len(jobs) or jobs[index].objective != job.objective
-        if last_of_objective:  # partial outputs survive an interrupted or timed-out run
-            write_outputs(record, settings, final=False)
+        write_outputs(record, settings, final=False)  # partial outputs survive an interrupted or timed-out run
     record["total_seconds"] = round(time.perf_counter() - started, 1)
     base, text = write_outputs(record, settings, final=True)
     print()

@@ -2,6 +2,7 @@
 
     python -m bench.gpu_correctness                     # CUDA, Triton kernels (bench/gpu_check.sh)
     python -m bench.gpu_correctness --device cpu        # CPU fallback: the torch backend
+    python -m bench.gpu_correctness --objective jsd     # one objective (bench/gpu_check.sh runs them in parallel)
     TRITON_INTERPRET=1 python -m bench.gpu_correctness --device cpu --backend triton --small
 
 One PASS/FAIL line per check; exit status 1 when any check fails. The reference always runs in
@@ -39,7 +40,7 @@ import torch
 
 import hpd_kernels
 import reference
-from bench.workloads import IGNORE_INDEX, OBJECTIVES, REFERENCE_DIVERGENCES, has_fused_linear, mixture_kwargs
+from bench.workloads import HPD_SEED, IGNORE_INDEX, OBJECTIVES, REFERENCE_DIVERGENCES, has_fused_linear, mixture_kwargs
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -71,7 +72,9 @@ LOGIT_CASES = (
     LogitCase("float64", 37, 1000, 1000, 1.0, 1e-10, 1e-9),
     LogitCase("float64", 16, 5003, 5120, 2.0, 1e-10, 1e-9),
     LogitCase("float32", 64, 32000, 32000, 1.0, 1e-5, 1e-4),
-    LogitCase("bfloat16", 8, 151936, 151936, 1.0, 1e-4, 1e-2),
+    # 16 rows, not fewer: the JIT specialises integers on divisibility by 16, so these bf16 kernels are
+    # specialised as at 8192 rows, where gpu_floors and the benchmark take them from the compile cache.
+    LogitCase("bfloat16", 16, 151936, 151936, 1.0, 1e-4, 1e-2),
 )
 FUSED_CASES = (
     FusedCase("float64", 33, 48, 64, 3001, 8, 1e-10, 1e-9),
@@ -166,8 +169,10 @@ class Checker:
             sampled_ids = reference.sample_student(student[:, :shared].double().cpu(), temperature=case.temperature,
                                                    generator=generator).to(self.device)
         leaf = student.clone().requires_grad_(True)
+        # The benchmarks' seed: the JIT specialises the seed's key too, so their sampling kernels come
+        # from this step's compile cache (bench/gpu_check.sh).
         loss, details = _library_loss(objective, leaf, teacher, labels, case.temperature, self.backend,
-                                      sampled_ids=sampled_ids, seed=1234 if sample_in_kernel else None)
+                                      sampled_ids=sampled_ids, seed=HPD_SEED if sample_in_kernel else None)
         (grad,) = torch.autograd.grad(loss, leaf)
         if sample_in_kernel:
             sampled_ids = details.sampled_ids.clamp(min=0)  # ignored rows carry ignore_index
@@ -232,7 +237,7 @@ def main(argv=None):
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     parser.add_argument("--backend", choices=("triton", "torch"),
                         help="default: triton on cuda, torch on cpu")
-    parser.add_argument("--objectives", nargs="+", choices=OBJECTIVES, default=list(OBJECTIVES))
+    parser.add_argument("--objectives", "--objective", nargs="+", choices=OBJECTIVES, default=list(OBJECTIVES))
     parser.add_argument("--small", action="store_true", help="small shapes only (for Triton's CPU interpreter)")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():

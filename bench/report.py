@@ -155,8 +155,9 @@ def markdown(record: dict) -> str:
     load_header, load_rule = (" others' CPU (cores) |", "---:|") if on_cpu else ("", "")
     lines += ["", "## All measurements", ""]
     if on_cpu:
-        lines += [f"`others' CPU`: cores that other processes kept busy during the timed calls (a measurement "
-                  f"above {CONTENDED_CORES} is retried, the least disturbed attempt kept).", ""]
+        retried = (f"a measurement above {CONTENDED_CORES} is retried, the least disturbed attempt kept"
+                   if settings.get("retries", 1) else "not retried: a smoke run")
+        lines += [f"`others' CPU`: cores that other processes kept busy during the timed calls ({retried}).", ""]
     lines += ["| objective | tokens | variant | peak memory (MiB) | time (ms) | memory / ours | time / ours |"
               + load_header, "|---|---:|---|---:|---:|---:|---:|" + load_rule]
     notes = []

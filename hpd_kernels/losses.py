@@ -14,7 +14,7 @@ import torch
 from .ops import divergence as triton_divergence
 from .ops import hybrid as triton_hybrid
 from .ops import custom_ops, torch_backend
-from .ops.common import active_rows
+from .ops.common import STAT_W_LABEL, STAT_W_SAMPLE, active_rows
 from .ops.divergence import DivergenceFunction, mixture_logs
 from .ops.hybrid import HybridFunction
 from .ops.triton_utils import HAS_TRITON, interpreter_enabled, triton_usable_on
@@ -349,7 +349,7 @@ def _hybrid(student_logits, teacher_logits, labels, *, sampled_ids, seed, fkl_we
         per_row, stats, drawn = custom_ops.hybrid_rows(
             student, teacher.detach(), flat_labels, active, sampled_ids, int(seed or 0), float(temperature),
             float(fkl_weight), float(rkl_weight), int(ignore_index), "torch" if impl is torch_backend else "triton")
-        w_label, w_sample = stats[:, 1].detach(), stats[:, 2].detach()
+        w_label, w_sample = stats[:, STAT_W_LABEL].detach(), stats[:, STAT_W_SAMPLE].detach()
     else:
         per_row, drawn, w_label, w_sample = HybridFunction.apply(
             student, teacher.detach(), flat_labels, active, sampled_ids, seed, float(temperature),

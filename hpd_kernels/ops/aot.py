@@ -135,12 +135,14 @@ def int_arguments(launch: Launch):
     return [name for name, value in zip(kernel.arg_names, launch.args) if type(value) is int]
 
 
-def with_value(launch: Launch, argument: str, value) -> Launch:
+def with_ones(launch: Launch) -> Launch:
+    """The launch with every plain integer argument set to 1, each of which the JIT then folds into a
+    constant (one compile covers them all: a folded argument breaks the code that uses it)."""
     kernel = _kernels()[launch.kernel]
-    args = list(launch.args)
-    args[kernel.arg_names.index(argument)] = value
-    return Launch(launch.kernel, f"{launch.variant} {argument}={value}", tuple(args), launch.kwargs,
-                  launch.bytes_per_element, launch.passes)
+    names = int_arguments(launch)
+    args = tuple(1 if name in names else value for name, value in zip(kernel.arg_names, launch.args))
+    return Launch(launch.kernel, f"{launch.variant} " + " ".join(f"{name}=1" for name in names), args,
+                  launch.kwargs, launch.bytes_per_element, launch.passes)
 
 
 def specialise(launch: Launch, target):
@@ -235,14 +237,13 @@ def main(argv=None):
     parser.add_argument("--out", help="write the markdown report here as well as to stdout")
     parser.add_argument("--jobs", type=int, default=None, help="parallel compiler processes (default: all cores)")
     parser.add_argument("--ones", action="store_true",
-                        help="compile instead every launch once per integer argument set to 1 (the JIT folds a 1 "
-                             "into a constant), and print one line per compile")
+                        help="compile instead every bfloat16 launch with its integer arguments set to 1 (the JIT "
+                             "folds a 1 into a constant), and print one line per compile")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         sys.exit("unset TRITON_INTERPRET: the interpreter's kernels cannot be compiled")
     if args.ones:
-        items = [with_value(launch, name, 1) for launch in launches(dtypes=("bfloat16",))
-                 for name in int_arguments(launch)]
+        items = [with_ones(launch) for launch in launches(dtypes=("bfloat16",))]
         for row in compile_all(args.jobs, items):
             print(f"compiled {row['kernel']} {row['variant']}")
         return

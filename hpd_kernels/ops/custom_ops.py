@@ -23,6 +23,7 @@ from torch import Tensor
 from . import divergence as triton_divergence
 from . import hybrid as triton_hybrid
 from . import torch_backend
+from .common import DIVERGENCE_STATS, HYBRID_STATS
 from .fused_linear import Objective, scalar_pass
 
 
@@ -50,7 +51,8 @@ def divergence_rows(student: Tensor, teacher: Tensor, labels: Optional[Tensor], 
 @divergence_rows.register_fake
 def _(student, teacher, labels, active, divergence, temperature, log_mix_p, log_mix_q, ignore_index, backend):
     rows = student.shape[0]
-    return student.new_empty((rows,), dtype=_acc(student)), student.new_empty((rows, 3), dtype=_acc(student))
+    return (student.new_empty((rows,), dtype=_acc(student)),
+            student.new_empty((rows, DIVERGENCE_STATS), dtype=_acc(student)))
 
 
 @torch.library.custom_op("hpd_kernels::divergence_rows_backward", mutates_args=())
@@ -103,7 +105,7 @@ def hybrid_rows(student: Tensor, teacher: Tensor, labels: Tensor, active: Tensor
 def _(student, teacher, labels, active, sampled_ids, seed, temperature, fkl_weight, rkl_weight, ignore_index,
       backend):
     rows = student.shape[0]
-    return (student.new_empty((rows,), dtype=_acc(student)), student.new_empty((rows, 3), dtype=_acc(student)),
+    return (student.new_empty((rows,), dtype=_acc(student)), student.new_empty((rows, HYBRID_STATS), dtype=_acc(student)),
             student.new_empty((rows,), dtype=torch.int64))
 
 

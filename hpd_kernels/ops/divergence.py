@@ -23,18 +23,15 @@ import math
 
 import torch
 
-from .triton_utils import HAS_TRITON, launch_shape, logaddexp, online_logsumexp_step, tl, triton
+from .common import DIVERGENCE_STATS
+from .triton_utils import (HAS_TRITON, LN2, LOG2E, fast_log2, finish_logsumexp, launch_shape, log2_softmax,
+                           online_logsumexp_step, tl, triton)
 
-# Divergence codes: the kernels' DIVERGENCE constexpr.
-FORWARD_KL, REVERSE_KL, JSD, SKEW_FORWARD_KL, SKEW_REVERSE_KL, TVD = range(6)
-DIVERGENCE_CODES = {
-    "forward_kl": FORWARD_KL,
-    "reverse_kl": REVERSE_KL,
-    "jsd": JSD,
-    "skew_forward_kl": SKEW_FORWARD_KL,
-    "skew_reverse_kl": SKEW_REVERSE_KL,
-    "tvd": TVD,
-}
+# Divergence codes: the kernels' DIVERGENCE constexpr (constexpr objects, the only globals a kernel may read).
+DIVERGENCE_CODES = {name: code for code, name in enumerate(
+    ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"))}
+FORWARD_KL, REVERSE_KL, JSD, SKEW_FORWARD_KL, SKEW_REVERSE_KL, TVD = (
+    tl.constexpr(code) if HAS_TRITON else code for code in DIVERGENCE_CODES.values())
 
 
 def mixture_logs(divergence: str, beta: float, alpha: float) -> tuple[str, float, float]:
@@ -68,34 +65,40 @@ if HAS_TRITON:
         return tl.where(condition, 0.0, value)
 
     @triton.jit
-    def divergence_terms(log_q, log_p, log_mix_p, log_mix_q, DIVERGENCE: tl.constexpr):
-        """Per-token value and weight `w` of one divergence, from the two log-softmaxes."""
-        q = tl.exp(log_q)
-        p = tl.exp(log_p)
-        if DIVERGENCE == 0:  # forward KL
-            value = _zero_if(p == 0, p * (log_p - log_q))
+    def _log2_mixture(p, q, log2_p, log2_q, mix_p, mix_q, log2_mix_p, log2_mix_q):
+        # log2(mix_p p + mix_q q): the hardware lg2 of the sum, bounded below by its larger term's
+        # log, which is exact enough (within one bit) where the sum underflows and keeps p q / m finite.
+        return tl.maximum(fast_log2(mix_p * p + mix_q * q),
+                          tl.maximum(log2_mix_p + log2_p, log2_mix_q + log2_q))
+
+    @triton.jit
+    def divergence_terms(log2_q, log2_p, mix_p, mix_q, log2_mix_p, log2_mix_q, DIVERGENCE: tl.constexpr):
+        """Per-token value and weight `w` (natural units) of one divergence, from the two base-2
+        log-softmaxes; the mixture is `m = mix_p p + mix_q q`."""
+        q = tl.exp2(log2_q)
+        p = tl.exp2(log2_p)
+        if DIVERGENCE == FORWARD_KL:
+            value = LN2 * _zero_if(p == 0, p * (log2_p - log2_q))
             weight = p
-        elif DIVERGENCE == 1:  # reverse KL
-            value = _zero_if(q == 0, q * (log_q - log_p))
+        elif DIVERGENCE == REVERSE_KL:
+            value = LN2 * _zero_if(q == 0, q * (log2_q - log2_p))
             weight = -value
-        elif DIVERGENCE == 2:  # generalized JSD: m = beta p + (1 - beta) q
-            log_m = logaddexp(log_mix_p + log_p, log_mix_q + log_q)
-            value = (tl.exp(log_mix_p) * _zero_if(p == 0, p * (log_p - log_m))
-                     + tl.exp(log_mix_q) * _zero_if(q == 0, q * (log_q - log_m)))
-            weight = tl.exp(log_mix_q) * _zero_if(q == 0, q * (log_m - log_q))
-        elif DIVERGENCE == 3:  # skew forward KL: m = alpha p + (1 - alpha) q
-            log_m = logaddexp(log_mix_p + log_p, log_mix_q + log_q)
-            value = _zero_if(p == 0, p * (log_p - log_m))
-            # (1 - alpha) p q / m from logs: q / m stays O(1) where q alone underflows to 0 (alpha -> 0).
-            weight = _zero_if((log_p == float("-inf")) | (log_q == float("-inf")),
-                              tl.exp(log_mix_q + log_p + log_q - log_m))
-        elif DIVERGENCE == 4:  # skew reverse KL: m = alpha q + (1 - alpha) p
-            log_m = logaddexp(log_mix_p + log_p, log_mix_q + log_q)
-            value = _zero_if(q == 0, q * (log_q - log_m))
-            weight = _zero_if(q == 0, q * (log_m - log_q + tl.exp(log_mix_q + log_q - log_m)))
-        else:  # total variation
+        elif DIVERGENCE == TVD:
             value = 0.5 * tl.abs(p - q)
             weight = 0.5 * q * tl.where(p > q, 1.0, tl.where(p < q, -1.0, 0.0))
+        else:
+            log2_m = _log2_mixture(p, q, log2_p, log2_q, mix_p, mix_q, log2_mix_p, log2_mix_q)
+            q_term = _zero_if(q == 0, q * (log2_q - log2_m))
+            if DIVERGENCE == JSD:
+                value = LN2 * (mix_p * _zero_if(p == 0, p * (log2_p - log2_m)) + mix_q * q_term)
+                weight = -LN2 * mix_q * q_term
+            elif DIVERGENCE == SKEW_FORWARD_KL:
+                value = LN2 * _zero_if(p == 0, p * (log2_p - log2_m))
+                # mix_q p q / m from logs: q / m stays O(1) where q alone underflows to 0 (alpha -> 0).
+                weight = _zero_if(p * q == 0, tl.exp2(log2_mix_q + log2_p + log2_q - log2_m))
+            else:  # skew reverse KL
+                value = LN2 * q_term
+                weight = _zero_if(q == 0, q * tl.exp2(log2_mix_q + log2_q - log2_m)) - LN2 * q_term
         return value, weight
 
     @triton.jit
@@ -106,9 +109,11 @@ if HAS_TRITON:
         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
     ):
         acc_dtype = tl.float64 if FP64 else tl.float32
-        inv_temperature = tl.load(scalars_ptr + 0)
-        log_mix_p = tl.load(scalars_ptr + 1)
-        log_mix_q = tl.load(scalars_ptr + 2)
+        scale = tl.load(scalars_ptr + 0)  # log2(e) / T
+        mix_p = tl.load(scalars_ptr + 1)
+        mix_q = tl.load(scalars_ptr + 2)
+        log2_mix_p = tl.load(scalars_ptr + 3)
+        log2_mix_q = tl.load(scalars_ptr + 4)
         rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
         active = rows < n_rows
         if HAS_LABELS:
@@ -121,45 +126,55 @@ if HAS_TRITON:
         max_t = tl.full([BLOCK_N], float("-inf"), acc_dtype)
         sum_s = tl.zeros([BLOCK_N], acc_dtype)
         sum_t = tl.zeros([BLOCK_N], acc_dtype)
-        # Forward/reverse KL: sum_v exp(x - ref) * (x - other), rescaled like the sums above.
+        # Forward/reverse KL: sum_v 2^(x - ref) * (x - other) in raw logits, rescaled like the sums.
         online_value = tl.zeros([BLOCK_N], acc_dtype)
         for start in range(0, vocab, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)
             mask = active[:, None] & (cols[None, :] < vocab)
-            s = tl.load(student_rows + cols[None, :], mask=mask, other=float("-inf")).to(acc_dtype) * inv_temperature
-            t = tl.load(teacher_rows + cols[None, :], mask=mask, other=float("-inf")).to(acc_dtype) * inv_temperature
-            max_s, sum_s, exps_s, rescale_s = online_logsumexp_step(max_s, sum_s, s)
-            max_t, sum_t, exps_t, rescale_t = online_logsumexp_step(max_t, sum_t, t)
-            if DIVERGENCE == 0:
+            s = tl.load(student_rows + cols[None, :], mask=mask, other=float("-inf")).to(acc_dtype)
+            t = tl.load(teacher_rows + cols[None, :], mask=mask, other=float("-inf")).to(acc_dtype)
+            max_s, sum_s, exps_s, rescale_s = online_logsumexp_step(max_s, sum_s, s, scale)
+            max_t, sum_t, exps_t, rescale_t = online_logsumexp_step(max_t, sum_t, t, scale)
+            if DIVERGENCE == FORWARD_KL:
                 online_value = online_value * rescale_t + tl.sum(_zero_if(t == float("-inf"), exps_t * (t - s)), axis=1)
-            elif DIVERGENCE == 1:
+            elif DIVERGENCE == REVERSE_KL:
                 online_value = online_value * rescale_s + tl.sum(_zero_if(s == float("-inf"), exps_s * (s - t)), axis=1)
-        lse_s = tl.where(max_s == float("-inf"), 0.0, max_s) + tl.log(sum_s)
-        lse_t = tl.where(max_t == float("-inf"), 0.0, max_t) + tl.log(sum_t)
+        max_s, log_sum_s = finish_logsumexp(max_s, sum_s)
+        max_t, log_sum_t = finish_logsumexp(max_t, sum_t)
+        # lse_s - lse_t in nats, each part difference first (no digits lost to large maxima).
+        lse_gap = LN2 * ((max_s - max_t) * scale + (log_sum_s - log_sum_t))
 
-        if DIVERGENCE == 0:  # E_p[t - s] - lse_t + lse_s
-            loss = online_value / sum_t - lse_t + lse_s
+        if DIVERGENCE == FORWARD_KL:  # E_p[t - s] / T - lse_t + lse_s
+            loss = (LN2 * scale) * online_value / sum_t + lse_gap
             row_sum = tl.full([BLOCK_N], 1.0, acc_dtype)
-        elif DIVERGENCE == 1:  # E_q[s - t] - lse_s + lse_t; W = -loss
-            loss = online_value / sum_s - lse_s + lse_t
+        elif DIVERGENCE == REVERSE_KL:  # E_q[s - t] / T - lse_s + lse_t; W = -loss
+            loss = (LN2 * scale) * online_value / sum_s - lse_gap
             row_sum = -loss
         else:
-            loss = tl.zeros([BLOCK_N], acc_dtype)
-            row_sum = tl.zeros([BLOCK_N], acc_dtype)
+            # Per-lane partial sums, reduced once after the loop rather than once per tile.
+            loss_lanes = tl.zeros([BLOCK_N, BLOCK_V], acc_dtype)
+            weight_lanes = tl.zeros([BLOCK_N, BLOCK_V], acc_dtype)
             for start in range(0, vocab, BLOCK_V):
                 cols = start + tl.arange(0, BLOCK_V)
                 mask = active[:, None] & (cols[None, :] < vocab)
-                s = tl.load(student_rows + cols[None, :], mask=mask, other=float("-inf")).to(acc_dtype) * inv_temperature
-                t = tl.load(teacher_rows + cols[None, :], mask=mask, other=float("-inf")).to(acc_dtype) * inv_temperature
-                value, weight = divergence_terms(s - lse_s[:, None], t - lse_t[:, None], log_mix_p, log_mix_q, DIVERGENCE)
-                loss += tl.sum(_zero_unless(mask, value), axis=1)
-                row_sum += tl.sum(_zero_unless(mask, weight), axis=1)
+                s = tl.load(student_rows + cols[None, :], mask=mask, other=float("-inf")).to(acc_dtype)
+                t = tl.load(teacher_rows + cols[None, :], mask=mask, other=float("-inf")).to(acc_dtype)
+                value, weight = divergence_terms(
+                    log2_softmax(s, scale, max_s[:, None], log_sum_s[:, None]),
+                    log2_softmax(t, scale, max_t[:, None], log_sum_t[:, None]),
+                    mix_p, mix_q, log2_mix_p, log2_mix_q, DIVERGENCE)
+                loss_lanes += _zero_unless(mask, value)
+                weight_lanes += _zero_unless(mask, weight)
+            loss = tl.sum(loss_lanes, axis=1)
+            row_sum = tl.sum(weight_lanes, axis=1)
 
         tl.store(loss_ptr + rows, _zero_unless(active, loss), mask=rows < n_rows)
-        stats = stats_ptr + rows * 3
-        tl.store(stats + 0, lse_s, mask=active)
-        tl.store(stats + 1, lse_t, mask=active)
-        tl.store(stats + 2, row_sum, mask=active)
+        stats = stats_ptr + rows * 5
+        tl.store(stats + 0, max_s, mask=active)
+        tl.store(stats + 1, log_sum_s, mask=active)
+        tl.store(stats + 2, max_t, mask=active)
+        tl.store(stats + 3, log_sum_t, mask=active)
+        tl.store(stats + 4, row_sum, mask=active)
 
     @triton.jit
     def _divergence_backward_kernel(
@@ -168,20 +183,24 @@ if HAS_TRITON:
         DIVERGENCE: tl.constexpr, FP64: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
     ):
         acc_dtype = tl.float64 if FP64 else tl.float32
-        inv_temperature = tl.load(scalars_ptr + 0)
-        log_mix_p = tl.load(scalars_ptr + 1)
-        log_mix_q = tl.load(scalars_ptr + 2)
+        scale = tl.load(scalars_ptr + 0)
+        mix_p = tl.load(scalars_ptr + 1)
+        mix_q = tl.load(scalars_ptr + 2)
+        log2_mix_p = tl.load(scalars_ptr + 3)
+        log2_mix_q = tl.load(scalars_ptr + 4)
         rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
         in_range = rows < n_rows
         # row_scale is 0 on inactive rows (and on rows whose incoming gradient is 0): their
         # gradient is exactly 0 and their logits are never read.
         row_scale = tl.load(row_scale_ptr + rows, mask=in_range, other=0.0).to(acc_dtype)
         active = in_range & (row_scale != 0.0)
-        stats = stats_ptr + rows * 3
-        lse_s = tl.load(stats + 0, mask=active, other=0.0).to(acc_dtype)
-        lse_t = tl.load(stats + 1, mask=active, other=0.0).to(acc_dtype)
-        row_sum = tl.load(stats + 2, mask=active, other=0.0).to(acc_dtype)
-        coefficient = -row_scale * inv_temperature
+        stats = stats_ptr + rows * 5
+        max_s = tl.load(stats + 0, mask=active, other=0.0).to(acc_dtype)
+        log_sum_s = tl.load(stats + 1, mask=active, other=0.0).to(acc_dtype)
+        max_t = tl.load(stats + 2, mask=active, other=0.0).to(acc_dtype)
+        log_sum_t = tl.load(stats + 3, mask=active, other=0.0).to(acc_dtype)
+        row_sum = tl.load(stats + 4, mask=active, other=0.0).to(acc_dtype)
+        coefficient = -row_scale * (LN2 * scale)  # -row_scale / T
         student_rows = student_ptr + rows[:, None] * stride_student
         teacher_rows = teacher_ptr + rows[:, None] * stride_teacher
         grad_rows = grad_ptr + rows[:, None] * stride_grad
@@ -189,11 +208,12 @@ if HAS_TRITON:
             cols = start + tl.arange(0, BLOCK_V)
             # Columns past the shared vocabulary (a larger student) get gradient 0.
             mask = active[:, None] & (cols[None, :] < vocab)
-            s = tl.load(student_rows + cols[None, :], mask=mask, other=float("-inf")).to(acc_dtype) * inv_temperature
-            t = tl.load(teacher_rows + cols[None, :], mask=mask, other=float("-inf")).to(acc_dtype) * inv_temperature
-            log_q = s - lse_s[:, None]
-            _, weight = divergence_terms(log_q, t - lse_t[:, None], log_mix_p, log_mix_q, DIVERGENCE)
-            grad = coefficient[:, None] * (weight - tl.exp(log_q) * row_sum[:, None])
+            s = tl.load(student_rows + cols[None, :], mask=mask, other=float("-inf")).to(acc_dtype)
+            t = tl.load(teacher_rows + cols[None, :], mask=mask, other=float("-inf")).to(acc_dtype)
+            log2_q = log2_softmax(s, scale, max_s[:, None], log_sum_s[:, None])
+            _, weight = divergence_terms(log2_q, log2_softmax(t, scale, max_t[:, None], log_sum_t[:, None]),
+                                         mix_p, mix_q, log2_mix_p, log2_mix_q, DIVERGENCE)
+            grad = coefficient[:, None] * (weight - tl.exp2(log2_q) * row_sum[:, None])
             tl.store(grad_rows + cols[None, :], _zero_unless(mask, grad).to(grad_ptr.dtype.element_ty),
                      mask=in_range[:, None] & (cols[None, :] < student_vocab))
 
@@ -204,13 +224,19 @@ def kernel_scalars(values, acc_dtype, device):
     return torch.tensor(values, dtype=acc_dtype, device=device)
 
 
+def divergence_scalars(temperature, log_mix_p, log_mix_q, acc_dtype, device):
+    """`[log2(e) / T, mix_p, mix_q, log2 mix_p, log2 mix_q]` of the mixture `m = mix_p p + mix_q q`."""
+    return kernel_scalars([LOG2E / temperature, math.exp(log_mix_p), math.exp(log_mix_q),
+                           log_mix_p * LOG2E, log_mix_q * LOG2E], acc_dtype, device)
+
+
 def divergence_forward(student, teacher, labels, *, divergence, temperature, log_mix_p, log_mix_q, ignore_index):
-    """Per-row loss `[N]` and stats `[N, 3]` (lse_s, lse_t, W) in the accumulation dtype."""
+    """Per-row loss `[N]` and stats `[N, 5]` (`common.STAT_*`, base 2) in the accumulation dtype."""
     n_rows, vocab = student.shape[0], min(student.shape[1], teacher.shape[1])
     acc_dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
-    scalars = kernel_scalars([1.0 / temperature, log_mix_p, log_mix_q], acc_dtype, student.device)
+    scalars = divergence_scalars(temperature, log_mix_p, log_mix_q, acc_dtype, student.device)
     loss = torch.empty(n_rows, dtype=acc_dtype, device=student.device)
-    stats = torch.empty(n_rows, 3, dtype=acc_dtype, device=student.device)
+    stats = torch.empty(n_rows, DIVERGENCE_STATS, dtype=acc_dtype, device=student.device)
     if n_rows == 0:
         return loss, stats
     shape = launch_shape(n_rows, vocab, student.device, acc_dtype == torch.float64)
@@ -229,7 +255,7 @@ def divergence_backward(student, teacher, stats, row_scale, grad, *, divergence,
     n_rows, vocab = student.shape[0], min(student.shape[1], teacher.shape[1])
     if n_rows == 0:
         return grad
-    scalars = kernel_scalars([1.0 / temperature, log_mix_p, log_mix_q], stats.dtype, student.device)
+    scalars = divergence_scalars(temperature, log_mix_p, log_mix_q, stats.dtype, student.device)
     shape = launch_shape(n_rows, student.shape[1], student.device, stats.dtype == torch.float64)
     grid = (triton.cdiv(n_rows, shape["BLOCK_N"]),)
     _divergence_backward_kernel[grid](

@@ -5,7 +5,9 @@ the input dtype, the loss kernels (Triton or torch, the same ones the logits-lev
 reduce them to per-row values, the backward kernel overwrites the student's chunk logits with their
 own gradient, and that gradient is immediately contracted into `dL/dh_s` (rows of this chunk) and
 accumulated into `dL/dW_s`, `dL/db_s` (float32). Peak memory is then one chunk of student and
-teacher logits plus the weight gradient, instead of several `[N, V]` tensors.
+teacher logits plus the weight gradient, instead of several `[N, V]` tensors. On CUDA the
+`dL/dW_s` GEMM takes the chunk's fp16/bf16 operands as they are and accumulates in float32
+(`accumulate_mm`): no float32 copy of a chunk, and the tensor cores' rate for the step's largest GEMM.
 
 With a scalar reduction ("mean"/"sum") the gradients are computed during the forward (the
 incoming gradient of a scalar loss only rescales them), so the logits are built once. With
@@ -20,9 +22,12 @@ GPU (whole GEMM tiles). The budget is 32 MiB on the CPU and 1/32 of the free GPU
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
+
+from .common import STAT_W_LABEL, STAT_W_SAMPLE
 
 
 CPU_CHUNK_BUDGET = 32 * 2**20
@@ -54,6 +59,35 @@ def rows_per_chunk(n_rows: int, student_vocab: int, teacher_vocab: int, itemsize
     if device.type == "cuda" and rows > 64:
         rows -= rows % 64
     return max(1, min(rows, n_rows))
+
+
+@functools.cache
+def _cuda_addmm_accumulates_in_float32(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether this torch's CUDA `addmm` adds `dtype` operands into a float32 `self` and `out`: tried
+    once per device and dtype, since older releases lack the `out_dtype` overload and some that
+    have it refuse a float32 `self` (pytorch#167931)."""
+    accumulator = torch.zeros(1, 1, device=device)
+    operand = torch.ones(1, 1, device=device, dtype=dtype)
+    try:
+        torch.addmm(accumulator, operand, operand, out_dtype=torch.float32, out=accumulator)
+    except (RuntimeError, TypeError):  # TypeError: no `out_dtype` argument at all
+        return False
+    return True
+
+
+def half_operand_gemm(device: torch.device, dtype: torch.dtype) -> bool:
+    """The rule of `accumulate_mm`: on CUDA, fp16/bf16 operands go to the GEMM as they are and cuBLAS
+    accumulates them in float32; elsewhere (the CPU has no such kernel) they are upcast first."""
+    return (device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+            and _cuda_addmm_accumulates_in_float32(device, dtype))
+
+
+def accumulate_mm(accumulator, mat1, mat2):
+    """`accumulator += mat1 @ mat2` in place; `accumulator` is float32 (float64 for float64 operands)."""
+    if mat1.dtype == mat2.dtype != accumulator.dtype and half_operand_gemm(mat1.device, mat1.dtype):
+        torch.addmm(accumulator, mat1, mat2, out_dtype=accumulator.dtype, out=accumulator)
+    else:  # upcasts the chunk's (small) operands; never a [V, H] temporary
+        accumulator.addmm_(mat1.to(accumulator.dtype), mat2.to(accumulator.dtype))
 
 
 def _linear(hidden, weight, bias):
@@ -98,7 +132,7 @@ class _Chunks:
                     student_logits, teacher_logits, labels, given, seed=objective.seed,
                     temperature=objective.temperature, fkl_weight=objective.fkl_weight,
                     rkl_weight=objective.rkl_weight, ignore_index=objective.ignore_index, row_offset=start)
-                drawn[rows], label_weight[rows], sample_weight[rows] = ids, stats[:, 1], stats[:, 2]
+                drawn[rows], label_weight[rows], sample_weight[rows] = ids, stats[:, STAT_W_LABEL], stats[:, STAT_W_SAMPLE]
             else:
                 loss, stats = self.impl.divergence_forward(
                     student_logits, teacher_logits, labels, divergence=objective.name,
@@ -121,8 +155,7 @@ class _Chunks:
             if grad_hidden is not None:
                 torch.mm(grad_logits, weight, out=grad_hidden[rows])
             if grad_weight is not None:
-                # float32 accumulation in place: the chunk's (small) operands are upcast, never a [V, H] temporary.
-                grad_weight.addmm_(grad_logits.t().to(acc_dtype), hidden[rows].to(acc_dtype))
+                accumulate_mm(grad_weight, grad_logits.t(), hidden[rows])
             if grad_bias is not None:
                 grad_bias += grad_logits.sum(0, dtype=acc_dtype)
         if grad_hidden is not None and hasattr(self.impl, "reduce_hidden_grad"):
@@ -178,9 +211,9 @@ class FusedLinearDistillation(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *_):
-        if ctx.eager:
+        if ctx.eager:  # scaled in place: the one copy of grad_W is its conversion to the weight's dtype below
             grad_hidden, grad_weight, grad_bias = (
-                None if grad is None else grad * grad_loss.to(grad.dtype) for grad in ctx.grads)
+                None if grad is None else grad.mul_(grad_loss.to(grad.dtype)) for grad in ctx.grads)
             ctx.grads = None
         else:
             saved = ctx.saved_tensors

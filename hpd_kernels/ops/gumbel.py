@@ -1,16 +1,25 @@
-"""Counter-based Gumbel noise, bit-identical in Triton and in PyTorch.
+"""Counter-based Gumbel noise, the same bits in Triton and in PyTorch.
 
 `y_hat = argmax_v (s_v / T + g(seed, row, v))` with `g` standard Gumbel is an exact draw from
 `softmax(s / T)` that needs no softmax in memory, so it folds into the streaming log-sum-exp pass.
 The noise is a pure function of `(seed, row, column)`: a row can be processed in any tile order,
 on any backend, or split over vocabulary shards, and still draw the same token.
 
+The kernels work in base 2, so the noise is too: with `s2 = s log2(e) / T`,
+`argmax(s2 + g2)` where `g2 = -log2(-log2 u) = log2(e) g + const` is the same draw (a positive
+multiple of the score plus a constant has the same argmax).
+
 Bits: a 32-bit integer hash ("lowbias32", Wellons 2018, an avalanche-tested successor of
-MurmurHash3's finaliser) keyed by seed and row, then applied per column. The top 23 bits give
-`u = (k + 1/2) / 2^23`, strictly inside (0, 1) and exact in fp32 (with 24 bits, `k + 1/2` would
-round up to 2^24 and give `u = 1`, an infinite Gumbel), so `-log(-log u)` is finite and lies in
-[-2.81, 16.6]; the truncated tail affects only tokens with probability below ~1e-7 of the row's
-mode.
+MurmurHash3's finaliser) keyed by seed and row, then applied once per element to the row key xor
+`column * 0x9E3779B9` (a bijection of the column, spread over all 32 bits, so two rows' keys never
+make one row's noise a shift or permutation of another's). The top 23 bits give
+`u = (k + 1/2) / 2^23`, strictly inside (0, 1), built as a float from the bits (no int-to-float
+conversion): `bits(1 + k 2^-23) - (1 - 2^-24)` is exact. So `g2` is finite and lies in
+[-4.59, 23.48]; the truncated tail affects only tokens with probability below ~1e-7 of the row's
+mode. The inner `-log2 u` is the accurate one (near u = 1 it is tiny and the hardware `lg2`'s
+absolute error would dominate it); the outer one is the hardware `lg2` on the GPU, whose error is
+far below a float32 score's rounding. So on a GPU the Triton draws can differ from the torch
+backend's in rare near-ties (scores within ~1e-6); on the CPU (the interpreter) they are bit-identical.
 """
 
 from __future__ import annotations
@@ -21,7 +30,10 @@ import torch
 _MASK32 = 0xFFFFFFFF
 _MUL1 = 0x7FEB352D
 _MUL2 = 0x846CA68B
-_COLUMN_SALT = 0x9E3779B9
+_COLUMN_MUL = 0x9E3779B9
+_ONE_MINUS_HALF_ULP = 1.0 - 2.0**-24   # exact in float32
+# The largest g2: u = 1 - 2^-24 (with a margin for the float32 rounding of both logs).
+GUMBEL2_MAX = 23.5
 
 
 def seed_key(seed: int) -> int:
@@ -73,48 +85,49 @@ def _lowbias32_int32_(h: torch.Tensor) -> torch.Tensor:
     return h
 
 
-def _gumbel_numpy(row_keys: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+def _gumbel2_numpy(row_keys: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
     """The CPU path: NumPy's uint32 shifts and products are several times faster than torch's."""
-    column_hash = _lowbias32_torch(columns.to(torch.int64) + _COLUMN_SALT).numpy().astype(np.uint32)
-    bits = row_keys.numpy().astype(np.uint32)[:, None] ^ column_hash[None, :]
+    column_bits = columns.numpy().astype(np.uint32) * np.uint32(_COLUMN_MUL)
+    bits = row_keys.numpy().astype(np.uint32)[:, None] ^ column_bits[None, :]
     bits ^= bits >> 16
     bits *= np.uint32(_MUL1)
     bits ^= bits >> 15
     bits *= np.uint32(_MUL2)
     bits ^= bits >> 16
-    return torch.from_numpy(gumbel_from_bits_numpy(bits))
+    return torch.from_numpy(gumbel2_from_bits_numpy(bits))
 
 
-def gumbel_from_bits_numpy(bits: np.ndarray) -> np.ndarray:
-    uniform = (bits >> 9).astype(np.float32)
-    uniform += np.float32(0.5)
-    uniform *= np.float32(1.0 / 8388608.0)
-    np.log(uniform, out=uniform)
+def gumbel2_from_bits_numpy(bits: np.ndarray) -> np.ndarray:
+    uniform = ((bits >> 9) | np.uint32(0x3F800000)).view(np.float32)
+    uniform -= np.float32(_ONE_MINUS_HALF_ULP)
+    np.log2(uniform, out=uniform)
     np.negative(uniform, out=uniform)
-    np.log(uniform, out=uniform)
+    np.log2(uniform, out=uniform)
     np.negative(uniform, out=uniform)
     return uniform
 
 
-def gumbel_from_bits_torch(bits: torch.Tensor) -> torch.Tensor:
+def gumbel2_from_bits_torch(bits: torch.Tensor) -> torch.Tensor:
     """`bits`: int32 holding uint32 values (see `_lowbias32_int32_`)."""
-    uniform = ((bits >> 9) & 0x7FFFFF).to(torch.float32).add_(0.5).mul_(1.0 / 8388608.0)
-    return uniform.log_().neg_().log_().neg_()
+    uniform = (((bits >> 9) & 0x7FFFFF) | 0x3F800000).view(torch.float32).sub_(_ONE_MINUS_HALF_ULP)
+    return uniform.log2_().neg_().log2_().neg_()
 
 
-def gumbel_torch(row_keys: torch.Tensor, columns: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
-    """Gumbel noise `[rows, columns]` for keys `[rows]` and global column indices `[columns]`."""
+def gumbel2_torch(row_keys: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """Base-2 Gumbel noise `[rows, columns]` (float32) for keys `[rows]` and global column indices `[columns]`."""
     if row_keys.device.type == "cpu":
-        return _gumbel_numpy(row_keys, columns).to(dtype)
-    column_hash = _lowbias32_torch(columns.to(torch.int64) + _COLUMN_SALT)
+        return _gumbel2_numpy(row_keys, columns)
     to_int32 = lambda values: torch.where(values >= (1 << 31), values - (1 << 32), values).to(torch.int32)
-    bits = _lowbias32_int32_(to_int32(row_keys)[:, None] ^ to_int32(column_hash)[None, :])
-    return gumbel_from_bits_torch(bits).to(dtype)
+    column_bits = to_int32((columns.to(torch.int64) * _COLUMN_MUL) & _MASK32)
+    bits = _lowbias32_int32_(to_int32(row_keys)[:, None] ^ column_bits[None, :])
+    return gumbel2_from_bits_torch(bits)
 
 
 try:  # Triton is optional: the torch backend needs none of this.
     import triton
     import triton.language as tl
+
+    from .triton_utils import fast_log2
 
     @triton.jit
     def _lowbias32(h):
@@ -133,16 +146,16 @@ try:  # Triton is optional: the torch backend needs none of this.
         return _lowbias32(_lowbias32(key.to(tl.uint32) ^ lo) ^ hi)
 
     @triton.jit
-    def gumbel_triton(row_keys, columns):
-        """`row_keys` uint32 [R], `columns` int64 [C] -> fp32 Gumbel noise [R, C]."""
-        column_hash = _lowbias32((columns + 0x9E3779B9).to(tl.uint32))
-        return gumbel_from_bits(_lowbias32(row_keys[:, None] ^ column_hash[None, :]))
+    def gumbel2_triton(row_keys, columns):
+        """`row_keys` uint32 [R], `columns` int32 [C] -> float32 base-2 Gumbel noise [R, C]."""
+        column_bits = columns.to(tl.uint32) * 0x9E3779B9
+        return gumbel2_from_bits(_lowbias32(row_keys[:, None] ^ column_bits[None, :]))
 
     @triton.jit
-    def gumbel_from_bits(bits):
-        uniform = ((bits >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)
-        return -tl.log(-tl.log(uniform))
+    def gumbel2_from_bits(bits):
+        uniform = ((bits >> 9) | 0x3F800000).to(tl.float32, bitcast=True) - 0.99999994039535522
+        return -fast_log2(-tl.log2(uniform))
 
 except ImportError:  # pragma: no cover - exercised only where triton is absent
     triton = None
-    gumbel_triton = row_keys_triton = gumbel_from_bits = None
+    gumbel2_triton = row_keys_triton = gumbel2_from_bits = None

@@ -12,18 +12,20 @@ from __future__ import annotations
 
 import torch
 
-from .gumbel import gumbel_triton, row_keys_triton, seed_key
+from .common import HYBRID_STATS, STAT_W_LABEL, STAT_W_SAMPLE
 from .divergence import kernel_scalars
-from .triton_utils import HAS_TRITON, launch_shape, online_logsumexp_step, tl, triton
-
-# Columns of the per-row stats: log-sum-exp of s / T, w_y, w_hat.
-STAT_W_LABEL, STAT_W_SAMPLE = 1, 2
+from .gumbel import GUMBEL2_MAX, gumbel2_triton, row_keys_triton, seed_key
+from .triton_utils import (HAS_TRITON, LN2, LOG2E, finish_logsumexp, launch_shape, log2_softmax,
+                           online_logsumexp_step, tl, triton)
 
 if HAS_TRITON:
+    NOISE_MAX = tl.constexpr(GUMBEL2_MAX)  # kernels read only constexpr globals
 
     @triton.jit
-    def _log_prob_at(row_ptrs, ids, active, inv_temperature, lse, acc_dtype: tl.constexpr):
-        return tl.load(row_ptrs + ids, mask=active, other=0.0).to(acc_dtype) * inv_temperature - lse
+    def _log_prob_at(row_ptrs, ids, active, scale, row_max, row_log_sum, acc_dtype: tl.constexpr):
+        """Natural log-softmax at one column per row, from the base-2 stats."""
+        logits = tl.load(row_ptrs + ids, mask=active, other=0.0).to(acc_dtype)
+        return LN2 * log2_softmax(logits, scale, row_max, row_log_sum)
 
     @triton.jit
     def _reverse_kl_weight(log_q, log_p):
@@ -35,14 +37,16 @@ if HAS_TRITON:
     def _weighted(weight, log_q):
         return tl.where(weight == 0, 0.0, weight * log_q)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["seed", "row_offset"])
     def _hybrid_forward_kernel(
         student_ptr, teacher_ptr, labels_ptr, sampled_ptr, loss_ptr, stats_ptr, scalars_ptr,
         n_rows, vocab, stride_student, stride_teacher, ignore_index, seed, row_offset,
         SAMPLE: tl.constexpr, FP64: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
     ):
+        # `seed` and `row_offset` are never specialised: the JIT would turn a value of 1 into a
+        # constant, on which the uint32 casts below do not compile.
         acc_dtype = tl.float64 if FP64 else tl.float32
-        inv_temperature = tl.load(scalars_ptr + 0)
+        scale = tl.load(scalars_ptr + 0)  # log2(e) / T
         fkl_weight = tl.load(scalars_ptr + 1)
         rkl_weight = tl.load(scalars_ptr + 2)
         rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -61,35 +65,40 @@ if HAS_TRITON:
             # same tokens as an unchunked one.
             keys = row_keys_triton(seed, rows + row_offset)
             best_score = tl.full([BLOCK_N], float("-inf"), tl.float32)
-            best_id = tl.zeros([BLOCK_N], tl.int64)
+            best_id = tl.zeros([BLOCK_N], tl.int32)
         for start in range(0, vocab, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)
             mask = active[:, None] & (cols[None, :] < vocab)
-            s = tl.load(student_rows[:, None] + cols[None, :], mask=mask, other=float("-inf")).to(acc_dtype) * inv_temperature
-            t = tl.load(teacher_rows[:, None] + cols[None, :], mask=mask, other=float("-inf")).to(acc_dtype) * inv_temperature
-            max_s, sum_s, _, _ = online_logsumexp_step(max_s, sum_s, s)
-            max_t, sum_t, _, _ = online_logsumexp_step(max_t, sum_t, t)
+            s = tl.load(student_rows[:, None] + cols[None, :], mask=mask, other=float("-inf")).to(acc_dtype)
+            t = tl.load(teacher_rows[:, None] + cols[None, :], mask=mask, other=float("-inf")).to(acc_dtype)
+            max_s, sum_s, _, _ = online_logsumexp_step(max_s, sum_s, s, scale)
+            max_t, sum_t, _, _ = online_logsumexp_step(max_t, sum_t, t, scale)
             if SAMPLE:
-                # Gumbel-max: y_hat = argmax(s / T + g). Strictly greater keeps the first maximum.
-                score = s.to(tl.float32) + gumbel_triton(keys, cols.to(tl.int64))
-                tile_best = tl.max(score, axis=1)
-                tile_id = tl.argmax(score, axis=1).to(tl.int64) + start
-                better = tile_best > best_score
-                best_id = tl.where(better, tile_id, best_id)
-                best_score = tl.where(better, tile_best, best_score)
-        lse_s = tl.where(max_s == float("-inf"), 0.0, max_s) + tl.log(sum_s)
-        lse_t = tl.where(max_t == float("-inf"), 0.0, max_t) + tl.log(sum_t)
+                # Gumbel-max in base 2: y_hat = argmax(s log2(e) / T + noise). The noise is at most
+                # NOISE_MAX, so a tile whose best logit plus that cannot beat the running best
+                # skips the noise (on peaked logits, most tiles).
+                tile_max = (tl.max(s, axis=1) * scale).to(tl.float32)
+                if tl.max(tile_max + NOISE_MAX - best_score, axis=0) > 0:
+                    score = (s * scale).to(tl.float32) + gumbel2_triton(keys, cols)
+                    # One reduction for both; ties keep the first column, and strictly greater
+                    # keeps the earlier tile, so the draw does not depend on the tile width.
+                    tile_best, tile_col = tl.max(score, axis=1, return_indices=True)
+                    better = tile_best > best_score
+                    best_id = tl.where(better, tile_col + start, best_id)
+                    best_score = tl.where(better, tile_best, best_score)
+        max_s, log_sum_s = finish_logsumexp(max_s, sum_s)
+        max_t, log_sum_t = finish_logsumexp(max_t, sum_t)
 
         if SAMPLE:
-            sampled = best_id
+            sampled = best_id.to(tl.int64)
             tl.store(sampled_ptr + rows, tl.where(active, sampled, ignore_index), mask=in_range)
         else:
             sampled = tl.load(sampled_ptr + rows, mask=active, other=0)
 
-        log_q_y = _log_prob_at(student_rows, labels, active, inv_temperature, lse_s, acc_dtype)
-        log_p_y = _log_prob_at(teacher_rows, labels, active, inv_temperature, lse_t, acc_dtype)
-        log_q_hat = _log_prob_at(student_rows, sampled, active, inv_temperature, lse_s, acc_dtype)
-        log_p_hat = _log_prob_at(teacher_rows, sampled, active, inv_temperature, lse_t, acc_dtype)
+        log_q_y = _log_prob_at(student_rows, labels, active, scale, max_s, log_sum_s, acc_dtype)
+        log_p_y = _log_prob_at(teacher_rows, labels, active, scale, max_t, log_sum_t, acc_dtype)
+        log_q_hat = _log_prob_at(student_rows, sampled, active, scale, max_s, log_sum_s, acc_dtype)
+        log_p_hat = _log_prob_at(teacher_rows, sampled, active, scale, max_t, log_sum_t, acc_dtype)
         d_y = _reverse_kl_weight(log_q_y, log_p_y)
         d_hat = _reverse_kl_weight(log_q_hat, log_p_hat)
         under = d_y > 0    # the student under-estimates the data token: p(y) > q(y)
@@ -99,10 +108,11 @@ if HAS_TRITON:
         loss = -(_weighted(w_y, log_q_y) + _weighted(w_hat, log_q_hat))
 
         tl.store(loss_ptr + rows, tl.where(active, loss, 0.0), mask=in_range)
-        stats = stats_ptr + rows * 3
-        tl.store(stats + 0, lse_s, mask=active)
-        tl.store(stats + 1, tl.where(active, w_y, 0.0), mask=in_range)
-        tl.store(stats + 2, tl.where(active, w_hat, 0.0), mask=in_range)
+        stats = stats_ptr + rows * 4
+        tl.store(stats + 0, max_s, mask=active)
+        tl.store(stats + 1, log_sum_s, mask=active)
+        tl.store(stats + 2, tl.where(active, w_y, 0.0), mask=in_range)
+        tl.store(stats + 3, tl.where(active, w_hat, 0.0), mask=in_range)
 
     @triton.jit
     def _hybrid_backward_kernel(
@@ -111,25 +121,27 @@ if HAS_TRITON:
         FP64: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
     ):
         acc_dtype = tl.float64 if FP64 else tl.float32
-        inv_temperature = tl.load(scalars_ptr + 0)
+        scale = tl.load(scalars_ptr + 0)
         rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
         in_range = rows < n_rows
         row_scale = tl.load(row_scale_ptr + rows, mask=in_range, other=0.0).to(acc_dtype)
         active = in_range & (row_scale != 0.0)
-        labels = tl.load(labels_ptr + rows, mask=active, other=-1)
-        sampled = tl.load(sampled_ptr + rows, mask=active, other=-1)
-        stats = stats_ptr + rows * 3
-        lse_s = tl.load(stats + 0, mask=active, other=0.0).to(acc_dtype)
-        w_y = tl.load(stats + 1, mask=active, other=0.0).to(acc_dtype)
-        w_hat = tl.load(stats + 2, mask=active, other=0.0).to(acc_dtype)
-        coefficient = -row_scale * inv_temperature
+        # 32-bit ids: the column compares in the loop are then one instruction each.
+        labels = tl.load(labels_ptr + rows, mask=active, other=-1).to(tl.int32)
+        sampled = tl.load(sampled_ptr + rows, mask=active, other=-1).to(tl.int32)
+        stats = stats_ptr + rows * 4
+        max_s = tl.load(stats + 0, mask=active, other=0.0).to(acc_dtype)
+        log_sum_s = tl.load(stats + 1, mask=active, other=0.0).to(acc_dtype)
+        w_y = tl.load(stats + 2, mask=active, other=0.0).to(acc_dtype)
+        w_hat = tl.load(stats + 3, mask=active, other=0.0).to(acc_dtype)
+        coefficient = -row_scale * (LN2 * scale)  # -row_scale / T
         student_rows = student_ptr + rows[:, None] * stride_student
         grad_rows = grad_ptr + rows[:, None] * stride_grad
         for start in range(0, student_vocab, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)
             mask = active[:, None] & (cols[None, :] < vocab)
-            s = tl.load(student_rows + cols[None, :], mask=mask, other=float("-inf")).to(acc_dtype) * inv_temperature
-            q = tl.exp(s - lse_s[:, None])
+            s = tl.load(student_rows + cols[None, :], mask=mask, other=float("-inf")).to(acc_dtype)
+            q = tl.exp2(log2_softmax(s, scale, max_s[:, None], log_sum_s[:, None]))
             weight = (tl.where(cols[None, :] == labels[:, None], w_y[:, None], 0.0)
                       + tl.where(cols[None, :] == sampled[:, None], w_hat[:, None], 0.0))
             grad = coefficient[:, None] * (weight - q * (w_y + w_hat)[:, None])
@@ -139,7 +151,7 @@ if HAS_TRITON:
 
 def hybrid_forward(student, teacher, labels, sampled_ids, *, seed, temperature, fkl_weight, rkl_weight, ignore_index,
                    row_offset=0):
-    """Per-row loss `[N]`, stats `[N, 3]` (lse_s, w_y, w_hat) and `y_hat` `[N]` (int64).
+    """Per-row loss `[N]`, stats `[N, 4]` (`common.STAT_*`) and `y_hat` `[N]` (int64).
 
     `sampled_ids=None` draws `y_hat` in the kernel from `seed`, with the noise of rows
     `row_offset + i`; inactive rows report `ignore_index`.
@@ -147,13 +159,13 @@ def hybrid_forward(student, teacher, labels, sampled_ids, *, seed, temperature, 
     n_rows, vocab = student.shape[0], min(student.shape[1], teacher.shape[1])
     acc_dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
     loss = torch.empty(n_rows, dtype=acc_dtype, device=student.device)
-    stats = torch.empty(n_rows, 3, dtype=acc_dtype, device=student.device)
+    stats = torch.empty(n_rows, HYBRID_STATS, dtype=acc_dtype, device=student.device)
     sample = sampled_ids is None
     if sample:
         sampled_ids = torch.empty(n_rows, dtype=torch.int64, device=student.device)
     if n_rows == 0:
         return loss, stats, sampled_ids
-    scalars = kernel_scalars([1.0 / temperature, fkl_weight, rkl_weight], acc_dtype, student.device)
+    scalars = kernel_scalars([LOG2E / temperature, fkl_weight, rkl_weight], acc_dtype, student.device)
     shape = launch_shape(n_rows, vocab, student.device, acc_dtype == torch.float64)
     grid = (triton.cdiv(n_rows, shape["BLOCK_N"]),)
     _hybrid_forward_kernel[grid](
@@ -169,7 +181,7 @@ def hybrid_backward(student, labels, sampled_ids, stats, row_scale, grad, *, voc
     n_rows = student.shape[0]
     if n_rows == 0:
         return grad
-    scalars = kernel_scalars([1.0 / temperature], stats.dtype, student.device)
+    scalars = kernel_scalars([LOG2E / temperature], stats.dtype, student.device)
     shape = launch_shape(n_rows, student.shape[1], student.device, stats.dtype == torch.float64)
     grid = (triton.cdiv(n_rows, shape["BLOCK_N"]),)
     _hybrid_backward_kernel[grid](

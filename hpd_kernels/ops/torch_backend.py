@@ -12,8 +12,9 @@ import math
 
 import torch
 
-from .common import active_rows
-from .gumbel import gumbel_torch, row_keys_torch, seed_key
+from .common import DIVERGENCE_STATS, HYBRID_STATS, active_rows
+from .gumbel import gumbel2_torch, row_keys_torch, seed_key
+from .triton_utils import LOG2E
 
 # Bytes of one chunk's [rows, V] temporaries in the accumulation dtype. The divergences keep about
 # eight of them alive at once, so 8 MiB each bounds a chunk's working set near 64 MiB.
@@ -38,11 +39,24 @@ def _zero_if(condition, value):
     return torch.where(condition, torch.zeros_like(value), value)
 
 
-def _logsumexp(scaled_logits):
-    """Row log-sum-exp; a `+inf` logit gives NaN, as in the kernels (torch's own gives +inf, which
-    HPD's branches would then turn into a silent 0)."""
-    lse = torch.logsumexp(scaled_logits, dim=-1)
-    return torch.where(lse == math.inf, torch.full_like(lse, math.nan), lse)
+def logsumexp_parts(scaled_logits, row_sums=lambda sums: sums, row_max=lambda local_max: local_max):
+    """`(max, log_sum)` of each row, `lse = max + log_sum` kept apart (see `common.STAT_MAX_S`):
+    the max is 0 for a row of `-inf` only; a `+inf` logit gives NaN, as in the kernels (torch's own
+    log-sum-exp gives +inf, which HPD's branches would then turn into a silent 0). `row_sums` and
+    `row_max` combine the partial results of vocabulary slices."""
+    if scaled_logits.shape[1]:
+        local_max = scaled_logits.max(dim=-1).values
+    else:
+        local_max = scaled_logits.new_full((scaled_logits.shape[0],), -math.inf)
+    reference = row_max(local_max)
+    reference = torch.where(reference == -math.inf, torch.zeros_like(reference), reference)
+    log_sum = row_sums((scaled_logits - reference[:, None]).exp().sum(-1)).log()
+    return reference, torch.where(reference == math.inf, torch.full_like(log_sum, math.nan), log_sum)
+
+
+def _log_softmax(scaled_logits, row_max, row_log_sum):
+    """The maximum first, as `log_softmax` does: no digits lost to a large `max`."""
+    return (scaled_logits - row_max[:, None]) - row_log_sum[:, None]
 
 
 def _logaddexp(a, b):
@@ -101,13 +115,14 @@ class WholeVocabulary:
         return width
 
     def logsumexp(self, scaled):
-        return _logsumexp(scaled)
+        """`(max, log_sum)` per row (see `_logsumexp_parts`)."""
+        return logsumexp_parts(scaled)
 
     def row_sums(self, sums):
         return sums
 
-    def sample(self, scaled_student, first_row, key):
-        return sample_gumbel_max(scaled_student, first_row, key)
+    def sample(self, student, first_row, key, scale):
+        return sample_gumbel_max(student, first_row, key, scale)
 
     def gather(self, logits, rows, ids, acc_dtype, inv_temperature):
         return _gather(logits, rows, ids, acc_dtype, inv_temperature)
@@ -124,15 +139,16 @@ def divergence_forward(student, teacher, labels, *, divergence, temperature, log
     label_vocab = vocabulary.label_vocab(vocab)
     active = active_rows(labels, n_rows, label_vocab, ignore_index, student.device)
     loss = torch.zeros(n_rows, dtype=acc_dtype, device=student.device)
-    stats = torch.zeros(n_rows, 3, dtype=acc_dtype, device=student.device)
+    stats = torch.zeros(n_rows, DIVERGENCE_STATS, dtype=acc_dtype, device=student.device)
     for rows in _chunks(n_rows, label_vocab, acc_dtype):
         s = _scaled(student, rows, vocab, acc_dtype, inv_temperature)
         t = _scaled(teacher, rows, vocab, acc_dtype, inv_temperature)
-        lse_s, lse_t = vocabulary.logsumexp(s), vocabulary.logsumexp(t)
-        value, weight = divergence_terms(s - lse_s[:, None], t - lse_t[:, None], log_mix_p, log_mix_q, divergence)
+        (max_s, log_sum_s), (max_t, log_sum_t) = vocabulary.logsumexp(s), vocabulary.logsumexp(t)
+        value, weight = divergence_terms(_log_softmax(s, max_s, log_sum_s), _log_softmax(t, max_t, log_sum_t),
+                                         log_mix_p, log_mix_q, divergence)
         row_value, row_weight = vocabulary.row_sums(torch.stack([value.sum(-1), weight.sum(-1)], dim=1)).unbind(1)
         loss[rows] = _zero_unless(active[rows], row_value)
-        stats[rows] = torch.stack([lse_s, lse_t, row_weight], dim=1)
+        stats[rows] = torch.stack([max_s, log_sum_s, max_t, log_sum_t, row_weight], dim=1)
     return loss, stats
 
 
@@ -143,9 +159,9 @@ def divergence_backward(student, teacher, stats, row_scale, grad, *, divergence,
     for rows in _chunks(n_rows, vocab, acc_dtype):
         s = _scaled(student, rows, vocab, acc_dtype, inv_temperature)
         t = _scaled(teacher, rows, vocab, acc_dtype, inv_temperature)
-        lse_s, lse_t, row_sum = stats[rows].unbind(1)
-        log_q = s - lse_s[:, None]
-        _, weight = divergence_terms(log_q, t - lse_t[:, None], log_mix_p, log_mix_q, divergence)
+        max_s, log_sum_s, max_t, log_sum_t, row_sum = stats[rows].unbind(1)
+        log_q = _log_softmax(s, max_s, log_sum_s)
+        _, weight = divergence_terms(log_q, _log_softmax(t, max_t, log_sum_t), log_mix_p, log_mix_q, divergence)
         scale = row_scale[rows].to(acc_dtype)
         chunk_grad = (-inv_temperature * scale)[:, None] * (weight - log_q.exp() * row_sum[:, None])
         # Inactive rows (scale 0) may hold NaN stats: select, do not multiply.
@@ -154,13 +170,18 @@ def divergence_backward(student, teacher, stats, row_scale, grad, *, divergence,
     return grad
 
 
-def sample_gumbel_max(scaled_student, first_row, key):
-    """y_hat for rows `first_row...`: argmax(s / T + g), the same noise and scores as the kernel."""
-    device = scaled_student.device
-    row_ids = torch.arange(first_row, first_row + scaled_student.shape[0], device=device)
-    noise = gumbel_torch(row_keys_torch(key, row_ids),
-                         torch.arange(scaled_student.shape[1], device=device))
-    return torch.argmax(noise.add_(scaled_student.float()), dim=-1)
+def gumbel_scores(student, scale, row_keys, columns):
+    """The kernel's Gumbel-max scores in base 2, `s log2(e) / T + g2` (float32), rounded as it rounds them."""
+    return gumbel2_torch(row_keys, columns).add_((student.to(scale.dtype) * scale).float())
+
+
+def sample_gumbel_max(student, first_row, key, scale):
+    """y_hat for rows `first_row...` of unscaled logits; `scale` is log2(e) / T as a tensor of the
+    accumulation dtype (the kernel's)."""
+    device = student.device
+    row_ids = torch.arange(first_row, first_row + student.shape[0], device=device)
+    scores = gumbel_scores(student, scale, row_keys_torch(key, row_ids), torch.arange(student.shape[1], device=device))
+    return torch.argmax(scores, dim=-1)
 
 
 def _gather(logits, rows, ids, acc_dtype, inv_temperature):
@@ -191,27 +212,27 @@ def hybrid_forward(student, teacher, labels, sampled_ids, *, seed, temperature, 
     key = seed_key(seed or 0)
     out_ids = torch.full((n_rows,), ignore_index, dtype=torch.int64, device=student.device)
     loss = torch.zeros(n_rows, dtype=acc_dtype, device=student.device)
-    stats = torch.zeros(n_rows, 3, dtype=acc_dtype, device=student.device)
+    stats = torch.zeros(n_rows, HYBRID_STATS, dtype=acc_dtype, device=student.device)
     gather = vocabulary.gather
+    scale = torch.tensor(LOG2E / temperature, dtype=acc_dtype, device=student.device)
     for rows in _chunks(n_rows, label_vocab, acc_dtype):
         live = active[rows]
-        scaled_student = _scaled(student, rows, vocab, acc_dtype, inv_temperature)
-        lse_s = vocabulary.logsumexp(scaled_student)
-        lse_t = vocabulary.logsumexp(_scaled(teacher, rows, vocab, acc_dtype, inv_temperature))
+        max_s, log_sum_s = vocabulary.logsumexp(_scaled(student, rows, vocab, acc_dtype, inv_temperature))
+        max_t, log_sum_t = vocabulary.logsumexp(_scaled(teacher, rows, vocab, acc_dtype, inv_temperature))
         if sample:
-            chunk_ids = vocabulary.sample(scaled_student, row_offset + rows.start, key)
+            chunk_ids = vocabulary.sample(student[rows, :vocab], row_offset + rows.start, key, scale)
         else:
             chunk_ids = sampled_ids[rows]
         safe_y = torch.where(live, labels[rows], 0)
         safe_hat = torch.where(live, chunk_ids, 0)
-        log_q_y = gather(student, rows, safe_y, acc_dtype, inv_temperature) - lse_s
-        log_p_y = gather(teacher, rows, safe_y, acc_dtype, inv_temperature) - lse_t
-        log_q_hat = gather(student, rows, safe_hat, acc_dtype, inv_temperature) - lse_s
-        log_p_hat = gather(teacher, rows, safe_hat, acc_dtype, inv_temperature) - lse_t
+        log_q_y = (gather(student, rows, safe_y, acc_dtype, inv_temperature) - max_s) - log_sum_s
+        log_p_y = (gather(teacher, rows, safe_y, acc_dtype, inv_temperature) - max_t) - log_sum_t
+        log_q_hat = (gather(student, rows, safe_hat, acc_dtype, inv_temperature) - max_s) - log_sum_s
+        log_p_hat = (gather(teacher, rows, safe_hat, acc_dtype, inv_temperature) - max_t) - log_sum_t
         per_row, w_y, w_hat = hpd_row_terms(log_q_y, log_p_y, log_q_hat, log_p_hat, safe_y, safe_hat, fkl_weight,
                                             rkl_weight)
         loss[rows] = _zero_unless(live, per_row)
-        stats[rows] = torch.stack([lse_s, _zero_unless(live, w_y), _zero_unless(live, w_hat)], dim=1)
+        stats[rows] = torch.stack([max_s, log_sum_s, _zero_unless(live, w_y), _zero_unless(live, w_hat)], dim=1)
         out_ids[rows] = torch.where(live, chunk_ids, out_ids[rows])
     return loss, stats, (out_ids if sample else sampled_ids)
 
@@ -225,8 +246,8 @@ def hybrid_backward(student, labels, sampled_ids, stats, row_scale, grad, *, voc
     for rows in _chunks(n_rows, vocab, acc_dtype):
         scale = row_scale[rows].to(acc_dtype)
         live = scale != 0
-        lse_s, w_y, w_hat = stats[rows].unbind(1)
-        q = (_scaled(student, rows, vocab, acc_dtype, inv_temperature) - lse_s[:, None]).exp()
+        max_s, log_sum_s, w_y, w_hat = stats[rows].unbind(1)
+        q = _log_softmax(_scaled(student, rows, vocab, acc_dtype, inv_temperature), max_s, log_sum_s).exp()
         chunk_grad = -q * (w_y + w_hat)[:, None]
         index = torch.arange(rows.stop - rows.start, device=student.device)
         for ids, weight in ((labels[rows], w_y), (sampled_ids[rows], w_hat)):

@@ -54,29 +54,62 @@ def launch_shape(n_rows: int, vocab: int, device: torch.device, fp64: bool = Fal
     return {"BLOCK_N": 1, "BLOCK_V": block_v, "num_warps": 8 if block_v >= 2048 else 4}
 
 
+# Base-2 arithmetic: the kernels scale logits by log2(e) / T once, so every exponential is one
+# `ex2` of the special-function unit (`tl.exp` adds a multiply and denormal fix-ups) and every
+# logarithm in the vocabulary loop one `lg2` (`tl.log` is a ~25-instruction polynomial).
+LOG2E = 1.4426950408889634
+
 if HAS_TRITON:
+    LN2 = tl.constexpr(0.6931471805599453)  # a constexpr: kernels may read no other globals
+
+    if interpreter_enabled():
+
+        @triton.jit
+        def fast_log2(x):
+            """log2; the interpreter has no libdevice, so there it is NumPy's exact log2."""
+            return tl.log2(x)
+
+    else:
+        from triton.language.extra.cuda import libdevice
+
+        @triton.jit
+        def fast_log2(x):
+            """log2: the hardware `lg2.approx` (relative error ~2^-22) in float32, exact in float64."""
+            if x.dtype == tl.float32:
+                return libdevice.fast_log2f(x)
+            else:
+                return tl.log2(x)
 
     @triton.jit
-    def online_logsumexp_step(running_max, running_sum, logits):
-        """One tile of an online log-sum-exp over axis 1.
+    def online_logsumexp_step(running_max, running_sum, logits, scale):
+        """One tile of an online base-2 log-sum-exp over axis 1 of `logits * scale` (`scale > 0`).
 
-        Returns the new running max and sum, `exp(logits - reference)` for the tile and the factor
-        that rescales any other running sum kept against the same reference. A row that has seen
-        only `-inf` so far keeps a reference of 0, so no `-inf - -inf` NaN appears; `+inf` or NaN
-        logits still give NaN, as the spec requires.
+        The running max is of the unscaled logits, and every exponent is formed as
+        `(logits - max) * scale`: the subtraction is exact for nearby values and the product is then
+        small, so no digits of a large logit are lost (`logits * scale - max * scale` would round
+        each product at the size of the logit, ~1e-5 at |s / T| ~ 100). Returns the new running max
+        and sum, `2^((logits - reference) * scale)` for the tile and the factor that rescales any
+        other running sum kept against the same reference. A row that has seen only `-inf` so far
+        keeps a reference of 0, so no `-inf - -inf` NaN appears; `+inf` or NaN logits still give
+        NaN, as the spec requires.
         """
         new_max = tl.maximum(running_max, tl.max(logits, axis=1))
         reference = tl.where(new_max == float("-inf"), 0.0, new_max)
-        rescale = tl.exp(running_max - reference)
-        exps = tl.exp(logits - reference[:, None])
+        rescale = tl.exp2((running_max - reference) * scale)
+        exps = tl.exp2((logits - reference[:, None]) * scale)
         return new_max, running_sum * rescale + tl.sum(exps, axis=1), exps, rescale
 
     @triton.jit
-    def logaddexp(a, b):
-        """log(exp a + exp b), finite-safe when both are -inf (gives -inf, not NaN)."""
-        larger = tl.maximum(a, b)
-        reference = tl.where(larger == float("-inf"), 0.0, larger)
-        return reference + tl.log(tl.exp(a - reference) + tl.exp(b - reference))
+    def finish_logsumexp(running_max, running_sum):
+        """`(max, log2 sum)` of a finished online log-sum-exp: the two stats columns (the max of
+        the unscaled logits, 0 for a row of `-inf` only)."""
+        return tl.where(running_max == float("-inf"), 0.0, running_max), tl.log2(running_sum)
+
+    @triton.jit
+    def log2_softmax(logits, scale, row_max, row_log_sum):
+        """`log2 softmax(logits * scale)` from the stats, the maximum subtracted first, as in
+        `log_softmax`."""
+        return (logits - row_max) * scale - row_log_sum
 
 else:  # pragma: no cover
-    online_logsumexp_step = logaddexp = None
+    online_logsumexp_step = finish_logsumexp = log2_softmax = fast_log2 = LN2 = None

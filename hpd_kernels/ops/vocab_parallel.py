@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from . import torch_backend
-from .gumbel import gumbel_torch, row_keys_torch
+from .gumbel import row_keys_torch
 
 
 class VocabParallel(torch_backend.WholeVocabulary):
@@ -50,23 +50,16 @@ class VocabParallel(torch_backend.WholeVocabulary):
         return self._reduce(sums, dist.ReduceOp.SUM)
 
     def logsumexp(self, scaled):
-        """Global row log-sum-exp of a slice `[rows, V_local]`; `+inf` gives NaN as in the kernels."""
-        if scaled.shape[1]:
-            local_max = scaled.max(dim=-1).values
-        else:
-            local_max = scaled.new_full((scaled.shape[0],), -math.inf)
-        global_max = self._reduce(local_max.clone(), dist.ReduceOp.MAX)
-        reference = torch.where(torch.isfinite(global_max), global_max, torch.zeros_like(global_max))
-        lse = reference + self.row_sums((scaled - reference[:, None]).exp().sum(-1)).log()
-        return torch.where(global_max == math.inf, torch.full_like(lse, math.nan), lse)
+        """Global row `(max, log_sum)` of a slice `[rows, V_local]`; `+inf` gives NaN as in the kernels."""
+        return torch_backend.logsumexp_parts(
+            scaled, row_sums=self.row_sums, row_max=lambda local_max: self._reduce(local_max.clone(), dist.ReduceOp.MAX))
 
-    def sample(self, scaled_student, first_row, key):
+    def sample(self, student, first_row, key, scale):
         """Global Gumbel-max: the slice's best (score, global column), then the best over ranks."""
-        device = scaled_student.device
-        row_ids = torch.arange(first_row, first_row + scaled_student.shape[0], device=device)
-        columns = torch.arange(self.offset, self.offset + scaled_student.shape[1], device=device)
-        scores = gumbel_torch(row_keys_torch(key, row_ids), columns).add_(scaled_student.float())
-        best, where = scores.max(dim=-1)
+        device = student.device
+        row_ids = torch.arange(first_row, first_row + student.shape[0], device=device)
+        columns = torch.arange(self.offset, self.offset + student.shape[1], device=device)
+        best, where = torch_backend.gumbel_scores(student, scale, row_keys_torch(key, row_ids), columns).max(dim=-1)
         global_best = self._reduce(best.clone(), dist.ReduceOp.MAX)
         candidate = torch.where(best == global_best, where + self.offset, torch.full_like(where, 2**62))
         return self._reduce(candidate, dist.ReduceOp.MIN)

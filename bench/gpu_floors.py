@@ -1,0 +1,364 @@
+"""The GPU's floors, and every Triton kernel alone against them, at the cost model's shape.
+
+    python -m bench.gpu_floors                                          # CUDA: N=8192, V=151936, bf16
+    TRITON_INTERPRET=1 python -m bench.gpu_floors --device cpu --small  # the plumbing, on a CPU
+
+Floors, on an [N, V] tensor of the logits' dtype:
+- copy: `dst.copy_(src)`, bytes read + written per second: what a kernel that streams its bytes
+  once could reach;
+- read: `src.sum(dtype=float32)`, bytes read per second (the forward kernels only read);
+- GEMM: a bf16 matmul of 8192 x 4096 x 4096, in TFLOP/s.
+
+Each kernel alone, launched through its wrapper in `hpd_kernels.ops` (no autograd, no reduction,
+no allocation of the gradient), on logits whose every row is in the loss (the kernels skip the
+loads of ignored rows, which would then move fewer bytes than counted). Bytes moved, as the
+static cost model in `hpd_kernels/ops/aot.py` counts them, so its predictions compare at the same
+N, V and dtype:
+- forward: student + teacher, once per vocabulary pass: 1 pass for forward KL, reverse KL and
+  HPD, 2 for JSD, skew KL and TVD (the mixture needs both log-sum-exps before any term);
+- backward: the student read and the gradient written, plus the teacher read for the
+  divergences (HPD's backward needs only the student).
+GB/s = bytes / time (1 GB = 1e9 bytes); "% of copy" = that over the copy floor's GB/s, "% of read"
+over the read floor's (the forward kernels only read).
+
+The fused-linear HPD loss from hidden states (`fused_linear_hybrid_kl_loss`, N x H hidden states,
+[V, H] weights), forward + backward, against its floor: four GEMMs of 2 N H V flops (student
+logits, teacher logits, the hidden states' gradient, the weight's gradient) at the measured rate.
+
+Times: CUDA events around each call (on a CPU, the wall clock), the median of the repeats after
+warm-up calls. Writes `gpu_floors.json` and `gpu_floors.md` to `--out`; exit status 1 when any
+measurement failed (the others are still written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import shlex
+import statistics
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+
+import torch
+
+import hpd_kernels
+from bench import report, workloads
+from bench.workloads import IGNORE_INDEX, JSD_BETA, SKEW_ALPHA
+from hpd_kernels.ops.divergence import divergence_backward, divergence_forward, mixture_logs
+from hpd_kernels.ops.hybrid import hybrid_backward, hybrid_forward
+from hpd_kernels.ops.triton_utils import interpreter_enabled
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+GB = 1e9
+OUTPUT_STEM = "gpu_floors"
+
+
+@dataclass(frozen=True)
+class Sizes:
+    rows: int
+    vocab: int
+    hidden: int                   # fused-linear hidden size, student and teacher
+    gemm: tuple                   # (M, K, N) of the GEMM floor
+    warmup: int
+    repeats: int
+    fused_repeats: int            # the fused-linear step takes ~100 ms at full size: fewer repeats
+
+
+# Full: the shape the cost model predicts for (8192 tokens of a Qwen-sized vocabulary); ~15 GB of
+# GPU memory at most. Small: what Triton's CPU interpreter runs in seconds, a vocabulary that is not
+# a power of two and spans one tile.
+FULL = Sizes(rows=8192, vocab=151936, hidden=4096, gemm=(8192, 4096, 4096), warmup=3, repeats=10, fused_repeats=5)
+SMALL = Sizes(rows=32, vocab=3000, hidden=64, gemm=(64, 64, 64), warmup=1, repeats=3, fused_repeats=2)
+
+
+def median_ms(call, device: str, warmup: int, repeats: int) -> float:
+    """Milliseconds per call: the median of `repeats` calls after `warmup` untimed ones."""
+    for _ in range(warmup):
+        call()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                  for _ in range(repeats)]
+        for start, end in events:
+            start.record()
+            call()
+            end.record()
+        torch.cuda.synchronize()
+        return statistics.median(start.elapsed_time(end) for start, end in events)
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - started) * 1e3)
+    return statistics.median(times)
+
+
+def _bandwidth_row(name, milliseconds, moved_bytes, floor_gb_per_s=None):
+    """`floor_gb_per_s`: {"copy": GB/s, "read": GB/s}, the floors this row is a percentage of."""
+    gb_per_s = moved_bytes / GB / (milliseconds / 1e3)
+    row = {"name": name, "ms": milliseconds, "bytes": moved_bytes, "gb_per_s": gb_per_s}
+    for floor, rate in (floor_gb_per_s or {}).items():
+        if rate:
+            row[f"percent_of_{floor}"] = 100.0 * gb_per_s / rate
+    return row
+
+
+def _failure(name, error, failures, **fields):
+    """The row of a measurement that raised: recorded, so that it does not hide the others."""
+    failures.append(name)
+    traceback.print_exc(limit=3)
+    return {"name": name, **fields, "error": f"{type(error).__name__}: {error}".splitlines()[0][:300]}
+
+
+def _add(rows, row):
+    rows.append(row)
+    print("  " + _row_line(row), flush=True)
+    return row
+
+
+def _guarded(rows, failures, name, measure, **fields):
+    """Measure one row (plus `fields`) and add it to `rows`; a failure becomes an error row."""
+    try:
+        row = {**measure(), **fields}
+    except Exception as error:
+        row = _failure(name, error, failures, **fields)
+    return _add(rows, row)
+
+
+def _row_line(row):
+    if "error" in row:
+        return f"{row['name']:<34} error: {row['error']}"
+    text = f"{row['name']:<34} {row['ms']:9.3f} ms"
+    if "gb_per_s" in row:
+        text += f"  {row['bytes'] / GB:8.3f} GB  {row['gb_per_s']:8.1f} GB/s"
+    if "percent_of_copy" in row:
+        text += f"  {row['percent_of_copy']:5.1f}% of copy"
+    if "percent_of_read" in row:
+        text += f"  {row['percent_of_read']:5.1f}% of read"
+    if "tflop_per_s" in row:
+        text += f"  {row['tflop_per_s']:8.1f} TFLOP/s"
+    if "percent_of_floor" in row:
+        text += f"  floor {row['floor_ms']:.3f} ms ({row['percent_of_floor']:.1f}% of it)"
+    return text
+
+
+# ----------------------------------------------------------------------------------------------
+# The measurements.
+# ----------------------------------------------------------------------------------------------
+
+def logit_inputs(sizes: Sizes, dtype, device):
+    """Student and teacher logits as the benchmark makes them, with every row in the loss."""
+    shape = workloads.Shape(sizes.rows, sizes.vocab, sizes.hidden, sizes.hidden, dtype, device)
+    inputs = workloads.make_inputs("logits", shape)
+    labels = torch.randint(0, sizes.vocab, (sizes.rows,), device=device,
+                           generator=torch.Generator(device=device).manual_seed(1))
+    return inputs["student"].detach(), inputs["teacher"], labels
+
+
+def measure_floors(student, sizes: Sizes, device, failures):
+    """Copy and read bandwidth on the logits, and the GEMM rate: the rows, {"copy": GB/s, "read": GB/s}
+    and TFLOP/s (None where a measurement failed)."""
+    rows = []
+    matrix_bytes = student.numel() * student.element_size()
+    destination = torch.empty_like(student)
+    copy = _guarded(rows, failures, "copy [N, V] (read + write)", lambda: _bandwidth_row(
+        "copy [N, V] (read + write)",
+        median_ms(lambda: destination.copy_(student), device, sizes.warmup, sizes.repeats), 2 * matrix_bytes))
+    del destination
+    read = _guarded(rows, failures, "read [N, V] (sum in fp32)", lambda: _bandwidth_row(
+        "read [N, V] (sum in fp32)",
+        median_ms(lambda: student.sum(dtype=torch.float32), device, sizes.warmup, sizes.repeats), matrix_bytes))
+
+    m, k, n = sizes.gemm
+    gemm_name = f"GEMM bf16 {m}x{k}x{n}"
+
+    def gemm():
+        a = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+        b = torch.randn(k, n, device=device, dtype=torch.bfloat16)
+        milliseconds = median_ms(lambda: a @ b, device, sizes.warmup, sizes.repeats)
+        return {"name": gemm_name, "ms": milliseconds, "flops": 2 * m * k * n,
+                "tflop_per_s": 2 * m * k * n / (milliseconds / 1e3) / 1e12}
+
+    gemm_row = _guarded(rows, failures, gemm_name, gemm)
+    return rows, {"copy": copy.get("gb_per_s"), "read": read.get("gb_per_s")}, gemm_row.get("tflop_per_s")
+
+
+def kernel_families(student, teacher, labels):
+    """(objective, setup) per objective; `setup()` runs the forward once (the backward needs its stats,
+    HPD's given y_hat its samples) and returns that objective's (kernel, call, bytes moved)."""
+    n_rows, vocab = student.shape
+    matrix_bytes = student.numel() * student.element_size()
+    acc_dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
+    row_scale = torch.full((n_rows,), 1.0 / n_rows, dtype=acc_dtype, device=student.device)  # a mean's gradient
+    grad = torch.empty_like(student)
+
+    def divergence(objective):
+        resolved, log_mix_p, log_mix_q = mixture_logs(objective, JSD_BETA, SKEW_ALPHA)
+        params = dict(divergence=resolved, temperature=1.0, log_mix_p=log_mix_p, log_mix_q=log_mix_q)
+        passes = 1 if resolved in ("forward_kl", "reverse_kl") else 2
+        forward = functools.partial(divergence_forward, student, teacher, labels, ignore_index=IGNORE_INDEX, **params)
+        _, stats = forward()
+        backward = functools.partial(divergence_backward, student, teacher, stats, row_scale, grad, **params)
+        return [(objective, "forward", forward, passes * 2 * matrix_bytes),
+                (objective, "backward", backward, 3 * matrix_bytes)]
+
+    def hpd():
+        params = dict(temperature=1.0, fkl_weight=1.0, rkl_weight=1.0, ignore_index=IGNORE_INDEX)
+        sampling = functools.partial(hybrid_forward, student, teacher, labels, None, seed=workloads.HPD_SEED, **params)
+        _, stats, sampled_ids = sampling()
+        given = functools.partial(hybrid_forward, student, teacher, labels, sampled_ids, seed=None, **params)
+        backward = functools.partial(hybrid_backward, student, labels, sampled_ids, stats, row_scale, grad,
+                                     vocab=vocab, temperature=1.0)
+        return [("hpd (in-kernel y_hat)", "forward", sampling, 2 * matrix_bytes),
+                ("hpd (given y_hat)", "forward", given, 2 * matrix_bytes),
+                ("hpd", "backward", backward, 2 * matrix_bytes)]
+
+    return [(objective, functools.partial(divergence, objective)) for objective in workloads.DIVERGENCES] + [
+        ("hpd", hpd)]
+
+
+def measure_kernels(student, teacher, labels, sizes: Sizes, device, floor_gb_per_s, failures):
+    rows = []
+    for family, setup in kernel_families(student, teacher, labels):
+        try:
+            launches = setup()
+        except Exception as error:  # this objective's forward is broken: nothing of it to time
+            _add(rows, _failure(f"{family} setup", error, failures, objective=family, kernel="setup"))
+            continue
+        for objective, kernel, call, moved_bytes in launches:
+            name = f"{objective} {kernel}"
+            _guarded(rows, failures, name, lambda: _bandwidth_row(
+                name, median_ms(call, device, sizes.warmup, sizes.repeats), moved_bytes, floor_gb_per_s),
+                objective=objective, kernel=kernel)
+    return rows
+
+
+def measure_fused_linear(sizes: Sizes, dtype, device, gemm_tflop_per_s, failures):
+    shape = workloads.Shape(sizes.rows, sizes.vocab, sizes.hidden, sizes.hidden, dtype, device)
+    name = f"fused-linear hpd N={sizes.rows} H={sizes.hidden} fwd+bwd"
+    flops = 4 * 2 * sizes.rows * sizes.hidden * sizes.vocab
+
+    def measure():
+        inputs = workloads.make_inputs("hidden", shape)
+        step = workloads.build_step("hpd_kernels fused-linear", "hpd", inputs)
+        milliseconds = median_ms(step, device, 1, sizes.fused_repeats)
+        row = {"name": name, "ms": milliseconds, "flops": flops}
+        if gemm_tflop_per_s:
+            row["floor_ms"] = flops / (gemm_tflop_per_s * 1e12) * 1e3
+            row["percent_of_floor"] = 100.0 * row["floor_ms"] / milliseconds
+        return row
+
+    return _guarded([], failures, name, measure)
+
+
+# ----------------------------------------------------------------------------------------------
+# Outputs.
+# ----------------------------------------------------------------------------------------------
+
+def markdown(record: dict) -> str:
+    settings = record["settings"]
+    lines = [
+        f"# {record['title']}",
+        "",
+        f"Machine: {report.machine_line(record['machine'])}. Date: {record['date']}. "
+        f"hpd_kernels commit: {record['machine'].get('hpd_kernels_commit')}.",
+        "",
+        f"Command: `{record['command']}`. N={settings['rows']} rows, V={settings['vocab']}, {settings['dtype']}, "
+        f"kernels: {settings['kernels']}. Time: median of {settings['repeats']} calls after {settings['warmup']} "
+        f"warm-up calls (fused-linear: {settings['fused_repeats']} after 1). GB = 1e9 bytes.",
+        "",
+        "## Floors",
+        "",
+        "| measurement | time (ms) | bytes (GB) | GB/s | TFLOP/s |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    cell = lambda row, key, scale=1.0, digits=1: f"{row[key] / scale:.{digits}f}" if key in row else "—"
+    for row in record["floors"]:
+        if "error" in row:
+            lines.append(f"| {row['name']} | error: {row['error']} | | | |")
+            continue
+        lines.append(f"| {row['name']} | {row['ms']:.3f} | {cell(row, 'bytes', GB, 3)} | {cell(row, 'gb_per_s')} "
+                     f"| {cell(row, 'tflop_per_s')} |")
+    lines += ["", "## Each kernel alone", "",
+              "Bytes: forward, student + teacher once per vocabulary pass (2 passes for JSD, skew KL and TVD); "
+              "backward, student (+ teacher for the divergences) read and the gradient written.", "",
+              "| objective | kernel | time (ms) | bytes (GB) | GB/s | % of copy | % of read |",
+              "|---|---|---:|---:|---:|---:|---:|"]
+    for row in record["kernels"]:
+        if "error" in row:
+            lines.append(f"| {row['objective']} | {row['kernel']} | error: {row['error']} | | | | |")
+            continue
+        lines.append(f"| {row['objective']} | {row['kernel']} | {row['ms']:.3f} | {row['bytes'] / GB:.3f} "
+                     f"| {row['gb_per_s']:.1f} | {cell(row, 'percent_of_copy')} | {cell(row, 'percent_of_read')} |")
+    fused = record["fused_linear"]
+    lines += ["", "## Fused-linear HPD against its four-GEMM floor", "",
+              "Floor: 4 GEMMs of 2 N H V flops (student and teacher logits, d hidden, d weight) at the GEMM rate above.",
+              "", "| measurement | time (ms) | floor (ms) | % of floor |", "|---|---:|---:|---:|"]
+    if "error" in fused:
+        lines.append(f"| {fused['name']} | error: {fused['error']} | | |")
+    else:
+        lines.append(f"| {fused['name']} | {fused['ms']:.2f} | {cell(fused, 'floor_ms', digits=2)} "
+                     f"| {cell(fused, 'percent_of_floor')} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(record, out_dir):
+    os.makedirs(out_dir, exist_ok=True)
+    base = os.path.join(out_dir, OUTPUT_STEM)
+    with open(base + ".json", "w") as handle:
+        json.dump(record, handle, indent=1)
+    with open(base + ".md", "w") as handle:
+        handle.write(markdown(record))
+    return base
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    parser.add_argument("--small", action="store_true", help="tiny shapes (for Triton's CPU interpreter)")
+    parser.add_argument("--out", default=os.path.join(HERE, "results"), help="output folder (default bench/results)")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device visible to torch; use --device cpu --small with TRITON_INTERPRET=1")
+    if args.device == "cpu" and not interpreter_enabled():
+        raise SystemExit("--device cpu runs the Triton kernels through Triton's interpreter: set TRITON_INTERPRET=1")
+    sizes = SMALL if args.small else FULL
+    dtype = torch.bfloat16
+    started = time.perf_counter()
+    torch.manual_seed(0)
+    record = {
+        "title": f"GPU floors and each kernel alone: {args.device}, bfloat16, N={sizes.rows}, V={sizes.vocab}",
+        "command": " ".join(["python -m bench.gpu_floors", *map(shlex.quote, sys.argv[1:] if argv is None else argv)]),
+        "date": report.now_iso(),
+        "machine": report.describe_machine(args.device),
+        "settings": {"rows": sizes.rows, "vocab": sizes.vocab, "hidden": sizes.hidden, "dtype": "bfloat16",
+                     "gemm": list(sizes.gemm), "warmup": sizes.warmup, "repeats": sizes.repeats,
+                     "fused_repeats": sizes.fused_repeats, "device": args.device,
+                     "kernels": "triton (interpreter)" if args.device == "cpu" else "triton",
+                     "hpd_kernels": getattr(hpd_kernels, "__version__", None)},
+    }
+    failures = []
+    print(f"# floors and kernels on {report.machine_line(record['machine'])}", flush=True)
+    student, teacher, labels = logit_inputs(sizes, dtype, args.device)
+    record["floors"], floor_gb_per_s, gemm_tflop_per_s = measure_floors(student, sizes, args.device, failures)
+
+    record["kernels"] = measure_kernels(student, teacher, labels, sizes, args.device, floor_gb_per_s, failures)
+    del student, teacher, labels
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
+
+    record["fused_linear"] = measure_fused_linear(sizes, dtype, args.device, gemm_tflop_per_s, failures)
+    record["seconds"] = round(time.perf_counter() - started, 1)
+    record["failures"] = failures
+    base = write_outputs(record, args.out)
+    print(f"wrote {base}.json, {base}.md ({record['seconds']:.0f} s)"
+          + (f"; failed: {', '.join(failures)}" if failures else ""), flush=True)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
