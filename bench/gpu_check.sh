@@ -40,12 +40,14 @@ if [ "$dry_run" = 1 ]; then
   correctness_args=(--device cpu --small)          # the torch backend, small shapes
   floors_interpret=1                               # the Triton kernels through the CPU interpreter
   floors_args=(--device cpu --small)
+  trainer_args=(--device cpu --steps 6)
   bench_args=(--device cpu --quick --objectives hpd --tokens 64 --variants reference hpd_kernels)
 else
   device=cuda
   correctness_args=(--device cuda)
   floors_interpret=0
   floors_args=(--device cuda)
+  trainer_args=(--device cuda)
   # 8192 tokens, the floors' shape, so the library's autograd step compares with its kernels alone;
   # torch.compile only for HPD (10-60 s to compile), and the benchmark runs it last of its objective.
   bench_args=(--device cuda --objectives jsd hpd --tokens 8192 --repeats 3 --warmup 1 --compile-objectives hpd)
@@ -217,7 +219,7 @@ main() {
   started=$SECONDS
   # Budget 50 s: startup ~10 s, 2 x 20 steps of a tiny model with rollouts (a few s), and the
   # compiles of its V=32 kernels in fp32 and bf16 (~10, ~20 s).
-  timeout 50 "$py" -m bench.gpu_trainer_check --device "$device"
+  timeout 50 "$py" -m bench.gpu_trainer_check "${trainer_args[@]}"
   record_step trainer $? "$started"
 
   echo "== benchmark (reduced): python -m bench ${bench_args[*]}"

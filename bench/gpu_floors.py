@@ -12,8 +12,8 @@ Floors, on an [N, V] tensor of the logits' dtype:
 Each kernel alone, launched through its wrapper in `hpd_kernels.ops` (no autograd, no reduction,
 no allocation of the gradient), on logits whose every row is in the loss (the kernels skip the
 loads of ignored rows, which would then move fewer bytes than counted). Bytes moved, as the
-static cost model in `hpd_kernels/ops/aot.py` counts them, so its predictions compare at the same
-N, V and dtype:
+static cost model counts them (`python -m bench.sass`, bytes per element from `hpd_kernels/ops/aot.py`),
+at its N, V and dtype:
 - forward: student + teacher, once per vocabulary pass: 1 pass for forward KL, reverse KL and
   HPD, 2 for JSD, skew KL and TVD (the mixture needs both log-sum-exps before any term);
 - backward: the student read and the gradient written, plus the teacher read for the
@@ -24,6 +24,9 @@ over the read floor's (the forward kernels only read).
 The fused-linear HPD loss from hidden states (`fused_linear_hybrid_kl_loss`, N x H hidden states,
 [V, H] weights), forward + backward, against its floor: four GEMMs of 2 N H V flops (student
 logits, teacher logits, the hidden states' gradient, the weight's gradient) at the measured rate.
+
+Each kernel's row also carries the static model's prediction for the same launch (`python -m
+bench.sass`, whose JSON `--model` names), joined by the model's kernel name and specialisation.
 
 Times: CUDA events around each call (on a CPU, the wall clock), the median of the repeats after
 warm-up calls. Writes `gpu_floors.json` and `gpu_floors.md` to `--out`; exit status 1 when any
@@ -42,6 +45,7 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -55,6 +59,7 @@ from hpd_kernels.ops.triton_utils import interpreter_enabled
 HERE = os.path.dirname(os.path.abspath(__file__))
 GB = 1e9
 OUTPUT_STEM = "gpu_floors"
+STATIC_MODEL = os.path.join(HERE, "results", "sass_sm90.json")   # `python -m bench.sass`, at FULL's N and V
 
 
 @dataclass(frozen=True)
@@ -187,11 +192,22 @@ def measure_floors(student, sizes: Sizes, device, failures):
     return rows, {"copy": copy.get("gb_per_s"), "read": read.get("gb_per_s")}, gemm_row.get("tflop_per_s")
 
 
+@dataclass(frozen=True)
+class Launch:
+    objective: str
+    direction: str            # "forward" or "backward"
+    model_kernel: str         # the launch's name and specialisation in the static model (bench/sass.py)
+    model_variant: str
+    call: Callable
+    moved_bytes: int
+
+
 def kernel_families(student, teacher, labels):
     """(objective, setup) per objective; `setup()` runs the forward once (the backward needs its stats,
-    HPD's given y_hat its samples) and returns that objective's (kernel, call, bytes moved)."""
+    HPD's given y_hat its samples) and returns that objective's launches."""
     n_rows, vocab = student.shape
     matrix_bytes = student.numel() * student.element_size()
+    dtype = str(student.dtype).removeprefix("torch.")
     acc_dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
     row_scale = torch.full((n_rows,), 1.0 / n_rows, dtype=acc_dtype, device=student.device)  # a mean's gradient
     grad = torch.empty_like(student)
@@ -203,8 +219,10 @@ def kernel_families(student, teacher, labels):
         forward = functools.partial(divergence_forward, student, teacher, labels, ignore_index=IGNORE_INDEX, **params)
         _, stats = forward()
         backward = functools.partial(divergence_backward, student, teacher, stats, row_scale, grad, **params)
-        return [(objective, "forward", forward, passes * 2 * matrix_bytes),
-                (objective, "backward", backward, 3 * matrix_bytes)]
+        return [Launch(objective, "forward", "divergence_forward", f"{objective} {dtype} labels=True", forward,
+                       passes * 2 * matrix_bytes),
+                Launch(objective, "backward", "divergence_backward", f"{objective} {dtype}", backward,
+                       3 * matrix_bytes)]
 
     def hpd():
         params = dict(temperature=1.0, fkl_weight=1.0, rkl_weight=1.0, ignore_index=IGNORE_INDEX)
@@ -213,27 +231,46 @@ def kernel_families(student, teacher, labels):
         given = functools.partial(hybrid_forward, student, teacher, labels, sampled_ids, seed=None, **params)
         backward = functools.partial(hybrid_backward, student, labels, sampled_ids, stats, row_scale, grad,
                                      vocab=vocab, temperature=1.0)
-        return [("hpd (in-kernel y_hat)", "forward", sampling, 2 * matrix_bytes),
-                ("hpd (given y_hat)", "forward", given, 2 * matrix_bytes),
-                ("hpd", "backward", backward, 2 * matrix_bytes)]
+        return [Launch("hpd (in-kernel y_hat)", "forward", "hybrid_forward", f"{dtype} sample=True", sampling,
+                       2 * matrix_bytes),
+                Launch("hpd (given y_hat)", "forward", "hybrid_forward", f"{dtype} sample=False", given,
+                       2 * matrix_bytes),
+                Launch("hpd", "backward", "hybrid_backward", dtype, backward, 2 * matrix_bytes)]
 
     return [(objective, functools.partial(divergence, objective)) for objective in workloads.DIVERGENCES] + [
         ("hpd", hpd)]
 
 
-def measure_kernels(student, teacher, labels, sizes: Sizes, device, floor_gb_per_s, failures):
+def load_model(path):
+    """The static model's predictions, {(kernel, variant): row}; empty when there is no such file."""
+    try:
+        with open(path) as handle:
+            return {(row["kernel"], row["variant"]): row for row in json.load(handle)["kernels"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def measure_kernels(student, teacher, labels, sizes: Sizes, device, floor_gb_per_s, model, failures):
     rows = []
+    # The model's times are elements x a cost per element: they scale with N V from its shape, FULL's.
+    model_scale = sizes.rows * sizes.vocab / (FULL.rows * FULL.vocab)
     for family, setup in kernel_families(student, teacher, labels):
         try:
             launches = setup()
         except Exception as error:  # this objective's forward is broken: nothing of it to time
-            _add(rows, _failure(f"{family} setup", error, failures, objective=family, kernel="setup"))
+            _add(rows, _failure(f"{family} setup", error, failures, objective=family, direction="setup"))
             continue
-        for objective, kernel, call, moved_bytes in launches:
-            name = f"{objective} {kernel}"
+        for launch in launches:
+            name = f"{launch.objective} {launch.direction}"
+            fields = dict(objective=launch.objective, direction=launch.direction, model_kernel=launch.model_kernel,
+                          model_variant=launch.model_variant)
+            predicted = model.get((launch.model_kernel, launch.model_variant))
+            if predicted:
+                fields.update(model_ms=predicted["predicted_ms"] * model_scale, model_bound=predicted["bound"],
+                              model_bytes_per_element=predicted.get("bytes_per_element"))
             _guarded(rows, failures, name, lambda: _bandwidth_row(
-                name, median_ms(call, device, sizes.warmup, sizes.repeats), moved_bytes, floor_gb_per_s),
-                objective=objective, kernel=kernel)
+                name, median_ms(launch.call, device, sizes.warmup, sizes.repeats), launch.moved_bytes,
+                floor_gb_per_s), **fields)
     return rows
 
 
@@ -286,14 +323,18 @@ def markdown(record: dict) -> str:
     lines += ["", "## Each kernel alone", "",
               "Bytes: forward, student + teacher once per vocabulary pass (2 passes for JSD, skew KL and TVD); "
               "backward, student (+ teacher for the divergences) read and the gradient written.", "",
-              "| objective | kernel | time (ms) | bytes (GB) | GB/s | % of copy | % of read |",
-              "|---|---|---:|---:|---:|---:|---:|"]
+              f"Model: the static model's prediction for the same launch (`python -m bench.sass`, "
+              f"{settings.get('model') or 'not found'}; its N={FULL.rows}, V={FULL.vocab}, scaled by N V).", "",
+              "| objective | kernel | time (ms) | bytes (GB) | GB/s | % of copy | % of read | model (ms) | time / model |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for row in record["kernels"]:
         if "error" in row:
-            lines.append(f"| {row['objective']} | {row['kernel']} | error: {row['error']} | | | | |")
+            lines.append(f"| {row['objective']} | {row['direction']} | error: {row['error']} | | | | | | |")
             continue
-        lines.append(f"| {row['objective']} | {row['kernel']} | {row['ms']:.3f} | {row['bytes'] / GB:.3f} "
-                     f"| {row['gb_per_s']:.1f} | {cell(row, 'percent_of_copy')} | {cell(row, 'percent_of_read')} |")
+        versus_model = f"{row['ms'] / row['model_ms']:.2f}x" if "model_ms" in row else "—"
+        lines.append(f"| {row['objective']} | {row['direction']} | {row['ms']:.3f} | {row['bytes'] / GB:.3f} "
+                     f"| {row['gb_per_s']:.1f} | {cell(row, 'percent_of_copy')} | {cell(row, 'percent_of_read')} "
+                     f"| {cell(row, 'model_ms', digits=3)} | {versus_model} |")
     fused = record["fused_linear"]
     lines += ["", "## Fused-linear HPD against its four-GEMM floor", "",
               "Floor: 4 GEMMs of 2 N H V flops (student and teacher logits, d hidden, d weight) at the GEMM rate above.",
@@ -321,6 +362,8 @@ def main(argv=None):
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     parser.add_argument("--small", action="store_true", help="tiny shapes (for Triton's CPU interpreter)")
     parser.add_argument("--out", default=os.path.join(HERE, "results"), help="output folder (default bench/results)")
+    parser.add_argument("--model", default=STATIC_MODEL, help="the static model's JSON (python -m bench.sass), whose "
+                        "predictions join the kernels' rows (default: %(default)s)")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device visible to torch; use --device cpu --small with TRITON_INTERPRET=1")
@@ -338,6 +381,7 @@ def main(argv=None):
         "settings": {"rows": sizes.rows, "vocab": sizes.vocab, "hidden": sizes.hidden, "dtype": "bfloat16",
                      "gemm": list(sizes.gemm), "warmup": sizes.warmup, "repeats": sizes.repeats,
                      "fused_repeats": sizes.fused_repeats, "device": args.device,
+                     "model": os.path.relpath(args.model) if os.path.exists(args.model) else None,
                      "kernels": "triton (interpreter)" if args.device == "cpu" else "triton",
                      "hpd_kernels": getattr(hpd_kernels, "__version__", None)},
     }
@@ -346,7 +390,8 @@ def main(argv=None):
     student, teacher, labels = logit_inputs(sizes, dtype, args.device)
     record["floors"], floor_gb_per_s, gemm_tflop_per_s = measure_floors(student, sizes, args.device, failures)
 
-    record["kernels"] = measure_kernels(student, teacher, labels, sizes, args.device, floor_gb_per_s, failures)
+    record["kernels"] = measure_kernels(student, teacher, labels, sizes, args.device, floor_gb_per_s,
+                                        load_model(args.model), failures)
     del student, teacher, labels
     if args.device == "cuda":
         torch.cuda.empty_cache()

@@ -1,7 +1,7 @@
 """GPU check of the trainer: a few HPD steps with bf16 autocast and the Triton losses against fp32.
 
     python -m bench.gpu_trainer_check                 # prints PASS or FAIL; exit 0 on PASS
-    python -m bench.gpu_trainer_check --device cpu    # the same on a CPU (bench/gpu_check.sh's dry run)
+    python -m bench.gpu_trainer_check --device cpu --steps 6   # on a CPU (bench/gpu_check.sh's dry run)
 
 On a CPU the loss backend is "auto": Triton's interpreter under TRITON_INTERPRET=1, else the
 torch backend.
@@ -19,7 +19,10 @@ from hpd_kernels.training.trainer import TrainConfig, train
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    parser.add_argument("--steps", type=int, default=20, help="optimiser steps per precision (at least 6)")
     args = parser.parse_args(argv)
+    if args.steps < 6:
+        parser.error("--steps must be at least 6: the check compares the first 5 steps, then the last")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device visible to torch; use --device cpu")
     backend = "triton" if args.device == "cuda" else "auto"
@@ -29,7 +32,7 @@ def main(argv=None):
         torch.manual_seed(0)
         teacher = DecoderLM(DecoderConfig(vocab_size=32, hidden_size=64, num_layers=2, num_heads=2)).to(args.device)
         student = DecoderLM(DecoderConfig(vocab_size=32, hidden_size=32, num_layers=1, num_heads=2)).to(args.device)
-        config = TrainConfig(objective="hpd", steps=20, batch_size=16, precision=precision, backend=backend,
+        config = TrainConfig(objective="hpd", steps=args.steps, batch_size=16, precision=precision, backend=backend,
                              on_policy_fraction=0.25, max_new_tokens=6)
         history = train(config, student, teacher, examples, eos_id=1, progress=False, log=None)
         losses[precision] = [record["loss"] for record in history]

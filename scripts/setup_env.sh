@@ -19,3 +19,8 @@ if ! "$py" -c "import torch" 2>/dev/null; then
   fi
 fi
 pip_install -e ".[test]"
+# Triton <= 3.6's CPU interpreter (the test suite's) fails with numpy >= 2.4 (triton#9171, fixed in
+# 3.7); a pyproject marker cannot depend on triton's version, so the pin is made here.
+if "$py" -c "import sys, triton; sys.exit(tuple(map(int, triton.__version__.split('.')[:2])) >= (3, 7))" 2>/dev/null; then
+  pip_install "numpy<2.4"
+fi

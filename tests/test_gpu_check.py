@@ -12,6 +12,7 @@ import re
 import subprocess
 import sys
 
+from bench.gpu_floors import STATIC_MODEL
 from bench.workloads import DIVERGENCES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -74,11 +75,18 @@ def test_dry_run_runs_every_step_and_writes_the_outputs(tmp_path):
 
     floors = json.loads((out / "gpu_floors.json").read_text())
     assert not floors["failures"]
-    measured = {(row["objective"], row["kernel"]) for row in floors["kernels"] if "gb_per_s" in row}
+    measured = {(row["objective"], row["direction"]) for row in floors["kernels"] if "gb_per_s" in row}
     expected = {(objective, kernel) for objective in DIVERGENCES for kernel in ("forward", "backward")}
     expected |= {("hpd (in-kernel y_hat)", "forward"), ("hpd (given y_hat)", "forward"), ("hpd", "backward")}
     assert measured == expected
     assert all(row["percent_of_copy"] > 0 for row in floors["kernels"])
+    # Each kernel's row joins the static model's prediction of the same launch (bench/sass.py) by its
+    # name and specialisation there, whenever the model's JSON is in the checkout.
+    joined = [row for row in floors["kernels"] if "model_ms" in row]
+    assert len(joined) == (len(expected) if os.path.exists(STATIC_MODEL) else 0), joined
+    elements = floors["settings"]["rows"] * floors["settings"]["vocab"]
+    for row in joined:  # both count the same bytes
+        assert row["bytes"] == row["model_bytes_per_element"] * elements, row
     assert {row["name"].split()[0] for row in floors["floors"]} == {"copy", "read", "GEMM"}
     assert floors["fused_linear"]["percent_of_floor"] > 0
 

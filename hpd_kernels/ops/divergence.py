@@ -23,9 +23,9 @@ import math
 
 import torch
 
-from .common import DIVERGENCE_STATS
+from .common import DIVERGENCE_STATS, temperature_scalars
 from .triton_utils import (HAS_TRITON, LN2, LOG2E, fast_log2, finish_logsumexp, launch_shape, log2_softmax,
-                           online_logsumexp_step, tl, triton)
+                           first_argmax, lane_argmax_step, online_logsumexp_step, store_top_column, tl, top_column_step, triton)
 
 # Divergence codes: the kernels' DIVERGENCE constexpr (constexpr objects, the only globals a kernel may read).
 DIVERGENCE_CODES = {name: code for code, name in enumerate(
@@ -68,8 +68,9 @@ if HAS_TRITON:
     def _log2_mixture(p, q, log2_p, log2_q, mix_p, mix_q, log2_mix_p, log2_mix_q):
         # log2(mix_p p + mix_q q): the hardware lg2 of the sum, bounded below by its larger term's
         # log, which is exact enough (within one bit) where the sum underflows and keeps p q / m finite.
+        # (A NaN probability must stay NaN: the maximum propagates it.)
         return tl.maximum(fast_log2(mix_p * p + mix_q * q),
-                          tl.maximum(log2_mix_p + log2_p, log2_mix_q + log2_q))
+                          tl.maximum(log2_mix_p + log2_p, log2_mix_q + log2_q), propagate_nan=tl.PropagateNan.ALL)
 
     @triton.jit
     def divergence_terms(log2_q, log2_p, mix_p, mix_q, log2_mix_p, log2_mix_q, DIVERGENCE: tl.constexpr):
@@ -94,8 +95,10 @@ if HAS_TRITON:
                 weight = -LN2 * mix_q * q_term
             elif DIVERGENCE == SKEW_FORWARD_KL:
                 value = LN2 * _zero_if(p == 0, p * (log2_p - log2_m))
-                # mix_q p q / m from logs: q / m stays O(1) where q alone underflows to 0 (alpha -> 0).
-                weight = _zero_if(p * q == 0, tl.exp2(log2_mix_q + log2_p + log2_q - log2_m))
+                # p * (mix_q q / m), the ratio from logs: it stays O(1) where q alone underflows to 0
+                # (alpha -> 0); p outside the exponent keeps its digits where log p is large.
+                weight = _zero_if((log2_p == float("-inf")) | (log2_q == float("-inf")),
+                                  p * tl.exp2(log2_mix_q + log2_q - log2_m))
             else:  # skew reverse KL
                 value = LN2 * q_term
                 weight = _zero_if(q == 0, q * tl.exp2(log2_mix_q + log2_q - log2_m)) - LN2 * q_term
@@ -110,10 +113,12 @@ if HAS_TRITON:
     ):
         acc_dtype = tl.float64 if FP64 else tl.float32
         scale = tl.load(scalars_ptr + 0)  # log2(e) / T
-        mix_p = tl.load(scalars_ptr + 1)
-        mix_q = tl.load(scalars_ptr + 2)
-        log2_mix_p = tl.load(scalars_ptr + 3)
-        log2_mix_q = tl.load(scalars_ptr + 4)
+        scale_low = tl.load(scalars_ptr + 1)
+        inv_temperature = tl.load(scalars_ptr + 2)
+        mix_p = tl.load(scalars_ptr + 3)
+        mix_q = tl.load(scalars_ptr + 4)
+        log2_mix_p = tl.load(scalars_ptr + 5)
+        log2_mix_q = tl.load(scalars_ptr + 6)
         rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
         active = rows < n_rows
         if HAS_LABELS:
@@ -126,6 +131,8 @@ if HAS_TRITON:
         max_t = tl.full([BLOCK_N], float("-inf"), acc_dtype)
         sum_s = tl.zeros([BLOCK_N], acc_dtype)
         sum_t = tl.zeros([BLOCK_N], acc_dtype)
+        lane_max_s = tl.full([BLOCK_N, BLOCK_V], float("-inf"), acc_dtype)
+        lane_top_s = tl.zeros([BLOCK_N, BLOCK_V], tl.int32)
         # Forward/reverse KL: sum_v 2^(x - ref) * (x - other) in raw logits, rescaled like the sums.
         online_value = tl.zeros([BLOCK_N], acc_dtype)
         for start in range(0, vocab, BLOCK_V):
@@ -133,22 +140,24 @@ if HAS_TRITON:
             mask = active[:, None] & (cols[None, :] < vocab)
             s = tl.load(student_rows + cols[None, :], mask=mask, other=float("-inf")).to(acc_dtype)
             t = tl.load(teacher_rows + cols[None, :], mask=mask, other=float("-inf")).to(acc_dtype)
+            lane_max_s, lane_top_s = lane_argmax_step(lane_max_s, lane_top_s, s, cols)
             max_s, sum_s, exps_s, rescale_s = online_logsumexp_step(max_s, sum_s, s, scale)
             max_t, sum_t, exps_t, rescale_t = online_logsumexp_step(max_t, sum_t, t, scale)
             if DIVERGENCE == FORWARD_KL:
                 online_value = online_value * rescale_t + tl.sum(_zero_if(t == float("-inf"), exps_t * (t - s)), axis=1)
             elif DIVERGENCE == REVERSE_KL:
                 online_value = online_value * rescale_s + tl.sum(_zero_if(s == float("-inf"), exps_s * (s - t)), axis=1)
+        top_s = first_argmax(lane_max_s, lane_top_s, max_s)
         max_s, log_sum_s = finish_logsumexp(max_s, sum_s)
         max_t, log_sum_t = finish_logsumexp(max_t, sum_t)
         # lse_s - lse_t in nats, each part difference first (no digits lost to large maxima).
         lse_gap = LN2 * ((max_s - max_t) * scale + (log_sum_s - log_sum_t))
 
         if DIVERGENCE == FORWARD_KL:  # E_p[t - s] / T - lse_t + lse_s
-            loss = (LN2 * scale) * online_value / sum_t + lse_gap
+            loss = inv_temperature * online_value / sum_t + lse_gap
             row_sum = tl.full([BLOCK_N], 1.0, acc_dtype)
         elif DIVERGENCE == REVERSE_KL:  # E_q[s - t] / T - lse_s + lse_t; W = -loss
-            loss = (LN2 * scale) * online_value / sum_s - lse_gap
+            loss = inv_temperature * online_value / sum_s - lse_gap
             row_sum = -loss
         else:
             # Per-lane partial sums, reduced once after the loop rather than once per tile.
@@ -160,8 +169,8 @@ if HAS_TRITON:
                 s = tl.load(student_rows + cols[None, :], mask=mask, other=float("-inf")).to(acc_dtype)
                 t = tl.load(teacher_rows + cols[None, :], mask=mask, other=float("-inf")).to(acc_dtype)
                 value, weight = divergence_terms(
-                    log2_softmax(s, scale, max_s[:, None], log_sum_s[:, None]),
-                    log2_softmax(t, scale, max_t[:, None], log_sum_t[:, None]),
+                    log2_softmax(s, scale, scale_low, max_s[:, None], log_sum_s[:, None]),
+                    log2_softmax(t, scale, scale_low, max_t[:, None], log_sum_t[:, None]),
                     mix_p, mix_q, log2_mix_p, log2_mix_q, DIVERGENCE)
                 loss_lanes += _zero_unless(mask, value)
                 weight_lanes += _zero_unless(mask, weight)
@@ -169,12 +178,13 @@ if HAS_TRITON:
             row_sum = tl.sum(weight_lanes, axis=1)
 
         tl.store(loss_ptr + rows, _zero_unless(active, loss), mask=rows < n_rows)
-        stats = stats_ptr + rows * 5
+        stats = stats_ptr + rows * 6
         tl.store(stats + 0, max_s, mask=active)
         tl.store(stats + 1, log_sum_s, mask=active)
-        tl.store(stats + 2, max_t, mask=active)
-        tl.store(stats + 3, log_sum_t, mask=active)
-        tl.store(stats + 4, row_sum, mask=active)
+        tl.store(stats + 2, top_s.to(acc_dtype), mask=active)
+        tl.store(stats + 3, max_t, mask=active)
+        tl.store(stats + 4, log_sum_t, mask=active)
+        tl.store(stats + 5, row_sum, mask=active)
 
     @triton.jit
     def _divergence_backward_kernel(
@@ -184,38 +194,52 @@ if HAS_TRITON:
     ):
         acc_dtype = tl.float64 if FP64 else tl.float32
         scale = tl.load(scalars_ptr + 0)
-        mix_p = tl.load(scalars_ptr + 1)
-        mix_q = tl.load(scalars_ptr + 2)
-        log2_mix_p = tl.load(scalars_ptr + 3)
-        log2_mix_q = tl.load(scalars_ptr + 4)
+        scale_low = tl.load(scalars_ptr + 1)
+        inv_temperature = tl.load(scalars_ptr + 2)
+        mix_p = tl.load(scalars_ptr + 3)
+        mix_q = tl.load(scalars_ptr + 4)
+        log2_mix_p = tl.load(scalars_ptr + 5)
+        log2_mix_q = tl.load(scalars_ptr + 6)
         rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
         in_range = rows < n_rows
         # row_scale is 0 on inactive rows (and on rows whose incoming gradient is 0): their
         # gradient is exactly 0 and their logits are never read.
         row_scale = tl.load(row_scale_ptr + rows, mask=in_range, other=0.0).to(acc_dtype)
         active = in_range & (row_scale != 0.0)
-        stats = stats_ptr + rows * 5
+        stats = stats_ptr + rows * 6
         max_s = tl.load(stats + 0, mask=active, other=0.0).to(acc_dtype)
         log_sum_s = tl.load(stats + 1, mask=active, other=0.0).to(acc_dtype)
-        max_t = tl.load(stats + 2, mask=active, other=0.0).to(acc_dtype)
-        log_sum_t = tl.load(stats + 3, mask=active, other=0.0).to(acc_dtype)
-        row_sum = tl.load(stats + 4, mask=active, other=0.0).to(acc_dtype)
-        coefficient = -row_scale * (LN2 * scale)  # -row_scale / T
+        top_s = tl.load(stats + 2, mask=active, other=0.0).to(tl.int32)
+        max_t = tl.load(stats + 3, mask=active, other=0.0).to(acc_dtype)
+        log_sum_t = tl.load(stats + 4, mask=active, other=0.0).to(acc_dtype)
+        row_sum = tl.load(stats + 5, mask=active, other=0.0).to(acc_dtype)
+        coefficient = -row_scale * inv_temperature
         student_rows = student_ptr + rows[:, None] * stride_student
         teacher_rows = teacher_ptr + rows[:, None] * stride_teacher
         grad_rows = grad_ptr + rows[:, None] * stride_grad
+        other_columns = tl.zeros([BLOCK_N, BLOCK_V], acc_dtype)
         for start in range(0, student_vocab, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)
             # Columns past the shared vocabulary (a larger student) get gradient 0.
             mask = active[:, None] & (cols[None, :] < vocab)
             s = tl.load(student_rows + cols[None, :], mask=mask, other=float("-inf")).to(acc_dtype)
             t = tl.load(teacher_rows + cols[None, :], mask=mask, other=float("-inf")).to(acc_dtype)
-            log2_q = log2_softmax(s, scale, max_s[:, None], log_sum_s[:, None])
-            _, weight = divergence_terms(log2_q, log2_softmax(t, scale, max_t[:, None], log_sum_t[:, None]),
+            log2_q = log2_softmax(s, scale, scale_low, max_s[:, None], log_sum_s[:, None])
+            _, weight = divergence_terms(log2_q, log2_softmax(t, scale, scale_low, max_t[:, None], log_sum_t[:, None]),
                                          mix_p, mix_q, log2_mix_p, log2_mix_q, DIVERGENCE)
-            grad = coefficient[:, None] * (weight - tl.exp2(log2_q) * row_sum[:, None])
-            tl.store(grad_rows + cols[None, :], _zero_unless(mask, grad).to(grad_ptr.dtype.element_ty),
-                     mask=in_range[:, None] & (cols[None, :] < student_vocab))
+            grad = _zero_unless(mask, coefficient[:, None] * (weight - tl.exp2(log2_q) * row_sum[:, None]))
+            other_columns, store_mask = top_column_step(other_columns, grad, cols, top_s, in_range, student_vocab)
+            tl.store(grad_rows + cols[None, :], grad.to(grad_ptr.dtype.element_ty), mask=store_mask)
+        # The top column by the formula, once per row (it was left unwritten, so an in-place
+        # gradient still holds its logit).
+        top_active = active[:, None]
+        s = tl.load(student_rows + top_s[:, None], mask=top_active, other=0.0).to(acc_dtype)
+        t = tl.load(teacher_rows + top_s[:, None], mask=top_active, other=0.0).to(acc_dtype)
+        log2_q = log2_softmax(s, scale, scale_low, max_s[:, None], log_sum_s[:, None])
+        _, weight = divergence_terms(log2_q, log2_softmax(t, scale, scale_low, max_t[:, None], log_sum_t[:, None]),
+                                     mix_p, mix_q, log2_mix_p, log2_mix_q, DIVERGENCE)
+        top_formula = tl.where(top_active, coefficient[:, None] * (weight - tl.exp2(log2_q) * row_sum[:, None]), 0.0)
+        store_top_column(grad_rows, top_s, other_columns, top_formula, in_range)
 
 
 def kernel_scalars(values, acc_dtype, device):
@@ -225,9 +249,10 @@ def kernel_scalars(values, acc_dtype, device):
 
 
 def divergence_scalars(temperature, log_mix_p, log_mix_q, acc_dtype, device):
-    """`[log2(e) / T, mix_p, mix_q, log2 mix_p, log2 mix_q]` of the mixture `m = mix_p p + mix_q q`."""
-    return kernel_scalars([LOG2E / temperature, math.exp(log_mix_p), math.exp(log_mix_q),
-                           log_mix_p * LOG2E, log_mix_q * LOG2E], acc_dtype, device)
+    """`[scale, scale_low, 1 / T, mix_p, mix_q, log2 mix_p, log2 mix_q]`: `temperature_scalars` and the
+    mixture `m = mix_p p + mix_q q`."""
+    return kernel_scalars(temperature_scalars(temperature, acc_dtype) + [
+        math.exp(log_mix_p), math.exp(log_mix_q), log_mix_p * LOG2E, log_mix_q * LOG2E], acc_dtype, device)
 
 
 def divergence_forward(student, teacher, labels, *, divergence, temperature, log_mix_p, log_mix_q, ignore_index):

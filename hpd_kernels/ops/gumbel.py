@@ -16,9 +16,10 @@ make one row's noise a shift or permutation of another's). The top 23 bits give
 `u = (k + 1/2) / 2^23`, strictly inside (0, 1), built as a float from the bits (no int-to-float
 conversion): `bits(1 + k 2^-23) - (1 - 2^-24)` is exact. So `g2` is finite and lies in
 [-4.59, 23.48]; the truncated tail affects only tokens with probability below ~1e-7 of the row's
-mode. The inner `-log2 u` is the accurate one (near u = 1 it is tiny and the hardware `lg2`'s
-absolute error would dominate it); the outer one is the hardware `lg2` on the GPU, whose error is
-far below a float32 score's rounding. So on a GPU the Triton draws can differ from the torch
+mode. The inner `e = -log2 u` is the hardware `lg2` for u < 15/16 and, above, the series
+`-log2(1 - v) = (v + v^2/2 + ... + v^6/6) / ln 2` in `v = 1 - u` (exact by Sterbenz; truncation
+below 3e-9 relative): near u = 1, e is tiny and `lg2`'s absolute error (2^-22.6) would dominate
+it. The outer `-log2 e` is the hardware `lg2`; both errors stay near a float32 score's rounding. So on a GPU the Triton draws can differ from the torch
 backend's in rare near-ties (scores within ~1e-6); on the CPU (the interpreter) they are bit-identical.
 """
 
@@ -34,6 +35,9 @@ _COLUMN_MUL = 0x9E3779B9
 _ONE_MINUS_HALF_ULP = 1.0 - 2.0**-24   # exact in float32
 # The largest g2: u = 1 - 2^-24 (with a margin for the float32 rounding of both logs).
 GUMBEL2_MAX = 23.5
+# -log2(1 - v) = sum_k v^k / (k ln 2): the series' coefficients (float32), used from u = 15/16 up.
+_SERIES_FROM = 0.9375
+_SERIES = [float(np.float32(1.0 / (k * 0.6931471805599453))) for k in range(1, 7)]
 
 
 def seed_key(seed: int) -> int:
@@ -97,20 +101,25 @@ def _gumbel2_numpy(row_keys: torch.Tensor, columns: torch.Tensor) -> torch.Tenso
     return torch.from_numpy(gumbel2_from_bits_numpy(bits))
 
 
+def _series(v):
+    """`-log2(1 - v)` for `0 < v <= 1/16`, Horner in the kernel's order (NumPy or torch, float32)."""
+    series = v * _SERIES[5] + _SERIES[4]
+    for coefficient in (_SERIES[3], _SERIES[2], _SERIES[1], _SERIES[0]):
+        series = series * v + coefficient
+    return series * v
+
+
 def gumbel2_from_bits_numpy(bits: np.ndarray) -> np.ndarray:
-    uniform = ((bits >> 9) | np.uint32(0x3F800000)).view(np.float32)
-    uniform -= np.float32(_ONE_MINUS_HALF_ULP)
-    np.log2(uniform, out=uniform)
-    np.negative(uniform, out=uniform)
-    np.log2(uniform, out=uniform)
-    np.negative(uniform, out=uniform)
-    return uniform
+    uniform = ((bits >> 9) | np.uint32(0x3F800000)).view(np.float32) - np.float32(_ONE_MINUS_HALF_ULP)
+    exponential = np.where(uniform >= np.float32(_SERIES_FROM), _series(np.float32(1.0) - uniform), -np.log2(uniform))
+    return -np.log2(exponential)
 
 
 def gumbel2_from_bits_torch(bits: torch.Tensor) -> torch.Tensor:
     """`bits`: int32 holding uint32 values (see `_lowbias32_int32_`)."""
-    uniform = (((bits >> 9) & 0x7FFFFF) | 0x3F800000).view(torch.float32).sub_(_ONE_MINUS_HALF_ULP)
-    return uniform.log2_().neg_().log2_().neg_()
+    uniform = (((bits >> 9) & 0x7FFFFF) | 0x3F800000).view(torch.float32) - _ONE_MINUS_HALF_ULP
+    exponential = torch.where(uniform >= _SERIES_FROM, _series(1.0 - uniform), -torch.log2(uniform))
+    return -torch.log2(exponential)
 
 
 def gumbel2_torch(row_keys: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
@@ -128,6 +137,10 @@ try:  # Triton is optional: the torch backend needs none of this.
     import triton.language as tl
 
     from .triton_utils import fast_log2
+
+    # The series' coefficients and threshold, as the constexprs a kernel may read.
+    _S1, _S2, _S3, _S4, _S5, _S6 = (tl.constexpr(coefficient) for coefficient in _SERIES)
+    _FROM = tl.constexpr(_SERIES_FROM)
 
     @triton.jit
     def _lowbias32(h):
@@ -154,7 +167,14 @@ try:  # Triton is optional: the torch backend needs none of this.
     @triton.jit
     def gumbel2_from_bits(bits):
         uniform = ((bits >> 9) | 0x3F800000).to(tl.float32, bitcast=True) - 0.99999994039535522
-        return -fast_log2(-tl.log2(uniform))
+        v = 1.0 - uniform
+        series = v * _S6 + _S5
+        series = series * v + _S4
+        series = series * v + _S3
+        series = series * v + _S2
+        series = series * v + _S1
+        exponential = tl.where(uniform >= _FROM, series * v, -fast_log2(uniform))
+        return -fast_log2(exponential)
 
 except ImportError:  # pragma: no cover - exercised only where triton is absent
     triton = None

@@ -12,26 +12,35 @@ from __future__ import annotations
 
 import torch
 
-from .common import HYBRID_STATS, STAT_W_LABEL, STAT_W_SAMPLE
+from .common import HYBRID_STATS, STAT_W_LABEL, STAT_W_SAMPLE, temperature_scalars
 from .divergence import kernel_scalars
 from .gumbel import GUMBEL2_MAX, gumbel2_triton, row_keys_triton, seed_key
-from .triton_utils import (HAS_TRITON, LN2, LOG2E, finish_logsumexp, launch_shape, log2_softmax,
-                           online_logsumexp_step, tl, triton)
+from .triton_utils import (HAS_TRITON, LN2, finish_logsumexp, launch_shape, log2_softmax,
+                           online_logsumexp_step, store_top_column, tl, top_column_step, triton)
 
 if HAS_TRITON:
     NOISE_MAX = tl.constexpr(GUMBEL2_MAX)  # kernels read only constexpr globals
 
     @triton.jit
-    def _log_prob_at(row_ptrs, ids, active, scale, row_max, row_log_sum, acc_dtype: tl.constexpr):
-        """Natural log-softmax at one column per row, from the base-2 stats."""
+    def _log_prob_at(row_ptrs, ids, active, inv_temperature, row_max, row_log_sum, acc_dtype: tl.constexpr):
+        """Natural log-softmax at one column per row from the base-2 stats, formed in natural units
+        (once per row: one rounding fewer than converting a base-2 log-probability)."""
         logits = tl.load(row_ptrs + ids, mask=active, other=0.0).to(acc_dtype)
-        return LN2 * log2_softmax(logits, scale, row_max, row_log_sum)
+        return (logits - row_max) * inv_temperature - LN2 * row_log_sum
 
     @triton.jit
     def _reverse_kl_weight(log_q, log_p):
         # d(v) = q (log p - log q), with 0 where q = 0 (a -inf student logit contributes nothing).
         q = tl.exp(log_q)
         return tl.where(q == 0, 0.0, q * (log_p - log_q))
+
+    @triton.jit
+    def hpd_pivot(log_q_y, log_q_hat, labels, sampled):
+        """The column whose gradient the backward takes from the others' (`common.STAT_TOP_S`): only
+        `y` and `y_hat` carry a weight, so only there can `w - q (w_y + w_hat)` cancel, and only
+        where q > 1/2; elsewhere -1 (none)."""
+        pivot = tl.where(log_q_y >= log_q_hat, labels, sampled)
+        return tl.where(tl.maximum(log_q_y, log_q_hat) > -0.6931471805599453, pivot, -1)
 
     @triton.jit
     def _weighted(weight, log_q):
@@ -47,8 +56,9 @@ if HAS_TRITON:
         # constant, on which the uint32 casts below do not compile.
         acc_dtype = tl.float64 if FP64 else tl.float32
         scale = tl.load(scalars_ptr + 0)  # log2(e) / T
-        fkl_weight = tl.load(scalars_ptr + 1)
-        rkl_weight = tl.load(scalars_ptr + 2)
+        inv_temperature = tl.load(scalars_ptr + 2)
+        fkl_weight = tl.load(scalars_ptr + 3)
+        rkl_weight = tl.load(scalars_ptr + 4)
         rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
         in_range = rows < n_rows
         labels = tl.load(labels_ptr + rows, mask=in_range, other=ignore_index)
@@ -95,10 +105,10 @@ if HAS_TRITON:
         else:
             sampled = tl.load(sampled_ptr + rows, mask=active, other=0)
 
-        log_q_y = _log_prob_at(student_rows, labels, active, scale, max_s, log_sum_s, acc_dtype)
-        log_p_y = _log_prob_at(teacher_rows, labels, active, scale, max_t, log_sum_t, acc_dtype)
-        log_q_hat = _log_prob_at(student_rows, sampled, active, scale, max_s, log_sum_s, acc_dtype)
-        log_p_hat = _log_prob_at(teacher_rows, sampled, active, scale, max_t, log_sum_t, acc_dtype)
+        log_q_y = _log_prob_at(student_rows, labels, active, inv_temperature, max_s, log_sum_s, acc_dtype)
+        log_p_y = _log_prob_at(teacher_rows, labels, active, inv_temperature, max_t, log_sum_t, acc_dtype)
+        log_q_hat = _log_prob_at(student_rows, sampled, active, inv_temperature, max_s, log_sum_s, acc_dtype)
+        log_p_hat = _log_prob_at(teacher_rows, sampled, active, inv_temperature, max_t, log_sum_t, acc_dtype)
         d_y = _reverse_kl_weight(log_q_y, log_p_y)
         d_hat = _reverse_kl_weight(log_q_hat, log_p_hat)
         under = d_y > 0    # the student under-estimates the data token: p(y) > q(y)
@@ -108,11 +118,12 @@ if HAS_TRITON:
         loss = -(_weighted(w_y, log_q_y) + _weighted(w_hat, log_q_hat))
 
         tl.store(loss_ptr + rows, tl.where(active, loss, 0.0), mask=in_range)
-        stats = stats_ptr + rows * 4
+        stats = stats_ptr + rows * 5
         tl.store(stats + 0, max_s, mask=active)
         tl.store(stats + 1, log_sum_s, mask=active)
-        tl.store(stats + 2, tl.where(active, w_y, 0.0), mask=in_range)
-        tl.store(stats + 3, tl.where(active, w_hat, 0.0), mask=in_range)
+        tl.store(stats + 2, hpd_pivot(log_q_y, log_q_hat, labels, sampled).to(acc_dtype), mask=active)
+        tl.store(stats + 3, tl.where(active, w_y, 0.0), mask=in_range)
+        tl.store(stats + 4, tl.where(active, w_hat, 0.0), mask=in_range)
 
     @triton.jit
     def _hybrid_backward_kernel(
@@ -122,6 +133,8 @@ if HAS_TRITON:
     ):
         acc_dtype = tl.float64 if FP64 else tl.float32
         scale = tl.load(scalars_ptr + 0)
+        scale_low = tl.load(scalars_ptr + 1)
+        inv_temperature = tl.load(scalars_ptr + 2)
         rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
         in_range = rows < n_rows
         row_scale = tl.load(row_scale_ptr + rows, mask=in_range, other=0.0).to(acc_dtype)
@@ -129,24 +142,33 @@ if HAS_TRITON:
         # 32-bit ids: the column compares in the loop are then one instruction each.
         labels = tl.load(labels_ptr + rows, mask=active, other=-1).to(tl.int32)
         sampled = tl.load(sampled_ptr + rows, mask=active, other=-1).to(tl.int32)
-        stats = stats_ptr + rows * 4
+        stats = stats_ptr + rows * 5
         max_s = tl.load(stats + 0, mask=active, other=0.0).to(acc_dtype)
         log_sum_s = tl.load(stats + 1, mask=active, other=0.0).to(acc_dtype)
-        w_y = tl.load(stats + 2, mask=active, other=0.0).to(acc_dtype)
-        w_hat = tl.load(stats + 3, mask=active, other=0.0).to(acc_dtype)
-        coefficient = -row_scale * (LN2 * scale)  # -row_scale / T
+        top_s = tl.load(stats + 2, mask=active, other=-1.0).to(tl.int32)
+        w_y = tl.load(stats + 3, mask=active, other=0.0).to(acc_dtype)
+        w_hat = tl.load(stats + 4, mask=active, other=0.0).to(acc_dtype)
+        coefficient = -row_scale * inv_temperature
         student_rows = student_ptr + rows[:, None] * stride_student
         grad_rows = grad_ptr + rows[:, None] * stride_grad
+        other_columns = tl.zeros([BLOCK_N, BLOCK_V], acc_dtype)
         for start in range(0, student_vocab, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)
             mask = active[:, None] & (cols[None, :] < vocab)
             s = tl.load(student_rows + cols[None, :], mask=mask, other=float("-inf")).to(acc_dtype)
-            q = tl.exp2(log2_softmax(s, scale, max_s[:, None], log_sum_s[:, None]))
+            q = tl.exp2(log2_softmax(s, scale, scale_low, max_s[:, None], log_sum_s[:, None]))
             weight = (tl.where(cols[None, :] == labels[:, None], w_y[:, None], 0.0)
                       + tl.where(cols[None, :] == sampled[:, None], w_hat[:, None], 0.0))
-            grad = coefficient[:, None] * (weight - q * (w_y + w_hat)[:, None])
-            tl.store(grad_rows + cols[None, :], tl.where(mask, grad, 0.0).to(grad_ptr.dtype.element_ty),
-                     mask=in_range[:, None] & (cols[None, :] < student_vocab))
+            grad = tl.where(mask, coefficient[:, None] * (weight - q * (w_y + w_hat)[:, None]), 0.0)
+            other_columns, store_mask = top_column_step(other_columns, grad, cols, top_s, in_range, student_vocab)
+            tl.store(grad_rows + cols[None, :], grad.to(grad_ptr.dtype.element_ty), mask=store_mask)
+        # The pivot column by the formula, once per row (see `store_top_column`).
+        pivoted = active & (top_s >= 0)
+        s = tl.load(student_rows + top_s[:, None], mask=pivoted[:, None], other=0.0).to(acc_dtype)
+        q = tl.exp2(log2_softmax(s, scale, scale_low, max_s[:, None], log_sum_s[:, None]))
+        weight = (tl.where(top_s == labels, w_y, 0.0) + tl.where(top_s == sampled, w_hat, 0.0))[:, None]
+        top_formula = tl.where(pivoted[:, None], coefficient[:, None] * (weight - q * (w_y + w_hat)[:, None]), 0.0)
+        store_top_column(grad_rows, top_s, other_columns, top_formula, pivoted)
 
 
 def hybrid_forward(student, teacher, labels, sampled_ids, *, seed, temperature, fkl_weight, rkl_weight, ignore_index,
@@ -165,7 +187,8 @@ def hybrid_forward(student, teacher, labels, sampled_ids, *, seed, temperature, 
         sampled_ids = torch.empty(n_rows, dtype=torch.int64, device=student.device)
     if n_rows == 0:
         return loss, stats, sampled_ids
-    scalars = kernel_scalars([LOG2E / temperature, fkl_weight, rkl_weight], acc_dtype, student.device)
+    scalars = kernel_scalars(temperature_scalars(temperature, acc_dtype) + [fkl_weight, rkl_weight], acc_dtype,
+                             student.device)
     shape = launch_shape(n_rows, vocab, student.device, acc_dtype == torch.float64)
     grid = (triton.cdiv(n_rows, shape["BLOCK_N"]),)
     _hybrid_forward_kernel[grid](
@@ -181,7 +204,7 @@ def hybrid_backward(student, labels, sampled_ids, stats, row_scale, grad, *, voc
     n_rows = student.shape[0]
     if n_rows == 0:
         return grad
-    scalars = kernel_scalars([LOG2E / temperature], stats.dtype, student.device)
+    scalars = kernel_scalars(temperature_scalars(temperature, stats.dtype), stats.dtype, student.device)
     shape = launch_shape(n_rows, student.shape[1], student.device, stats.dtype == torch.float64)
     grid = (triton.cdiv(n_rows, shape["BLOCK_N"]),)
     _hybrid_backward_kernel[grid](

@@ -12,9 +12,8 @@ import math
 
 import torch
 
-from .common import DIVERGENCE_STATS, HYBRID_STATS, active_rows
+from .common import DIVERGENCE_STATS, HYBRID_STATS, active_rows, temperature_scalars
 from .gumbel import gumbel2_torch, row_keys_torch, seed_key
-from .triton_utils import LOG2E
 
 # Bytes of one chunk's [rows, V] temporaries in the accumulation dtype. The divergences keep about
 # eight of them alive at once, so 8 MiB each bounds a chunk's working set near 64 MiB.
@@ -83,8 +82,8 @@ def divergence_terms(log_q, log_p, log_mix_p, log_mix_q, divergence):
         weight = math.exp(log_mix_q) * _zero_if(q == 0, q * (log_m - log_q))
     elif divergence == "skew_forward_kl":
         value = _zero_if(p == 0, p * (log_p - log_m))
-        # From logs: q / m stays O(1) where q alone underflows to 0 (alpha -> 0).
-        weight = _zero_if((log_p == -math.inf) | (log_q == -math.inf), torch.exp(log_mix_q + log_p + log_q - log_m))
+        # p * (q / m), the ratio from logs: it stays O(1) where q alone underflows to 0 (alpha -> 0).
+        weight = _zero_if((log_p == -math.inf) | (log_q == -math.inf), p * torch.exp(log_mix_q + log_q - log_m))
     elif divergence == "skew_reverse_kl":
         value = _zero_if(q == 0, q * (log_q - log_m))
         weight = _zero_if(q == 0, q * (log_m - log_q + torch.exp(log_mix_q + log_q - log_m)))
@@ -115,8 +114,19 @@ class WholeVocabulary:
         return width
 
     def logsumexp(self, scaled):
-        """`(max, log_sum)` per row (see `_logsumexp_parts`)."""
+        """`(max, log_sum)` per row (see `logsumexp_parts`)."""
         return logsumexp_parts(scaled)
+
+    def hpd_pivot(self, log_q_y, log_q_hat, labels, sampled_ids):
+        """HPD's column for `common.STAT_TOP_S`: `y` or `y_hat`, whichever has q > 1/2 (only there
+        can `w - q (w_y + w_hat)` cancel), else -1 (the Triton kernel's `hpd_pivot`)."""
+        pivot = torch.where(log_q_y >= log_q_hat, labels, sampled_ids)
+        return torch.where(torch.maximum(log_q_y, log_q_hat) > -math.log(2.0), pivot, torch.full_like(pivot, -1))
+
+    def top_column(self, scaled):
+        """The column whose gradient the backward derives from the others' (`common.STAT_TOP_S`):
+        the first argmax; -1 (none) where the whole row is not here."""
+        return scaled.argmax(dim=-1).to(scaled.dtype) if scaled.shape[1] else scaled.new_full((scaled.shape[0],), -1.0)
 
     def row_sums(self, sums):
         return sums
@@ -144,11 +154,12 @@ def divergence_forward(student, teacher, labels, *, divergence, temperature, log
         s = _scaled(student, rows, vocab, acc_dtype, inv_temperature)
         t = _scaled(teacher, rows, vocab, acc_dtype, inv_temperature)
         (max_s, log_sum_s), (max_t, log_sum_t) = vocabulary.logsumexp(s), vocabulary.logsumexp(t)
+        top_s = vocabulary.top_column(s)
         value, weight = divergence_terms(_log_softmax(s, max_s, log_sum_s), _log_softmax(t, max_t, log_sum_t),
                                          log_mix_p, log_mix_q, divergence)
         row_value, row_weight = vocabulary.row_sums(torch.stack([value.sum(-1), weight.sum(-1)], dim=1)).unbind(1)
         loss[rows] = _zero_unless(active[rows], row_value)
-        stats[rows] = torch.stack([max_s, log_sum_s, max_t, log_sum_t, row_weight], dim=1)
+        stats[rows] = torch.stack([max_s, log_sum_s, top_s, max_t, log_sum_t, row_weight], dim=1)
     return loss, stats
 
 
@@ -159,15 +170,28 @@ def divergence_backward(student, teacher, stats, row_scale, grad, *, divergence,
     for rows in _chunks(n_rows, vocab, acc_dtype):
         s = _scaled(student, rows, vocab, acc_dtype, inv_temperature)
         t = _scaled(teacher, rows, vocab, acc_dtype, inv_temperature)
-        max_s, log_sum_s, max_t, log_sum_t, row_sum = stats[rows].unbind(1)
+        max_s, log_sum_s, top_s, max_t, log_sum_t, row_sum = stats[rows].unbind(1)
         log_q = _log_softmax(s, max_s, log_sum_s)
         _, weight = divergence_terms(log_q, _log_softmax(t, max_t, log_sum_t), log_mix_p, log_mix_q, divergence)
         scale = row_scale[rows].to(acc_dtype)
         chunk_grad = (-inv_temperature * scale)[:, None] * (weight - log_q.exp() * row_sum[:, None])
         # Inactive rows (scale 0) may hold NaN stats: select, do not multiply.
-        grad[rows, :vocab] = _zero_unless((scale != 0)[:, None], chunk_grad).to(grad.dtype)
+        grad[rows, :vocab] = _top_from_others(_zero_unless((scale != 0)[:, None], chunk_grad), top_s).to(grad.dtype)
     grad[:, vocab:] = 0
     return grad
+
+
+def _top_from_others(chunk_grad, top):
+    """Each row's top column (`top >= 0`) gets minus the sum of its other columns: a softmax
+    gradient sums to 0, and `w - q W` at q near 1 would cancel large terms. Where that sum is not
+    finite (an infinite divergence) the column keeps its `w - q W` value (see the Triton twin)."""
+    rows = torch.nonzero(top >= 0)[:, 0]
+    columns = top[rows].long()
+    top_formula = chunk_grad[rows, columns]
+    chunk_grad[rows, columns] = 0
+    from_others = -chunk_grad[rows].sum(-1)
+    chunk_grad[rows, columns] = torch.where(from_others.isfinite(), from_others, top_formula)
+    return chunk_grad
 
 
 def gumbel_scores(student, scale, row_keys, columns):
@@ -214,7 +238,8 @@ def hybrid_forward(student, teacher, labels, sampled_ids, *, seed, temperature, 
     loss = torch.zeros(n_rows, dtype=acc_dtype, device=student.device)
     stats = torch.zeros(n_rows, HYBRID_STATS, dtype=acc_dtype, device=student.device)
     gather = vocabulary.gather
-    scale = torch.tensor(LOG2E / temperature, dtype=acc_dtype, device=student.device)
+    # The kernel's score scale, rounded as it rounds it, so both backends draw the same tokens.
+    scale = torch.tensor(temperature_scalars(temperature, acc_dtype)[0], dtype=acc_dtype, device=student.device)
     for rows in _chunks(n_rows, label_vocab, acc_dtype):
         live = active[rows]
         max_s, log_sum_s = vocabulary.logsumexp(_scaled(student, rows, vocab, acc_dtype, inv_temperature))
@@ -232,7 +257,8 @@ def hybrid_forward(student, teacher, labels, sampled_ids, *, seed, temperature, 
         per_row, w_y, w_hat = hpd_row_terms(log_q_y, log_p_y, log_q_hat, log_p_hat, safe_y, safe_hat, fkl_weight,
                                             rkl_weight)
         loss[rows] = _zero_unless(live, per_row)
-        stats[rows] = torch.stack([max_s, log_sum_s, _zero_unless(live, w_y), _zero_unless(live, w_hat)], dim=1)
+        pivot = vocabulary.hpd_pivot(log_q_y, log_q_hat, safe_y, safe_hat).to(acc_dtype)
+        stats[rows] = torch.stack([max_s, log_sum_s, pivot, _zero_unless(live, w_y), _zero_unless(live, w_hat)], dim=1)
         out_ids[rows] = torch.where(live, chunk_ids, out_ids[rows])
     return loss, stats, (out_ids if sample else sampled_ids)
 
@@ -246,7 +272,7 @@ def hybrid_backward(student, labels, sampled_ids, stats, row_scale, grad, *, voc
     for rows in _chunks(n_rows, vocab, acc_dtype):
         scale = row_scale[rows].to(acc_dtype)
         live = scale != 0
-        max_s, log_sum_s, w_y, w_hat = stats[rows].unbind(1)
+        max_s, log_sum_s, top_s, w_y, w_hat = stats[rows].unbind(1)
         q = _log_softmax(_scaled(student, rows, vocab, acc_dtype, inv_temperature), max_s, log_sum_s).exp()
         chunk_grad = -q * (w_y + w_hat)[:, None]
         index = torch.arange(rows.stop - rows.start, device=student.device)
@@ -255,6 +281,6 @@ def hybrid_backward(student, labels, sampled_ids, stats, row_scale, grad, *, voc
             owned, column = (live, ids) if to_local is None else to_local(ids)
             chunk_grad[index, column] += _zero_unless(owned & live, weight)
         chunk_grad = (-inv_temperature * scale)[:, None] * chunk_grad
-        grad[rows, :vocab] = _zero_unless(live[:, None], chunk_grad).to(grad.dtype)
+        grad[rows, :vocab] = _top_from_others(_zero_unless(live[:, None], chunk_grad), top_s).to(grad.dtype)
     grad[:, vocab:] = 0
     return grad

@@ -57,7 +57,7 @@ def launch_shape(n_rows: int, vocab: int, device: torch.device, fp64: bool = Fal
 # Base-2 arithmetic: the kernels scale logits by log2(e) / T once, so every exponential is one
 # `ex2` of the special-function unit (`tl.exp` adds a multiply and denormal fix-ups) and every
 # logarithm in the vocabulary loop one `lg2` (`tl.log` is a ~25-instruction polynomial).
-LOG2E = 1.4426950408889634
+from .common import LOG2E  # noqa: F401  (re-exported: the kernels' wrappers scale by it)
 
 if HAS_TRITON:
     LN2 = tl.constexpr(0.6931471805599453)  # a constexpr: kernels may read no other globals
@@ -100,16 +100,48 @@ if HAS_TRITON:
         return new_max, running_sum * rescale + tl.sum(exps, axis=1), exps, rescale
 
     @triton.jit
+    def lane_argmax_step(lane_max, lane_column, logits, cols):
+        """Per lane (element of the tile), the largest logit so far and its first column: three
+        instructions per element, where a per-tile argmax reduction costs ten."""
+        better = logits > lane_max
+        return tl.where(better, logits, lane_max), tl.where(better, cols[None, :], lane_column)
+
+    @triton.jit
+    def first_argmax(lane_max, lane_column, row_max):
+        """The first column of each row's maximum, from the lanes (`row_max`: the row's maximum)."""
+        return tl.min(tl.where(lane_max == row_max[:, None], lane_column, 2147483647), axis=1)
+
+    @triton.jit
+    def top_column_step(other_columns, grad, cols, top, in_range, width):
+        """Backward, per tile: add the gradient of every column but the row's top one to per-lane
+        sums, and the store mask that leaves the top column for `store_top_column`."""
+        is_top = cols[None, :] == top[:, None]
+        store_mask = in_range[:, None] & (cols[None, :] < width) & (cols[None, :] != top[:, None])
+        return other_columns + tl.where(is_top, 0.0, grad), store_mask
+
+    @triton.jit
+    def store_top_column(grad_rows, top, other_columns, top_formula, in_range):
+        """The top column's gradient is minus the sum of the others' (a softmax gradient sums to 0):
+        a difference of small terms, where `w - q W` at q near 1 would cancel large ones. Where that
+        sum is not finite (an infinite divergence) the column keeps `top_formula`, its `w - q W`
+        value `[BLOCK_N, 1]`, so non-finite rows read as they always did."""
+        top_grad = 0.0 - tl.sum(other_columns, axis=1)[:, None]
+        top_grad = tl.where(tl.abs(top_grad) < float("inf"), top_grad, top_formula)
+        tl.store(grad_rows + top[:, None], top_grad.to(grad_rows.dtype.element_ty), mask=in_range[:, None])
+
+    @triton.jit
     def finish_logsumexp(running_max, running_sum):
         """`(max, log2 sum)` of a finished online log-sum-exp: the two stats columns (the max of
         the unscaled logits, 0 for a row of `-inf` only)."""
         return tl.where(running_max == float("-inf"), 0.0, running_max), tl.log2(running_sum)
 
     @triton.jit
-    def log2_softmax(logits, scale, row_max, row_log_sum):
+    def log2_softmax(logits, scale, scale_low, row_max, row_log_sum):
         """`log2 softmax(logits * scale)` from the stats, the maximum subtracted first, as in
-        `log_softmax`."""
-        return (logits - row_max) * scale - row_log_sum
+        `log_softmax`. The scale is `scale + scale_low` (`temperature_scalars`): a float32
+        `log2(e) / T` alone would put its own rounding, ~4e-8 |log2 q|, into every log-probability."""
+        gap = logits - row_max
+        return (gap * scale + gap * scale_low) - row_log_sum
 
 else:  # pragma: no cover
-    online_logsumexp_step = finish_logsumexp = log2_softmax = fast_log2 = LN2 = None
+    online_logsumexp_step = lane_argmax_step = first_argmax = top_column_step = store_top_column = finish_logsumexp = log2_softmax = fast_log2 = LN2 = None
