@@ -105,6 +105,13 @@ if HAS_TRITON:
         return value, weight
 
     @triton.jit
+    def _load_scalars(scalars_ptr):
+        """The `divergence_scalars` tensor: scale (log2(e) / T), scale_low, 1 / T, the mixture's
+        weights and their base-2 logs."""
+        return (tl.load(scalars_ptr + 0), tl.load(scalars_ptr + 1), tl.load(scalars_ptr + 2), tl.load(scalars_ptr + 3),
+                tl.load(scalars_ptr + 4), tl.load(scalars_ptr + 5), tl.load(scalars_ptr + 6))
+
+    @triton.jit
     def _divergence_forward_kernel(
         student_ptr, teacher_ptr, labels_ptr, loss_ptr, stats_ptr,
         scalars_ptr, n_rows, vocab, stride_student, stride_teacher, ignore_index,
@@ -112,13 +119,7 @@ if HAS_TRITON:
         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
     ):
         acc_dtype = tl.float64 if FP64 else tl.float32
-        scale = tl.load(scalars_ptr + 0)  # log2(e) / T
-        scale_low = tl.load(scalars_ptr + 1)
-        inv_temperature = tl.load(scalars_ptr + 2)
-        mix_p = tl.load(scalars_ptr + 3)
-        mix_q = tl.load(scalars_ptr + 4)
-        log2_mix_p = tl.load(scalars_ptr + 5)
-        log2_mix_q = tl.load(scalars_ptr + 6)
+        scale, scale_low, inv_temperature, mix_p, mix_q, log2_mix_p, log2_mix_q = _load_scalars(scalars_ptr)
         rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
         active = rows < n_rows
         if HAS_LABELS:
@@ -193,13 +194,7 @@ if HAS_TRITON:
         DIVERGENCE: tl.constexpr, FP64: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
     ):
         acc_dtype = tl.float64 if FP64 else tl.float32
-        scale = tl.load(scalars_ptr + 0)
-        scale_low = tl.load(scalars_ptr + 1)
-        inv_temperature = tl.load(scalars_ptr + 2)
-        mix_p = tl.load(scalars_ptr + 3)
-        mix_q = tl.load(scalars_ptr + 4)
-        log2_mix_p = tl.load(scalars_ptr + 5)
-        log2_mix_q = tl.load(scalars_ptr + 6)
+        scale, scale_low, inv_temperature, mix_p, mix_q, log2_mix_p, log2_mix_q = _load_scalars(scalars_ptr)
         rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
         in_range = rows < n_rows
         # row_scale is 0 on inactive rows (and on rows whose incoming gradient is 0): their

@@ -22,7 +22,6 @@ double counted. Labels and sampled ids are global token ids.
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.distributed as dist
