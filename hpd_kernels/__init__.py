@@ -3,7 +3,7 @@
 Hybrid Policy Distillation (`hybrid_kl_loss`) and the full-vocabulary divergences, each an
 autograd Function over Triton kernels (CUDA, or the CPU through `TRITON_INTERPRET=1`) with a
 chunked pure-PyTorch twin for every other device. The math of record is the spec in
-`shared/spec/objectives.md`; `reference/` is its naive executable form.
+`docs/objectives.md`; `reference/` is its naive executable form.
 """
 
 from .losses import (

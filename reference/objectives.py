@@ -1,4 +1,4 @@
-"""The distillation objectives of `shared/spec/objectives.md`, written to be read, not to be fast.
+"""The distillation objectives of `docs/objectives.md`, written to be read, not to be fast.
 
 Every function materialises full `[N, V]` log-softmaxes in the dtype it is given (call it with
 float64 tensors to get the numbers the kernels are tested against). Nothing here is clever:

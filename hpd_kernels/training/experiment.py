@@ -36,8 +36,10 @@ from .pipeline import (
     _prepare_teacher,
     _train_config,
     build_model,
+    choose_device,
     default_cache_dir,
     evaluate_model,
+    merge_config,
     read_json_object,
     validate_config,
 )
@@ -67,8 +69,6 @@ def load_experiment(path=None):
     experiment = copy.deepcopy(DEFAULT_EXPERIMENT)
     if path is not None:
         user = read_json_object(path, "experiment file")
-        if isinstance(user.get("base"), dict) and isinstance(user["base"].get("data"), str):
-            user["base"]["data"] = os.path.join(os.path.dirname(os.path.abspath(path)), user["base"]["data"])
         for key, value in user.items():
             if key not in EXPERIMENT_KEYS:
                 raise ConfigError(f"{path}: unknown key {key!r}; known keys: {sorted(EXPERIMENT_KEYS)}")
@@ -85,16 +85,10 @@ def load_experiment(path=None):
             raise ConfigError(f"{source}: distill.{key} is set per run (use 'objectives' and 'seeds')")
     if not experiment["objectives"] or not experiment["seeds"]:
         raise ConfigError(f"{source}: 'objectives' and 'seeds' must not be empty")
-    base = copy.deepcopy(DEFAULT_CONFIG)
-    if "data" in experiment["base"]:
-        base.pop("task")
-    for key, value in experiment["base"].items():
-        if key not in base and key not in ("data", "eval_data", "eval_fraction", "task"):
-            raise ConfigError(f"{source}: unknown key base.{key!r}")
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            base[key].update(value)
-        else:
-            base[key] = value
+    if not isinstance(experiment["base"], dict):
+        raise ConfigError(f"{source}: 'base' must be an object")
+    base_dir = os.path.dirname(os.path.abspath(path)) if path is not None else os.getcwd()
+    base = merge_config(DEFAULT_CONFIG, experiment["base"], base_dir, source, prefix="base.")
     base["eval"] = {key: value for key, value in experiment["eval"].items() if key != "samples"}
     base["distill"] = {}
     validate_config(base, source)
@@ -191,7 +185,7 @@ def run_experiment(experiment, out_dir, *, cache_dir=None, log=print, only=None,
     `only` limits this invocation to the first `only` unfinished runs (a time-sliced job);
     `workers` > 1 runs that many runs at once in separate processes (one CPU thread each)."""
     base = experiment["base"]
-    device = _device(experiment)
+    device = choose_device(experiment.get("device", "auto"))
     cache_dir = cache_dir or default_cache_dir()
     workload = Workload(base)
     teacher = build_model(base["teacher"], workload.tokenizer, "teacher", device)
@@ -228,9 +222,6 @@ def run_experiment(experiment, out_dir, *, cache_dir=None, log=print, only=None,
     return report
 
 
-def _device(experiment):
-    choice = experiment.get("device", "auto")
-    return ("cuda" if torch.cuda.is_available() else "cpu") if choice == "auto" else choice
 
 
 def _single_thread():
@@ -241,7 +232,7 @@ def _run_in_worker(job):
     """One run in a worker process: data, cached teacher and warm student rebuilt from disk."""
     experiment, out_dir, cache_dir, run, commit = job
     base = experiment["base"]
-    device = _device(experiment)
+    device = choose_device(experiment.get("device", "auto"))
     workload = Workload(base)
     teacher = build_model(base["teacher"], workload.tokenizer, "teacher", device)
     teacher, _ = _prepare_teacher(teacher, base, workload, cache_dir, lambda *_: None)

@@ -87,32 +87,42 @@ def load_config(path=None, overrides=None):
     source = "the default config"
     if path is not None:
         source = path
-        user = read_json_object(path, "config file")
-        base = os.path.dirname(os.path.abspath(path))
-        for key in ("data", "eval_data"):
-            if isinstance(user.get(key), str):
-                user[key] = os.path.join(base, user[key])
-        for role in ("teacher", "student"):
-            section = user.get(role)
-            if isinstance(section, dict):
-                for key in ("hf", "checkpoint"):
-                    if isinstance(section.get(key), str) and os.path.exists(os.path.join(base, section[key])):
-                        section[key] = os.path.join(base, section[key])
-        if "data" in user:  # the user's data replaces the built-in task
-            config.pop("task")
-        for role in ("teacher", "student"):  # a model given by path replaces the default's way to build one
-            if isinstance(user.get(role), dict) and ("hf" in user[role] or "decoder" in user[role]):
-                config[role] = {}
-        for key, value in user.items():
-            if key not in SECTIONS:
-                raise ConfigError(f"{path}: unknown key {key!r}; known keys: {sorted(SECTIONS)}")
-            if isinstance(value, dict) and isinstance(config.get(key), dict):
-                config[key].update(value)
-            else:
-                config[key] = value
+        config = merge_config(config, read_json_object(path, "config file"), os.path.dirname(os.path.abspath(path)),
+                              path)
     if overrides:
         config["distill"].update({key: value for key, value in overrides.items() if value is not None})
     validate_config(config, source)
+    return config
+
+
+def merge_config(config, user, base_dir, source, prefix=""):
+    """`config` overridden section by section by the user's object `user` (from a file in
+    `base_dir`, named `source`; `prefix` names the section in messages): relative paths (`data`,
+    `eval_data`, a model's `hf` or `checkpoint`) are taken relative to `base_dir`, the user's data
+    replaces the built-in task, and a model given as `hf` or `decoder` replaces the default's way to
+    build it. Shared by `hpd distill` and `hpd experiment`'s `base`; returns a new config."""
+    config, user = copy.deepcopy(config), copy.deepcopy(user)
+    for key in ("data", "eval_data"):
+        if isinstance(user.get(key), str):
+            user[key] = os.path.join(base_dir, user[key])
+    for role in ("teacher", "student"):
+        section = user.get(role)
+        if isinstance(section, dict):
+            for key in ("hf", "checkpoint"):
+                if isinstance(section.get(key), str) and os.path.exists(os.path.join(base_dir, section[key])):
+                    section[key] = os.path.join(base_dir, section[key])
+    if "data" in user:  # the user's data replaces the built-in task
+        config.pop("task", None)
+    for role in ("teacher", "student"):  # a model given by path replaces the default's way to build one
+        if isinstance(user.get(role), dict) and ("hf" in user[role] or "decoder" in user[role]):
+            config[role] = {}
+    for key, value in user.items():
+        if key not in SECTIONS:
+            raise ConfigError(f"{source}: unknown key {prefix}{key!r}; known keys: {sorted(SECTIONS)}")
+        if isinstance(value, dict) and isinstance(config.get(key), dict):
+            config[key].update(value)
+        else:
+            config[key] = value
     return config
 
 
@@ -379,7 +389,7 @@ def run_distill(config, out_dir, *, cache_dir=None, log=print):
     """Teacher (loaded or trained and cached), student warm-up, distillation, evaluation; returns
     the results dict also written to `out_dir/results.json` (+ `results.md`, `distill.png`)."""
     started = time.perf_counter()
-    device = _device(config.get("device", "auto"))
+    device = choose_device(config.get("device", "auto"))
     main = distributed.is_main()
     if not main:
         log = _silent
@@ -448,7 +458,7 @@ def _silent(*_):
     pass
 
 
-def _device(choice):
+def choose_device(choice):
     """This process's device: under torchrun, the local rank's GPU (or the CPU)."""
     if distributed.launched_by_torchrun():
         device = distributed.setup_from_env()
@@ -457,16 +467,24 @@ def _device(choice):
 
 
 def _on_main(work):
-    """Run `work()` on rank 0 only and hand its result (or its error) to every rank."""
-    result, error = None, None
+    """Run `work()` on rank 0 only and hand its result (or its error) to every rank. Any error is
+    handed on, not only a user's: the other ranks would otherwise wait forever in the broadcast.
+    Rank 0 raises its own exception; the others a user error's class, or RuntimeError naming it."""
+    result, error, unexpected = None, None, None
     if distributed.is_main():
         try:
             result = work()
         except (ConfigError, DataError, CheckpointError) as caught:
             error = (type(caught).__name__, str(caught))
+        except Exception as caught:  # noqa: BLE001 - re-raised below, after the other ranks know
+            unexpected = caught
+            error = ("RuntimeError", f"rank 0 failed: {type(caught).__name__}: {caught}")
     result, error = distributed.broadcast_object((result, error))
+    if unexpected is not None:
+        raise unexpected
     if error is not None:
-        raise {"ConfigError": ConfigError, "DataError": DataError, "CheckpointError": CheckpointError}[error[0]](error[1])
+        raise {"ConfigError": ConfigError, "DataError": DataError, "CheckpointError": CheckpointError,
+               "RuntimeError": RuntimeError}[error[0]](error[1])
     return result
 
 
