@@ -105,6 +105,18 @@ if HAS_TRITON:
         return value, weight
 
     @triton.jit
+    def _reference(running_max):
+        return tl.where(running_max == float("-inf"), 0.0, running_max)
+
+    @triton.jit
+    def _relative_value_step(value, old_sum, rescale, shift_x, shift_y, exps_x, x_gap, y_gap):
+        """One tile of `sum_v 2^((x - ref_x) scale) ((x - ref_x) - (y - ref_y))` kept against the
+        current references: moving them by `shift_x`, `shift_y` moves every earlier difference by
+        `shift_y - shift_x`. Columns where x is -inf weigh nothing (0 * inf must not be NaN)."""
+        moved = rescale * (value + tl.where(old_sum == 0, 0.0, (shift_y - shift_x) * old_sum))
+        return moved + tl.sum(_zero_if(x_gap == float("-inf"), exps_x * (x_gap - y_gap)), axis=1)
+
+    @triton.jit
     def _load_scalars(scalars_ptr):
         """The `divergence_scalars` tensor: scale (log2(e) / T), scale_low, 1 / T, the mixture's
         weights and their base-2 logs."""
@@ -134,7 +146,9 @@ if HAS_TRITON:
         sum_t = tl.zeros([BLOCK_N], acc_dtype)
         lane_max_s = tl.full([BLOCK_N, BLOCK_V], float("-inf"), acc_dtype)
         lane_top_s = tl.zeros([BLOCK_N, BLOCK_V], tl.int32)
-        # Forward/reverse KL: sum_v 2^(x - ref) * (x - other) in raw logits, rescaled like the sums.
+        # Forward/reverse KL: sum_v 2^((x - ref_x) scale) * ((x - ref_x) - (y - ref_y)), x the
+        # weighting side: every difference is taken against the running references, so a huge logit
+        # never meets the log-sum-exps in a float32 cancellation (the references cancel exactly).
         online_value = tl.zeros([BLOCK_N], acc_dtype)
         for start in range(0, vocab, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)
@@ -142,23 +156,27 @@ if HAS_TRITON:
             s = tl.load(student_rows + cols[None, :], mask=mask, other=float("-inf")).to(acc_dtype)
             t = tl.load(teacher_rows + cols[None, :], mask=mask, other=float("-inf")).to(acc_dtype)
             lane_max_s, lane_top_s = lane_argmax_step(lane_max_s, lane_top_s, s, cols)
+            old_ref_s, old_ref_t, old_sum_s, old_sum_t = _reference(max_s), _reference(max_t), sum_s, sum_t
             max_s, sum_s, exps_s, rescale_s = online_logsumexp_step(max_s, sum_s, s, scale)
             max_t, sum_t, exps_t, rescale_t = online_logsumexp_step(max_t, sum_t, t, scale)
+            ref_s, ref_t = _reference(max_s), _reference(max_t)
             if DIVERGENCE == FORWARD_KL:
-                online_value = online_value * rescale_t + tl.sum(_zero_if(t == float("-inf"), exps_t * (t - s)), axis=1)
+                online_value = _relative_value_step(online_value, old_sum_t, rescale_t, ref_t - old_ref_t,
+                                                    ref_s - old_ref_s, exps_t, t - ref_t[:, None], s - ref_s[:, None])
             elif DIVERGENCE == REVERSE_KL:
-                online_value = online_value * rescale_s + tl.sum(_zero_if(s == float("-inf"), exps_s * (s - t)), axis=1)
+                online_value = _relative_value_step(online_value, old_sum_s, rescale_s, ref_s - old_ref_s,
+                                                    ref_t - old_ref_t, exps_s, s - ref_s[:, None], t - ref_t[:, None])
         top_s = first_argmax(lane_max_s, lane_top_s, max_s)
         max_s, log_sum_s = finish_logsumexp(max_s, sum_s)
         max_t, log_sum_t = finish_logsumexp(max_t, sum_t)
-        # lse_s - lse_t in nats, each part difference first (no digits lost to large maxima).
-        lse_gap = LN2 * ((max_s - max_t) * scale + (log_sum_s - log_sum_t))
+        # With lse = max / T + ln2 log_sum, the maxima cancel against the references above.
+        log_sum_gap = LN2 * (log_sum_s - log_sum_t)
 
         if DIVERGENCE == FORWARD_KL:  # E_p[t - s] / T - lse_t + lse_s
-            loss = inv_temperature * online_value / sum_t + lse_gap
+            loss = inv_temperature * online_value / sum_t + log_sum_gap
             row_sum = tl.full([BLOCK_N], 1.0, acc_dtype)
         elif DIVERGENCE == REVERSE_KL:  # E_q[s - t] / T - lse_s + lse_t; W = -loss
-            loss = inv_temperature * online_value / sum_s - lse_gap
+            loss = inv_temperature * online_value / sum_s - log_sum_gap
             row_sum = -loss
         else:
             # Per-lane partial sums, reduced once after the loop rather than once per tile.
