@@ -52,6 +52,7 @@ import torch
 import hpd_kernels
 from bench import report, workloads
 from bench.workloads import IGNORE_INDEX, JSD_BETA, SKEW_ALPHA
+from hpd_kernels.ops.aot import matrices_moved
 from hpd_kernels.ops.divergence import divergence_backward, divergence_forward, mixture_logs
 from hpd_kernels.ops.hybrid import hybrid_backward, hybrid_forward
 from hpd_kernels.ops.triton_utils import interpreter_enabled
@@ -215,14 +216,13 @@ def kernel_families(student, teacher, labels):
     def divergence(objective):
         resolved, log_mix_p, log_mix_q = mixture_logs(objective, JSD_BETA, SKEW_ALPHA)
         params = dict(divergence=resolved, temperature=1.0, log_mix_p=log_mix_p, log_mix_q=log_mix_q)
-        passes = 1 if resolved in ("forward_kl", "reverse_kl") else 2
         forward = functools.partial(divergence_forward, student, teacher, labels, ignore_index=IGNORE_INDEX, **params)
         _, stats = forward()
         backward = functools.partial(divergence_backward, student, teacher, stats, row_scale, grad, **params)
         return [Launch(objective, "forward", "divergence_forward", f"{objective} {dtype} labels=True", forward,
-                       passes * 2 * matrix_bytes),
+                       matrices_moved("divergence_forward", resolved) * matrix_bytes),
                 Launch(objective, "backward", "divergence_backward", f"{objective} {dtype}", backward,
-                       3 * matrix_bytes)]
+                       matrices_moved("divergence_backward") * matrix_bytes)]
 
     def hpd():
         params = dict(temperature=1.0, fkl_weight=1.0, rkl_weight=1.0, ignore_index=IGNORE_INDEX)
@@ -231,11 +231,12 @@ def kernel_families(student, teacher, labels):
         given = functools.partial(hybrid_forward, student, teacher, labels, sampled_ids, seed=None, **params)
         backward = functools.partial(hybrid_backward, student, labels, sampled_ids, stats, row_scale, grad,
                                      vocab=vocab, temperature=1.0)
+        forward_bytes = matrices_moved("hybrid_forward") * matrix_bytes
         return [Launch("hpd (in-kernel y_hat)", "forward", "hybrid_forward", f"{dtype} sample=True", sampling,
-                       2 * matrix_bytes),
-                Launch("hpd (given y_hat)", "forward", "hybrid_forward", f"{dtype} sample=False", given,
-                       2 * matrix_bytes),
-                Launch("hpd", "backward", "hybrid_backward", dtype, backward, 2 * matrix_bytes)]
+                       forward_bytes),
+                Launch("hpd (given y_hat)", "forward", "hybrid_forward", f"{dtype} sample=False", given, forward_bytes),
+                Launch("hpd", "backward", "hybrid_backward", dtype, backward,
+                       matrices_moved("hybrid_backward") * matrix_bytes)]
 
     return [(objective, functools.partial(divergence, objective)) for objective in workloads.DIVERGENCES] + [
         ("hpd", hpd)]

@@ -54,6 +54,20 @@ class Launch:
     overrides: dict = field(default_factory=dict)
 
 
+def vocabulary_passes(divergence: str) -> int:
+    """Forward passes over the vocabulary of a (resolved) divergence: the mixtures need both
+    log-sum-exps before any term."""
+    return 1 if divergence in ("forward_kl", "reverse_kl") else 2
+
+
+def matrices_moved(kernel: str, divergence: str | None = None) -> int:
+    """How many `[N, V]` logit matrices a launch reads or writes, once each per pass: the memory
+    floor of the static model (`bench/sass.py`) and of the GPU check (`bench/gpu_floors.py`)."""
+    if kernel == "divergence_forward":
+        return 2 * vocabulary_passes(divergence)
+    return {"divergence_backward": 3, "hybrid_forward": 2, "hybrid_backward": 2}[kernel]
+
+
 @contextlib.contextmanager
 def _captured(kernels):
     """Replace each kernel's launch by a recorder: `kernel[grid](*args, **kwargs)` stores the call."""
@@ -88,6 +102,7 @@ def launches(rows: int = ROWS, vocab: int = VOCAB, dtypes=DTYPES):
     import torch
 
     from . import divergence, hybrid
+    from .common import DIVERGENCE_STATS, HYBRID_STATS
 
     meta = torch.device("meta")
     found = []
@@ -98,34 +113,35 @@ def launches(rows: int = ROWS, vocab: int = VOCAB, dtypes=DTYPES):
             student = torch.empty(rows, vocab, dtype=dtype, device=meta)
             teacher = torch.empty(rows, vocab, dtype=dtype, device=meta)
             labels = torch.empty(rows, dtype=torch.int64, device=meta)
-            stats = torch.empty(rows, 3, dtype=acc, device=meta)
+            divergence_stats = torch.empty(rows, DIVERGENCE_STATS, dtype=acc, device=meta)
+            hybrid_stats = torch.empty(rows, HYBRID_STATS, dtype=acc, device=meta)
             row_scale = torch.empty(rows, dtype=acc, device=meta)
             itemsize = student.element_size()
 
-            def take(kernel, variant, bytes_per_element, passes=1):
+            def take(kernel, variant, divergence_name=None):
                 name, args, kwargs = calls.pop()
                 assert name == kernel, (name, kernel)
-                found.append(Launch(kernel, variant, args, kwargs, bytes_per_element, passes))
+                passes = vocabulary_passes(divergence_name) if kernel == "divergence_forward" else 1
+                found.append(Launch(kernel, variant, args, kwargs, matrices_moved(kernel, divergence_name) * itemsize,
+                                    passes))
 
             for name in DIVERGENCES:
                 resolved, log_mix_p, log_mix_q = divergence.mixture_logs(name, 0.5, 0.1)
                 mixture = dict(divergence=resolved, temperature=1.0, log_mix_p=log_mix_p, log_mix_q=log_mix_q)
-                passes = 1 if resolved in ("forward_kl", "reverse_kl") else 2
                 for has_labels in (True, False):
                     divergence.divergence_forward(student, teacher, labels if has_labels else None,
                                                   ignore_index=-100, **mixture)
-                    take("divergence_forward", f"{name} {dtype_name} labels={has_labels}",
-                         passes * 2 * itemsize, passes)
-                divergence.divergence_backward(student, teacher, stats, row_scale, torch.empty_like(student),
+                    take("divergence_forward", f"{name} {dtype_name} labels={has_labels}", resolved)
+                divergence.divergence_backward(student, teacher, divergence_stats, row_scale, torch.empty_like(student),
                                                **mixture)
-                take("divergence_backward", f"{name} {dtype_name}", 3 * itemsize)
+                take("divergence_backward", f"{name} {dtype_name}")
             for sample in (True, False):
                 hybrid.hybrid_forward(student, teacher, labels, None if sample else labels, seed=0, temperature=1.0,
                                       fkl_weight=1.0, rkl_weight=1.0, ignore_index=-100)
-                take("hybrid_forward", f"{dtype_name} sample={sample}", 2 * itemsize)
-            hybrid.hybrid_backward(student, labels, labels, stats, row_scale, torch.empty_like(student),
+                take("hybrid_forward", f"{dtype_name} sample={sample}")
+            hybrid.hybrid_backward(student, labels, labels, hybrid_stats, row_scale, torch.empty_like(student),
                                    vocab=vocab, temperature=1.0)
-            take("hybrid_backward", dtype_name, 2 * itemsize)
+            take("hybrid_backward", dtype_name)
     return found
 
 

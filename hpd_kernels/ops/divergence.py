@@ -24,8 +24,9 @@ import math
 import torch
 
 from .common import DIVERGENCE_STATS, temperature_scalars
-from .triton_utils import (HAS_TRITON, LN2, LOG2E, fast_log2, finish_logsumexp, launch_shape, log2_softmax,
-                           first_argmax, lane_argmax_step, online_logsumexp_step, store_top_column, tl, top_column_step, triton)
+from .triton_utils import (HAS_TRITON, LN2, LOG2E, fast_log2, finish_logsumexp, first_argmax, lane_argmax_step,
+                           launch_shape, log2_softmax, online_logsumexp_step, row_reference, store_top_column, tl,
+                           top_column_step, triton)
 
 # Divergence codes: the kernels' DIVERGENCE constexpr (constexpr objects, the only globals a kernel may read).
 DIVERGENCE_CODES = {name: code for code, name in enumerate(
@@ -105,10 +106,6 @@ if HAS_TRITON:
         return value, weight
 
     @triton.jit
-    def _reference(running_max):
-        return tl.where(running_max == float("-inf"), 0.0, running_max)
-
-    @triton.jit
     def _relative_value_step(value, old_sum, rescale, shift_x, shift_y, exps_x, x_gap, y_gap):
         """One tile of `sum_v 2^((x - ref_x) scale) ((x - ref_x) - (y - ref_y))` kept against the
         current references: moving them by `shift_x`, `shift_y` moves every earlier difference by
@@ -156,10 +153,10 @@ if HAS_TRITON:
             s = tl.load(student_rows + cols[None, :], mask=mask, other=float("-inf")).to(acc_dtype)
             t = tl.load(teacher_rows + cols[None, :], mask=mask, other=float("-inf")).to(acc_dtype)
             lane_max_s, lane_top_s = lane_argmax_step(lane_max_s, lane_top_s, s, cols)
-            old_ref_s, old_ref_t, old_sum_s, old_sum_t = _reference(max_s), _reference(max_t), sum_s, sum_t
+            old_ref_s, old_ref_t, old_sum_s, old_sum_t = row_reference(max_s), row_reference(max_t), sum_s, sum_t
             max_s, sum_s, exps_s, rescale_s = online_logsumexp_step(max_s, sum_s, s, scale)
             max_t, sum_t, exps_t, rescale_t = online_logsumexp_step(max_t, sum_t, t, scale)
-            ref_s, ref_t = _reference(max_s), _reference(max_t)
+            ref_s, ref_t = row_reference(max_s), row_reference(max_t)
             if DIVERGENCE == FORWARD_KL:
                 online_value = _relative_value_step(online_value, old_sum_t, rescale_t, ref_t - old_ref_t,
                                                     ref_s - old_ref_s, exps_t, t - ref_t[:, None], s - ref_s[:, None])

@@ -81,6 +81,12 @@ if HAS_TRITON:
                 return tl.log2(x)
 
     @triton.jit
+    def row_reference(running_max):
+        """The reference a running max stands for: itself, or 0 for a row of `-inf` only (so that no
+        `-inf - -inf` NaN appears)."""
+        return tl.where(running_max == float("-inf"), 0.0, running_max)
+
+    @triton.jit
     def online_logsumexp_step(running_max, running_sum, logits, scale):
         """One tile of an online base-2 log-sum-exp over axis 1 of `logits * scale` (`scale > 0`).
 
@@ -94,7 +100,7 @@ if HAS_TRITON:
         NaN, as the spec requires.
         """
         new_max = tl.maximum(running_max, tl.max(logits, axis=1))
-        reference = tl.where(new_max == float("-inf"), 0.0, new_max)
+        reference = row_reference(new_max)
         rescale = tl.exp2((running_max - reference) * scale)
         exps = tl.exp2((logits - reference[:, None]) * scale)
         return new_max, running_sum * rescale + tl.sum(exps, axis=1), exps, rescale
@@ -133,7 +139,7 @@ if HAS_TRITON:
     def finish_logsumexp(running_max, running_sum):
         """`(max, log2 sum)` of a finished online log-sum-exp: the two stats columns (the max of
         the unscaled logits, 0 for a row of `-inf` only)."""
-        return tl.where(running_max == float("-inf"), 0.0, running_max), tl.log2(running_sum)
+        return row_reference(running_max), tl.log2(running_sum)
 
     @triton.jit
     def log2_softmax(logits, scale, scale_low, row_max, row_log_sum):
@@ -144,4 +150,4 @@ if HAS_TRITON:
         return (gap * scale + gap * scale_low) - row_log_sum
 
 else:  # pragma: no cover
-    online_logsumexp_step = lane_argmax_step = first_argmax = top_column_step = store_top_column = finish_logsumexp = log2_softmax = fast_log2 = LN2 = None
+    online_logsumexp_step = row_reference = lane_argmax_step = first_argmax = top_column_step = store_top_column = finish_logsumexp = log2_softmax = fast_log2 = LN2 = None
