@@ -39,7 +39,7 @@ from typing import Optional
 import torch
 
 import hpd_kernels
-import reference
+from hpd_kernels import reference
 from bench.workloads import IGNORE_INDEX, OBJECTIVES, REFERENCE_DIVERGENCES, has_fused_linear, mixture_kwargs
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16}

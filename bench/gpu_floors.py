@@ -12,7 +12,7 @@ Floors, on an [N, V] tensor of the logits' dtype:
 Each kernel alone, launched through its wrapper in `hpd_kernels.ops` (no autograd, no reduction,
 no allocation of the gradient), on logits whose every row is in the loss (the kernels skip the
 loads of ignored rows, which would then move fewer bytes than counted). Bytes moved, as the
-static cost model counts them (`python -m bench.sass`, bytes per element from `hpd_kernels/ops/aot.py`),
+static cost model counts them (`python -m bench.sass`, bytes per element from `hpd_kernels/ops/triton/aot.py`),
 at its N, V and dtype:
 - forward: student + teacher, once per vocabulary pass: 1 pass for forward KL, reverse KL and
   HPD, 2 for JSD, skew KL and TVD (the mixture needs both log-sum-exps before any term);
@@ -52,10 +52,11 @@ import torch
 import hpd_kernels
 from bench import report, workloads
 from bench.workloads import IGNORE_INDEX, JSD_BETA, SKEW_ALPHA
-from hpd_kernels.ops.aot import matrices_moved
-from hpd_kernels.ops.divergence import divergence_backward, divergence_forward, mixture_logs
-from hpd_kernels.ops.hybrid import hybrid_backward, hybrid_forward
-from hpd_kernels.ops.triton_utils import interpreter_enabled
+from hpd_kernels.ops.triton.aot import matrices_moved
+from hpd_kernels.ops.triton.divergence import divergence_backward, divergence_forward
+from hpd_kernels.registry import accumulation_dtype, mixture_logs
+from hpd_kernels.ops.triton.hybrid import hybrid_backward, hybrid_forward
+from hpd_kernels.ops.triton.utils import interpreter_enabled
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 GB = 1e9
@@ -209,7 +210,7 @@ def kernel_families(student, teacher, labels):
     n_rows, vocab = student.shape
     matrix_bytes = student.numel() * student.element_size()
     dtype = str(student.dtype).removeprefix("torch.")
-    acc_dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
+    acc_dtype = accumulation_dtype(student.dtype)
     row_scale = torch.full((n_rows,), 1.0 / n_rows, dtype=acc_dtype, device=student.device)  # a mean's gradient
     grad = torch.empty_like(student)
 

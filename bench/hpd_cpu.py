@@ -48,7 +48,7 @@ def run_variant(variant, rows, vocab, repeats, student_hidden_size=256, teacher_
     import torch
 
     import hpd_kernels
-    import reference
+    from hpd_kernels import reference
 
     torch.manual_seed(0)
     labels = torch.randint(0, vocab, (rows,))

@@ -30,10 +30,10 @@ from typing import Callable, Dict, Optional
 import torch
 
 import hpd_kernels
-import reference
+from hpd_kernels import reference
+from hpd_kernels.registry import DIVERGENCES, HPD, MIXTURE_PARAMETER
 
-OBJECTIVES = ("hpd", "forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")
-DIVERGENCES = OBJECTIVES[1:]
+OBJECTIVES = (HPD,) + DIVERGENCES
 JSD_BETA = 0.5         # the symmetric JSD, the one Liger-Kernel benchmarks too
 SKEW_ALPHA = 0.1       # DistiLLM's default skew
 IGNORE_INDEX = -100
@@ -45,11 +45,8 @@ REFERENCE_DIVERGENCES = reference.DIVERGENCE_LOSSES
 
 def mixture_kwargs(objective: str) -> dict:
     """The objective's own parameter (JSD's beta, skew KL's alpha), identical for every variant."""
-    if objective == "jsd":
-        return {"beta": JSD_BETA}
-    if objective.startswith("skew"):
-        return {"alpha": SKEW_ALPHA}
-    return {}
+    parameter = MIXTURE_PARAMETER.get(objective)
+    return {parameter: {"beta": JSD_BETA, "alpha": SKEW_ALPHA}[parameter]} if parameter else {}
 
 
 @dataclass(frozen=True)

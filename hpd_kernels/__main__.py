@@ -13,7 +13,7 @@ import sys
 import torch
 
 import hpd_kernels
-import reference
+from hpd_kernels import reference
 
 
 def main(argv=None):

@@ -11,7 +11,6 @@ from . import losses
 
 class _Criterion(torch.nn.Module):
     _fn = None
-    _options = ("temperature", "ignore_index", "reduction", "backend")
 
     def __init__(self, *, temperature=1.0, ignore_index=-100, reduction="mean", backend="auto", **extra):
         super().__init__()

@@ -1,28 +1,13 @@
-"""Sampling from the student, for distillation.
-
-- `approximate_on_policy_samples`: HPD's per-position sample `y_hat ~ q(. | offline prefix)`, drawn
-  inside the loss kernel's streaming pass (no softmax in memory), with its `y_hat != y` rate.
-- `generate`: batched autoregressive rollouts with a KV cache (temperature, top-p, EOS, max new
-  tokens; prompts of different lengths are left-padded), for fully on-policy batches.
-"""
+"""Sampling from the student for fully on-policy batches: `generate`, batched autoregressive
+rollouts with a KV cache (temperature, top-p, EOS, max new tokens; prompts of different lengths are
+left-padded). HPD's approximate on-policy sample `y_hat ~ q(. | offline prefix)` needs no function
+here: the loss kernels draw it in their streaming pass (`hpd_token_weights` returns it alone)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
-
-from .losses import hpd_token_weights
-
-
-def approximate_on_policy_samples(student_logits, teacher_logits, labels, *, seed=None, temperature=1.0,
-                                  ignore_index=-100, backend="auto"):
-    """`(sampled_ids, mismatch_rate)`: one `y_hat ~ softmax(student / T)` per position, exactly the
-    draw `hybrid_kl_loss(..., seed=seed)` makes, and the fraction of active positions where it
-    differs from the data token."""
-    details = hpd_token_weights(student_logits, teacher_logits, labels, seed=seed, temperature=temperature,
-                                ignore_index=ignore_index, backend=backend)
-    return details.sampled_ids, details.mismatch_rate
 
 
 @dataclass

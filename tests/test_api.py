@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import hpd_kernels
-import reference
+from hpd_kernels import reference
 
 BACKENDS = ("torch", "triton")
 ALL_LOSSES = [(name, fn) for name, fn in hpd_kernels.DIVERGENCES.items()] + [("hpd", hpd_kernels.hybrid_kl_loss)]

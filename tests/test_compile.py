@@ -99,14 +99,17 @@ def test_hpd_under_compile_needs_a_seed():
 def test_custom_ops_pass_opcheck():
     """torch.library.opcheck: schemas, fake (meta) implementations and autograd registration agree."""
     from hpd_kernels.ops import custom_ops
+    from hpd_kernels.registry import Objective
 
     student, teacher, labels = _inputs()
     student.requires_grad_(True)
     active = labels != -100
-    torch.library.opcheck(custom_ops.divergence_rows,
-                          (student, teacher, labels, active, "jsd", 1.3, -1.2, -0.3, -100, "torch"))
-    torch.library.opcheck(custom_ops.hybrid_rows,
-                          (student, teacher, labels, active, None, 5, 1.0, 1.0, 1.0, -100, "torch"))
+    jsd = Objective.divergence("jsd", temperature=1.3, ignore_index=-100, beta=0.3)
+    hpd = Objective.hybrid(temperature=1.0, ignore_index=-100, seed=5, fkl_weight=1.0, rkl_weight=1.0)
+    torch.library.opcheck(custom_ops.row_losses,
+                          (student, teacher, labels, active, None, *custom_ops.objective_fields(jsd), "torch"))
+    torch.library.opcheck(custom_ops.row_losses,
+                          (student, teacher, labels, active, None, *custom_ops.objective_fields(hpd), "torch"))
     hidden = torch.randn(ROWS, HIDDEN, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(VOCAB, HIDDEN, dtype=torch.float64, requires_grad=True)
     torch.library.opcheck(custom_ops.fused_linear, (

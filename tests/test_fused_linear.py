@@ -12,7 +12,7 @@ from hypothesis import given, strategies as st
 
 import hpd_kernels
 from helpers import DIVERGENCES, IGNORE, REFERENCE_LOSSES, OBJECTIVES
-import reference
+from hpd_kernels import reference
 
 BACKENDS = ("torch", "triton")
 
@@ -189,7 +189,7 @@ def test_teacher_gets_no_gradient_and_bad_input_is_refused():
 
 
 def test_chunk_size_rule_follows_the_memory_budget():
-    from hpd_kernels.ops.fused_linear import CPU_CHUNK_BUDGET, rows_per_chunk
+    from hpd_kernels.ops.chunked_linear import CPU_CHUNK_BUDGET, rows_per_chunk
 
     rows = rows_per_chunk(100_000, 32000, 32000, 4, torch.device("cpu"))
     assert rows == CPU_CHUNK_BUDGET // (64000 * 4)

@@ -21,8 +21,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import hpd_kernels
-from hpd_kernels.ops import fused_linear as fused_linear_ops
-from hpd_kernels.ops.fused_linear import FusedLinearDistillation, Objective
+from hpd_kernels.ops import chunked_linear as fused_linear_ops
+from hpd_kernels.ops.chunked_linear import FusedLinearDistillation
+from hpd_kernels.registry import Objective
 
 aten = torch.ops.aten
 
@@ -100,8 +101,8 @@ def test_cuda_path_issues_no_float32_copy_of_a_chunk(cuda_path, reduction):
     active = torch.ones(N_ROWS, dtype=torch.bool)
     with RecordOps() as record:
         loss, *_ = FusedLinearDistillation.apply(
-            *params, problem["teacher_hidden"], problem["teacher_weight"], None, None, None, None, active,
-            Objective("forward_kl", 1.0, -100), reduction, CHUNK, LossStub)
+            active, Objective("forward_kl", 1.0, -100), reduction, CHUNK, LossStub,
+            *params, problem["teacher_hidden"], problem["teacher_weight"])
         torch.autograd.grad(loss.sum(), params)
 
     model_dims = {VOCAB, HIDDEN, TEACHER_VOCAB, TEACHER_HIDDEN}

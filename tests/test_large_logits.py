@@ -18,7 +18,7 @@ import torch
 from hypothesis import given, strategies as st
 
 import hpd_kernels
-import reference
+from hpd_kernels import reference
 from helpers import OBJECTIVES, REFERENCE_LOSSES
 
 MAGNITUDES = [1e4, 1e6, 1e8, 1e12, 1e20, 1e30]

@@ -26,7 +26,7 @@ import torch
 from hypothesis import given, strategies as st
 
 import hpd_kernels
-import reference
+from hpd_kernels import reference
 from helpers import OBJECTIVES, REFERENCE_LOSSES
 
 FACTOR, FLOOR, ROWS = 2.0, 4 * 2.0**-23, 64

@@ -17,8 +17,8 @@ CHECK = textwrap.dedent("""
     import os, sys
     os.environ["TRITON_INTERPRET"] = "1"
     import torch
-    import reference
-    from hpd_kernels.ops import divergence, hybrid
+    from hpd_kernels import reference
+    from hpd_kernels.ops.triton import divergence, hybrid
 
     vocab, stride, n_rows = 1000, 2**30 + 17, 3
     assert (n_rows - 1) * stride > 2**31

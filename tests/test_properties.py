@@ -12,7 +12,7 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
-from hpd_kernels.ops import triton_utils
+from hpd_kernels.ops.triton import utils as triton_utils
 from helpers import OBJECTIVES, cases, grad_tolerance, library_loss, loss_tolerance, reference_loss
 
 BACKENDS = ("torch", "triton")

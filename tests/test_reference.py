@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-import reference
+from hpd_kernels import reference
 
 
 def _log_softmax(row, temperature):

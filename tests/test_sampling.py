@@ -11,7 +11,8 @@ import triton.language as tl
 from scipy import stats
 
 import hpd_kernels
-from hpd_kernels.ops import gumbel, triton_utils
+from hpd_kernels.ops import gumbel
+from hpd_kernels.ops.triton import utils as triton_utils
 from hpd_kernels.ops.gumbel import GUMBEL2_MAX, gumbel2_from_bits
 
 
@@ -112,7 +113,7 @@ def test_details_report_weights_and_mismatch_rate(backend):
     active = labels != -100
     expected_rate = (details.sampled_ids[active] != labels[active]).double().mean()
     assert details.mismatch_rate.item() == pytest.approx(expected_rate.item())
-    import reference
+    from hpd_kernels import reference
     w_y, w_hat = reference.hpd_weights(torch.log_softmax(student, -1), torch.log_softmax(teacher, -1),
                                        labels, details.sampled_ids.clamp(min=0))
     torch.testing.assert_close(details.label_weight[active], w_y[active], rtol=1e-10, atol=1e-12)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import hpd_kernels
-import reference
+from hpd_kernels import reference
 from hpd_kernels.models import DecoderConfig, DecoderLM
 from hpd_kernels.training import OBJECTIVES, distillation_loss, shifted_labels
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
-import reference
+from hpd_kernels import reference
 from helpers import OBJECTIVES, cases, grad_tolerance, library_loss, reference_loss, reference_weights
 
 

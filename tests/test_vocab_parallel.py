@@ -12,10 +12,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import hpd_kernels
+from hpd_kernels import registry
 
 WORLD, VOCAB, SPLIT, ROWS = 2, 37, 20, 13
-DIVERGENCES = {"forward_kl": {}, "reverse_kl": {}, "jsd": {"beta": 0.3}, "skew_forward_kl": {"alpha": 0.2},
-               "skew_reverse_kl": {"alpha": 0.2}, "tvd": {}}
+MIXTURE_VALUES = {"beta": 0.3, "alpha": 0.2}
+DIVERGENCES = {name: {parameter: MIXTURE_VALUES[parameter]} if parameter else {}
+               for name in registry.DIVERGENCES for parameter in [registry.MIXTURE_PARAMETER.get(name)]}
 
 
 def _finish():

@@ -1,0 +1,3 @@
+"""Below the entry layer: the two peer backends (`triton/`, `torch_backend`) and the vocabulary-
+parallel one, the autograd Functions that take any of them (`row_losses`, `chunked_linear`), their
+`torch.library` forms (`custom_ops`), and what the backends share (`common`, `gumbel`)."""

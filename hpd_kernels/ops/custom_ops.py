@@ -2,142 +2,107 @@
 training step that calls them without graph breaks.
 
 Each op is opaque to the compiler (a fake implementation gives it the output shapes) and carries
-its own backward op, wired with `register_autograd`:
+its own backward, wired with `register_autograd`:
 
-- `hpd_kernels::divergence_rows` / `divergence_rows_backward`: per-row divergence losses and stats;
-- `hpd_kernels::hybrid_rows` / `hybrid_rows_backward`: HPD per-row losses, stats and `y_hat`;
+- `hpd_kernels::row_losses` / `row_losses_backward`: per-row losses, stats and HPD's `y_hat`, for
+  any objective (the custom-op form of `RowLosses`);
 - `hpd_kernels::fused_linear`: a fused-linear loss (reduction "sum" or "mean") with its gradients
   computed in the same pass, as the eager autograd Function does; backward scales them.
 
-They call the very same Triton or torch implementations as the eager path; the public functions
-take this route when `torch.compiler.is_compiling()`.
+An op's schema can hold only tensors and scalars, so the `Objective` and `LinearInputs` bundles
+and the backend travel as their fields (`objective_fields`, the backend's `NAME`) and are rebuilt
+by name on the other side. They call the very same backends as the eager path; the entry layer
+takes this route when `torch.compiler.is_compiling()`.
 """
 
 # No `from __future__ import annotations` here: torch.library infers each op's schema from the
 # annotations, and real types (not strings) work with every torch release that has custom_op.
+from dataclasses import astuple
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from . import divergence as triton_divergence
-from . import hybrid as triton_hybrid
-from . import torch_backend
-from .common import DIVERGENCE_STATS, HYBRID_STATS
-from .fused_linear import Objective, scalar_pass
+from ..registry import Objective, accumulation_dtype
+from .backends import by_name
+from .chunked_linear import LinearInputs, scalar_pass
+from .row_losses import backward_rows, forward_rows
 
 
-def _acc(tensor):
-    return torch.float64 if tensor.dtype == torch.float64 else torch.float32
+def objective_fields(objective: Objective) -> tuple:
+    """The op arguments `objective, temperature, ignore_index, log_mix_p, log_mix_q, seed, fkl_weight,
+    rkl_weight`, in the order of `Objective`'s fields."""
+    return astuple(objective)
 
 
-def _impl(backend, triton_module):
-    return triton_module if backend == "triton" else torch_backend
-
-
-# ----------------------------------------------------------------------------------------------
-# Divergences
-
-
-@torch.library.custom_op("hpd_kernels::divergence_rows", mutates_args=())
-def divergence_rows(student: Tensor, teacher: Tensor, labels: Optional[Tensor], active: Tensor, divergence: str,
-                    temperature: float, log_mix_p: float, log_mix_q: float, ignore_index: int,
-                    backend: str) -> tuple[Tensor, Tensor]:
-    return _impl(backend, triton_divergence).divergence_forward(
-        student, teacher, labels, divergence=divergence, temperature=temperature, log_mix_p=log_mix_p,
-        log_mix_q=log_mix_q, ignore_index=ignore_index)
-
-
-@divergence_rows.register_fake
-def _(student, teacher, labels, active, divergence, temperature, log_mix_p, log_mix_q, ignore_index, backend):
-    rows = student.shape[0]
-    return (student.new_empty((rows,), dtype=_acc(student)),
-            student.new_empty((rows, DIVERGENCE_STATS), dtype=_acc(student)))
-
-
-@torch.library.custom_op("hpd_kernels::divergence_rows_backward", mutates_args=())
-def divergence_rows_backward(student: Tensor, teacher: Tensor, stats: Tensor, row_scale: Tensor, divergence: str,
-                             temperature: float, log_mix_p: float, log_mix_q: float, backend: str) -> Tensor:
-    grad = torch.empty_like(student, memory_format=torch.contiguous_format)
-    return _impl(backend, triton_divergence).divergence_backward(
-        student, teacher, stats, row_scale.contiguous(), grad, divergence=divergence, temperature=temperature,
-        log_mix_p=log_mix_p, log_mix_q=log_mix_q)
-
-
-@divergence_rows_backward.register_fake
-def _(student, teacher, stats, row_scale, divergence, temperature, log_mix_p, log_mix_q, backend):
-    return torch.empty_like(student, memory_format=torch.contiguous_format)
-
-
-def _divergence_setup(ctx, inputs, output):
-    student, teacher, _, active, divergence, temperature, log_mix_p, log_mix_q, _, backend = inputs
-    ctx.save_for_backward(student, teacher, output[1], active)
-    ctx.params = (divergence, temperature, log_mix_p, log_mix_q, backend)
-
-
-def _divergence_backward(ctx, grad_loss, _grad_stats):
-    student, teacher, stats, active = ctx.saved_tensors
-    divergence, temperature, log_mix_p, log_mix_q, backend = ctx.params
-    row_scale = torch.where(active, grad_loss.to(stats.dtype), torch.zeros_like(stats[:, 0]))
-    grad = divergence_rows_backward(student, teacher, stats, row_scale, divergence, temperature, log_mix_p,
-                                    log_mix_q, backend)
-    return grad, None, None, None, None, None, None, None, None, None
-
-
-divergence_rows.register_autograd(_divergence_backward, setup_context=_divergence_setup)
+def _named(op_arguments, inputs):
+    return dict(zip(op_arguments, inputs))
 
 
 # ----------------------------------------------------------------------------------------------
-# HPD
+# Per-row losses
 
 
-@torch.library.custom_op("hpd_kernels::hybrid_rows", mutates_args=())
-def hybrid_rows(student: Tensor, teacher: Tensor, labels: Tensor, active: Tensor, sampled_ids: Optional[Tensor],
-                seed: int, temperature: float, fkl_weight: float, rkl_weight: float, ignore_index: int,
-                backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    loss, stats, ids = _impl(backend, triton_hybrid).hybrid_forward(
-        student, teacher, labels, sampled_ids, seed=seed, temperature=temperature, fkl_weight=fkl_weight,
-        rkl_weight=rkl_weight, ignore_index=ignore_index)
-    return loss, stats, ids.clone() if sampled_ids is not None else ids  # outputs may not alias inputs
+@torch.library.custom_op("hpd_kernels::row_losses", mutates_args=())
+def row_losses(student: Tensor, teacher: Tensor, labels: Optional[Tensor], active: Tensor,
+               sampled_ids: Optional[Tensor], objective: str, temperature: float, ignore_index: int, log_mix_p: float,
+               log_mix_q: float, seed: int, fkl_weight: float, rkl_weight: float,
+               backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    spec = Objective(objective, temperature, ignore_index, log_mix_p, log_mix_q, seed, fkl_weight, rkl_weight)
+    loss, stats, drawn = forward_rows(by_name(backend), student, teacher, labels, sampled_ids, spec)
+    if drawn is None:
+        drawn = student.new_empty((0,), dtype=torch.int64)
+    elif sampled_ids is not None:
+        drawn = drawn.clone()  # outputs may not alias inputs
+    return loss, stats, drawn
 
 
-@hybrid_rows.register_fake
-def _(student, teacher, labels, active, sampled_ids, seed, temperature, fkl_weight, rkl_weight, ignore_index,
-      backend):
-    rows = student.shape[0]
-    return (student.new_empty((rows,), dtype=_acc(student)), student.new_empty((rows, HYBRID_STATS), dtype=_acc(student)),
-            student.new_empty((rows,), dtype=torch.int64))
+_ROW_ARGUMENTS = ("student", "teacher", "labels", "active", "sampled_ids", "objective", "temperature", "ignore_index",
+                  "log_mix_p", "log_mix_q", "seed", "fkl_weight", "rkl_weight", "backend")
 
 
-@torch.library.custom_op("hpd_kernels::hybrid_rows_backward", mutates_args=())
-def hybrid_rows_backward(student: Tensor, labels: Tensor, sampled_ids: Tensor, stats: Tensor, row_scale: Tensor,
-                         vocab: int, temperature: float, backend: str) -> Tensor:
+@row_losses.register_fake
+def _(student, teacher, labels, active, sampled_ids, objective, *_):
+    rows, acc_dtype = student.shape[0], accumulation_dtype(student.dtype)
+    shape = Objective(objective, 1.0, 0)  # only its name matters here
+    return (student.new_empty((rows,), dtype=acc_dtype),
+            student.new_empty((rows, shape.stats_columns), dtype=acc_dtype),
+            student.new_empty((rows,) if shape.is_hybrid else (0,), dtype=torch.int64))
+
+
+@torch.library.custom_op("hpd_kernels::row_losses_backward", mutates_args=())
+def row_losses_backward(student: Tensor, teacher: Tensor, labels: Optional[Tensor], sampled_ids: Tensor,
+                        stats: Tensor, row_scale: Tensor, objective: str, temperature: float, ignore_index: int,
+                        log_mix_p: float, log_mix_q: float, seed: int, fkl_weight: float, rkl_weight: float,
+                        backend: str) -> Tensor:
+    spec = Objective(objective, temperature, ignore_index, log_mix_p, log_mix_q, seed, fkl_weight, rkl_weight)
     grad = torch.empty_like(student, memory_format=torch.contiguous_format)
-    return _impl(backend, triton_hybrid).hybrid_backward(student, labels, sampled_ids, stats, row_scale.contiguous(),
-                                                          grad, vocab=vocab, temperature=temperature)
-
-
-@hybrid_rows_backward.register_fake
-def _(student, labels, sampled_ids, stats, row_scale, vocab, temperature, backend):
-    return torch.empty_like(student, memory_format=torch.contiguous_format)
-
-
-def _hybrid_setup(ctx, inputs, output):
-    student, teacher, labels, active, _, _, temperature, _, _, _, backend = inputs
     vocab = min(student.shape[1], teacher.shape[1])
-    ctx.save_for_backward(student, labels, output[2], output[1], active)
-    ctx.params = (vocab, temperature, backend)
+    return backward_rows(by_name(backend), student, teacher, labels, sampled_ids, stats, row_scale.contiguous(), grad,
+                         spec, vocab)
 
 
-def _hybrid_backward(ctx, grad_loss, _grad_stats, _grad_ids):
-    student, labels, ids, stats, active = ctx.saved_tensors
-    vocab, temperature, backend = ctx.params
+@row_losses_backward.register_fake
+def _(student, *_):
+    return torch.empty_like(student, memory_format=torch.contiguous_format)
+
+
+def _row_losses_setup(ctx, inputs, output):
+    named = _named(_ROW_ARGUMENTS, inputs)
+    _, stats, drawn = output
+    sampled_ids = drawn if named["sampled_ids"] is None else named["sampled_ids"]
+    ctx.save_for_backward(named["student"], named["teacher"], named["labels"], sampled_ids, stats, named["active"])
+    ctx.scalars = tuple(named[name] for name in _ROW_ARGUMENTS[5:])
+
+
+def _row_losses_backward(ctx, grad_loss, _grad_stats, _grad_ids):
+    student, teacher, labels, sampled_ids, stats, active = ctx.saved_tensors
     row_scale = torch.where(active, grad_loss.to(stats.dtype), torch.zeros_like(stats[:, 0]))
-    grad = hybrid_rows_backward(student, labels, ids, stats, row_scale, vocab, temperature, backend)
-    return grad, None, None, None, None, None, None, None, None, None, None
+    grad = row_losses_backward(student, teacher, labels, sampled_ids, stats, row_scale, *ctx.scalars)
+    return (grad,) + (None,) * (len(_ROW_ARGUMENTS) - 1)
 
 
-hybrid_rows.register_autograd(_hybrid_backward, setup_context=_hybrid_setup)
+row_losses.register_autograd(_row_losses_backward, setup_context=_row_losses_setup)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -149,23 +114,20 @@ def fused_linear(student_hidden: Tensor, student_weight: Tensor, student_bias: O
                  teacher_hidden: Optional[Tensor], teacher_weight: Optional[Tensor], teacher_bias: Optional[Tensor],
                  teacher_logits: Optional[Tensor], labels: Optional[Tensor], sampled_ids: Optional[Tensor],
                  active: Tensor, objective: str, temperature: float, ignore_index: int, log_mix_p: float,
-                 log_mix_q: float, seed: int,
-                 fkl_weight: float, rkl_weight: float, reduction: str, chunk_size: int, backend: str,
-                 want_hidden: bool, want_weight: bool, want_bias: bool
+                 log_mix_q: float, seed: int, fkl_weight: float, rkl_weight: float, reduction: str, chunk_size: int,
+                 backend: str, want_hidden: bool, want_weight: bool, want_bias: bool
                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    inputs = LinearInputs(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
+                          teacher_logits, labels, sampled_ids)
     spec = Objective(objective, temperature, ignore_index, log_mix_p, log_mix_q, seed, fkl_weight, rkl_weight)
-    hpd = objective == "hpd"
-    impl = _impl(backend, triton_hybrid if hpd else triton_divergence)
-    acc_dtype = _acc(student_hidden)
+    acc_dtype = accumulation_dtype(student_hidden.dtype)
     want = (want_hidden, want_weight, want_bias and student_bias is not None)
-    inputs = (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
-              teacher_logits, labels, sampled_ids)
-    loss, details, grads = scalar_pass(inputs, active, spec, impl, chunk_size, reduction, want)
+    loss, details, grads = scalar_pass(inputs, active, spec, by_name(backend), chunk_size, reduction, want)
 
     def empty(dtype=student_hidden.dtype):  # a fresh tensor each: outputs may not alias one another
         return student_hidden.new_empty((0,), dtype=dtype)
 
-    if hpd:
+    if spec.is_hybrid:
         drawn, w_label, w_sample = details
         drawn = drawn.clone() if sampled_ids is not None else drawn
     else:
@@ -177,24 +139,30 @@ def fused_linear(student_hidden: Tensor, student_weight: Tensor, student_bias: O
             grad_bias.to(student_bias.dtype) if grad_bias is not None else empty())
 
 
+_FUSED_ARGUMENTS = LinearInputs._fields + (
+    "active", "objective", "temperature", "ignore_index", "log_mix_p", "log_mix_q", "seed", "fkl_weight",
+    "rkl_weight", "reduction", "chunk_size", "backend", "want_hidden", "want_weight", "want_bias")
+
+
 @fused_linear.register_fake
-def _(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, teacher_logits,
-      labels, sampled_ids, active, objective, temperature, ignore_index, log_mix_p, log_mix_q, seed, fkl_weight,
-      rkl_weight, reduction, chunk_size, backend, want_hidden, want_weight, want_bias):
-    acc_dtype, rows = _acc(student_hidden), student_hidden.shape[0]
-    empty = student_hidden.new_empty((0,))
-    hpd = objective == "hpd"
-    return (student_hidden.new_empty((), dtype=acc_dtype),
-            student_hidden.new_empty((rows,), dtype=torch.int64) if hpd else empty.long(),
-            student_hidden.new_empty((rows,), dtype=acc_dtype) if hpd else empty.to(acc_dtype),
-            student_hidden.new_empty((rows,), dtype=acc_dtype) if hpd else empty.to(acc_dtype),
-            torch.empty_like(student_hidden) if want_hidden else empty,
-            torch.empty_like(student_weight) if want_weight else empty,
-            torch.empty_like(student_bias) if want_bias and student_bias is not None else empty)
+def _(*inputs):
+    named = _named(_FUSED_ARGUMENTS, inputs)
+    hidden, weight, bias = named["student_hidden"], named["student_weight"], named["student_bias"]
+    acc_dtype, rows = accumulation_dtype(hidden.dtype), hidden.shape[0]
+    empty = hidden.new_empty((0,))
+    hpd = Objective(named["objective"], 1.0, 0).is_hybrid
+    return (hidden.new_empty((), dtype=acc_dtype),
+            hidden.new_empty((rows,), dtype=torch.int64) if hpd else empty.long(),
+            hidden.new_empty((rows,), dtype=acc_dtype) if hpd else empty.to(acc_dtype),
+            hidden.new_empty((rows,), dtype=acc_dtype) if hpd else empty.to(acc_dtype),
+            torch.empty_like(hidden) if named["want_hidden"] else empty,
+            torch.empty_like(weight) if named["want_weight"] else empty,
+            torch.empty_like(bias) if named["want_bias"] and bias is not None else empty)
 
 
 def _fused_setup(ctx, inputs, output):
-    ctx.wants = (inputs[21], inputs[22], inputs[23] and inputs[2] is not None)
+    named = _named(_FUSED_ARGUMENTS, inputs)
+    ctx.wants = (named["want_hidden"], named["want_weight"], named["want_bias"] and named["student_bias"] is not None)
     ctx.save_for_backward(*output[4:])
 
 
@@ -202,7 +170,7 @@ def _fused_backward(ctx, grad_loss, *_):
     grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
     scaled = [grad * grad_loss.to(grad.dtype) if want else None
               for grad, want in zip((grad_hidden, grad_weight, grad_bias), ctx.wants)]
-    return (*scaled,) + (None,) * 21
+    return (*scaled,) + (None,) * (len(_FUSED_ARGUMENTS) - 3)
 
 
 fused_linear.register_autograd(_fused_backward, setup_context=_fused_setup)

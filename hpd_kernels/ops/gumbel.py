@@ -136,7 +136,7 @@ try:  # Triton is optional: the torch backend needs none of this.
     import triton
     import triton.language as tl
 
-    from .triton_utils import fast_log2
+    from .triton.utils import fast_log2
 
     # The series' coefficients and threshold, as the constexprs a kernel may read.
     _S1, _S2, _S3, _S4, _S5, _S6 = (tl.constexpr(coefficient) for coefficient in _SERIES)

@@ -1,7 +1,8 @@
 """The same math as the Triton kernels, in plain PyTorch, for any device.
 
-Same entry points and outputs as `triton_divergence` / `triton_hybrid` (per-row loss, per-row
-stats, gradient written into a caller's buffer), so the autograd Functions do not care which runs.
+The torch backend: the same four entry points and outputs as the Triton backend (`ops/triton/`:
+per-row loss, per-row stats, gradient written into a caller's buffer), so the autograd Functions do
+not care which runs.
 Rows are processed in chunks whose float32 temporaries stay under a fixed budget, so no
 `[N, V]` float32 tensor exists here either; float64 inputs are computed in float64.
 """
@@ -12,8 +13,11 @@ import math
 
 import torch
 
-from .common import DIVERGENCE_STATS, HYBRID_STATS, active_rows, temperature_scalars
+from ..registry import DIVERGENCE_STATS, HYBRID_STATS, accumulation_dtype
+from .common import active_rows, temperature_scalars
 from .gumbel import gumbel2_torch, row_keys_torch, seed_key
+
+NAME = "torch"
 
 # Bytes of one chunk's [rows, V] temporaries in the accumulation dtype. The divergences keep about
 # eight of them alive at once, so 8 MiB each bounds a chunk's working set near 64 MiB.
@@ -23,10 +27,6 @@ CHUNK_BYTES = 8 * 2**20
 def _rows_per_chunk(vocab: int, acc_dtype: torch.dtype) -> int:
     item = torch.finfo(acc_dtype).bits // 8
     return max(1, CHUNK_BYTES // max(1, vocab * item))
-
-
-def _acc_dtype(tensor):
-    return torch.float64 if tensor.dtype == torch.float64 else torch.float32
 
 
 def _zero_unless(condition, value):
@@ -39,7 +39,7 @@ def _zero_if(condition, value):
 
 
 def logsumexp_parts(scaled_logits, row_sums=lambda sums: sums, row_max=lambda local_max: local_max):
-    """`(max, log_sum)` of each row, `lse = max + log_sum` kept apart (see `common.STAT_MAX_S`):
+    """`(max, log_sum)` of each row, `lse = max + log_sum` kept apart (see `registry.STAT_MAX_S`):
     the max is 0 for a row of `-inf` only; a `+inf` logit gives NaN, as in the kernels (torch's own
     log-sum-exp gives +inf, which HPD's branches would then turn into a silent 0). `row_sums` and
     `row_max` combine the partial results of vocabulary slices."""
@@ -118,13 +118,13 @@ class WholeVocabulary:
         return logsumexp_parts(scaled)
 
     def hpd_pivot(self, log_q_y, log_q_hat, labels, sampled_ids):
-        """HPD's column for `common.STAT_TOP_S`: `y` or `y_hat`, whichever has q > 1/2 (only there
+        """HPD's column for `registry.STAT_TOP_S`: `y` or `y_hat`, whichever has q > 1/2 (only there
         can `w - q (w_y + w_hat)` cancel), else -1 (the Triton kernel's `hpd_pivot`)."""
         pivot = torch.where(log_q_y >= log_q_hat, labels, sampled_ids)
         return torch.where(torch.maximum(log_q_y, log_q_hat) > -math.log(2.0), pivot, torch.full_like(pivot, -1))
 
     def top_column(self, scaled):
-        """The column whose gradient the backward derives from the others' (`common.STAT_TOP_S`):
+        """The column whose gradient the backward derives from the others' (`registry.STAT_TOP_S`):
         the first argmax; -1 (none) where the whole row is not here."""
         return scaled.argmax(dim=-1).to(scaled.dtype) if scaled.shape[1] else scaled.new_full((scaled.shape[0],), -1.0)
 
@@ -144,7 +144,7 @@ WHOLE = WholeVocabulary()
 def divergence_forward(student, teacher, labels, *, divergence, temperature, log_mix_p, log_mix_q, ignore_index,
                        vocabulary=WHOLE):
     n_rows, vocab = student.shape[0], min(student.shape[1], teacher.shape[1])
-    acc_dtype = _acc_dtype(student)
+    acc_dtype = accumulation_dtype(student.dtype)
     inv_temperature = 1.0 / temperature
     label_vocab = vocabulary.label_vocab(vocab)
     active = active_rows(labels, n_rows, label_vocab, ignore_index, student.device)
@@ -228,7 +228,7 @@ def hpd_row_terms(log_q_y, log_p_y, log_q_hat, log_p_hat, label_ids, sampled_ids
 def hybrid_forward(student, teacher, labels, sampled_ids, *, seed, temperature, fkl_weight, rkl_weight, ignore_index,
                    row_offset=0, vocabulary=WHOLE):
     n_rows, vocab = student.shape[0], min(student.shape[1], teacher.shape[1])
-    acc_dtype = _acc_dtype(student)
+    acc_dtype = accumulation_dtype(student.dtype)
     inv_temperature = 1.0 / temperature
     label_vocab = vocabulary.label_vocab(vocab)
     active = active_rows(labels, n_rows, label_vocab, ignore_index, student.device)

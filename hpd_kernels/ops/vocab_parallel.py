@@ -3,7 +3,8 @@
 `VocabParallel(group, vocab_offset, global_vocab)` has the entry points of `torch_backend` (per-row
 loss and stats forward, gradient into a caller's buffer backward) and runs the torch backend's own
 passes, with their row reductions (`torch_backend.WholeVocabulary`) made collective: so
-`DivergenceFunction`, `HybridFunction` and the fused-linear Function run unchanged on a slice.
+it is a backend like the other two, and `RowLosses` and the fused-linear Function run unchanged on
+a slice.
 What crosses ranks is per-row scalars (and, fused-linear, the `[tokens, hidden]` gradient of the
 hidden states), never a `[tokens, vocab]` tensor:
 
@@ -32,6 +33,8 @@ from .gumbel import row_keys_torch
 
 class VocabParallel(torch_backend.WholeVocabulary):
     """The torch backend's passes on one slice, with its row reductions made collective."""
+
+    NAME = torch_backend.NAME
 
     def __init__(self, group, vocab_offset, global_vocab):
         self.group, self.offset, self.global_vocab = group, int(vocab_offset), int(global_vocab)

@@ -1,3 +1,3 @@
 """Distillation training on top of the losses (in progress: objectives; the loop comes next)."""
 
-from .objectives import OBJECTIVES, distillation_loss, shifted_labels  # noqa: F401
+from .criteria import OBJECTIVES, distillation_loss, shifted_labels  # noqa: F401

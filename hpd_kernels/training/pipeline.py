@@ -30,7 +30,7 @@ from ..models.decoder import DecoderConfig, DecoderLM
 from . import distributed
 from .checkpoint import CheckpointError, load_model, save_model
 from .data import DataError, CharTokenizer, HFTokenizer, check_aligned, encode_pairs, read_jsonl
-from .objectives import shifted_labels
+from .criteria import shifted_labels
 from .plot import plot_runs
 from .task import answer_accuracy, encode_examples, make_problems, task_tokenizer
 from .trainer import TrainConfig, collate, train

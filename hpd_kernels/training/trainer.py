@@ -27,7 +27,7 @@ import torch
 
 from . import distributed
 from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
-from .objectives import OBJECTIVES, distillation_loss, shifted_labels, token_statistics
+from .criteria import OBJECTIVES, distillation_loss, shifted_labels, token_statistics
 
 
 @dataclass

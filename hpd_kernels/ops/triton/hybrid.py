@@ -12,11 +12,17 @@ from __future__ import annotations
 
 import torch
 
-from .common import HYBRID_STATS, STAT_W_LABEL, STAT_W_SAMPLE, temperature_scalars
+from ...registry import HYBRID_STATS, STAT_LOG_SUM_S, STAT_MAX_S, STAT_TOP_S, STAT_W_LABEL, STAT_W_SAMPLE, accumulation_dtype
+from ..common import temperature_scalars
+from ..gumbel import GUMBEL2_MAX, gumbel2_triton, row_keys_triton, seed_key
 from .divergence import kernel_scalars
-from .gumbel import GUMBEL2_MAX, gumbel2_triton, row_keys_triton, seed_key
-from .triton_utils import (HAS_TRITON, LN2, finish_logsumexp, launch_shape, log2_softmax,
+from .utils import (HAS_TRITON, LN2, finish_logsumexp, launch_shape, log2_softmax,
                            online_logsumexp_step, store_top_column, tl, top_column_step, triton)
+
+# The registry's stats columns, as constexprs a kernel may read.
+_MAX_S, _LOG_SUM_S, _TOP_S, _W_LABEL, _W_SAMPLE, _STATS = (
+    tl.constexpr(column) if HAS_TRITON else column for column in
+    (STAT_MAX_S, STAT_LOG_SUM_S, STAT_TOP_S, STAT_W_LABEL, STAT_W_SAMPLE, HYBRID_STATS))
 
 if HAS_TRITON:
     NOISE_MAX = tl.constexpr(GUMBEL2_MAX)  # kernels read only constexpr globals
@@ -36,7 +42,7 @@ if HAS_TRITON:
 
     @triton.jit
     def hpd_pivot(log_q_y, log_q_hat, labels, sampled):
-        """The column whose gradient the backward takes from the others' (`common.STAT_TOP_S`): only
+        """The column whose gradient the backward takes from the others' (`registry.STAT_TOP_S`): only
         `y` and `y_hat` carry a weight, so only there can `w - q (w_y + w_hat)` cancel, and only
         where q > 1/2; elsewhere -1 (none)."""
         pivot = tl.where(log_q_y >= log_q_hat, labels, sampled)
@@ -118,12 +124,12 @@ if HAS_TRITON:
         loss = -(_weighted(w_y, log_q_y) + _weighted(w_hat, log_q_hat))
 
         tl.store(loss_ptr + rows, tl.where(active, loss, 0.0), mask=in_range)
-        stats = stats_ptr + rows * 5
-        tl.store(stats + 0, max_s, mask=active)
-        tl.store(stats + 1, log_sum_s, mask=active)
-        tl.store(stats + 2, hpd_pivot(log_q_y, log_q_hat, labels, sampled).to(acc_dtype), mask=active)
-        tl.store(stats + 3, tl.where(active, w_y, 0.0), mask=in_range)
-        tl.store(stats + 4, tl.where(active, w_hat, 0.0), mask=in_range)
+        stats = stats_ptr + rows * _STATS
+        tl.store(stats + _MAX_S, max_s, mask=active)
+        tl.store(stats + _LOG_SUM_S, log_sum_s, mask=active)
+        tl.store(stats + _TOP_S, hpd_pivot(log_q_y, log_q_hat, labels, sampled).to(acc_dtype), mask=active)
+        tl.store(stats + _W_LABEL, tl.where(active, w_y, 0.0), mask=in_range)
+        tl.store(stats + _W_SAMPLE, tl.where(active, w_hat, 0.0), mask=in_range)
 
     @triton.jit
     def _hybrid_backward_kernel(
@@ -142,12 +148,12 @@ if HAS_TRITON:
         # 32-bit ids: the column compares in the loop are then one instruction each.
         labels = tl.load(labels_ptr + rows, mask=active, other=-1).to(tl.int32)
         sampled = tl.load(sampled_ptr + rows, mask=active, other=-1).to(tl.int32)
-        stats = stats_ptr + rows * 5
-        max_s = tl.load(stats + 0, mask=active, other=0.0).to(acc_dtype)
-        log_sum_s = tl.load(stats + 1, mask=active, other=0.0).to(acc_dtype)
-        top_s = tl.load(stats + 2, mask=active, other=-1.0).to(tl.int32)
-        w_y = tl.load(stats + 3, mask=active, other=0.0).to(acc_dtype)
-        w_hat = tl.load(stats + 4, mask=active, other=0.0).to(acc_dtype)
+        stats = stats_ptr + rows * _STATS
+        max_s = tl.load(stats + _MAX_S, mask=active, other=0.0).to(acc_dtype)
+        log_sum_s = tl.load(stats + _LOG_SUM_S, mask=active, other=0.0).to(acc_dtype)
+        top_s = tl.load(stats + _TOP_S, mask=active, other=-1.0).to(tl.int32)
+        w_y = tl.load(stats + _W_LABEL, mask=active, other=0.0).to(acc_dtype)
+        w_hat = tl.load(stats + _W_SAMPLE, mask=active, other=0.0).to(acc_dtype)
         coefficient = -row_scale * inv_temperature
         student_rows = student_ptr + rows[:, None] * stride_student
         grad_rows = grad_ptr + rows[:, None] * stride_grad
@@ -173,13 +179,13 @@ if HAS_TRITON:
 
 def hybrid_forward(student, teacher, labels, sampled_ids, *, seed, temperature, fkl_weight, rkl_weight, ignore_index,
                    row_offset=0):
-    """Per-row loss `[N]`, stats `[N, 4]` (`common.STAT_*`) and `y_hat` `[N]` (int64).
+    """Per-row loss `[N]`, stats `[N, 4]` (`registry.STAT_*`) and `y_hat` `[N]` (int64).
 
     `sampled_ids=None` draws `y_hat` in the kernel from `seed`, with the noise of rows
     `row_offset + i`; inactive rows report `ignore_index`.
     """
     n_rows, vocab = student.shape[0], min(student.shape[1], teacher.shape[1])
-    acc_dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
+    acc_dtype = accumulation_dtype(student.dtype)
     loss = torch.empty(n_rows, dtype=acc_dtype, device=student.device)
     stats = torch.empty(n_rows, HYBRID_STATS, dtype=acc_dtype, device=student.device)
     sample = sampled_ids is None
@@ -213,36 +219,3 @@ def hybrid_backward(student, labels, sampled_ids, stats, row_scale, grad, *, voc
         FP64=stats.dtype == torch.float64, **shape,
     )
     return grad
-
-
-class HybridFunction(torch.autograd.Function):
-    """Per-row HPD losses `[N]`, plus `y_hat`, `w_y`, `w_hat` (no gradient) from one forward pass.
-
-    `impl` and `active` as in `DivergenceFunction`.
-    """
-
-    @staticmethod
-    def forward(ctx, student, teacher, labels, active, sampled_ids, seed, temperature, fkl_weight, rkl_weight,
-                ignore_index, impl):
-        loss, stats, sampled_ids = impl.hybrid_forward(
-            student, teacher, labels, sampled_ids, seed=seed, temperature=temperature,
-            fkl_weight=fkl_weight, rkl_weight=rkl_weight, ignore_index=ignore_index)
-        vocab = min(student.shape[1], teacher.shape[1])
-        ctx.save_for_backward(student, labels, sampled_ids, stats, active)
-        ctx.params = (vocab, temperature, impl)
-        w_y, w_hat = stats[:, STAT_W_LABEL].clone(), stats[:, STAT_W_SAMPLE].clone()
-        ctx.mark_non_differentiable(sampled_ids, w_y, w_hat)
-        return loss, sampled_ids, w_y, w_hat
-
-    @staticmethod
-    def backward(ctx, grad_per_row, *_):
-        student, labels, sampled_ids, stats, active = ctx.saved_tensors
-        vocab, temperature, impl = ctx.params
-        grad = None
-        if ctx.needs_input_grad[0]:
-            row_scale = torch.where(active, grad_per_row.to(stats.dtype), 0.0).contiguous()
-            grad = impl.hybrid_backward(
-                student, labels, sampled_ids, stats, row_scale,
-                torch.empty_like(student, memory_format=torch.contiguous_format),
-                vocab=vocab, temperature=temperature)
-        return grad, None, None, None, None, None, None, None, None, None, None

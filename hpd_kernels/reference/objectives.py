@@ -17,7 +17,9 @@ import math
 
 import torch
 
-OBJECTIVES = ("sft", "forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd", "hpd")
+from ..registry import DIVERGENCES, HPD, SFT
+
+OBJECTIVES = (SFT,) + DIVERGENCES + (HPD,)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -280,15 +282,9 @@ def hybrid_kl_loss(student_logits, teacher_logits, labels, sampled_ids, *, fkl_w
     return out.reshape(student_logits.shape[:-1]) if reduction == "none" else out
 
 
-# The divergences by name, as `hpd_kernels.DIVERGENCES` names them.
-DIVERGENCE_LOSSES = {
-    "forward_kl": forward_kl_loss,
-    "reverse_kl": reverse_kl_loss,
-    "jsd": generalized_jsd_loss,
-    "skew_forward_kl": skew_forward_kl_loss,
-    "skew_reverse_kl": skew_reverse_kl_loss,
-    "tvd": tvd_loss,
-}
+# The divergences by their registry names, as `hpd_kernels.DIVERGENCES` has them.
+DIVERGENCE_LOSSES = dict(zip(DIVERGENCES, (forward_kl_loss, reverse_kl_loss, generalized_jsd_loss,
+                                           skew_forward_kl_loss, skew_reverse_kl_loss, tvd_loss)))
 
 
 def sample_student(student_logits, *, temperature=1.0, generator=None):

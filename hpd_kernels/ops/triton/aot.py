@@ -35,7 +35,6 @@ from dataclasses import dataclass, field
 
 ARCH = 90
 DTYPES = ("float16", "bfloat16", "float32", "float64")
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")
 # The shape every launch is specialised at: 8192 tokens of a Qwen-sized vocabulary.
 ROWS, VOCAB = 8192, 151936
 
@@ -101,15 +100,15 @@ def launches(rows: int = ROWS, vocab: int = VOCAB, dtypes=DTYPES):
     """Every kernel launch the library makes on a GPU, captured from its own wrappers at `[rows, vocab]`."""
     import torch
 
+    from ...registry import DIVERGENCE_STATS, DIVERGENCES, HYBRID_STATS, accumulation_dtype, mixture_logs
     from . import divergence, hybrid
-    from .common import DIVERGENCE_STATS, HYBRID_STATS
 
     meta = torch.device("meta")
     found = []
     with _captured(_kernels()) as calls:
         for dtype_name in dtypes:
             dtype = getattr(torch, dtype_name)
-            acc = torch.float64 if dtype == torch.float64 else torch.float32
+            acc = accumulation_dtype(dtype)
             student = torch.empty(rows, vocab, dtype=dtype, device=meta)
             teacher = torch.empty(rows, vocab, dtype=dtype, device=meta)
             labels = torch.empty(rows, dtype=torch.int64, device=meta)
@@ -126,7 +125,7 @@ def launches(rows: int = ROWS, vocab: int = VOCAB, dtypes=DTYPES):
                                     passes))
 
             for name in DIVERGENCES:
-                resolved, log_mix_p, log_mix_q = divergence.mixture_logs(name, 0.5, 0.1)
+                resolved, log_mix_p, log_mix_q = mixture_logs(name, 0.5, 0.1)
                 mixture = dict(divergence=resolved, temperature=1.0, log_mix_p=log_mix_p, log_mix_q=log_mix_q)
                 for has_labels in (True, False):
                     divergence.divergence_forward(student, teacher, labels if has_labels else None,

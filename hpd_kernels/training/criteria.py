@@ -12,10 +12,7 @@ import torch
 import torch.utils.checkpoint
 
 import hpd_kernels
-
-OBJECTIVES = ("sft", "fkl", "rkl", "jsd", "skl", "srkl", "tvd", "hpd")
-DIVERGENCE_OF = {"fkl": "forward_kl", "rkl": "reverse_kl", "jsd": "jsd", "skl": "skew_forward_kl",
-                 "srkl": "skew_reverse_kl", "tvd": "tvd"}
+from ..registry import HPD, SFT, SHORT_NAMES, TRAINING_OBJECTIVES as OBJECTIVES, accumulation_dtype
 
 
 def shifted_labels(input_ids, loss_mask, ignore_index=-100):
@@ -38,7 +35,7 @@ def cross_entropy_from_hidden(hidden, weight, labels, ignore_index=-100, chunk_r
     (activation checkpointing), so they never all exist at once."""
     rows = hidden.reshape(-1, hidden.shape[-1])
     flat = labels.reshape(-1)
-    total = rows.new_zeros((), dtype=torch.float64 if rows.dtype == torch.float64 else torch.float32)
+    total = rows.new_zeros((), dtype=accumulation_dtype(rows.dtype))
     for start in range(0, rows.shape[0], chunk_rows):
         total = total + torch.utils.checkpoint.checkpoint(
             _chunk_cross_entropy, rows[start:start + chunk_rows], weight, flat[start:start + chunk_rows], ignore_index,
@@ -53,18 +50,18 @@ def distillation_loss(objective, student_hidden, student_weight, teacher_hidden,
                       backend="auto", num_items_in_batch=None):
     """`(loss, details)` for one objective; `details` holds HPD's sampled ids and `y_hat != y` rate.
     `num_items_in_batch`: divide the sum by the global batch's active tokens instead of the mean."""
-    if objective == "sft":
+    if objective == SFT:
         return cross_entropy_from_hidden(student_hidden, student_weight, labels,
                                          num_items_in_batch=num_items_in_batch), None
-    if objective == "hpd":
+    if SHORT_NAMES.get(objective) == HPD:
         return hpd_kernels.fused_linear_hybrid_kl_loss(
             student_hidden, student_weight, teacher_hidden, teacher_weight, labels, seed=seed, temperature=temperature,
             fkl_weight=fkl_weight, rkl_weight=rkl_weight, backend=backend, return_details=True,
             num_items_in_batch=num_items_in_batch)
-    if objective not in DIVERGENCE_OF:
+    if objective not in SHORT_NAMES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     loss = hpd_kernels.fused_linear_divergence_loss(
-        student_hidden, student_weight, teacher_hidden, teacher_weight, labels, divergence=DIVERGENCE_OF[objective],
+        student_hidden, student_weight, teacher_hidden, teacher_weight, labels, divergence=SHORT_NAMES[objective],
         beta=beta, alpha=alpha, temperature=temperature, backend=backend, num_items_in_batch=num_items_in_batch)
     return loss, None
 

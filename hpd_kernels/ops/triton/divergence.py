@@ -23,34 +23,22 @@ import math
 
 import torch
 
-from .common import DIVERGENCE_STATS, temperature_scalars
-from .triton_utils import (HAS_TRITON, LN2, LOG2E, fast_log2, finish_logsumexp, first_argmax, lane_argmax_step,
-                           launch_shape, log2_softmax, online_logsumexp_step, row_reference, store_top_column, tl,
-                           top_column_step, triton)
+from ...registry import (DIVERGENCE_CODES, DIVERGENCE_STATS, STAT_LOG_SUM_S, STAT_LOG_SUM_T, STAT_MAX_S, STAT_MAX_T,
+                        STAT_ROW_WEIGHT, STAT_TOP_S, accumulation_dtype)
+from ..common import temperature_scalars
+from .utils import (HAS_TRITON, LN2, LOG2E, fast_log2, finish_logsumexp, first_argmax, lane_argmax_step,
+                    launch_shape, log2_softmax, online_logsumexp_step, row_reference, store_top_column, tl,
+                    top_column_step, triton)
 
-# Divergence codes: the kernels' DIVERGENCE constexpr (constexpr objects, the only globals a kernel may read).
-DIVERGENCE_CODES = {name: code for code, name in enumerate(
-    ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"))}
+# The kernels' DIVERGENCE constexpr, one named constant per registry code (constexpr objects are
+# the only globals a kernel may read).
 FORWARD_KL, REVERSE_KL, JSD, SKEW_FORWARD_KL, SKEW_REVERSE_KL, TVD = (
-    tl.constexpr(code) if HAS_TRITON else code for code in DIVERGENCE_CODES.values())
-
-
-def mixture_logs(divergence: str, beta: float, alpha: float) -> tuple[str, float, float]:
-    """Resolve the endpoints of JSD and the mixture `m = a p + b q` as `(divergence, log a, log b)`."""
-    def log(x):
-        return math.log(x) if x > 0 else -math.inf
-
-    if divergence == "jsd":
-        if beta == 0.0:
-            return "forward_kl", 0.0, 0.0
-        if beta == 1.0:
-            return "reverse_kl", 0.0, 0.0
-        return "jsd", log(beta), log(1.0 - beta)
-    if divergence == "skew_forward_kl":  # m = alpha p + (1 - alpha) q
-        return divergence, log(alpha), log(1.0 - alpha)
-    if divergence == "skew_reverse_kl":  # m = alpha q + (1 - alpha) p
-        return divergence, log(1.0 - alpha), log(alpha)
-    return divergence, 0.0, 0.0
+    tl.constexpr(DIVERGENCE_CODES[name]) if HAS_TRITON else DIVERGENCE_CODES[name] for name in
+    ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"))
+# The registry's stats columns, likewise.
+_MAX_S, _LOG_SUM_S, _TOP_S, _MAX_T, _LOG_SUM_T, _ROW_WEIGHT, _STATS = (
+    tl.constexpr(column) if HAS_TRITON else column for column in
+    (STAT_MAX_S, STAT_LOG_SUM_S, STAT_TOP_S, STAT_MAX_T, STAT_LOG_SUM_T, STAT_ROW_WEIGHT, DIVERGENCE_STATS))
 
 
 if HAS_TRITON:
@@ -194,13 +182,13 @@ if HAS_TRITON:
             row_sum = tl.sum(weight_lanes, axis=1)
 
         tl.store(loss_ptr + rows, _zero_unless(active, loss), mask=rows < n_rows)
-        stats = stats_ptr + rows * 6
-        tl.store(stats + 0, max_s, mask=active)
-        tl.store(stats + 1, log_sum_s, mask=active)
-        tl.store(stats + 2, top_s.to(acc_dtype), mask=active)
-        tl.store(stats + 3, max_t, mask=active)
-        tl.store(stats + 4, log_sum_t, mask=active)
-        tl.store(stats + 5, row_sum, mask=active)
+        stats = stats_ptr + rows * _STATS
+        tl.store(stats + _MAX_S, max_s, mask=active)
+        tl.store(stats + _LOG_SUM_S, log_sum_s, mask=active)
+        tl.store(stats + _TOP_S, top_s.to(acc_dtype), mask=active)
+        tl.store(stats + _MAX_T, max_t, mask=active)
+        tl.store(stats + _LOG_SUM_T, log_sum_t, mask=active)
+        tl.store(stats + _ROW_WEIGHT, row_sum, mask=active)
 
     @triton.jit
     def _divergence_backward_kernel(
@@ -216,13 +204,13 @@ if HAS_TRITON:
         # gradient is exactly 0 and their logits are never read.
         row_scale = tl.load(row_scale_ptr + rows, mask=in_range, other=0.0).to(acc_dtype)
         active = in_range & (row_scale != 0.0)
-        stats = stats_ptr + rows * 6
-        max_s = tl.load(stats + 0, mask=active, other=0.0).to(acc_dtype)
-        log_sum_s = tl.load(stats + 1, mask=active, other=0.0).to(acc_dtype)
-        top_s = tl.load(stats + 2, mask=active, other=0.0).to(tl.int32)
-        max_t = tl.load(stats + 3, mask=active, other=0.0).to(acc_dtype)
-        log_sum_t = tl.load(stats + 4, mask=active, other=0.0).to(acc_dtype)
-        row_sum = tl.load(stats + 5, mask=active, other=0.0).to(acc_dtype)
+        stats = stats_ptr + rows * _STATS
+        max_s = tl.load(stats + _MAX_S, mask=active, other=0.0).to(acc_dtype)
+        log_sum_s = tl.load(stats + _LOG_SUM_S, mask=active, other=0.0).to(acc_dtype)
+        top_s = tl.load(stats + _TOP_S, mask=active, other=0.0).to(tl.int32)
+        max_t = tl.load(stats + _MAX_T, mask=active, other=0.0).to(acc_dtype)
+        log_sum_t = tl.load(stats + _LOG_SUM_T, mask=active, other=0.0).to(acc_dtype)
+        row_sum = tl.load(stats + _ROW_WEIGHT, mask=active, other=0.0).to(acc_dtype)
         coefficient = -row_scale * inv_temperature
         student_rows = student_ptr + rows[:, None] * stride_student
         teacher_rows = teacher_ptr + rows[:, None] * stride_teacher
@@ -266,9 +254,9 @@ def divergence_scalars(temperature, log_mix_p, log_mix_q, acc_dtype, device):
 
 
 def divergence_forward(student, teacher, labels, *, divergence, temperature, log_mix_p, log_mix_q, ignore_index):
-    """Per-row loss `[N]` and stats `[N, 5]` (`common.STAT_*`, base 2) in the accumulation dtype."""
+    """Per-row loss `[N]` and stats `[N, DIVERGENCE_STATS]` (`registry.STAT_*`, base 2) in the accumulation dtype."""
     n_rows, vocab = student.shape[0], min(student.shape[1], teacher.shape[1])
-    acc_dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
+    acc_dtype = accumulation_dtype(student.dtype)
     scalars = divergence_scalars(temperature, log_mix_p, log_mix_q, acc_dtype, student.device)
     loss = torch.empty(n_rows, dtype=acc_dtype, device=student.device)
     stats = torch.empty(n_rows, DIVERGENCE_STATS, dtype=acc_dtype, device=student.device)
@@ -299,37 +287,3 @@ def divergence_backward(student, teacher, stats, row_scale, grad, *, divergence,
         DIVERGENCE=DIVERGENCE_CODES[divergence], FP64=stats.dtype == torch.float64, **shape,
     )
     return grad
-
-
-class DivergenceFunction(torch.autograd.Function):
-    """Per-row divergence losses `[N]` of flattened logits; the gradient is recomputed in backward.
-
-    `impl` is this module (Triton), `torch_backend` or a `VocabParallel` slice: all expose
-    `divergence_forward/backward`. `active` marks the rows in the loss (the caller's, which knows
-    the vocabulary the labels index).
-    The reduction is left to autograd outside (a sum or a mean over `[N]`), whose incoming
-    per-row gradient becomes the kernel's `row_scale`.
-    """
-
-    @staticmethod
-    def forward(ctx, student, teacher, labels, active, divergence, temperature, log_mix_p, log_mix_q, ignore_index,
-                impl):
-        loss, stats = impl.divergence_forward(
-            student, teacher, labels, divergence=divergence, temperature=temperature,
-            log_mix_p=log_mix_p, log_mix_q=log_mix_q, ignore_index=ignore_index)
-        ctx.save_for_backward(student, teacher, stats, active)
-        ctx.params = (divergence, temperature, log_mix_p, log_mix_q, impl)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_per_row):
-        student, teacher, stats, active = ctx.saved_tensors
-        divergence, temperature, log_mix_p, log_mix_q, impl = ctx.params
-        grad = None
-        if ctx.needs_input_grad[0]:
-            row_scale = torch.where(active, grad_per_row.to(stats.dtype), 0.0).contiguous()
-            grad = impl.divergence_backward(
-                student, teacher, stats, row_scale, torch.empty_like(student, memory_format=torch.contiguous_format),
-                divergence=divergence, temperature=temperature, log_mix_p=log_mix_p, log_mix_q=log_mix_q)
-        return grad, None, None, None, None, None, None, None, None, None
-

@@ -57,7 +57,7 @@ def launch_shape(n_rows: int, vocab: int, device: torch.device, fp64: bool = Fal
 # Base-2 arithmetic: the kernels scale logits by log2(e) / T once, so every exponential is one
 # `ex2` of the special-function unit (`tl.exp` adds a multiply and denormal fix-ups) and every
 # logarithm in the vocabulary loop one `lg2` (`tl.log` is a ~25-instruction polynomial).
-from .common import LOG2E  # noqa: F401  (re-exported: the kernels' wrappers scale by it)
+from ..common import LOG2E  # noqa: F401  (re-exported: the kernels' wrappers scale by it)
 
 if HAS_TRITON:
     LN2 = tl.constexpr(0.6931471805599453)  # a constexpr: kernels may read no other globals

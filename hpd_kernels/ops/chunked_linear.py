@@ -23,28 +23,31 @@ GPU (whole GEMM tiles). The budget is 32 MiB on the CPU and 1/32 of the free GPU
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from typing import NamedTuple, Optional
 
 import torch
 
-from .common import STAT_W_LABEL, STAT_W_SAMPLE
+from ..registry import Objective, accumulation_dtype
+from .row_losses import backward_rows, forward_rows, hybrid_details
 
 
 CPU_CHUNK_BUDGET = 32 * 2**20
 
 
-@dataclass(frozen=True)
-class Objective:
-    """What to compute per row: HPD or one divergence, with its parameters."""
+class LinearInputs(NamedTuple):
+    """The tensors of a fused-linear loss, flattened to rows: the student's hidden states and lm_head,
+    the teacher's (or its precomputed logits), labels and given `y_hat` (each may be None but the
+    student's hidden states and weight)."""
 
-    name: str                 # "hpd" or a divergence resolved by `mixture_logs`
-    temperature: float
-    ignore_index: int
-    log_mix_p: float = 0.0
-    log_mix_q: float = 0.0
-    seed: int = 0
-    fkl_weight: float = 1.0
-    rkl_weight: float = 1.0
+    student_hidden: torch.Tensor
+    student_weight: torch.Tensor
+    student_bias: Optional[torch.Tensor] = None
+    teacher_hidden: Optional[torch.Tensor] = None
+    teacher_weight: Optional[torch.Tensor] = None
+    teacher_bias: Optional[torch.Tensor] = None
+    teacher_logits: Optional[torch.Tensor] = None
+    labels: Optional[torch.Tensor] = None
+    sampled_ids: Optional[torch.Tensor] = None
 
 
 def rows_per_chunk(n_rows: int, student_vocab: int, teacher_vocab: int, itemsize: int, device: torch.device) -> int:
@@ -97,24 +100,24 @@ def _linear(hidden, weight, bias):
 class _Chunks:
     """One pass over the rows: per-row losses, and gradients when `row_scale` is given."""
 
-    def __init__(self, inputs, objective, impl, chunk_size):
-        (self.student_hidden, self.student_weight, self.student_bias, self.teacher_hidden, self.teacher_weight,
-         self.teacher_bias, self.teacher_logits, self.labels, self.sampled_ids) = inputs
-        self.objective, self.impl, self.chunk_size = objective, impl, chunk_size
+    def __init__(self, inputs: LinearInputs, objective: Objective, backend, chunk_size: int):
+        self.inputs, self.objective, self.backend, self.chunk_size = inputs, objective, backend, chunk_size
 
     def teacher_chunk(self, rows):
-        if self.teacher_logits is not None:
-            return self.teacher_logits[rows]
-        return _linear(self.teacher_hidden[rows], self.teacher_weight, self.teacher_bias)
+        inputs = self.inputs
+        if inputs.teacher_logits is not None:
+            return inputs.teacher_logits[rows]
+        return _linear(inputs.teacher_hidden[rows], inputs.teacher_weight, inputs.teacher_bias)
 
     def run(self, row_scale=None, want_grads=(False, False, False)):
-        hidden, weight, bias = self.student_hidden, self.student_weight, self.student_bias
-        n_rows, objective = hidden.shape[0], self.objective
-        acc_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-        per_row = torch.zeros(n_rows, dtype=acc_dtype, device=hidden.device)
-        hpd = objective.name == "hpd"
-        drawn = torch.full((n_rows,), objective.ignore_index, dtype=torch.int64, device=hidden.device) if hpd else None
-        label_weight = torch.zeros(n_rows, dtype=acc_dtype, device=hidden.device) if hpd else None
+        inputs, objective = self.inputs, self.objective
+        hidden, weight, bias = inputs.student_hidden, inputs.student_weight, inputs.student_bias
+        n_rows, device = hidden.shape[0], hidden.device
+        acc_dtype = accumulation_dtype(hidden.dtype)
+        per_row = torch.zeros(n_rows, dtype=acc_dtype, device=device)
+        hpd = objective.is_hybrid
+        drawn = torch.full((n_rows,), objective.ignore_index, dtype=torch.int64, device=device) if hpd else None
+        label_weight = torch.zeros(n_rows, dtype=acc_dtype, device=device) if hpd else None
         sample_weight = torch.zeros_like(label_weight) if hpd else None
         grad_hidden = torch.empty_like(hidden) if want_grads[0] else None
         grad_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if want_grads[1] else None
@@ -124,33 +127,20 @@ class _Chunks:
             rows = slice(start, min(start + self.chunk_size, n_rows))
             student_logits = _linear(hidden[rows], weight, bias)
             teacher_logits = self.teacher_chunk(rows)
-            labels = None if self.labels is None else self.labels[rows]
-            vocab = min(student_logits.shape[1], teacher_logits.shape[1])
+            labels = None if inputs.labels is None else inputs.labels[rows]
+            given = None if inputs.sampled_ids is None else inputs.sampled_ids[rows]
+            loss, stats, ids = forward_rows(self.backend, student_logits, teacher_logits, labels, given, objective,
+                                            row_offset=start)
             if hpd:
-                given = None if self.sampled_ids is None else self.sampled_ids[rows]
-                loss, stats, ids = self.impl.hybrid_forward(
-                    student_logits, teacher_logits, labels, given, seed=objective.seed,
-                    temperature=objective.temperature, fkl_weight=objective.fkl_weight,
-                    rkl_weight=objective.rkl_weight, ignore_index=objective.ignore_index, row_offset=start)
-                drawn[rows], label_weight[rows], sample_weight[rows] = ids, stats[:, STAT_W_LABEL], stats[:, STAT_W_SAMPLE]
-            else:
-                loss, stats = self.impl.divergence_forward(
-                    student_logits, teacher_logits, labels, divergence=objective.name,
-                    temperature=objective.temperature, log_mix_p=objective.log_mix_p,
-                    log_mix_q=objective.log_mix_q, ignore_index=objective.ignore_index)
+                drawn[rows], label_weight[rows], sample_weight[rows] = hybrid_details(stats, ids)
             per_row[rows] = loss
             if row_scale is None:
                 continue
 
             # The chunk's logits become their own gradient, in place: no second [rows, V] buffer.
-            scale = row_scale[rows].contiguous()
-            if hpd:
-                self.impl.hybrid_backward(student_logits, labels, ids, stats, scale, student_logits,
-                                          vocab=vocab, temperature=objective.temperature)
-            else:
-                self.impl.divergence_backward(student_logits, teacher_logits, stats, scale, student_logits,
-                                              divergence=objective.name, temperature=objective.temperature,
-                                              log_mix_p=objective.log_mix_p, log_mix_q=objective.log_mix_q)
+            vocab = min(student_logits.shape[1], teacher_logits.shape[1])
+            backward_rows(self.backend, student_logits, teacher_logits, labels, ids, stats,
+                          row_scale[rows].contiguous(), student_logits, objective, vocab)
             grad_logits = student_logits
             if grad_hidden is not None:
                 torch.mm(grad_logits, weight, out=grad_hidden[rows])
@@ -158,22 +148,21 @@ class _Chunks:
                 accumulate_mm(grad_weight, grad_logits.t(), hidden[rows])
             if grad_bias is not None:
                 grad_bias += grad_logits.sum(0, dtype=acc_dtype)
-        if grad_hidden is not None and hasattr(self.impl, "reduce_hidden_grad"):
-            self.impl.reduce_hidden_grad(grad_hidden)  # vocabulary-parallel: sum over the slices
+        if grad_hidden is not None and hasattr(self.backend, "reduce_hidden_grad"):
+            self.backend.reduce_hidden_grad(grad_hidden)  # vocabulary-parallel: sum over the slices
         details = (drawn, label_weight, sample_weight) if hpd else None
         return per_row, details, (grad_hidden, grad_weight, grad_bias)
 
 
-def scalar_pass(inputs, active, objective, impl, chunk_size, reduction, want):
+def scalar_pass(inputs: LinearInputs, active, objective, backend, chunk_size, reduction, want):
     """`(loss, details, grads)` of a scalar reduction ("mean" over the `active` rows, or "sum") in
     one pass: the gradients the `want` flags ask for are computed while each chunk's logits exist."""
-    hidden = inputs[0]
-    acc_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    acc_dtype = accumulation_dtype(inputs.student_hidden.dtype)
     denominator = active.sum().clamp(min=1).to(acc_dtype)
     row_scale = None
     if any(want):
         row_scale = active.to(acc_dtype) / denominator if reduction == "mean" else active.to(acc_dtype)
-    per_row, details, grads = _Chunks(inputs, objective, impl, chunk_size).run(row_scale, want)
+    per_row, details, grads = _Chunks(inputs, objective, backend, chunk_size).run(row_scale, want)
     loss = per_row.sum() / denominator if reduction == "mean" else per_row.sum()
     return loss, details, grads
 
@@ -181,30 +170,33 @@ def scalar_pass(inputs, active, objective, impl, chunk_size, reduction, want):
 class FusedLinearDistillation(torch.autograd.Function):
     """Loss from hidden states and lm_head weights: `(loss, sampled_ids, w_y, w_hat)`, the last
     three (no gradient) empty for the divergences. Gradients reach the student's hidden states,
-    weight and bias; never the teacher."""
+    weight and bias; never the teacher.
+
+    Called as `apply(active, objective, reduction, chunk_size, backend, *inputs)` with `inputs` a
+    `LinearInputs` (autograd sees each tensor, so they travel unpacked and are rebuilt by name)."""
 
     @staticmethod
-    def forward(ctx, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
-                teacher_logits, labels, sampled_ids, active, objective, reduction, chunk_size, impl):
-        inputs = (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
-                  teacher_logits, labels, sampled_ids)
-        want = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], student_bias is not None and ctx.needs_input_grad[2])
+    def forward(ctx, active, objective, reduction, chunk_size, backend, *tensors):
+        inputs = LinearInputs(*tensors)
+        needs = dict(zip(LinearInputs._fields, ctx.needs_input_grad[5:]))
+        want = (needs["student_hidden"], needs["student_weight"],
+                inputs.student_bias is not None and needs["student_bias"])
         eager = reduction != "none" and any(want)
         if reduction == "none":
-            loss, details, grads = _Chunks(inputs, objective, impl, chunk_size).run()
+            loss, details, grads = _Chunks(inputs, objective, backend, chunk_size).run()
         else:
-            loss, details, grads = scalar_pass(inputs, active, objective, impl, chunk_size, reduction, want)
+            loss, details, grads = scalar_pass(inputs, active, objective, backend, chunk_size, reduction, want)
 
-        ctx.objective, ctx.impl, ctx.chunk_size, ctx.want, ctx.eager = objective, impl, chunk_size, want, eager
-        ctx.param_dtypes = (student_weight.dtype, None if student_bias is None else student_bias.dtype)
+        ctx.objective, ctx.backend, ctx.chunk_size, ctx.want, ctx.eager = objective, backend, chunk_size, want, eager
+        ctx.param_dtypes = (inputs.student_weight.dtype,
+                            None if inputs.student_bias is None else inputs.student_bias.dtype)
         if eager:
             ctx.grads = grads
         else:  # "none": backward rebuilds the logits with the per-row incoming gradient
-            used_ids = details[0] if details is not None else sampled_ids
-            ctx.save_for_backward(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
-                                  teacher_bias, teacher_logits, labels, used_ids, active)
+            used_ids = details[0] if details is not None else inputs.sampled_ids
+            ctx.save_for_backward(active, *inputs._replace(sampled_ids=used_ids))
         if details is None:
-            empty = torch.empty(0, device=student_hidden.device)
+            empty = torch.empty(0, device=inputs.student_hidden.device)
             details = (empty.long(), empty, empty.clone())
         ctx.mark_non_differentiable(*details)
         return (loss, *details)
@@ -216,13 +208,14 @@ class FusedLinearDistillation(torch.autograd.Function):
                 None if grad is None else grad.mul_(grad_loss.to(grad.dtype)) for grad in ctx.grads)
             ctx.grads = None
         else:
-            saved = ctx.saved_tensors
-            inputs, active = saved[:9], saved[9]
-            acc_dtype = torch.float64 if inputs[0].dtype == torch.float64 else torch.float32
+            active, *tensors = ctx.saved_tensors
+            inputs = LinearInputs(*tensors)
+            acc_dtype = accumulation_dtype(inputs.student_hidden.dtype)
             row_scale = torch.where(active, grad_loss.to(acc_dtype), 0.0)
-            _, _, (grad_hidden, grad_weight, grad_bias) = _Chunks(inputs, ctx.objective, ctx.impl, ctx.chunk_size).run(
-                row_scale, ctx.want)
+            _, _, (grad_hidden, grad_weight, grad_bias) = _Chunks(inputs, ctx.objective, ctx.backend,
+                                                                  ctx.chunk_size).run(row_scale, ctx.want)
         weight_dtype, bias_dtype = ctx.param_dtypes
-        grad_weight = None if grad_weight is None else grad_weight.to(weight_dtype)
-        grad_bias = None if grad_bias is None else grad_bias.to(bias_dtype)
-        return (grad_hidden, grad_weight, grad_bias) + (None,) * 11
+        grads = dict(student_hidden=grad_hidden,
+                     student_weight=None if grad_weight is None else grad_weight.to(weight_dtype),
+                     student_bias=None if grad_bias is None else grad_bias.to(bias_dtype))
+        return (None,) * 5 + tuple(grads.get(name) for name in LinearInputs._fields)

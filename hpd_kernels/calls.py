@@ -1,0 +1,184 @@
+"""One resolved loss call, shared by both loss families: built once from checked arguments, then run
+and finished.
+
+`resolve` turns what the public function was given into a `LossCall`: the `Objective`, the backend
+(chosen once: Triton, torch, or a vocabulary-parallel slice), flat labels, the active rows, HPD's
+given `y_hat` or seed, the leading shape and the reduction. `LossCall.rows` (logits) and
+`LossCall.linear` (hidden states + lm_head) run it, eagerly through the autograd Functions or, under
+`torch.compile`, through the custom ops; `LossCall.finish` turns the result into the requested
+reduction and `LossCall.details` into HPD's `HybridDetails`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple, Optional
+
+import torch
+
+from .checks import check_sampled_ids, compiling
+from .ops import backends, custom_ops
+from .ops.chunked_linear import FusedLinearDistillation, LinearInputs
+from .ops.common import active_rows
+from .ops.row_losses import RowLosses, hybrid_details
+from .registry import HPD, Objective
+
+
+class HybridDetails(NamedTuple):
+    """What HPD computed besides the loss, at no extra pass over the vocabulary.
+
+    `sampled_ids`: y_hat, shape of `labels` (`ignore_index` on inactive rows);
+    `label_weight`, `sample_weight`: the spec's `w_y` and `w_hat` (0 on inactive rows);
+    `mismatch_rate`: fraction of active rows with `y_hat != y` (a 0-dim tensor, no device sync).
+    """
+
+    sampled_ids: torch.Tensor
+    label_weight: torch.Tensor
+    sample_weight: torch.Tensor
+    mismatch_rate: torch.Tensor
+
+
+def _draw_seed():
+    # Drawn from torch's generator, so torch.manual_seed makes the whole call reproducible.
+    if compiling():
+        raise ValueError("under torch.compile, pass seed= (or sampled_ids=) to HPD: drawing a seed would "
+                         "read a tensor inside the graph")
+    return int(torch.randint(0, 2**62, (1,)).item())
+
+
+def _shared_seed(process_group):
+    """One seed for every rank of the group: rank 0's draw."""
+    import torch.distributed as dist
+
+    drawn = torch.tensor([_draw_seed()], dtype=torch.int64)
+    dist.broadcast(drawn, src=dist.get_global_rank(process_group, 0), group=process_group)
+    return int(drawn.item())
+
+
+def _vocab_parallel(process_group, vocab_offset, widths, names, backend):
+    """The vocabulary-parallel backend for this rank's slice, or None without a group."""
+    if process_group is not None and compiling():
+        raise ValueError("vocabulary-parallel losses (process_group) are not supported under torch.compile")
+    if process_group is None:
+        if vocab_offset is not None:
+            raise ValueError("vocab_offset is only meaningful with process_group (a vocabulary-parallel group)")
+        return None
+    import torch.distributed as dist
+
+    from .ops.vocab_parallel import VocabParallel, slice_layout
+
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("process_group was given but torch.distributed is not initialised")
+    if backend == "triton":
+        raise ValueError("vocabulary-parallel losses run the torch backend's math on each slice; use "
+                         "backend='auto' or 'torch'")
+    student_width, teacher_width = widths
+    if student_width != teacher_width:
+        raise ValueError(f"with process_group, {names[0]} and {names[1]} must hold the same vocabulary slice; "
+                         f"got widths {student_width} and {teacher_width}")
+    offset, global_vocab = slice_layout(process_group, student_width, vocab_offset)
+    return VocabParallel(process_group, offset, global_vocab)
+
+
+@dataclass
+class LossCall:
+    objective: Objective
+    backend: object                  # ops.triton, ops.torch_backend or a VocabParallel slice
+    labels: Optional[torch.Tensor]   # [N] int64, or None (divergences without labels)
+    active: torch.Tensor             # [N] bool: the rows in the loss
+    sampled_ids: Optional[torch.Tensor]
+    leading: torch.Size
+    reduction: str
+    num_items_in_batch: object
+    process_group: object
+
+    @property
+    def inner_reduction(self):
+        """What the computation itself reduces to: a sum when `num_items_in_batch` divides it later."""
+        return "sum" if self.num_items_in_batch is not None and self.reduction != "none" else self.reduction
+
+    # -- running ---------------------------------------------------------------------------------
+
+    def rows(self, student, teacher):
+        """`(per_row [N], y_hat, w_y, w_hat)` of `[N, V]` logits (the last three empty for divergences)."""
+        if compiling():  # the custom op: opaque to the compiler, same implementation
+            per_row, stats, drawn = custom_ops.row_losses(
+                student, teacher.detach(), self.labels, self.active, self.sampled_ids,
+                *custom_ops.objective_fields(self.objective), self.backend.NAME)
+            if not self.objective.is_hybrid:
+                return per_row, drawn, None, None
+            return (per_row, *(detail.detach() for detail in hybrid_details(stats, drawn)))
+        return RowLosses.apply(student, teacher.detach(), self.labels, self.active, self.sampled_ids, self.objective,
+                               self.backend)
+
+    def agree_chunk_size(self, chunk_size):
+        """Vocabulary-parallel: the collectives run once per chunk, so every rank must cut the rows alike."""
+        if self.process_group is None:
+            return chunk_size
+        import torch.distributed as dist
+
+        agreed = torch.tensor(chunk_size, dtype=torch.int64)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=self.process_group)
+        return int(agreed)
+
+    def linear(self, inputs: LinearInputs, chunk_size):
+        """`(loss, y_hat, w_y, w_hat)` from hidden states; `loss` reduced to `inner_reduction`."""
+        inputs = inputs._replace(labels=self.labels, sampled_ids=self.sampled_ids)
+        if compiling():
+            if self.reduction == "none":
+                raise ValueError("under torch.compile the fused-linear losses support reduction='mean' or 'sum'")
+            outputs = custom_ops.fused_linear(
+                *inputs, self.active, *custom_ops.objective_fields(self.objective), self.inner_reduction,
+                chunk_size, self.backend.NAME, inputs.student_hidden.requires_grad,
+                inputs.student_weight.requires_grad,
+                inputs.student_bias is not None and inputs.student_bias.requires_grad)
+            return outputs[:4]
+        return FusedLinearDistillation.apply(self.active, self.objective, self.inner_reduction, chunk_size,
+                                             self.backend, *inputs)
+
+    # -- finishing -------------------------------------------------------------------------------
+
+    def finish(self, value):
+        """The requested reduction of per-row losses `[N]`, or of a loss already reduced to
+        `inner_reduction`. `"mean"` is over this call's active rows, or over `num_items_in_batch`
+        when given: the active tokens of the whole global batch (every rank, every accumulation
+        step), so that per-call losses summed over ranks and micro-batches give the global mean."""
+        if self.reduction == "none":
+            return value.reshape(self.leading)
+        if value.dim() == 1:  # per-row losses
+            value = value.sum()
+            if self.inner_reduction == "mean":
+                return value / self.active.sum().clamp(min=1).to(value.dtype)
+        if self.num_items_in_batch is not None:
+            return value / torch.as_tensor(self.num_items_in_batch, device=value.device).to(value.dtype)
+        return value
+
+    def details(self, drawn, w_label, w_sample):
+        active, leading = self.active, self.leading
+        mismatch = (active & (drawn != self.labels)).sum().to(torch.float32) / active.sum().clamp(min=1)
+        return HybridDetails(drawn.reshape(leading), w_label.reshape(leading), w_sample.reshape(leading), mismatch)
+
+
+def resolve(objective_name, *, labels, leading, n_rows, device, widths, names, temperature, ignore_index, reduction,
+            backend, num_items_in_batch=None, process_group=None, vocab_offset=None, beta=0.5, alpha=0.1,
+            sampled_ids=None, seed=None, fkl_weight=1.0, rkl_weight=1.0) -> LossCall:
+    """The `LossCall` of checked arguments. `widths` are the student's and the teacher's vocabularies
+    (of this rank's slice with a `process_group`), `names` the arguments they came from."""
+    parallel = _vocab_parallel(process_group, vocab_offset, widths, names, backend)
+    chosen = parallel if parallel is not None else backends.choose(backend, device)
+    # The vocabulary labels index: the whole one across slices, else the shared one.
+    vocab = parallel.global_vocab if parallel is not None else min(widths)
+    flat_labels = None if labels is None else labels.reshape(-1).to(torch.int64).contiguous()
+    active = active_rows(flat_labels, n_rows, vocab, ignore_index, device)
+    if objective_name == HPD:
+        if sampled_ids is not None:
+            sampled_ids = check_sampled_ids(sampled_ids, leading, active, vocab)
+        elif seed is None:
+            seed = _draw_seed() if process_group is None else _shared_seed(process_group)
+        objective = Objective.hybrid(temperature=temperature, ignore_index=ignore_index, seed=seed,
+                                     fkl_weight=fkl_weight, rkl_weight=rkl_weight)
+    else:
+        objective = Objective.divergence(objective_name, temperature=temperature, ignore_index=ignore_index,
+                                         beta=beta, alpha=alpha)
+    return LossCall(objective, chosen, flat_labels, active, sampled_ids, leading, reduction, num_items_in_batch,
+                    process_group)

@@ -1,0 +1,175 @@
+"""Argument checks of the public losses, run before anything is computed. Every message names the
+argument and what was expected. Both loss families (`losses`, `fused_linear`) use these and nothing
+else; what a check needs to know about the objectives comes from `registry`."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .ops.backends import CHOICES as BACKENDS
+from .registry import DIVERGENCES
+
+REDUCTIONS = ("mean", "sum", "none")
+FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def check_floating(name, tensor, dims=None):
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.dtype not in FLOATING:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {tensor.dtype}")
+    if dims is not None and tensor.dim() != dims:
+        raise ValueError(f"{name} must have {dims} dimensions, got shape {tuple(tensor.shape)}")
+
+
+def check_logits(name, logits):
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape [..., vocab], got {type(logits).__name__}")
+    check_floating(name, logits)
+    if logits.dim() < 1 or logits.shape[-1] == 0:
+        raise ValueError(f"{name} must have shape [..., vocab] with vocab >= 1, got {tuple(logits.shape)}")
+
+
+def check_logit_pair(student_logits, teacher_logits):
+    check_logits("student_logits", student_logits)
+    check_logits("teacher_logits", teacher_logits)
+    if student_logits.shape[:-1] != teacher_logits.shape[:-1]:
+        raise ValueError(
+            f"student_logits and teacher_logits must share their leading dimensions, got "
+            f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}")
+    if teacher_logits.device != student_logits.device:
+        raise ValueError(f"teacher_logits is on {teacher_logits.device} but student_logits is on "
+                         f"{student_logits.device}")
+
+
+def check_linear(prefix, hidden, weight, bias, device):
+    """`{prefix}_hidden [..., H]`, `{prefix}_weight [V, H]` and an optional `{prefix}_bias [V]` on `device`."""
+    check_floating(f"{prefix}_hidden", hidden)
+    if hidden.dim() < 1:
+        raise ValueError(f"{prefix}_hidden must have shape [..., hidden_size], got {tuple(hidden.shape)}")
+    check_floating(f"{prefix}_weight", weight, dims=2)
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"{prefix}_weight must have shape [vocab, {hidden.shape[-1]}] (hidden size of "
+                         f"{prefix}_hidden), got {tuple(weight.shape)}")
+    if weight.shape[0] == 0:
+        raise ValueError(f"{prefix}_weight must have a vocabulary of at least 1 row, got {tuple(weight.shape)}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"{prefix}_weight ({weight.dtype}) and {prefix}_hidden ({hidden.dtype}) must share a dtype")
+    if bias is not None:
+        check_floating(f"{prefix}_bias", bias, dims=1)
+        if bias.shape[0] != weight.shape[0] or bias.dtype != weight.dtype:
+            raise ValueError(f"{prefix}_bias must have shape [{weight.shape[0]}] and dtype {weight.dtype}, "
+                             f"got {tuple(bias.shape)} {bias.dtype}")
+    for name, tensor in ((f"{prefix}_hidden", hidden), (f"{prefix}_weight", weight), (f"{prefix}_bias", bias)):
+        if tensor is not None and tensor.device != device:
+            raise ValueError(f"{name} is on {tensor.device} but student_hidden is on {device}")
+
+
+def check_linear_teacher(teacher_hidden, teacher_weight, teacher_bias, teacher_logits, leading, device):
+    """The teacher of a fused-linear loss, as logits or as hidden states + weight; returns its vocabulary."""
+    if teacher_logits is not None:
+        if teacher_hidden is not None or teacher_weight is not None:
+            raise ValueError("give the teacher either as teacher_logits or as teacher_hidden + teacher_weight, not both")
+        check_floating("teacher_logits", teacher_logits)
+        if teacher_logits.shape[:-1] != leading or teacher_logits.shape[-1] == 0:
+            raise ValueError(f"teacher_logits must have shape {tuple(leading)} + [vocab], got "
+                             f"{tuple(teacher_logits.shape)}")
+        if teacher_logits.device != device:
+            raise ValueError(f"teacher_logits is on {teacher_logits.device} but student_hidden is on {device}")
+        return teacher_logits.shape[-1]
+    if teacher_hidden is None or teacher_weight is None:
+        raise ValueError("the teacher is required: teacher_hidden and teacher_weight, or teacher_logits")
+    check_linear("teacher", teacher_hidden, teacher_weight, teacher_bias, device)
+    if teacher_hidden.shape[:-1] != leading:
+        raise ValueError(f"teacher_hidden must share the leading dimensions of student_hidden {tuple(leading)}, "
+                         f"got {tuple(teacher_hidden.shape)}")
+    return teacher_weight.shape[0]
+
+
+def check_ids(name, ids, leading_shape, device, device_of="student_logits"):
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of integer ids, got {type(ids).__name__}")
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise TypeError(f"{name} must have an integer dtype (e.g. torch.long), got {ids.dtype}")
+    if tuple(ids.shape) != tuple(leading_shape):
+        raise ValueError(f"{name} must have shape {tuple(leading_shape)} (the logits' leading dimensions), "
+                         f"got {tuple(ids.shape)}")
+    if ids.device != device:
+        raise ValueError(f"{name} is on {ids.device} but {device_of} is on {device}; put them on one device")
+
+
+def check_labels(labels, leading_shape, device, ignore_index, *, required, what="the logits'"):
+    if labels is None:
+        if required:
+            raise ValueError(f"labels are required: a tensor of token ids shaped like {what} leading dimensions")
+        return
+    check_ids("labels", labels, leading_shape, device)
+    # Value checks read the tensor (a sync, and a graph break under torch.compile): eager only.
+    if not compiling() and labels.numel() and bool(((labels < 0) & (labels != ignore_index)).any()):
+        raise ValueError(f"labels must be token ids >= 0 or ignore_index ({ignore_index}); found other negative values")
+
+
+def check_options(temperature, reduction, backend):
+    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    check_reduction(reduction)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def check_reduction(reduction):
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def check_divergence(divergence):
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
+
+
+def check_fraction(name, value):
+    if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+
+
+def check_hpd_options(fkl_weight, rkl_weight, seed):
+    for name, value in (("fkl_weight", fkl_weight), ("rkl_weight", rkl_weight)):
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if seed is not None and not isinstance(seed, int):
+        raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+
+
+def check_chunk_size(chunk_size):
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None (chosen from a memory budget), got {chunk_size!r}")
+
+
+def check_num_items(num_items_in_batch, reduction):
+    if num_items_in_batch is None:
+        return
+    if reduction != "mean":
+        raise ValueError(f"num_items_in_batch divides the summed loss, so it needs reduction='mean', "
+                         f"got reduction={reduction!r}")
+    if isinstance(num_items_in_batch, torch.Tensor):
+        if num_items_in_batch.numel() != 1 or num_items_in_batch.dtype.is_complex:
+            raise ValueError(f"num_items_in_batch must be a number or a one-element tensor, got shape "
+                             f"{tuple(num_items_in_batch.shape)}")
+    elif not isinstance(num_items_in_batch, (int, float)) or not num_items_in_batch > 0:
+        raise ValueError(f"num_items_in_batch must be > 0 (the active tokens of the global batch), "
+                         f"got {num_items_in_batch!r}")
+
+
+def check_sampled_ids(sampled_ids, leading_shape, active, vocab):
+    """Flattened int64 sampled ids, each active row's within [0, vocab)."""
+    check_ids("sampled_ids", sampled_ids, leading_shape, active.device)
+    sampled_ids = sampled_ids.reshape(-1).to(torch.int64).contiguous()
+    if not compiling() and bool((active & ((sampled_ids < 0) | (sampled_ids >= vocab))).any()):
+        raise ValueError(f"sampled_ids must lie in [0, {vocab}) (the shared vocabulary) on every active row")
+    return sampled_ids

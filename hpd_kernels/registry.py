@@ -1,0 +1,104 @@
+"""The objectives, defined once: names, kernel codes, parameters, and what a kernel saves per row.
+
+Every other list of objectives (the public functions, the kernels' `DIVERGENCE` constexpr, the AOT
+report, the CLI and trainer, the benchmarks and the tests) is derived from the names here. This
+module imports no Triton, so the trainer, the CLI and `reference/` can read it anywhere.
+
+One naming scheme in the API (`forward_kl`, ...); the short names (`fkl`, ...) exist only for the
+CLI and the trainer's configs, mapped here.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+HPD = "hpd"
+# Order matters: a divergence's position is its kernel code (the kernels branch on it at compile time).
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")
+OBJECTIVES = DIVERGENCES + (HPD,)
+DIVERGENCE_CODES = {name: code for code, name in enumerate(DIVERGENCES)}
+# The mixture parameter of each divergence that has one (the public functions' keyword).
+MIXTURE_PARAMETER = {"jsd": "beta", "skew_forward_kl": "alpha", "skew_reverse_kl": "alpha"}
+
+# The CLI's and trainer's short names. `sft` (cross-entropy on the data, no teacher) is a
+# training objective but not a distillation loss, so it has no library name.
+SFT = "sft"
+SHORT_NAMES = {"fkl": "forward_kl", "rkl": "reverse_kl", "jsd": "jsd", "skl": "skew_forward_kl",
+               "srkl": "skew_reverse_kl", "tvd": "tvd", "hpd": HPD}
+TRAINING_OBJECTIVES = (SFT,) + tuple(SHORT_NAMES)
+
+# Per-row stats a forward saves for its backward, the same columns in both backends. The student's
+# (and for the divergences the teacher's) log-sum-exp is kept as two numbers, the row maximum of the
+# scaled logits and the log of the sum relative to it, so that the backward forms
+# `log q = (s / T - max) - log_sum` as `log_softmax` does: `s / T - lse` would lose the digits of a
+# large maximum (|s / T| ~ 50 at low temperatures) in every log-probability. Units are the
+# backend's own (the Triton kernels work in base 2); only the HPD weights are read by callers.
+# `STAT_TOP_S` is a column (exact as a float below 2^24) or -1 for none: the backward writes that
+# column as minus the sum of the others (a softmax gradient sums to 0), which avoids the
+# cancellation of `w - q W` where q is near 1. The divergences take the student's first argmax;
+# HPD, whose weights sit on y and y_hat only, whichever of the two has q > 1/2.
+STAT_MAX_S, STAT_LOG_SUM_S, STAT_TOP_S = 0, 1, 2
+STAT_MAX_T, STAT_LOG_SUM_T, STAT_ROW_WEIGHT = 3, 4, 5   # divergences
+STAT_W_LABEL, STAT_W_SAMPLE = 3, 4                        # HPD: w_y, w_hat
+DIVERGENCE_STATS, HYBRID_STATS = 6, 5                     # columns
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Where losses, stats and weight gradients accumulate: float64 for float64 inputs (the
+    exactness path the tests use), float32 for every other floating dtype."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def mixture_logs(divergence: str, beta: float, alpha: float) -> tuple[str, float, float]:
+    """Resolve the endpoints of JSD and the mixture `m = a p + b q` as `(divergence, log a, log b)`."""
+    def log(x):
+        return math.log(x) if x > 0 else -math.inf
+
+    if divergence == "jsd":
+        if beta == 0.0:
+            return "forward_kl", 0.0, 0.0
+        if beta == 1.0:
+            return "reverse_kl", 0.0, 0.0
+        return "jsd", log(beta), log(1.0 - beta)
+    if divergence == "skew_forward_kl":  # m = alpha p + (1 - alpha) q
+        return divergence, log(alpha), log(1.0 - alpha)
+    if divergence == "skew_reverse_kl":  # m = alpha q + (1 - alpha) p
+        return divergence, log(1.0 - alpha), log(alpha)
+    return divergence, 0.0, 0.0
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What to compute per row: HPD or one (resolved) divergence, with its parameters. Built by
+    `Objective.divergence(...)` or `Objective.hybrid(...)`; every layer below the public functions
+    receives this one bundle."""
+
+    name: str                 # HPD or a divergence resolved by `mixture_logs`
+    temperature: float
+    ignore_index: int
+    log_mix_p: float = 0.0
+    log_mix_q: float = 0.0
+    seed: int = 0
+    fkl_weight: float = 1.0
+    rkl_weight: float = 1.0
+
+    @classmethod
+    def divergence(cls, divergence, *, temperature, ignore_index, beta=0.5, alpha=0.1):
+        name, log_mix_p, log_mix_q = mixture_logs(divergence, beta, alpha)
+        return cls(name, float(temperature), int(ignore_index), log_mix_p, log_mix_q)
+
+    @classmethod
+    def hybrid(cls, *, temperature, ignore_index, seed, fkl_weight, rkl_weight):
+        return cls(HPD, float(temperature), int(ignore_index), seed=int(seed or 0), fkl_weight=float(fkl_weight),
+                   rkl_weight=float(rkl_weight))
+
+    @property
+    def is_hybrid(self) -> bool:
+        return self.name == HPD
+
+    @property
+    def stats_columns(self) -> int:
+        return HYBRID_STATS if self.is_hybrid else DIVERGENCE_STATS
