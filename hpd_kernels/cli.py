@@ -67,7 +67,8 @@ def _distill_parser(subparsers):
 
 
 def _run_distill(args):
-    from .training.pipeline import load_config, results_table, run_distill
+    from .training.config import load_config
+    from .training.pipeline import results_table, run_distill
 
     overrides = {"objective": args.objective, "steps": args.steps, "seed": args.seed,
                  "on_policy_fraction": args.on_policy_fraction}
@@ -183,9 +184,7 @@ def main(argv=None):
         args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except (DataError, CheckpointError, KeyError, ValueError, FileNotFoundError) as error:
-        from .training.pipeline import ConfigError  # noqa: F401  (a ValueError too)
-
+    except (DataError, CheckpointError, KeyError, ValueError, FileNotFoundError) as error:  # ConfigError: a ValueError
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         print(f"hpd {args.command}: error: {message}", file=sys.stderr)
         return 2
