@@ -6,8 +6,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .registry import TRAINING_OBJECTIVES
 from .training.checkpoint import CheckpointError
 from .training.data import DataError
+
+OBJECTIVE_CHOICES = "|".join(TRAINING_OBJECTIVES)
 
 DISTILL_HELP = """\
 Distil a student from a teacher end to end and print teacher / student before / student after.
@@ -35,9 +38,9 @@ distill.png). Running again with the same --out and config resumes where it stop
 that holds another run is refused, never overwritten.
 """
 
-TRAIN_OPTIONS = """\
+TRAIN_OPTIONS = f"""\
 distill options (the "distill" section of a config, or the flags above):
-  objective sft|fkl|rkl|jsd|skl|srkl|tvd|hpd; steps; batch_size; grad_accum; lr; min_lr_ratio;
+  objective {OBJECTIVE_CHOICES}; steps; batch_size; grad_accum; lr; min_lr_ratio;
   warmup_steps; weight_decay; max_grad_norm; temperature; fkl_weight, rkl_weight (HPD); beta (JSD);
   alpha (skew KL); ce_weight (extra cross-entropy term); on_policy_fraction (share of batches the
   student generates, default 0 as in the HPD recipe); rollout_temperature; rollout_top_p;
@@ -56,7 +59,7 @@ def _distill_parser(subparsers):
                         help="output directory; reused to resume the same run (default: %(default)s)")
     parser.add_argument("--cache-dir", metavar="DIR", help="where trained teachers are cached (default: "
                                                            "$HPD_CACHE_DIR or ~/.cache/hpd-kernels)")
-    parser.add_argument("--objective", choices=("sft", "fkl", "rkl", "jsd", "skl", "srkl", "tvd", "hpd"),
+    parser.add_argument("--objective", choices=TRAINING_OBJECTIVES,
                         help="distillation objective (default: hpd)")
     parser.add_argument("--steps", type=int, help="distillation steps (default: 1500)")
     parser.add_argument("--on-policy-fraction", type=float, dest="on_policy_fraction",
@@ -67,7 +70,8 @@ def _distill_parser(subparsers):
 
 
 def _run_distill(args):
-    from .training.pipeline import load_config, results_table, run_distill
+    from .training.config import load_config
+    from .training.pipeline import results_table, run_distill
 
     overrides = {"objective": args.objective, "steps": args.steps, "seed": args.seed,
                  "on_policy_fraction": args.on_policy_fraction}
@@ -99,13 +103,13 @@ Runs are independent and resumable: run the same command again after an interrup
 continues the unfinished runs from their checkpoints, never redoing a finished one.
 
 --config FILE overrides the default experiment key by key (JSON):
-  {"objectives": ["sft", "fkl", "rkl", "jsd", "skl", "hpd"],   any of sft fkl rkl jsd skl srkl tvd hpd
+  {"objectives": ["sft", "fkl", "rkl", "jsd", "skl", "hpd"],   any of <OBJECTIVES>
    "seeds": [0, 1, 2],
    "distill": {"steps": 1000, "batch_size": 32, "lr": 0.003, ...},   shared by every run
    "sweep": {"fkl_weight": [0.5, 1, 2], "rkl_weight": [0.5, 1, 2], "on_policy_fraction": [0.5], "seeds": [0, 1]},
    "eval": {"max_new_tokens": 48, "temperature": 1.0, "seed": 0, "samples": 4},
    "base": {...}}   the task or data, teacher and student, as in `hpd distill --config`
-"""
+""".replace("<OBJECTIVES>", " ".join(TRAINING_OBJECTIVES))
 
 
 def _experiment_parser(subparsers):
@@ -183,9 +187,7 @@ def main(argv=None):
         args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except (DataError, CheckpointError, KeyError, ValueError, FileNotFoundError) as error:
-        from .training.pipeline import ConfigError  # noqa: F401  (a ValueError too)
-
+    except (DataError, CheckpointError, KeyError, ValueError, FileNotFoundError) as error:  # ConfigError: a ValueError
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         print(f"hpd {args.command}: error: {message}", file=sys.stderr)
         return 2

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from hpd_kernels.training import distributed, experiment, pipeline
+from hpd_kernels.training.config import load_config
 from hpd_kernels.training.experiment import load_experiment
 
 
@@ -33,7 +34,7 @@ def test_experiment_base_takes_a_hugging_face_teacher_and_paths_relative_to_the_
     # The same file's sections read the same through `hpd distill`'s loader.
     distill_path = folder / "distill.json"
     distill_path.write_text(json.dumps(json.loads(path.read_text())["base"]))
-    config = pipeline.load_config(str(distill_path))
+    config = load_config(str(distill_path))
     assert config["teacher"] == base["teacher"] and config["eval_data"] == base["eval_data"]
 
 

@@ -6,8 +6,9 @@ import os
 import pytest
 
 from hpd_kernels.cli import main
-from hpd_kernels.training.experiment import load_experiment, planned_runs, stability
-from hpd_kernels.training.pipeline import ConfigError
+from hpd_kernels.training.config import ConfigError
+from hpd_kernels.training.experiment import load_experiment, planned_runs
+from hpd_kernels.training.report import stability
 
 TINY = {
     "objectives": ["sft", "hpd"], "seeds": [0],
@@ -95,3 +96,21 @@ def test_stability_counts_spikes_against_the_running_median():
     assert result["ce_spikes"] == 1 and result["grad_spikes"] == 1 and result["loss_spikes"] == 0
     assert result["grad_norm_max"] == 3.0 and result["clipped_fraction"] == pytest.approx(2 / 60)
     assert result["grad_norm_p95_over_median"] == pytest.approx(1.0)
+
+
+def test_the_report_table_reproduces_the_committed_experiment():
+    """`results.md` from the committed `results.json` (its teacher, warm-up evaluations and run
+    summaries) is the committed `results.md`, byte for byte, and so is the JSON table."""
+    from hpd_kernels.training.report import group_statistics, results_markdown
+
+    folder = os.path.join(os.path.dirname(__file__), "..", "docs", "results", "experiment")
+    with open(os.path.join(folder, "results.json")) as handle:
+        results = json.load(handle)
+    groups = {}
+    for summary in results["runs"]:
+        groups.setdefault(summary["group"], []).append(summary)
+    with open(os.path.join(folder, "results.md")) as handle:
+        assert results_markdown(results["teacher"], results["student_before"], groups) + "\n" == handle.read()
+    for group, members in groups.items():
+        table = {label: list(value) for label, value in group_statistics(members).items()}
+        assert {**table, "seeds": len(members)} == results["table"][group]

@@ -62,7 +62,7 @@ def test_trainer_batch_loss_is_the_library_loss():
     teacher = DecoderLM(DecoderConfig(vocab_size=11, hidden_size=16, num_layers=1, num_heads=2)).double()
     input_ids, loss_mask = collate(_toy_examples(4), 0, "cpu")
     config = TrainConfig(objective="hpd", backend="torch")
-    loss, metrics, _ = batch_loss(config, student, teacher, input_ids, loss_mask, 0, seed=9)
+    loss, metrics = batch_loss(config, student, teacher, input_ids, loss_mask, 0, seed=9)
     labels = shifted_labels(input_ids, loss_mask)
     attention = (input_ids != 0).long() | loss_mask
     expected = hpd_kernels.hybrid_kl_loss(student.lm_head(student(input_ids, attention_mask=attention)),
@@ -95,3 +95,41 @@ def test_a_short_run_decreases_the_loss(objective):
     first = sum(h["cross_entropy"] for h in history[:5]) / 5
     last = sum(h["cross_entropy"] for h in history[-5:]) / 5
     assert last < 0.8 * first, (first, last)
+
+
+@pytest.mark.parametrize("extra_teacher_tokens", [0, 3])
+def test_heldout_kl_matches_a_direct_float64_computation(extra_teacher_tokens):
+    """The evaluation's KL numbers (the library's losses, per token) against the definition:
+    KL(p || q) and KL(q || p) over the shared vocabulary, the teacher's extra rows dropped."""
+    from hpd_kernels.training.config import load_config
+    from hpd_kernels.training.evaluation import heldout_statistics
+    from hpd_kernels.training.task import encode_examples
+    from hpd_kernels.training.trainer import collate
+    from hpd_kernels.training.workload import Workload, build_model
+
+    config = load_config()
+    config["task"].update(train_problems=4, eval_problems=5)
+    workload = Workload(config)
+    vocab = workload.tokenizer.vocab_size
+    student = build_model({"decoder": {"hidden_size": 8, "num_layers": 1, "num_heads": 2}}, workload.tokenizer,
+                          "student", "cpu")
+    teacher = build_model({"decoder": {"hidden_size": 16, "num_layers": 1, "num_heads": 2,
+                                       "vocab_size": vocab + extra_teacher_tokens}}, workload.tokenizer, "teacher",
+                          "cpu")
+    statistics = heldout_statistics(student, workload, teacher)  # one batch, as below
+
+    input_ids, loss_mask = collate(encode_examples(workload.eval_problems, workload.tokenizer),
+                                   workload.tokenizer.pad_id, "cpu")
+    attention = (input_ids != workload.tokenizer.pad_id).long() | loss_mask
+    active = shifted_labels(input_ids, loss_mask) != -100
+    with torch.no_grad():
+        log_q = torch.log_softmax(student.lm_head(student(input_ids, attention_mask=attention))[active].double(), -1)
+        teacher_logits = teacher.lm_head(teacher(input_ids, attention_mask=attention))[active].double()
+    log_p = torch.log_softmax(teacher_logits[:, :vocab], -1)
+    tokens = int(active.sum())
+    expected_fkl = float((log_p.exp() * (log_p - log_q)).sum()) / tokens
+    expected_rkl = float((log_q.exp() * (log_q - log_p)).sum()) / tokens
+    assert statistics["fkl_to_teacher"] == pytest.approx(expected_fkl, rel=1e-12)
+    assert statistics["rkl_to_teacher"] == pytest.approx(expected_rkl, rel=1e-12)
+    assert statistics["heldout_ce"] == pytest.approx(float(-log_q.gather(-1, shifted_labels(
+        input_ids, loss_mask)[active][:, None]).sum()) / tokens, rel=1e-12)

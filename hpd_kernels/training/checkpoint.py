@@ -15,6 +15,8 @@ import shutil
 
 import torch
 
+from .jsonfiles import write_json_atomic
+
 try:
     from safetensors.torch import load_file, save_file
 except ImportError:  # pragma: no cover - safetensors is a dependency; the message says why it matters
@@ -111,10 +113,7 @@ def publish_checkpoint(run_dir, name, step):
     final, temporary = os.path.join(run_dir, name), os.path.join(run_dir, f".{name}.tmp")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(temporary, final)
-    pointer = os.path.join(run_dir, "latest.json")
-    with open(pointer + ".tmp", "w") as handle:
-        json.dump({"checkpoint": name, "step": step}, handle)
-    os.replace(pointer + ".tmp", pointer)
+    write_json_atomic(os.path.join(run_dir, "latest.json"), {"checkpoint": name, "step": step}, indent=None)
     for entry in os.listdir(run_dir):
         if entry.startswith("checkpoint-") and entry != name:
             shutil.rmtree(os.path.join(run_dir, entry), ignore_errors=True)

@@ -2,13 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
-
-def read_metrics(path):
-    with open(path) as handle:
-        return [json.loads(line) for line in handle if line.strip()]
-
 
 PANELS = (
     ("training loss", ("loss",)),

@@ -28,6 +28,7 @@ import torch
 from . import distributed
 from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from .criteria import OBJECTIVES, distillation_loss, shifted_labels, token_statistics
+from .jsonfiles import read_metrics, truncate_metrics
 
 
 @dataclass
@@ -117,7 +118,7 @@ def _forward(model, input_ids, attention, bf16):
 
 def batch_loss(config: TrainConfig, student, teacher, input_ids, loss_mask, pad_id, seed, num_items_in_batch=None,
                engine=None):
-    """`(loss, metrics, active_tokens)` of one micro-batch: the library's loss, exactly.
+    """`(loss, metrics)` of one micro-batch: the library's loss, exactly.
 
     With `num_items_in_batch` the loss is this micro-batch's sum over the global batch's active
     token count (see `hybrid_kl_loss`). `engine` is the module that runs the forward pass (a
@@ -153,8 +154,7 @@ def batch_loss(config: TrainConfig, student, teacher, input_ids, loss_mask, pad_
     # What is reported, whatever the objective: this micro-batch's own means, from one pass.
     entropy, cross_entropy = token_statistics(hidden.detach(), student_weight.detach(), labels)
     metrics["cross_entropy"], metrics["entropy"] = float(cross_entropy), float(entropy)
-    active_tokens = int((labels != -100).sum())
-    return loss, metrics, active_tokens
+    return loss, metrics
 
 
 def _step_rng(config, step, micro, purpose):
@@ -212,17 +212,6 @@ class Progress:
         elif step == self.total or step % max(1, self.total // 10) == 0:
             self.stream.write(f"{self.label} {step}/{self.total} {text} {elapsed:.0f}s\n")
             self.stream.flush()
-
-
-def _rewrite_metrics(path, last_step):
-    """Keep only the metric lines up to `last_step` (steps after a checkpoint are replayed)."""
-    if not os.path.isfile(path):
-        return
-    with open(path) as handle:
-        kept = [line for line in handle if line.strip() and json.loads(line).get("step", 0) <= last_step]
-    with open(path + ".tmp", "w") as handle:
-        handle.writelines(kept)
-    os.replace(path + ".tmp", path)
 
 
 def _wrap(config, student, world, device):
@@ -286,10 +275,9 @@ def train(config: TrainConfig, student, teacher, examples, *, pad_id=0, eos_id=N
             start_step = state["step"]
             distributed.barrier()
             if main:
-                _rewrite_metrics(metrics_path, start_step)
+                truncate_metrics(metrics_path, start_step)
             distributed.barrier()
-            with open(metrics_path) as handle:
-                history = [json.loads(line) for line in handle if line.strip()]
+            history = read_metrics(metrics_path)
             if log and main:
                 log(f"resumed {run_dir} at step {start_step}/{config.steps}")
         if main:
@@ -322,8 +310,8 @@ def train(config: TrainConfig, student, teacher, examples, *, pad_id=0, eos_id=N
                 seed = _step_rng(config, step, micro, 4) + 7_777 * rank
                 sync = strategy != "ddp" or micro == config.grad_accum - 1
                 with (contextlib.nullcontext() if sync else engine.no_sync()):
-                    loss, metrics, _ = batch_loss(config, student, teacher, input_ids, loss_mask, pad_id, seed,
-                                                  num_items_in_batch=global_tokens, engine=engine)
+                    loss, metrics = batch_loss(config, student, teacher, input_ids, loss_mask, pad_id, seed,
+                                               num_items_in_batch=global_tokens, engine=engine)
                     # DDP and FSDP average gradients over ranks; the loss is already a share of the
                     # global mean, so undo that average.
                     (loss * world).backward()

@@ -1,0 +1,99 @@
+"""What a config trains on and with: the data (the built-in task or the user's files, with a
+tokenizer and the held-out problems) and the teacher and student models built for it."""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+from ..models.decoder import DecoderLM
+from .checkpoint import load_model
+from .config import ConfigError, decoder_config, train_config
+from .data import DataError, CharTokenizer, HFTokenizer, check_aligned, encode_pairs, read_jsonl
+from .task import encode_examples, make_problems, task_tokenizer
+
+
+class Workload:
+    """Tokenizer, training examples and evaluation problems `(prompt, response, answer)`."""
+
+    def __init__(self, config):
+        self.config = config
+        if "task" in config:
+            task = config["task"]
+            self.tokenizer = task_tokenizer()
+            shape = dict(min_terms=task["min_terms"], max_terms=task["max_terms"], max_value=task["max_value"])
+            train_problems = make_problems(task["train_problems"], task["seed"], **shape)
+            self.eval_problems = make_problems(task["eval_problems"], task["seed"] + 1_000_000, **shape)
+            self.examples = encode_examples(train_problems, self.tokenizer)
+            self.score = None  # the final answer after '#'
+            self.identity = {"task": task}
+        else:
+            pairs = read_jsonl(config["data"])
+            if config.get("eval_data"):
+                eval_pairs = read_jsonl(config["eval_data"])
+            else:  # hold out a slice of the data
+                held = max(1, int(len(pairs) * config.get("eval_fraction", 0.05)))
+                if held >= len(pairs):
+                    raise DataError(f"{config['data']} has {len(pairs)} examples: too few to hold some out for "
+                                    f"evaluation (give eval_data)")
+                pairs, eval_pairs = pairs[:-held], pairs[-held:]
+            self.tokenizer = self._tokenizer(config, pairs + eval_pairs)
+            self.examples = encode_pairs(pairs, self.tokenizer, config["data"])
+            encode_pairs(eval_pairs, self.tokenizer, config.get("eval_data") or config["data"])
+            self.eval_problems = [(prompt, response, response) for prompt, response in eval_pairs]
+            self.score = lambda text, problem: text.strip() == problem[1].strip()
+            with open(config["data"], "rb") as handle:
+                self.identity = {"data_sha256": hashlib.sha256(handle.read()).hexdigest()}
+        limit = config["eval"].get("limit")
+        if limit:
+            self.eval_problems = self.eval_problems[:limit]
+
+    @staticmethod
+    def _tokenizer(config, texts):
+        tokenizers = {role: HFTokenizer.from_pretrained(config[role]["hf"])
+                      for role in ("teacher", "student") if "hf" in config[role]}
+        if len(tokenizers) == 2:
+            check_aligned(tokenizers["teacher"], tokenizers["student"], config["teacher"]["hf"], config["student"]["hf"])
+        if tokenizers:
+            return tokenizers.get("student") or tokenizers["teacher"]
+        return CharTokenizer.from_texts(text for pair in texts for text in pair)
+
+    def train_options(self, log):
+        """The options of `train` that come from the data (its padding and end-of-sequence ids),
+        with `log`."""
+        return dict(pad_id=self.tokenizer.pad_id, eos_id=self.tokenizer.eos_id, log=log)
+
+    def distill_config(self, values, where):
+        """The `TrainConfig` of a distillation run: its rollouts are as long as the data's longest
+        response unless `max_new_tokens` says otherwise."""
+        config = train_config(values, where)
+        if not config.max_new_tokens:
+            config.max_new_tokens = max(len(response) for _, response in self.examples)
+        return config
+
+
+def build_model(section, tokenizer, role, device):
+    """The teacher or student of a config section, on `device`, in float32."""
+    if "hf" in section:
+        from ..models.hf import HFCausalLM
+
+        try:
+            model = HFCausalLM.from_pretrained(section["hf"], dtype=torch.float32)
+        except OSError as error:
+            raise ConfigError(f"{role}.hf: cannot load a model from {section['hf']!r}: {error}") from None
+        if model.vocab_size < tokenizer.vocab_size:
+            raise DataError(f"{role} {section['hf']} has {model.vocab_size} output rows but the tokenizer has "
+                            f"{tokenizer.vocab_size} tokens: the vocabularies cannot be aligned")
+    else:
+        decoder = decoder_config({"vocab_size": tokenizer.vocab_size, **section["decoder"]}, tokenizer.vocab_size,
+                                  f"{role}.decoder")
+        if decoder.vocab_size < tokenizer.vocab_size:
+            raise DataError(f"{role}.decoder.vocab_size={decoder.vocab_size} is smaller than the tokenizer's "
+                            f"{tokenizer.vocab_size} tokens: the vocabularies cannot be aligned")
+        torch.manual_seed((section.get("train") or section.get("warmup") or {}).get("seed", 0))
+        model = DecoderLM(decoder)
+    model = model.to(device)
+    if section.get("checkpoint"):
+        load_model(model, section["checkpoint"])
+    return model
