@@ -5,6 +5,7 @@ else; what a check needs to know about the objectives comes from `registry`."""
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -17,6 +18,16 @@ FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 def compiling() -> bool:
     return torch.compiler.is_compiling()
+
+
+def is_real(value) -> bool:
+    """A real number (Python's, NumPy's, ...), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def is_integer(value) -> bool:
+    """An integer (Python's, NumPy's, ...), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def check_floating(name, tensor, dims=None):
@@ -115,9 +126,11 @@ def check_labels(labels, leading_shape, device, ignore_index, *, required, what=
         raise ValueError(f"labels must be token ids >= 0 or ignore_index ({ignore_index}); found other negative values")
 
 
-def check_options(temperature, reduction, backend):
-    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature <= 0:
+def check_options(temperature, reduction, backend, ignore_index):
+    if not is_real(temperature) or not math.isfinite(temperature) or temperature <= 0:
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if not is_integer(ignore_index):
+        raise TypeError(f"ignore_index must be an int (the label of rows not in the loss), got {ignore_index!r}")
     check_reduction(reduction)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -134,15 +147,15 @@ def check_divergence(divergence):
 
 
 def check_fraction(name, value):
-    if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+    if not is_real(value) or not 0.0 <= value <= 1.0:
         raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
 
 
 def check_hpd_options(fkl_weight, rkl_weight, seed):
     for name, value in (("fkl_weight", fkl_weight), ("rkl_weight", rkl_weight)):
-        if not isinstance(value, (int, float)) or not math.isfinite(value):
+        if not is_real(value) or not math.isfinite(value):
             raise ValueError(f"{name} must be a finite number, got {value!r}")
-    if seed is not None and not isinstance(seed, int):
+    if seed is not None and not is_integer(seed):
         raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
 
 
@@ -158,10 +171,20 @@ def check_num_items(num_items_in_batch, reduction):
         raise ValueError(f"num_items_in_batch divides the summed loss, so it needs reduction='mean', "
                          f"got reduction={reduction!r}")
     if isinstance(num_items_in_batch, torch.Tensor):
-        if num_items_in_batch.numel() != 1 or num_items_in_batch.dtype.is_complex:
-            raise ValueError(f"num_items_in_batch must be a number or a one-element tensor, got shape "
-                             f"{tuple(num_items_in_batch.shape)}")
-    elif not isinstance(num_items_in_batch, (int, float)) or not num_items_in_batch > 0:
+        if (num_items_in_batch.numel() != 1 or num_items_in_batch.dtype.is_complex
+                or num_items_in_batch.dtype == torch.bool):
+            raise ValueError(f"num_items_in_batch must be a number or a one-element real tensor, got shape "
+                             f"{tuple(num_items_in_batch.shape)} {num_items_in_batch.dtype}")
+        if compiling():
+            return
+        positive = num_items_in_batch.reshape(()) > 0  # False for NaN too
+        if num_items_in_batch.device.type == "cpu":
+            if not bool(positive):
+                raise ValueError(f"num_items_in_batch must be > 0 (the active tokens of the global batch), "
+                                 f"got {num_items_in_batch.item()!r}")
+        else:  # checked on the device: no host synchronisation in a training step
+            torch._assert_async(positive, "num_items_in_batch must be > 0 (the active tokens of the global batch)")
+    elif not is_real(num_items_in_batch) or not num_items_in_batch > 0:
         raise ValueError(f"num_items_in_batch must be > 0 (the active tokens of the global batch), "
                          f"got {num_items_in_batch!r}")
 

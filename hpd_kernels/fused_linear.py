@@ -24,8 +24,8 @@ def _run(objective_name, student_hidden, student_weight, student_bias, teacher_h
     check_linear("student", student_hidden, student_weight, student_bias, device)
     leading = student_hidden.shape[:-1]
     teacher_vocab = check_linear_teacher(teacher_hidden, teacher_weight, teacher_bias, teacher_logits, leading, device)
+    check_options(temperature, reduction, backend, ignore_index)
     check_labels(labels, leading, device, ignore_index, required=labels_required, what="the hidden states'")
-    check_options(temperature, reduction, backend)
     check_chunk_size(chunk_size)
 
     call = resolve(objective_name, labels=labels, leading=leading, n_rows=leading.numel(), device=device,

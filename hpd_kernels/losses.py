@@ -23,8 +23,8 @@ def _resolve(objective_name, student_logits, teacher_logits, labels, *, labels_r
              reduction, backend, process_group, vocab_offset, **options):
     check_logit_pair(student_logits, teacher_logits)
     leading = student_logits.shape[:-1]
+    check_options(temperature, reduction, backend, ignore_index)
     check_labels(labels, leading, student_logits.device, ignore_index, required=labels_required)
-    check_options(temperature, reduction, backend)
     return resolve(objective_name, labels=labels, leading=leading, n_rows=leading.numel(),
                    device=student_logits.device, widths=(student_logits.shape[-1], teacher_logits.shape[-1]),
                    names=("student_logits", "teacher_logits"), temperature=temperature, ignore_index=ignore_index,

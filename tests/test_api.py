@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -49,11 +50,31 @@ def _inputs(n=6, vocab=11, dtype=torch.float32):
     (lambda s, t, y: hpd_kernels.hybrid_kl_loss(s, t, y, fkl_weight=math.inf), "fkl_weight must be a finite"),
     (lambda s, t, y: hpd_kernels.hybrid_kl_loss(s, t, y, seed=1.5), "seed must be an int"),
     (lambda s, t, y: hpd_kernels.hybrid_kl_loss(s, t, y, reduction="max"), "reduction must be one of"),
+    (lambda s, t, y: hpd_kernels.forward_kl_loss(s, t, y, ignore_index=1.5), "ignore_index must be an int"),
+    (lambda s, t, y: hpd_kernels.hybrid_kl_loss(s, t, y, ignore_index=True), "ignore_index must be an int"),
+    (lambda s, t, y: hpd_kernels.tvd_loss(s, t, y, num_items_in_batch=torch.tensor(0)), "num_items_in_batch must be > 0"),
+    (lambda s, t, y: hpd_kernels.hybrid_kl_loss(s, t, y, num_items_in_batch=torch.tensor(-3.0)),
+     "num_items_in_batch must be > 0"),
+    (lambda s, t, y: hpd_kernels.generalized_jsd_loss(
+        s, t, y, num_items_in_batch=torch.tensor(math.nan)), "num_items_in_batch must be > 0"),
+    (lambda s, t, y: hpd_kernels.forward_kl_loss(s, t, y, num_items_in_batch=torch.tensor([True])),
+     "num_items_in_batch must be a number or a one-element real tensor"),
 ])
 def test_bad_input_is_refused_with_a_clear_message(call, message):
     student, teacher, labels = _inputs()
     with pytest.raises((ValueError, TypeError), match=message):
         call(student, teacher, labels)
+
+
+def test_numpy_scalars_are_numbers():
+    """NumPy scalars (a config read with NumPy, a value from an array) are accepted like Python's."""
+    student, teacher, labels = _inputs()
+    expected = hpd_kernels.hybrid_kl_loss(student, teacher, labels, seed=3, temperature=0.5, fkl_weight=0.7,
+                                          backend="torch")
+    got = hpd_kernels.hybrid_kl_loss(student, teacher, labels, seed=np.int64(3), temperature=np.float32(0.5),
+                                     fkl_weight=np.float64(0.7), ignore_index=np.int32(-100), backend="torch")
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    hpd_kernels.generalized_jsd_loss(student, teacher, labels, beta=np.float32(0.25), backend="torch")
 
 
 def test_sampled_ids_on_ignored_rows_are_not_checked():

@@ -73,3 +73,23 @@ def test_large_logits_match_float64(objective, backend, case):
     weights = reference.token_weights(student.double(), teacher.double(), labels, **options)
     terms = (1 + weights.abs().amax(dim=1, keepdim=True) + weights.sum(dim=1, keepdim=True).abs()) / temperature
     assert ((grad.double() - exact_grad).abs() <= 4e-6 * terms).all(), (grad, exact_grad, terms)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("objective", OBJECTIVES)
+@pytest.mark.parametrize("magnitude", [1e38, 3.4e38])
+def test_float32_limit_is_never_a_wrong_finite_number(objective, backend, magnitude):
+    """The domain's edge (README, "Numerics"): logits near float32's maximum overflow inside the
+    base-2 arithmetic, and a loss near it overflows itself. The result is then inf or NaN, never a
+    finite number that differs from float64."""
+    generator = torch.Generator().manual_seed(5)
+    student, teacher = torch.randn(4, 20, generator=generator), torch.randn(4, 20, generator=generator)
+    student[0, 3], teacher[1, 4], student[2, 5], teacher[2, 6], teacher[3, 1] = (
+        magnitude, -magnitude, -magnitude, magnitude, magnitude)
+    labels, sampled = torch.tensor([3, 4, 5, 1]), torch.tensor([0, 4, 6, 1])
+    for temperature in (0.5, 1.0):
+        exact = _loss(objective, student.double(), teacher.double(), labels, sampled, temperature)
+        value = _loss(objective, student, teacher, labels, sampled, temperature, backend).double()
+        finite = torch.isfinite(value)
+        torch.testing.assert_close(value[finite], exact[finite], rtol=2e-5,
+                                   atol=2e-5 * (1 + exact[finite].abs().max().item()) if finite.any() else 0)

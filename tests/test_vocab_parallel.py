@@ -15,6 +15,7 @@ import hpd_kernels
 from hpd_kernels import registry
 
 WORLD, VOCAB, SPLIT, ROWS = 2, 37, 20, 13
+MASKED = [5, 9]
 MIXTURE_VALUES = {"beta": 0.3, "alpha": 0.2}
 DIVERGENCES = {name: {parameter: MIXTURE_VALUES[parameter]} if parameter else {}
                for name in registry.DIVERGENCES for parameter in [registry.MIXTURE_PARAMETER.get(name)]}
@@ -40,6 +41,7 @@ def _inputs():
     student = torch.randn(ROWS, VOCAB, dtype=torch.float64) * 2
     teacher = torch.randn(ROWS, VOCAB, dtype=torch.float64) * 2
     teacher[0, 3] = student[1, 30] = float("-inf")   # absent tokens on either side, in both slices
+    student[MASKED[0]] = teacher[MASKED[1]] = float("-inf")  # rows without a distribution (tests/test_masked_rows.py)
     labels = torch.randint(0, VOCAB, (ROWS,))
     labels[2] = labels[7] = -100
     labels[4] = 25  # a label owned by rank 1
@@ -67,6 +69,7 @@ def _logits_worker(rank, init_file):
                 loss.sum().backward()
                 _close(loss, expected.detach(), f"{name} T={temperature} {reduction} loss")
                 _close(local.grad, full.grad[:, part], f"{name} T={temperature} {reduction} grad")
+                assert (local.grad[MASKED] == 0).all() and (reduction != "none" or (loss[MASKED] == 0).all())
         for seed in (0, 11):
             full = student.clone().requires_grad_(True)
             expected, expected_details = hpd_kernels.hybrid_kl_loss(
@@ -82,6 +85,7 @@ def _logits_worker(rank, init_file):
             assert bool((details.sampled_ids >= SPLIT).any() and (details.sampled_ids[labels != -100] < SPLIT).any())
             _close(loss, expected.detach(), f"hpd T={temperature} loss")
             _close(local.grad, full.grad[:, part], f"hpd T={temperature} grad")
+            assert torch.isfinite(loss) and (local.grad[MASKED] == 0).all()
             _close(details.label_weight, expected_details.label_weight, "hpd w_y")
     _finish()
 

@@ -53,6 +53,16 @@ def logsumexp_parts(scaled_logits, row_sums=lambda sums: sums, row_max=lambda lo
     return reference, torch.where(reference == math.inf, torch.full_like(log_sum, math.nan), log_sum)
 
 
+def _defined(*row_log_sums):
+    """Rows with a distribution on every side: a row whose logits are all `-inf` has
+    `log_sum = -inf` and no softmax; it contributes 0 and gets no gradient. (A `+inf` logit's NaN
+    is not `-inf`: it stays NaN.)"""
+    defined = row_log_sums[0] != -math.inf
+    for log_sum in row_log_sums[1:]:
+        defined = defined & (log_sum != -math.inf)
+    return defined
+
+
 def _log_softmax(scaled_logits, row_max, row_log_sum):
     """The maximum first, as `log_softmax` does: no digits lost to a large `max`."""
     return (scaled_logits - row_max[:, None]) - row_log_sum[:, None]
@@ -158,7 +168,7 @@ def divergence_forward(student, teacher, labels, *, divergence, temperature, log
         value, weight = divergence_terms(_log_softmax(s, max_s, log_sum_s), _log_softmax(t, max_t, log_sum_t),
                                          log_mix_p, log_mix_q, divergence)
         row_value, row_weight = vocabulary.row_sums(torch.stack([value.sum(-1), weight.sum(-1)], dim=1)).unbind(1)
-        loss[rows] = _zero_unless(active[rows], row_value)
+        loss[rows] = _zero_unless(active[rows] & _defined(log_sum_s, log_sum_t), row_value)
         stats[rows] = torch.stack([max_s, log_sum_s, top_s, max_t, log_sum_t, row_weight], dim=1)
     return loss, stats
 
@@ -176,7 +186,8 @@ def divergence_backward(student, teacher, stats, row_scale, grad, *, divergence,
         scale = row_scale[rows].to(acc_dtype)
         chunk_grad = (-inv_temperature * scale)[:, None] * (weight - log_q.exp() * row_sum[:, None])
         # Inactive rows (scale 0) may hold NaN stats: select, do not multiply.
-        grad[rows, :vocab] = _top_from_others(_zero_unless((scale != 0)[:, None], chunk_grad), top_s).to(grad.dtype)
+        live = (scale != 0) & _defined(log_sum_s, log_sum_t)
+        grad[rows, :vocab] = _top_from_others(_zero_unless(live[:, None], chunk_grad), top_s).to(grad.dtype)
     grad[:, vocab:] = 0
     return grad
 
@@ -256,9 +267,11 @@ def hybrid_forward(student, teacher, labels, sampled_ids, *, seed, temperature, 
         log_p_hat = (gather(teacher, rows, safe_hat, acc_dtype, inv_temperature) - max_t) - log_sum_t
         per_row, w_y, w_hat = hpd_row_terms(log_q_y, log_p_y, log_q_hat, log_p_hat, safe_y, safe_hat, fkl_weight,
                                             rkl_weight)
-        loss[rows] = _zero_unless(live, per_row)
+        defined = live & _defined(log_sum_s, log_sum_t)
+        loss[rows] = _zero_unless(defined, per_row)
         pivot = vocabulary.hpd_pivot(log_q_y, log_q_hat, safe_y, safe_hat).to(acc_dtype)
-        stats[rows] = torch.stack([max_s, log_sum_s, pivot, _zero_unless(live, w_y), _zero_unless(live, w_hat)], dim=1)
+        stats[rows] = torch.stack([max_s, log_sum_s, pivot, _zero_unless(defined, w_y), _zero_unless(defined, w_hat)],
+                                  dim=1)
         out_ids[rows] = torch.where(live, chunk_ids, out_ids[rows])
     return loss, stats, (out_ids if sample else sampled_ids)
 
@@ -271,8 +284,8 @@ def hybrid_backward(student, labels, sampled_ids, stats, row_scale, grad, *, voc
     inv_temperature = 1.0 / temperature
     for rows in _chunks(n_rows, vocab, acc_dtype):
         scale = row_scale[rows].to(acc_dtype)
-        live = scale != 0
         max_s, log_sum_s, top_s, w_y, w_hat = stats[rows].unbind(1)
+        live = (scale != 0) & _defined(log_sum_s)
         q = _log_softmax(_scaled(student, rows, vocab, acc_dtype, inv_temperature), max_s, log_sum_s).exp()
         chunk_grad = -q * (w_y + w_hat)[:, None]
         index = torch.arange(rows.stop - rows.start, device=student.device)

@@ -181,7 +181,10 @@ if HAS_TRITON:
             loss = tl.sum(loss_lanes, axis=1)
             row_sum = tl.sum(weight_lanes, axis=1)
 
-        tl.store(loss_ptr + rows, _zero_unless(active, loss), mask=rows < n_rows)
+        # A row without a distribution (every shared logit of one side -inf: log_sum = -inf, while a
+        # NaN from a +inf logit stays NaN) contributes 0 and gets no gradient (see the backward).
+        defined = (log_sum_s != float("-inf")) & (log_sum_t != float("-inf"))
+        tl.store(loss_ptr + rows, _zero_unless(active & defined, loss), mask=rows < n_rows)
         stats = stats_ptr + rows * _STATS
         tl.store(stats + _MAX_S, max_s, mask=active)
         tl.store(stats + _LOG_SUM_S, log_sum_s, mask=active)
@@ -203,14 +206,16 @@ if HAS_TRITON:
         # row_scale is 0 on inactive rows (and on rows whose incoming gradient is 0): their
         # gradient is exactly 0 and their logits are never read.
         row_scale = tl.load(row_scale_ptr + rows, mask=in_range, other=0.0).to(acc_dtype)
-        active = in_range & (row_scale != 0.0)
+        scaled = in_range & (row_scale != 0.0)
         stats = stats_ptr + rows * _STATS
-        max_s = tl.load(stats + _MAX_S, mask=active, other=0.0).to(acc_dtype)
-        log_sum_s = tl.load(stats + _LOG_SUM_S, mask=active, other=0.0).to(acc_dtype)
-        top_s = tl.load(stats + _TOP_S, mask=active, other=0.0).to(tl.int32)
-        max_t = tl.load(stats + _MAX_T, mask=active, other=0.0).to(acc_dtype)
-        log_sum_t = tl.load(stats + _LOG_SUM_T, mask=active, other=0.0).to(acc_dtype)
-        row_sum = tl.load(stats + _ROW_WEIGHT, mask=active, other=0.0).to(acc_dtype)
+        max_s = tl.load(stats + _MAX_S, mask=scaled, other=0.0).to(acc_dtype)
+        log_sum_s = tl.load(stats + _LOG_SUM_S, mask=scaled, other=0.0).to(acc_dtype)
+        top_s = tl.load(stats + _TOP_S, mask=scaled, other=0.0).to(tl.int32)
+        max_t = tl.load(stats + _MAX_T, mask=scaled, other=0.0).to(acc_dtype)
+        log_sum_t = tl.load(stats + _LOG_SUM_T, mask=scaled, other=0.0).to(acc_dtype)
+        row_sum = tl.load(stats + _ROW_WEIGHT, mask=scaled, other=0.0).to(acc_dtype)
+        # Rows without a distribution (the forward's `defined`) get gradient 0, like inactive ones.
+        active = scaled & (log_sum_s != float("-inf")) & (log_sum_t != float("-inf"))
         coefficient = -row_scale * inv_temperature
         student_rows = student_ptr + rows[:, None] * stride_student
         teacher_rows = teacher_ptr + rows[:, None] * stride_teacher

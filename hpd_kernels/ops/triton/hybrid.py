@@ -123,13 +123,16 @@ if HAS_TRITON:
         w_hat = tl.where(over & (sampled != labels), rkl_weight * d_hat, 0.0)
         loss = -(_weighted(w_y, log_q_y) + _weighted(w_hat, log_q_hat))
 
-        tl.store(loss_ptr + rows, tl.where(active, loss, 0.0), mask=in_range)
+        # A row without a distribution (every shared logit of one side -inf) contributes 0 and,
+        # its weights being 0, gets no gradient; a NaN from a +inf logit stays NaN.
+        defined = active & (log_sum_s != float("-inf")) & (log_sum_t != float("-inf"))
+        tl.store(loss_ptr + rows, tl.where(defined, loss, 0.0), mask=in_range)
         stats = stats_ptr + rows * _STATS
         tl.store(stats + _MAX_S, max_s, mask=active)
         tl.store(stats + _LOG_SUM_S, log_sum_s, mask=active)
         tl.store(stats + _TOP_S, hpd_pivot(log_q_y, log_q_hat, labels, sampled).to(acc_dtype), mask=active)
-        tl.store(stats + _W_LABEL, tl.where(active, w_y, 0.0), mask=in_range)
-        tl.store(stats + _W_SAMPLE, tl.where(active, w_hat, 0.0), mask=in_range)
+        tl.store(stats + _W_LABEL, tl.where(defined, w_y, 0.0), mask=in_range)
+        tl.store(stats + _W_SAMPLE, tl.where(defined, w_hat, 0.0), mask=in_range)
 
     @triton.jit
     def _hybrid_backward_kernel(
@@ -144,13 +147,16 @@ if HAS_TRITON:
         rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
         in_range = rows < n_rows
         row_scale = tl.load(row_scale_ptr + rows, mask=in_range, other=0.0).to(acc_dtype)
-        active = in_range & (row_scale != 0.0)
+        scaled = in_range & (row_scale != 0.0)
+        stats = stats_ptr + rows * _STATS
+        max_s = tl.load(stats + _MAX_S, mask=scaled, other=0.0).to(acc_dtype)
+        log_sum_s = tl.load(stats + _LOG_SUM_S, mask=scaled, other=0.0).to(acc_dtype)
+        # A student row without a distribution gets gradient 0 (a teacher row without one has
+        # weights 0 already).
+        active = scaled & (log_sum_s != float("-inf"))
         # 32-bit ids: the column compares in the loop are then one instruction each.
         labels = tl.load(labels_ptr + rows, mask=active, other=-1).to(tl.int32)
         sampled = tl.load(sampled_ptr + rows, mask=active, other=-1).to(tl.int32)
-        stats = stats_ptr + rows * _STATS
-        max_s = tl.load(stats + _MAX_S, mask=active, other=0.0).to(acc_dtype)
-        log_sum_s = tl.load(stats + _LOG_SUM_S, mask=active, other=0.0).to(acc_dtype)
         top_s = tl.load(stats + _TOP_S, mask=active, other=-1.0).to(tl.int32)
         w_y = tl.load(stats + _W_LABEL, mask=active, other=0.0).to(acc_dtype)
         w_hat = tl.load(stats + _W_SAMPLE, mask=active, other=0.0).to(acc_dtype)
