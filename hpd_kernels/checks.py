@@ -59,8 +59,9 @@ def check_logit_pair(student_logits, teacher_logits):
                          f"{student_logits.device}")
 
 
-def check_linear(prefix, hidden, weight, bias, device):
-    """`{prefix}_hidden [..., H]`, `{prefix}_weight [V, H]` and an optional `{prefix}_bias [V]` on `device`."""
+def check_linear(prefix, hidden, weight, bias, device, autocast=False):
+    """`{prefix}_hidden [..., H]`, `{prefix}_weight [V, H]` and an optional `{prefix}_bias [V]` on `device`,
+    of one dtype unless `autocast` will cast them to its own."""
     check_floating(f"{prefix}_hidden", hidden)
     if hidden.dim() < 1:
         raise ValueError(f"{prefix}_hidden must have shape [..., hidden_size], got {tuple(hidden.shape)}")
@@ -70,11 +71,12 @@ def check_linear(prefix, hidden, weight, bias, device):
                          f"{prefix}_hidden), got {tuple(weight.shape)}")
     if weight.shape[0] == 0:
         raise ValueError(f"{prefix}_weight must have a vocabulary of at least 1 row, got {tuple(weight.shape)}")
-    if weight.dtype != hidden.dtype:
-        raise TypeError(f"{prefix}_weight ({weight.dtype}) and {prefix}_hidden ({hidden.dtype}) must share a dtype")
+    if weight.dtype != hidden.dtype and not autocast:
+        raise TypeError(f"{prefix}_weight ({weight.dtype}) and {prefix}_hidden ({hidden.dtype}) must share a dtype "
+                        f"(or run under torch.autocast, which computes both in its dtype)")
     if bias is not None:
         check_floating(f"{prefix}_bias", bias, dims=1)
-        if bias.shape[0] != weight.shape[0] or bias.dtype != weight.dtype:
+        if bias.shape[0] != weight.shape[0] or (bias.dtype != weight.dtype and not autocast):
             raise ValueError(f"{prefix}_bias must have shape [{weight.shape[0]}] and dtype {weight.dtype}, "
                              f"got {tuple(bias.shape)} {bias.dtype}")
     for name, tensor in ((f"{prefix}_hidden", hidden), (f"{prefix}_weight", weight), (f"{prefix}_bias", bias)):
@@ -82,7 +84,8 @@ def check_linear(prefix, hidden, weight, bias, device):
             raise ValueError(f"{name} is on {tensor.device} but student_hidden is on {device}")
 
 
-def check_linear_teacher(teacher_hidden, teacher_weight, teacher_bias, teacher_logits, leading, device):
+def check_linear_teacher(teacher_hidden, teacher_weight, teacher_bias, teacher_logits, leading, device,
+                         autocast=False):
     """The teacher of a fused-linear loss, as logits or as hidden states + weight; returns its vocabulary."""
     if teacher_logits is not None:
         if teacher_hidden is not None or teacher_weight is not None:
@@ -96,7 +99,7 @@ def check_linear_teacher(teacher_hidden, teacher_weight, teacher_bias, teacher_l
         return teacher_logits.shape[-1]
     if teacher_hidden is None or teacher_weight is None:
         raise ValueError("the teacher is required: teacher_hidden and teacher_weight, or teacher_logits")
-    check_linear("teacher", teacher_hidden, teacher_weight, teacher_bias, device)
+    check_linear("teacher", teacher_hidden, teacher_weight, teacher_bias, device, autocast)
     if teacher_hidden.shape[:-1] != leading:
         raise ValueError(f"teacher_hidden must share the leading dimensions of student_hidden {tuple(leading)}, "
                          f"got {tuple(teacher_hidden.shape)}")

@@ -9,6 +9,10 @@ precomputed `teacher_logits`. Gradients flow to the student's hidden states, wei
 
 from __future__ import annotations
 
+import contextlib
+
+import torch
+
 from .calls import resolve
 from .checks import (check_chunk_size, check_divergence, check_fraction, check_hpd_options, check_labels,
                      check_linear, check_linear_teacher, check_num_items, check_options)
@@ -16,14 +20,23 @@ from .ops.chunked_linear import LinearInputs, rows_per_chunk
 from .registry import HPD
 
 
+def _autocast_dtype(device):
+    """The dtype `torch.autocast` computes GEMMs in on `device`, or None where it is off."""
+    if device is None or not torch.is_autocast_enabled(device.type):
+        return None
+    return torch.get_autocast_dtype(device.type)
+
+
 def _run(objective_name, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
          teacher_logits, labels, *, labels_required, temperature, ignore_index, reduction, chunk_size, backend,
          num_items_in_batch, process_group, vocab_offset, **options):
     """Check the tensors, resolve the call and run it: `(call, loss, y_hat, w_y, w_hat)`."""
     device = getattr(student_hidden, "device", None)
-    check_linear("student", student_hidden, student_weight, student_bias, device)
+    autocast = _autocast_dtype(device)
+    check_linear("student", student_hidden, student_weight, student_bias, device, autocast is not None)
     leading = student_hidden.shape[:-1]
-    teacher_vocab = check_linear_teacher(teacher_hidden, teacher_weight, teacher_bias, teacher_logits, leading, device)
+    teacher_vocab = check_linear_teacher(teacher_hidden, teacher_weight, teacher_bias, teacher_logits, leading, device,
+                                         autocast is not None)
     check_options(temperature, reduction, backend, ignore_index)
     check_labels(labels, leading, device, ignore_index, required=labels_required, what="the hidden states'")
     check_chunk_size(chunk_size)
@@ -35,20 +48,28 @@ def _run(objective_name, student_hidden, student_weight, student_bias, teacher_h
                    num_items_in_batch=num_items_in_batch, process_group=process_group, vocab_offset=vocab_offset,
                    **options)
     if chunk_size is None:
-        chunk_size = rows_per_chunk(leading.numel(), student_weight.shape[0], teacher_vocab,
-                                    student_hidden.element_size(), device)
+        itemsize = student_hidden.element_size() if autocast is None else torch.finfo(autocast).bits // 8
+        chunk_size = rows_per_chunk(leading.numel(), student_weight.shape[0], teacher_vocab, itemsize, device)
     chunk_size = call.agree_chunk_size(max(chunk_size, 1))
 
-    def rows(tensor, detach=True):
+    def gemm_operand(tensor, detach=True):
+        # Autocast's rule for a linear layer: both GEMM operands (and the bias) in its dtype; the
+        # cast is differentiable, so each gradient returns in its input's own dtype.
         if tensor is None:
             return None
-        flat = tensor.reshape(-1, tensor.shape[-1])
-        return flat.detach() if detach else flat
+        tensor = tensor.detach() if detach else tensor
+        return tensor if autocast is None else tensor.to(autocast)
 
-    inputs = LinearInputs(rows(student_hidden, detach=False), student_weight, student_bias, rows(teacher_hidden),
-                          None if teacher_weight is None else teacher_weight.detach(),
-                          None if teacher_bias is None else teacher_bias.detach(), rows(teacher_logits))
-    return call, *call.linear(inputs, chunk_size)
+    def rows(tensor, detach=True):
+        return None if tensor is None else gemm_operand(tensor.reshape(-1, tensor.shape[-1]), detach)
+
+    inputs = LinearInputs(rows(student_hidden, detach=False), gemm_operand(student_weight, detach=False),
+                          gemm_operand(student_bias, detach=False), rows(teacher_hidden), gemm_operand(teacher_weight),
+                          gemm_operand(teacher_bias),
+                          None if teacher_logits is None else teacher_logits.reshape(-1, teacher_logits.shape[-1]).detach())
+    # Inside, every op runs in the dtypes just chosen (autocast would recast the chunk GEMMs).
+    with torch.autocast(device.type, enabled=False) if autocast is not None else contextlib.nullcontext():
+        return call, *call.linear(inputs, chunk_size)
 
 
 def fused_linear_divergence_loss(student_hidden, student_weight, teacher_hidden=None, teacher_weight=None, labels=None,
