@@ -250,6 +250,17 @@ def test_a_second_run_on_one_out_is_refused_naming_the_holder_until_it_is_killed
         err = capsys.readouterr().err
         assert f"{out} is in use by pid {holder.pid} on host {socket.gethostname()}" in err and "hpd distill" in err
         assert err.count("\n") == 1, err
+        experiment = tmp_path / "experiment.json"
+        experiment.write_text(json.dumps({
+            "objectives": ["sft"], "seeds": [0], "distill": {"steps": 1, "batch_size": 2},
+            "sweep": {"fkl_weight": [], "rkl_weight": [], "on_policy_fraction": []},
+            "base": {"task": {"train_problems": 20, "eval_problems": 4},
+                     "teacher": {"decoder": DECODER, "train": {"objective": "sft", "steps": 1, "batch_size": 2}},
+                     "student": {"decoder": DECODER}}}))
+        assert main(["experiment", "--config", str(experiment), "--out", str(out), "--cache-dir",
+                     str(tmp_path / "cache")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"hpd experiment: error: {out} is in use by pid {holder.pid}") and err.count("\n") == 1
         assert os.listdir(out) == [LOCK_NAME]  # nothing was written
     finally:
         holder.send_signal(signal.SIGKILL)

@@ -155,6 +155,23 @@ def verify_checksums(folder, checksums):
                                   f"(the file is damaged or was changed); nothing was loaded")
 
 
+def record_sha256(path):
+    """Write the sha256 of the file at `path` beside it (`<path>.sha256`), for `verify_sha256`."""
+    write_json_atomic(f"{path}.sha256", {"sha256": file_sha256(path)}, indent=None)
+
+
+def verify_sha256(path):
+    """Refuse the file at `path` if it differs from the sha256 `record_sha256` wrote (a file with
+    no record, from before records were written, is accepted)."""
+    record = f"{path}.sha256"
+    if os.path.isfile(record):
+        with open(record) as handle:
+            expected = json.load(handle).get("sha256")
+        if expected and file_sha256(path) != expected:
+            raise CheckpointError(f"{path} does not match the sha256 checksum recorded when it was written "
+                                  f"(the file is damaged or was changed); nothing was loaded")
+
+
 def publish_checkpoint(run_dir, name, step):
     """Move the complete `.<name>.tmp` folder into place, point `latest.json` at it (atomically,
     with the sha256 of each of its files) and drop the older checkpoints."""

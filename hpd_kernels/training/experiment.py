@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from .checkpoint import load_model, save_model
+from .checkpoint import load_model, record_sha256, save_model, verify_sha256
 from .config import DEFAULT_CONFIG, ConfigError, merge_config, read_json_object, train_config, validate_config
 from .evaluation import evaluate_with_samples, final_evaluation
 from .jsonfiles import write_json_atomic
@@ -231,6 +231,7 @@ def _warm_student(base, workload, seed, device, out_dir, teacher, samples, commo
     torch.manual_seed(seed)
     student = build_model({**section, "train": {"seed": seed}}, workload.tokenizer, "student", device)
     if os.path.isfile(weights):
+        verify_sha256(weights)
         load_model(student, weights)
         return student
     if warmup:
@@ -239,4 +240,5 @@ def _warm_student(base, workload, seed, device, out_dir, teacher, samples, commo
     write_json_atomic(os.path.join(folder, "evaluation.json"),
                       evaluate_with_samples(student, workload, base["eval"], teacher, samples))
     save_model(student, weights)
+    record_sha256(weights)
     return student
