@@ -29,9 +29,9 @@ from .checkpoint import load_model, record_sha256, save_model, verify_sha256
 from .config import DEFAULT_CONFIG, ConfigError, merge_config, read_json_object, train_config, validate_config
 from .evaluation import evaluate_with_samples, final_evaluation
 from .jsonfiles import write_json_atomic
+from .locks import die_with_parent
 from .pipeline import choose_device
 from .report import stability, write_report
-from .locks import die_with_parent
 from .rundir import claim_output_dir, default_cache_dir, lock_output_dir, prepare_teacher
 from .trainer import train
 from .workload import Workload, build_model

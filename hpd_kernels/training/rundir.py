@@ -31,7 +31,10 @@ def default_cache_dir():
 
 
 def _check_not_foreign(out_dir):
-    entries = [entry for entry in os.listdir(out_dir) if entry != LOCK_NAME] if os.path.isdir(out_dir) else []
+    # config.json, written last when a directory is claimed, marks a run directory; the lock and
+    # data.json (written just before it) may be there without it after a kill.
+    ignored = {LOCK_NAME, "data.json"}
+    entries = [entry for entry in os.listdir(out_dir) if entry not in ignored] if os.path.isdir(out_dir) else []
     if entries and not os.path.exists(os.path.join(out_dir, "config.json")):
         raise ConfigError(f"{out_dir} exists and is not a run directory of hpd distill; choose another --out "
                           f"directory: nothing in it was changed")
