@@ -9,6 +9,8 @@ import sys
 from .registry import TRAINING_OBJECTIVES
 from .training.checkpoint import CheckpointError
 from .training.data import DataError
+from .training.jsonfiles import WriteError
+from .training.locks import LockedError
 
 OBJECTIVE_CHOICES = "|".join(TRAINING_OBJECTIVES)
 
@@ -187,7 +189,8 @@ def main(argv=None):
         args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except (DataError, CheckpointError, KeyError, ValueError, FileNotFoundError) as error:  # ConfigError: a ValueError
+    except (DataError, CheckpointError, WriteError, LockedError, KeyError, ValueError,
+            FileNotFoundError) as error:  # ConfigError: a ValueError
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         print(f"hpd {args.command}: error: {message}", file=sys.stderr)
         return 2

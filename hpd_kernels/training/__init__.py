@@ -4,8 +4,9 @@ commands built on it. `criteria` turns each objective into a call of the fused-l
 checkpoints), `distributed` (torchrun and DDP) and `fsdp` (FSDP2); `data` and `task` give the
 tokenizers and examples (user files, or the built-in addition task). `config` reads, merges and
 checks a run's config; `workload` builds its data and models; `evaluation` scores a model;
-`rundir` claims output directories and caches trained teachers; `jsonfiles` writes their JSON
-files atomically and reads metrics back; `pipeline` runs `hpd distill`; `experiment` plans and
+`rundir` claims output directories and caches trained teachers; `locks` keeps them to one process
+at a time; `jsonfiles` writes their JSON files atomically (a refused write is a `WriteError`) and
+reads metrics back; `pipeline` runs `hpd distill`; `experiment` plans and
 runs `hpd experiment`, and `report` writes its table, JSON and plots (`plot`: a run's curves).
 """
 

@@ -5,17 +5,24 @@ complete one. A checkpoint is written to a temporary folder and renamed into pla
 `latest.json` is replaced atomically, so an interrupted save never damages the previous one.
 Loading checks that every tensor name and shape matches the model before anything is copied:
 a checkpoint from another model is refused with the first mismatch named.
+
+`latest.json` also records the sha256 of every file of the checkpoint, computed when it is
+published; resuming verifies them first, so a flipped byte or a truncated file is refused with
+the file named instead of resuming into another model (or NaN weights). A write the system
+refuses (a full disk) is a one-line `WriteError` naming the file, and the previous checkpoint
+stays in place.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 
 import torch
 
-from .jsonfiles import write_json_atomic
+from .jsonfiles import write_json_atomic, writing
 
 try:
     from safetensors.torch import load_file, save_file
@@ -50,8 +57,13 @@ def save_model(model, path, metadata=None):
     _require_safetensors()
     state = {name: tensor.detach().contiguous().cpu() for name, tensor in unique_state(model).items()}
     temporary = f"{path}.tmp"
-    save_file(state, temporary, metadata={key: str(value) for key, value in (metadata or {}).items()})
-    os.replace(temporary, path)
+    with writing(path):
+        try:
+            save_file(state, temporary, metadata={key: str(value) for key, value in (metadata or {}).items()})
+            os.replace(temporary, path)
+        finally:
+            if os.path.exists(temporary):
+                os.remove(temporary)
 
 
 def load_model(model, path):
@@ -96,24 +108,80 @@ def save_checkpoint(run_dir, step, model, optimizer, trainer_state):
     _require_safetensors()
     os.makedirs(run_dir, exist_ok=True)
     name = f"checkpoint-{step:07d}"
-    final, temporary = os.path.join(run_dir, name), os.path.join(run_dir, f".{name}.tmp")
+    temporary = os.path.join(run_dir, f".{name}.tmp")
     shutil.rmtree(temporary, ignore_errors=True)
-    os.makedirs(temporary)
-    save_model(model, os.path.join(temporary, "model.safetensors"))
-    tensors, groups = _optimizer_tensors(optimizer)
-    save_file(tensors, os.path.join(temporary, "optimizer.safetensors"), metadata={"param_groups": groups})
-    with open(os.path.join(temporary, "trainer_state.json"), "w") as handle:
-        json.dump({"step": step, **trainer_state}, handle, indent=1)
+    with writing(temporary):
+        try:
+            os.makedirs(temporary)
+            save_model(model, os.path.join(temporary, "model.safetensors"))
+            tensors, groups = _optimizer_tensors(optimizer)
+            with writing(os.path.join(temporary, "optimizer.safetensors")):
+                save_file(tensors, os.path.join(temporary, "optimizer.safetensors"), metadata={"param_groups": groups})
+            with writing(os.path.join(temporary, "trainer_state.json")):
+                with open(os.path.join(temporary, "trainer_state.json"), "w") as handle:
+                    json.dump({"step": step, **trainer_state}, handle, indent=1)
+        except BaseException:
+            shutil.rmtree(temporary, ignore_errors=True)  # give back the space; the previous checkpoint stays
+            raise
     return publish_checkpoint(run_dir, name, step)
 
 
+def file_sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _checksums(folder):
+    """`{relative path: sha256}` of every file under `folder`."""
+    sums = {}
+    for root, _, names in os.walk(folder):
+        for file in names:
+            path = os.path.join(root, file)
+            sums[os.path.relpath(path, folder)] = file_sha256(path)
+    return dict(sorted(sums.items()))
+
+
+def verify_checksums(folder, checksums):
+    """Refuse a checkpoint whose files differ from the checksums recorded when it was published."""
+    for relative, expected in checksums.items():
+        path = os.path.join(folder, relative)
+        if not os.path.isfile(path):
+            raise CheckpointError(f"{path} is missing: the checkpoint is incomplete; nothing was loaded")
+        if file_sha256(path) != expected:
+            raise CheckpointError(f"{path} does not match the sha256 checksum recorded when it was written "
+                                  f"(the file is damaged or was changed); nothing was loaded")
+
+
+def record_sha256(path):
+    """Write the sha256 of the file at `path` beside it (`<path>.sha256`), for `verify_sha256`."""
+    write_json_atomic(f"{path}.sha256", {"sha256": file_sha256(path)}, indent=None)
+
+
+def verify_sha256(path):
+    """Refuse the file at `path` if it differs from the sha256 `record_sha256` wrote (a file with
+    no record, from before records were written, is accepted)."""
+    record = f"{path}.sha256"
+    if os.path.isfile(record):
+        with open(record) as handle:
+            expected = json.load(handle).get("sha256")
+        if expected and file_sha256(path) != expected:
+            raise CheckpointError(f"{path} does not match the sha256 checksum recorded when it was written "
+                                  f"(the file is damaged or was changed); nothing was loaded")
+
+
 def publish_checkpoint(run_dir, name, step):
-    """Move the complete `.<name>.tmp` folder into place, point `latest.json` at it (atomically)
-    and drop the older checkpoints."""
+    """Move the complete `.<name>.tmp` folder into place, point `latest.json` at it (atomically,
+    with the sha256 of each of its files) and drop the older checkpoints."""
     final, temporary = os.path.join(run_dir, name), os.path.join(run_dir, f".{name}.tmp")
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(temporary, final)
-    write_json_atomic(os.path.join(run_dir, "latest.json"), {"checkpoint": name, "step": step}, indent=None)
+    checksums = _checksums(temporary)
+    with writing(final):
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(temporary, final)
+    write_json_atomic(os.path.join(run_dir, "latest.json"), {"checkpoint": name, "step": step, "sha256": checksums},
+                      indent=None)
     for entry in os.listdir(run_dir):
         if entry.startswith("checkpoint-") and entry != name:
             shutil.rmtree(os.path.join(run_dir, entry), ignore_errors=True)
@@ -122,14 +190,21 @@ def publish_checkpoint(run_dir, name, step):
 
 def latest_checkpoint(run_dir, sharded=False):
     """`(path, trainer_state)` of the newest complete checkpoint in `run_dir`, or `(None, None)`.
-    A checkpoint of the other kind (sharded FSDP against a single file) is refused."""
+    Its files are verified against the checksums recorded when it was published; a checkpoint of
+    the other kind (sharded FSDP against a single file) is refused."""
     pointer = os.path.join(run_dir, "latest.json")
     if not os.path.isfile(pointer):
         return None, None
     try:
         with open(pointer) as handle:
-            name = json.load(handle)["checkpoint"]
+            latest = json.load(handle)
+        name = latest["checkpoint"]
         path = os.path.join(run_dir, name)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise CheckpointError(f"{pointer} cannot be read: {error}") from error
+    # Checkpoints written before checksums were recorded have none to verify.
+    verify_checksums(path, latest.get("sha256") or {})
+    try:
         with open(os.path.join(path, "trainer_state.json")) as handle:
             state = json.load(handle)
     except (OSError, ValueError, KeyError) as error:
@@ -145,11 +220,14 @@ def load_checkpoint(path, model, optimizer):
     """Restore `model` and `optimizer` from a folder written by `save_checkpoint`."""
     load_model(model, os.path.join(path, "model.safetensors"))
     optimizer_file = os.path.join(path, "optimizer.safetensors")
-    tensors = load_file(optimizer_file)
     from safetensors import safe_open
 
-    with safe_open(optimizer_file, framework="pt") as handle:
-        groups = json.loads(handle.metadata()["param_groups"])
+    try:
+        tensors = load_file(optimizer_file)
+        with safe_open(optimizer_file, framework="pt") as handle:
+            groups = json.loads(handle.metadata()["param_groups"])
+    except Exception as error:  # a missing, truncated or foreign file: safetensors' own exception types
+        raise CheckpointError(f"{optimizer_file} is not a readable optimizer checkpoint: {error}") from error
     state = {}
     for key, tensor in tensors.items():
         _, index, name = key.split(".", 2)

@@ -25,13 +25,14 @@ import time
 
 import torch
 
-from .checkpoint import load_model, save_model
+from .checkpoint import load_model, record_sha256, save_model, verify_sha256
 from .config import DEFAULT_CONFIG, ConfigError, merge_config, read_json_object, train_config, validate_config
 from .evaluation import evaluate_with_samples, final_evaluation
 from .jsonfiles import write_json_atomic
+from .locks import die_with_parent
 from .pipeline import choose_device
 from .report import stability, write_report
-from .rundir import claim_output_dir, default_cache_dir, prepare_teacher
+from .rundir import claim_output_dir, default_cache_dir, lock_output_dir, prepare_teacher
 from .trainer import train
 from .workload import Workload, build_model
 
@@ -134,7 +135,14 @@ def run_experiment(experiment, out_dir, *, cache_dir=None, log=print, only=None,
     workload = Workload(base)
     teacher = build_model(base["teacher"], workload.tokenizer, "teacher", device)
     build_model(base["student"], workload.tokenizer, "student", device)  # checks the student before writing
-    claim_output_dir(out_dir, {key: value for key, value in experiment.items()})
+    # One invocation at a time in `out_dir`, held until this returns or raises (or the process is
+    # killed); the workers run inside it and do not take it.
+    with lock_output_dir(out_dir, "hpd experiment"):
+        return _run_locked(experiment, out_dir, cache_dir, log, only, workers, base, device, workload, teacher)
+
+
+def _run_locked(experiment, out_dir, cache_dir, log, only, workers, base, device, workload, teacher):
+    claim_output_dir(out_dir, {key: value for key, value in experiment.items()}, workload.fingerprint())
     teacher, _ = prepare_teacher(teacher, base, workload, cache_dir, log)
     samples = experiment["eval"].get("samples", 1)
     teacher_path = os.path.join(out_dir, "teacher_evaluation.json")
@@ -155,7 +163,8 @@ def run_experiment(experiment, out_dir, *, cache_dir=None, log=print, only=None,
         # Rollout runs are the longest: start them first so that the workers finish together.
         pending.sort(key=lambda run: -run[3].get("on_policy_fraction", 0))
         jobs = [(experiment, out_dir, cache_dir, run, commit) for run in pending]
-        with multiprocessing.get_context("spawn").Pool(workers, initializer=_single_thread) as pool:
+        with multiprocessing.get_context("spawn").Pool(workers, initializer=_init_worker,
+                                                       initargs=(os.getpid(),)) as pool:
             for name in pool.imap_unordered(_run_in_worker, jobs):
                 log(f"finished {name}")
     else:
@@ -166,7 +175,9 @@ def run_experiment(experiment, out_dir, *, cache_dir=None, log=print, only=None,
     return report
 
 
-def _single_thread():
+def _init_worker(parent_pid):
+    """One CPU thread; and killed with the parent, whose lock on the output directory it works under."""
+    die_with_parent(parent_pid)
     torch.set_num_threads(1)
 
 
@@ -220,6 +231,7 @@ def _warm_student(base, workload, seed, device, out_dir, teacher, samples, commo
     torch.manual_seed(seed)
     student = build_model({**section, "train": {"seed": seed}}, workload.tokenizer, "student", device)
     if os.path.isfile(weights):
+        verify_sha256(weights)
         load_model(student, weights)
         return student
     if warmup:
@@ -228,4 +240,5 @@ def _warm_student(base, workload, seed, device, out_dir, teacher, samples, commo
     write_json_atomic(os.path.join(folder, "evaluation.json"),
                       evaluate_with_samples(student, workload, base["eval"], teacher, samples))
     save_model(student, weights)
+    record_sha256(weights)
     return student

@@ -19,6 +19,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from torch.distributed.fsdp import fully_shard
 
 from .checkpoint import CheckpointError, publish_checkpoint
+from .jsonfiles import writing
 
 MODEL, OPTIMIZER = "model.", "optimizer."
 
@@ -53,7 +54,8 @@ def save_sharded(run_dir, step, model, optimizer, trainer_state):
     dcp.save(tensors, storage_writer=dcp.HuggingFaceStorageWriter(temporary, save_distributed=True))
     dist.barrier()
     if dist.get_rank() == 0:
-        with open(os.path.join(temporary, "trainer_state.json"), "w") as handle:
+        with writing(os.path.join(temporary, "trainer_state.json")), \
+                open(os.path.join(temporary, "trainer_state.json"), "w") as handle:
             json.dump({"step": step, "sharded": True, "world_size": dist.get_world_size(), "param_groups": groups,
                        **trainer_state}, handle, indent=1)
         publish_checkpoint(run_dir, name, step)

@@ -18,9 +18,10 @@ from .checkpoint import CheckpointError, save_model
 from .config import ConfigError, train_config
 from .data import DataError
 from .evaluation import evaluate_model, final_evaluation
-from .jsonfiles import write_json_atomic
+from .jsonfiles import WriteError, write_json_atomic, write_text_atomic, writing
+from .locks import LockedError
 from .plot import plot_runs
-from .rundir import claim_output_dir, default_cache_dir, prepare_teacher
+from .rundir import claim_output_dir, default_cache_dir, lock_output_dir, prepare_teacher
 from .trainer import train
 from .workload import Workload, build_model
 
@@ -38,7 +39,20 @@ def run_distill(config, out_dir, *, cache_dir=None, log=print):
     teacher = build_model(config["teacher"], workload.tokenizer, "teacher", device)
     student = build_model(config["student"], workload.tokenizer, "student", device)
     distill_config = workload.distill_config(config["distill"], "distill")
-    resumed = _on_main(lambda: claim_output_dir(out_dir, config))
+    # One invocation at a time in `out_dir`: rank 0 holds its lock until this returns or raises
+    # (the kernel drops it if the process is killed).
+    held = []
+    _on_main(lambda: held.append(lock_output_dir(out_dir, "hpd distill")))
+    try:
+        return _distill(config, out_dir, cache_dir, log, started, device, main, workload, teacher, student,
+                        distill_config)
+    finally:
+        for lock in held:
+            lock.release()
+
+
+def _distill(config, out_dir, cache_dir, log, started, device, main, workload, teacher, student, distill_config):
+    resumed = _on_main(lambda: claim_output_dir(out_dir, config, workload.fingerprint()))
     if resumed:
         log(f"{out_dir}: continuing the run found there")
     teacher, teacher_eval = prepare_teacher(teacher, config, workload, cache_dir or default_cache_dir(), log)
@@ -75,8 +89,9 @@ def run_distill(config, out_dir, *, cache_dir=None, log=print):
     save_model(student, os.path.join(out_dir, "student.safetensors"),
                metadata={"config": json.dumps(config["student"])})
     before = {"step": 0, **{f"eval_{key}": value for key, value in evaluations["student_before"].items()}}
-    plot_runs({f"student ({distill_config.objective})": [before] + history}, os.path.join(out_dir, "distill.png"),
-              title=f"hpd distill: {distill_config.objective}")
+    with writing(os.path.join(out_dir, "distill.png")):
+        plot_runs({f"student ({distill_config.objective})": [before] + history},
+                  os.path.join(out_dir, "distill.png"), title=f"hpd distill: {distill_config.objective}")
     results = {"objective": distill_config.objective, "evaluations": evaluations, "device": str(device),
                "world_size": distributed.world_size(),
                "seconds_this_invocation": time.perf_counter() - started,
@@ -84,8 +99,7 @@ def run_distill(config, out_dir, *, cache_dir=None, log=print):
                "distill_peak_memory_mb": max(r["peak_memory_mb"] for r in history)}
     write_json_atomic(os.path.join(out_dir, "results.json"), results)
     table = results_table(evaluations, distill_config.objective)
-    with open(os.path.join(out_dir, "results.md"), "w") as handle:
-        handle.write(table + "\n")
+    write_text_atomic(os.path.join(out_dir, "results.md"), table + "\n")
     distributed.barrier()
     return results
 
@@ -110,7 +124,7 @@ def _on_main(work):
     if distributed.is_main():
         try:
             result = work()
-        except (ConfigError, DataError, CheckpointError) as caught:
+        except (ConfigError, DataError, CheckpointError, LockedError, WriteError) as caught:
             error = (type(caught).__name__, str(caught))
         except Exception as caught:  # noqa: BLE001 - re-raised below, after the other ranks know
             unexpected = caught
@@ -120,7 +134,7 @@ def _on_main(work):
         raise unexpected
     if error is not None:
         raise {"ConfigError": ConfigError, "DataError": DataError, "CheckpointError": CheckpointError,
-               "RuntimeError": RuntimeError}[error[0]](error[1])
+               "LockedError": LockedError, "WriteError": WriteError, "RuntimeError": RuntimeError}[error[0]](error[1])
     return result
 
 

@@ -15,7 +15,7 @@ import os
 import statistics
 from dataclasses import dataclass
 
-from .jsonfiles import read_metrics, write_json_atomic
+from .jsonfiles import read_metrics, write_json_atomic, write_text_atomic, writing
 
 SPIKE_WINDOW, SPIKE_FACTOR = 50, 1.5
 
@@ -178,8 +178,7 @@ def write_report(experiment, runs, out_dir):
             with open(path) as handle:
                 befores.append(json.load(handle))
     markdown = results_markdown(teacher, befores, groups)
-    with open(os.path.join(out_dir, "results.md"), "w") as handle:
-        handle.write(markdown + "\n")
+    write_text_atomic(os.path.join(out_dir, "results.md"), markdown + "\n")
     table = {group: {**{label: list(value) for label, value in group_statistics(members).items()},
                      "seeds": len(members)} for group, members in groups.items()}
     report = {"experiment": {key: value for key, value in experiment.items() if key != "base"},
@@ -238,5 +237,6 @@ def plot_experiment(experiment, out_dir, groups, teacher):
                 axis.legend(fontsize=6)
         figure.suptitle("hpd experiment: mean over seeds, band = min to max")
         figure.tight_layout()
-        figure.savefig(os.path.join(out_dir, filename), dpi=110)
+        with writing(os.path.join(out_dir, filename)):
+            figure.savefig(os.path.join(out_dir, filename), dpi=110)
         plt.close(figure)

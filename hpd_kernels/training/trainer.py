@@ -14,6 +14,7 @@ replays exactly the numbers of an uninterrupted one.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -28,7 +29,7 @@ import torch
 from . import distributed
 from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from .criteria import OBJECTIVES, distillation_loss, shifted_labels, token_statistics
-from .jsonfiles import read_metrics, truncate_metrics
+from .jsonfiles import read_metrics, truncate_metrics, writing
 
 
 @dataclass
@@ -238,9 +239,11 @@ def train(config: TrainConfig, student, teacher, examples, *, pad_id=0, eos_id=N
     `evaluate(model, step) -> dict` runs every `eval_every` steps and after the last; its values enter
     the step's metrics as `eval_<name>`. With `run_dir`, metrics go to `run_dir/metrics.jsonl`,
     checkpoints to `run_dir/checkpoint-*`, and a run that finds a checkpoint there resumes from it
-    (refusing one written with a different config). `stop_after` ends this call after that many
-    steps, as an interruption would: the next call resumes from the last checkpoint and replays
-    the steps after it.
+    (refusing one written with a different config or other examples, or whose files do not match
+    their recorded checksums). `stop_after` ends this call after that many steps, as an
+    interruption would: the next call resumes from the last checkpoint (or from the start, without
+    one) and replays the steps after it; `metrics.jsonl` is cut back to the checkpoint's step, so
+    it always ends up exactly that of an uninterrupted run.
 
     Under torchrun (an initialised default process group), `batch_size` is per rank, the student is
     wrapped in DDP (or sharded with FSDP2: `strategy="fsdp"`), and the loss is the mean over the
@@ -260,12 +263,16 @@ def train(config: TrainConfig, student, teacher, examples, *, pad_id=0, eos_id=N
     history, start_step = [], 0
     metrics_path = os.path.join(run_dir, "metrics.jsonl") if run_dir else None
     if run_dir:
+        data_sha256 = examples_sha256(examples)
         checkpoint, state = latest_checkpoint(run_dir, sharded=strategy == "fsdp")
         if checkpoint is not None:
             if state.get("config") != config.to_dict():
                 changed = sorted(key for key in config.to_dict() if state.get("config", {}).get(key) != getattr(config, key))
                 raise CheckpointError(f"{run_dir} holds a run with a different config (differs in {changed}); "
                                       f"use another output directory: nothing there was changed")
+            if state.get("examples_sha256", data_sha256) != data_sha256:
+                raise CheckpointError(f"{run_dir} holds a run trained on other examples (their sha256 differs: the "
+                                      f"data changed); use another output directory: nothing there was changed")
             if strategy == "fsdp":
                 from .fsdp import load_sharded
 
@@ -273,20 +280,26 @@ def train(config: TrainConfig, student, teacher, examples, *, pad_id=0, eos_id=N
             else:
                 load_checkpoint(checkpoint, student, optimizer)
             start_step = state["step"]
-            distributed.barrier()
-            if main:
-                truncate_metrics(metrics_path, start_step)
-            distributed.barrier()
-            history = read_metrics(metrics_path)
             if log and main:
                 log(f"resumed {run_dir} at step {start_step}/{config.steps}")
+        # The metrics are exactly those of the steps up to the checkpoint: the steps after it (or
+        # every step, without a checkpoint) are replayed and must not appear twice.
+        distributed.barrier()
         if main:
-            os.makedirs(run_dir, exist_ok=True)
+            with writing(run_dir):
+                os.makedirs(run_dir, exist_ok=True)
+            truncate_metrics(metrics_path, start_step)
+        distributed.barrier()
+        if checkpoint is not None:
+            history = read_metrics(metrics_path)
     if teacher is not None:
         teacher.eval()
     student.train()
     bar = Progress(config.steps, label or config.objective) if progress and main else None
-    metrics_file = open(metrics_path, "a") if metrics_path and main else None
+    metrics_file = None
+    if metrics_path and main:
+        with writing(metrics_path):
+            metrics_file = open(metrics_path, "a")
     try:
         end_step = config.steps if stop_after is None else min(config.steps, start_step + stop_after)
         for step in range(start_step, end_step):
@@ -342,20 +355,34 @@ def train(config: TrainConfig, student, teacher, examples, *, pad_id=0, eos_id=N
                 distributed.barrier()
             history.append(record)
             if metrics_file:
-                metrics_file.write(json.dumps(record) + "\n")
-                metrics_file.flush()
+                with writing(metrics_path):
+                    metrics_file.write(json.dumps(record) + "\n")
+                    metrics_file.flush()
             if run_dir and (last or (config.save_every and (step + 1) % config.save_every == 0)):
+                trainer_state = {"config": config.to_dict(), "examples_sha256": data_sha256}
                 if strategy == "fsdp":
                     from .fsdp import save_sharded
 
-                    save_sharded(run_dir, step + 1, student, optimizer, {"config": config.to_dict()})
+                    save_sharded(run_dir, step + 1, student, optimizer, trainer_state)
                 elif main:
-                    save_checkpoint(run_dir, step + 1, student, optimizer, {"config": config.to_dict()})
+                    save_checkpoint(run_dir, step + 1, student, optimizer, trainer_state)
                 distributed.barrier()
             if bar:
                 bar.update(step + 1, f"loss {record['loss']:.4f} ce {record['cross_entropy']:.4f} "
                                      f"{record['tokens_per_s']:.0f} tok/s")
     finally:
         if metrics_file:
-            metrics_file.close()
+            try:
+                metrics_file.close()
+            except OSError:
+                pass  # a failed flush of a full disk: the error already on its way says so
     return history
+
+
+def examples_sha256(examples):
+    """The sha256 of the training examples (token ids): a checkpoint records it, and a run whose
+    examples changed under it is not continued."""
+    digest = hashlib.sha256()
+    for prompt, response in examples:
+        digest.update(json.dumps([list(prompt), list(response)]).encode())
+    return digest.hexdigest()

@@ -4,6 +4,7 @@ tokenizer and the held-out problems) and the teacher and student models built fo
 from __future__ import annotations
 
 import hashlib
+import json
 
 import torch
 
@@ -43,11 +44,21 @@ class Workload:
             encode_pairs(eval_pairs, self.tokenizer, config.get("eval_data") or config["data"])
             self.eval_problems = [(prompt, response, response) for prompt, response in eval_pairs]
             self.score = lambda text, problem: text.strip() == problem[1].strip()
-            with open(config["data"], "rb") as handle:
-                self.identity = {"data_sha256": hashlib.sha256(handle.read()).hexdigest()}
+            self.files = {path: _file_sha256(path) for path in (config["data"], config.get("eval_data")) if path}
+            self.identity = {"data_sha256": self.files[config["data"]]}
         limit = config["eval"].get("limit")
         if limit:
             self.eval_problems = self.eval_problems[:limit]
+
+    files = {}  # {data file path: sha256 of its bytes} (none for the built-in task)
+
+    def fingerprint(self):
+        """What a run directory records of its data when it is created: the sha256 of each data
+        file's bytes, and of the examples and evaluation problems made from them."""
+        from .trainer import examples_sha256
+
+        return {"files": dict(self.files), "examples_sha256": examples_sha256(self.examples),
+                "eval_sha256": hashlib.sha256(json.dumps(self.eval_problems).encode()).hexdigest()}
 
     @staticmethod
     def _tokenizer(config, texts):
@@ -71,6 +82,14 @@ class Workload:
         if not config.max_new_tokens:
             config.max_new_tokens = max(len(response) for _, response in self.examples)
         return config
+
+
+def _file_sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def build_model(section, tokenizer, role, device):
