@@ -69,15 +69,34 @@ def _distill_parser(subparsers):
     parser.set_defaults(run=_run_distill)
 
 
+def _check_dirs(args, config):
+    """`--out` and the teacher cache (`--cache-dir`, or the default when a teacher will be trained)
+    can be written: checked before anything is."""
+    from .training import schema
+    from .training.rundir import default_cache_dir
+
+    schema.check_writable_dir(args.out, "--out", run_dir=True)
+    if args.cache_dir is not None:
+        schema.check_writable_dir(args.cache_dir, "--cache-dir")
+    elif "train" in config["teacher"] and not config["teacher"].get("checkpoint"):
+        import os
+
+        schema.check_writable_dir(default_cache_dir(), "HPD_CACHE_DIR" if os.environ.get("HPD_CACHE_DIR") else
+                                  "the default --cache-dir", "the environment")
+
+
 def _run_distill(args):
+    from .training import schema
     from .training.config import load_config
     from .training.pipeline import results_table, run_distill
 
+    schema.check_flags({"--device": args.device})
     overrides = {"objective": args.objective, "steps": args.steps, "seed": args.seed,
                  "on_policy_fraction": args.on_policy_fraction}
     config = load_config(args.config, overrides)
     if args.device:
         config["device"] = args.device
+    _check_dirs(args, config)
     from .training import distributed
 
     try:
@@ -133,11 +152,14 @@ def _run_experiment(args):
 
     import torch
 
+    from .training import schema
     from .training.experiment import load_experiment, run_experiment
 
+    schema.check_flags({"--device": args.device, "--max-runs": args.max_runs, "--workers": args.workers})
     experiment = load_experiment(args.config)
     if args.device:
         experiment["device"] = args.device
+    _check_dirs(args, experiment["base"])
     workers = args.workers
     if workers is None:
         on_gpu = experiment.get("device", "auto") != "cpu" and torch.cuda.is_available()
@@ -187,8 +209,9 @@ def main(argv=None):
         args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except (DataError, CheckpointError, KeyError, ValueError, FileNotFoundError) as error:  # ConfigError: a ValueError
+    except (DataError, CheckpointError, KeyError, ValueError, OSError) as error:  # ConfigError: a ValueError
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        message = " ".join(line.strip() for line in str(message).splitlines() if line.strip())  # one line
         print(f"hpd {args.command}: error: {message}", file=sys.stderr)
         return 2
 

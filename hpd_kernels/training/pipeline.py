@@ -15,7 +15,7 @@ import torch
 
 from . import distributed
 from .checkpoint import CheckpointError, save_model
-from .config import ConfigError, train_config
+from .config import ConfigError, check_backends, train_config
 from .data import DataError
 from .evaluation import evaluate_model, final_evaluation
 from .jsonfiles import write_json_atomic
@@ -37,7 +37,8 @@ def run_distill(config, out_dir, *, cache_dir=None, log=print):
     workload = Workload(config)
     teacher = build_model(config["teacher"], workload.tokenizer, "teacher", device)
     student = build_model(config["student"], workload.tokenizer, "student", device)
-    distill_config = workload.distill_config(config["distill"], "distill")
+    distill_config = workload.distill_config(config["distill"], "config", "distill")
+    check_backends({"distill": distill_config}, device, "config")
     resumed = _on_main(lambda: claim_output_dir(out_dir, config))
     if resumed:
         log(f"{out_dir}: continuing the run found there")
@@ -60,7 +61,7 @@ def run_distill(config, out_dir, *, cache_dir=None, log=print):
     evaluations = update_evaluations("teacher", lambda: teacher_eval or evaluate_model(teacher, workload, config["eval"]))
     common = workload.train_options(log)
     if config["student"].get("warmup"):
-        warmup = train_config(config["student"]["warmup"], "student.warmup")
+        warmup = train_config(config["student"]["warmup"], "config", "student.warmup")
         train(warmup, student, None, workload.examples, run_dir=os.path.join(out_dir, "student_warmup"),
               label="student warm-up sft", **common)
     evaluations = update_evaluations("student_before", lambda: evaluate_model(student, workload, config["eval"], teacher))

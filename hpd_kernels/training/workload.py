@@ -64,10 +64,10 @@ class Workload:
         with `log`."""
         return dict(pad_id=self.tokenizer.pad_id, eos_id=self.tokenizer.eos_id, log=log)
 
-    def distill_config(self, values, where):
+    def distill_config(self, values, source, path):
         """The `TrainConfig` of a distillation run: its rollouts are as long as the data's longest
         response unless `max_new_tokens` says otherwise."""
-        config = train_config(values, where)
+        config = train_config(values, source, path)
         if not config.max_new_tokens:
             config.max_new_tokens = max(len(response) for _, response in self.examples)
         return config
@@ -87,7 +87,7 @@ def build_model(section, tokenizer, role, device):
                             f"{tokenizer.vocab_size} tokens: the vocabularies cannot be aligned")
     else:
         decoder = decoder_config({"vocab_size": tokenizer.vocab_size, **section["decoder"]}, tokenizer.vocab_size,
-                                  f"{role}.decoder")
+                                 "config", f"{role}.decoder")
         if decoder.vocab_size < tokenizer.vocab_size:
             raise DataError(f"{role}.decoder.vocab_size={decoder.vocab_size} is smaller than the tokenizer's "
                             f"{tokenizer.vocab_size} tokens: the vocabularies cannot be aligned")
