@@ -86,16 +86,12 @@ def _check_dirs(args, config):
 
 
 def _run_distill(args):
-    from .training import schema
     from .training.config import load_config
     from .training.pipeline import results_table, run_distill
 
-    schema.check_flags({"--device": args.device})
     overrides = {"objective": args.objective, "steps": args.steps, "seed": args.seed,
                  "on_policy_fraction": args.on_policy_fraction}
-    config = load_config(args.config, overrides)
-    if args.device:
-        config["device"] = args.device
+    config = load_config(args.config, overrides, device=args.device)
     _check_dirs(args, config)
     from .training import distributed
 
@@ -155,10 +151,8 @@ def _run_experiment(args):
     from .training import schema
     from .training.experiment import load_experiment, run_experiment
 
-    schema.check_flags({"--device": args.device, "--max-runs": args.max_runs, "--workers": args.workers})
-    experiment = load_experiment(args.config)
-    if args.device:
-        experiment["device"] = args.device
+    schema.check_flags({"--max-runs": args.max_runs, "--workers": args.workers})
+    experiment = load_experiment(args.config, device=args.device)
     _check_dirs(args, experiment["base"])
     workers = args.workers
     if workers is None:

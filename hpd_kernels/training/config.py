@@ -74,10 +74,10 @@ def value_keys(what):
     return SECTIONS
 
 
-def load_config(path=None, overrides=None):
+def load_config(path=None, overrides=None, device=None):
     """The default config, overridden by the JSON file at `path`, then by `overrides` (for the
-    `distill` section, from the command line's flags). Relative paths in the file are taken
-    relative to the file. The whole config is checked (see `validate_config`)."""
+    `distill` section, from the command line's flags) and `device` (`--device`). Relative paths in
+    the file are taken relative to the file. The whole config is checked (see `validate_config`)."""
     config = copy.deepcopy(DEFAULT_CONFIG)
     source = "the default config"
     if path is not None:
@@ -90,6 +90,9 @@ def load_config(path=None, overrides=None):
             schema.TRAIN.fields[key].check(value, schema.COMMAND_LINE, "--" + key.replace("_", "-"))
         if isinstance(config.get("distill"), dict):
             config["distill"].update(given)
+    if device is not None:
+        schema.DEVICE.check(device, schema.COMMAND_LINE, "--device")
+        config["device"] = device
     validate_config(config, source)
     return config
 
@@ -158,24 +161,28 @@ def validate_config(config, source, path=""):
         if not where.endswith("distill") and values.get("objective", "hpd") != "sft":
             schema.fail(source, f"{where}.objective", "sft (there is no teacher to learn from)",
                         values.get("objective", "hpd"))
-        if train_config(values, source, where).strategy == "fsdp":
+        options = train_config(values, source, where)
+        if options.strategy == "fsdp":
             raise ConfigError(f"{source}: {where}.strategy: hpd distill runs DDP under torchrun (it evaluates and "
                               f"saves whole models on rank 0); FSDP2 is available in the trainer API, "
                               f"train(TrainConfig(strategy='fsdp'), ...)")
+        check_backend(options, config.get("device", "auto"), source, where)
 
 
-def check_backends(configs, device, source):
-    """Refuse, before anything runs, a loss backend that cannot run on `device` (`configs`: `{key
-    path: TrainConfig}`)."""
+def check_backend(options, device, source, where):
+    """Refuse a loss backend that cannot run on the device that `device` (a config's "device")
+    resolves to; `options` is the run's `TrainConfig` (`where` names it)."""
+    import torch
+
     from ..ops import backends
 
-    for where, config in configs.items():
-        if config.objective == "sft":
-            continue
-        try:
-            backends.choose(config.backend, device)
-        except RuntimeError as error:
-            raise ConfigError(f"{source}: {where}.backend: {error}") from None
+    if options.objective == "sft" or options.backend != "triton":
+        return
+    on_gpu = device != "cpu" and torch.cuda.is_available()
+    try:
+        backends.choose(options.backend, torch.device("cuda" if on_gpu else "cpu"))
+    except RuntimeError as error:
+        raise ConfigError(f"{source}: {where}.backend: {error}") from None
 
 
 def decoder_config(values, vocab_size, source, path):

@@ -27,7 +27,7 @@ import torch
 
 from .checkpoint import load_model, save_model
 from . import schema
-from .config import (DEFAULT_CONFIG, ConfigError, check_backends, merge_config, read_json_object, train_config,
+from .config import (DEFAULT_CONFIG, ConfigError, check_backend, merge_config, read_json_object, train_config,
                      validate_config)
 from .evaluation import evaluate_with_samples, final_evaluation
 from .jsonfiles import write_json_atomic
@@ -54,10 +54,11 @@ DEFAULT_EXPERIMENT = {
 EXPERIMENT_KEYS = schema.EXPERIMENT.fields  # every key, its type and range: see schema.py
 
 
-def load_experiment(path=None):
+def load_experiment(path=None, device=None):
     """The default experiment, overridden key by key by the JSON file at `path`, and checked whole:
     every key by the schema, `base` merged and checked as `hpd distill`'s config, and the
-    `TrainConfig` of every planned run and warm-up, before anything is written."""
+    `TrainConfig` of every planned run and warm-up, before anything is written. `device`
+    (`--device`) replaces the file's."""
     experiment = copy.deepcopy(DEFAULT_EXPERIMENT)
     source = path or "the default experiment"
     if path is not None:
@@ -69,6 +70,9 @@ def load_experiment(path=None):
                 experiment[key].update(value)
             else:
                 experiment[key] = value
+    if device is not None:
+        schema.DEVICE.check(device, schema.COMMAND_LINE, "--device")
+        experiment["device"] = device
     for key in ("objective", "seed"):
         if isinstance(experiment["distill"], dict) and key in experiment["distill"]:
             raise ConfigError(f"{source}: distill.{key} is set per run (use 'objectives' and 'seeds')")
@@ -80,7 +84,7 @@ def load_experiment(path=None):
     validate_config(base, source, "base")
     experiment["base"] = base
     for where, options in run_configs(experiment).items():  # every planned run's options, checked now
-        train_config(options, source, where)
+        check_backend(train_config(options, source, where), experiment.get("device", "auto"), source, where)
     return experiment
 
 
@@ -140,8 +144,6 @@ def run_experiment(experiment, out_dir, *, cache_dir=None, log=print, only=None,
     base = experiment["base"]
     device = choose_device(experiment.get("device", "auto"))
     cache_dir = cache_dir or default_cache_dir()
-    check_backends({where: train_config(options, "config", where) for where, options in run_configs(experiment).items()},
-                   device, "config")
     workload = Workload(base)
     teacher = build_model(base["teacher"], workload.tokenizer, "teacher", device)
     build_model(base["student"], workload.tokenizer, "student", device)  # checks the student before writing

@@ -15,7 +15,7 @@ import torch
 
 from . import distributed
 from .checkpoint import CheckpointError, save_model
-from .config import ConfigError, check_backends, train_config
+from .config import ConfigError, train_config
 from .data import DataError
 from .evaluation import evaluate_model, final_evaluation
 from .jsonfiles import write_json_atomic
@@ -38,7 +38,6 @@ def run_distill(config, out_dir, *, cache_dir=None, log=print):
     teacher = build_model(config["teacher"], workload.tokenizer, "teacher", device)
     student = build_model(config["student"], workload.tokenizer, "student", device)
     distill_config = workload.distill_config(config["distill"], "config", "distill")
-    check_backends({"distill": distill_config}, device, "config")
     resumed = _on_main(lambda: claim_output_dir(out_dir, config))
     if resumed:
         log(f"{out_dir}: continuing the run found there")

@@ -281,7 +281,7 @@ EXPERIMENT = Section({
 
 # The command line's flags besides paths (`--out`, `--cache-dir`: `check_writable_dir`) and the
 # `distill` options (`--steps`, `--seed`, ...: checked as `TRAIN`'s fields, named by their flag).
-FLAGS = {"--device": DEVICE, "--max-runs": Int(1), "--workers": Int(1)}
+FLAGS = {"--max-runs": Int(1), "--workers": Int(1)}  # --device: DEVICE, by load_config and load_experiment
 COMMAND_LINE = "the command line"
 
 

@@ -51,8 +51,16 @@ class Workload:
 
     @staticmethod
     def _tokenizer(config, texts):
-        tokenizers = {role: HFTokenizer.from_pretrained(config[role]["hf"])
-                      for role in ("teacher", "student") if "hf" in config[role]}
+        tokenizers = {}
+        for role in ("teacher", "student"):
+            if "hf" in config[role]:
+                try:
+                    tokenizers[role] = HFTokenizer.from_pretrained(config[role]["hf"])
+                except (OSError, ValueError) as error:
+                    if isinstance(error, DataError):
+                        raise
+                    raise ConfigError(f"{role}.hf: cannot load a tokenizer from {config[role]['hf']!r}: "
+                                      f"{str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
         if len(tokenizers) == 2:
             check_aligned(tokenizers["teacher"], tokenizers["student"], config["teacher"]["hf"], config["student"]["hf"])
         if tokenizers:
@@ -80,8 +88,9 @@ def build_model(section, tokenizer, role, device):
 
         try:
             model = HFCausalLM.from_pretrained(section["hf"], dtype=torch.float32)
-        except OSError as error:
-            raise ConfigError(f"{role}.hf: cannot load a model from {section['hf']!r}: {error}") from None
+        except (OSError, ValueError) as error:
+            raise ConfigError(f"{role}.hf: cannot load a model from {section['hf']!r}: "
+                              f"{str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
         if model.vocab_size < tokenizer.vocab_size:
             raise DataError(f"{role} {section['hf']} has {model.vocab_size} output rows but the tokenizer has "
                             f"{tokenizer.vocab_size} tokens: the vocabularies cannot be aligned")
