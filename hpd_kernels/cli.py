@@ -33,6 +33,9 @@ by section, for example
    "device": "auto"}
 Responses are scored by exact match (stripped) on the evaluation data.
 
+Every key and flag is checked (type, range, choices, paths) before anything is written; an empty
+FILE is refused (run without --config for the default).
+
 Everything is written under --out (metrics.jsonl, safetensors checkpoints, results.md/json,
 distill.png). Running again with the same --out and config resumes where it stopped; a directory
 that holds another run is refused, never overwritten.

@@ -155,7 +155,8 @@ def validate_config(config, source, path=""):
         raise ConfigError(f"{source}: {at}teacher: a decoder teacher needs 'checkpoint' (trained weights) or 'train' "
                           f"(train it from scratch with sft)")
     for where, values in ((f"{at}teacher.train", teacher.get("train")),
-                          (f"{at}student.warmup", config["student"].get("warmup")), (f"{at}distill", config["distill"])):
+                          (f"{at}student.warmup", config["student"].get("warmup")),
+                          (f"{at}distill", config["distill"])):
         if values is None:
             continue
         if not where.endswith("distill") and values.get("objective", "hpd") != "sft":

@@ -59,8 +59,9 @@ class Workload:
                 except (OSError, ValueError) as error:
                     if isinstance(error, DataError):
                         raise
+                    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
                     raise ConfigError(f"{role}.hf: cannot load a tokenizer from {config[role]['hf']!r}: "
-                                      f"{str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
+                                      f"{reason}") from None
         if len(tokenizers) == 2:
             check_aligned(tokenizers["teacher"], tokenizers["student"], config["teacher"]["hf"], config["student"]["hf"])
         if tokenizers:
