@@ -301,3 +301,29 @@ def test_text_that_is_not_utf8_is_refused_naming_the_file(workdir, capsys):
     config.write_bytes(b'{"device": "\xff"}')
     err = _refused(["distill", "--config", str(config)], capsys, workdir)
     assert "cfg.json: not UTF-8 text" in err, err
+
+
+@pytest.mark.parametrize("role,max_positions,needle", [
+    ("student", 4, "student.decoder.max_positions=4 is shorter than a training example (prompt + response + EOS): "
+                   "5 tokens"),
+    ("teacher", 5, "teacher.decoder.max_positions=5 is shorter than an evaluation prompt + eval.max_new_tokens: "
+                   "6 tokens"),
+])
+def test_a_decoder_too_short_for_the_data_is_refused_before_anything_is_written(workdir, capsys, monkeypatch, role,
+                                                                                 max_positions, needle):
+    monkeypatch.setattr(pipeline, "Workload", Workload)  # the data is read; no model is built
+    monkeypatch.setattr(pipeline, "build_model", Trap)
+    config = _set(DATA_BASE, (role, "decoder", "max_positions"), max_positions)
+    err = _run_config("distill", _set(config, ("eval_data",), "train.jsonl"), workdir, capsys)
+    assert needle in err, err
+
+
+def test_train_config_checks_through_the_schema():
+    from hpd_kernels.training.schema import ConfigError
+
+    with pytest.raises(ConfigError, match=r"TrainConfig: lr must be a finite number > 0, got -1"):
+        TrainConfig(lr=-1)
+    with pytest.raises(ConfigError, match=r"TrainConfig: unknown training option 'stepz'"):
+        TrainConfig.from_dict({"stepz": 1})
+    with pytest.raises(ConfigError, match=r"my\.json: distill\.steps must be an integer >= 1, got true"):
+        TrainConfig.from_dict({"steps": True}, "my.json", "distill")

@@ -145,6 +145,7 @@ def run_experiment(experiment, out_dir, *, cache_dir=None, log=print, only=None,
     device = choose_device(experiment.get("device", "auto"))
     cache_dir = cache_dir or default_cache_dir()
     workload = Workload(base)
+    workload.check_positions(list(run_configs(experiment).values()))
     teacher = build_model(base["teacher"], workload.tokenizer, "teacher", device)
     build_model(base["student"], workload.tokenizer, "student", device)  # checks the student before writing
     claim_output_dir(out_dir, {key: value for key, value in experiment.items()})

@@ -35,6 +35,7 @@ def run_distill(config, out_dir, *, cache_dir=None, log=print):
         log = _silent
     # Data, models and checkpoints are all checked before anything is written.
     workload = Workload(config)
+    workload.check_positions([config["distill"]])
     teacher = build_model(config["teacher"], workload.tokenizer, "teacher", device)
     student = build_model(config["student"], workload.tokenizer, "student", device)
     distill_config = workload.distill_config(config["distill"], "config", "distill")

@@ -68,6 +68,33 @@ class Workload:
             return tokenizers.get("student") or tokenizers["teacher"]
         return CharTokenizer.from_texts(text for pair in texts for text in pair)
 
+    def check_positions(self, distill_values=()):
+        """Refuse a built-in decoder whose `max_positions` is shorter than a sequence it would see:
+        a training example, an evaluation prompt plus `eval.max_new_tokens` (and, for the student,
+        a rollout: a prompt plus the `max_new_tokens` of each of `distill_values`). Checked before
+        anything is written; a run would otherwise fail in the middle."""
+        from ..models.decoder import DecoderConfig
+
+        eval_examples = encode_examples(self.eval_problems, self.tokenizer)
+        longest_response = max(len(response) for _, response in self.examples)
+        longest_prompt = max(len(prompt) for prompt, _ in self.examples)
+        needs = {"a training example (prompt + response + EOS)": max(len(p) + len(r) for p, r in self.examples),
+                 "an evaluation example": max(len(p) + len(r) for p, r in eval_examples),
+                 "an evaluation prompt + eval.max_new_tokens":
+                     max(len(p) for p, _ in eval_examples) + self.config["eval"]["max_new_tokens"]}
+        rollouts = {"a prompt + distill.max_new_tokens (on-policy rollouts)":
+                    longest_prompt + (values.get("max_new_tokens") or longest_response)
+                    for values in distill_values if values.get("on_policy_fraction", 0) > 0}
+        for role in ("teacher", "student"):
+            decoder = self.config[role].get("decoder")
+            if decoder is None:
+                continue
+            limit = decoder.get("max_positions", DecoderConfig.max_positions)
+            for what, length in {**needs, **(rollouts if role == "student" else {})}.items():
+                if length > limit:
+                    raise DataError(f"{role}.decoder.max_positions={limit} is shorter than {what}: {length} tokens; "
+                                    f"raise it")
+
     def train_options(self, log):
         """The options of `train` that come from the data (its padding and end-of-sequence ids),
         with `log`."""
