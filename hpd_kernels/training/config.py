@@ -11,6 +11,9 @@ it section by section):
 - `student`: `{"hf": path}` or `{"decoder": {...}}`, optional `checkpoint`, optional `warmup`
   (a short `sft` run before distillation: the "student before");
 - `distill`: the distillation run's `TrainConfig`; `eval`: how models are scored; `device`.
+
+Every key's type, range, choices or path rule is in `schema.py`; `validate_config` checks a merged
+config by it and adds the rules between keys, before anything is written.
 """
 
 from __future__ import annotations
