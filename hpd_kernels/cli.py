@@ -35,6 +35,9 @@ by section, for example
    "device": "auto"}
 Responses are scored by exact match (stripped) on the evaluation data.
 
+Every key and flag is checked (type, range, choices, paths) before anything is written; an empty
+FILE is refused (run without --config for the default).
+
 Everything is written under --out (metrics.jsonl, safetensors checkpoints, results.md/json,
 distill.png). Running again with the same --out and config resumes where it stopped; a directory
 that holds another run is refused, never overwritten.
@@ -71,15 +74,30 @@ def _distill_parser(subparsers):
     parser.set_defaults(run=_run_distill)
 
 
+def _check_dirs(args, config):
+    """`--out` and the teacher cache (`--cache-dir`, or the default when a teacher will be trained)
+    can be written: checked before anything is."""
+    from .training import schema
+    from .training.rundir import default_cache_dir
+
+    schema.check_writable_dir(args.out, "--out", run_dir=True)
+    if args.cache_dir is not None:
+        schema.check_writable_dir(args.cache_dir, "--cache-dir")
+    elif "train" in config["teacher"] and not config["teacher"].get("checkpoint"):
+        import os
+
+        schema.check_writable_dir(default_cache_dir(), "HPD_CACHE_DIR" if os.environ.get("HPD_CACHE_DIR") else
+                                  "the default --cache-dir", "the environment")
+
+
 def _run_distill(args):
     from .training.config import load_config
     from .training.pipeline import results_table, run_distill
 
     overrides = {"objective": args.objective, "steps": args.steps, "seed": args.seed,
                  "on_policy_fraction": args.on_policy_fraction}
-    config = load_config(args.config, overrides)
-    if args.device:
-        config["device"] = args.device
+    config = load_config(args.config, overrides, device=args.device)
+    _check_dirs(args, config)
     from .training import distributed
 
     try:
@@ -135,11 +153,12 @@ def _run_experiment(args):
 
     import torch
 
+    from .training import schema
     from .training.experiment import load_experiment, run_experiment
 
-    experiment = load_experiment(args.config)
-    if args.device:
-        experiment["device"] = args.device
+    schema.check_flags({"--max-runs": args.max_runs, "--workers": args.workers})
+    experiment = load_experiment(args.config, device=args.device)
+    _check_dirs(args, experiment["base"])
     workers = args.workers
     if workers is None:
         on_gpu = experiment.get("device", "auto") != "cpu" and torch.cuda.is_available()
@@ -190,8 +209,9 @@ def main(argv=None):
     try:
         return args.run(args)
     except (DataError, CheckpointError, WriteError, LockedError, KeyError, ValueError,
-            FileNotFoundError) as error:  # ConfigError: a ValueError
+            OSError) as error:  # ConfigError: a ValueError; WriteError: an OSError
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        message = " ".join(line.strip() for line in str(message).splitlines() if line.strip())  # one line
         print(f"hpd {args.command}: error: {message}", file=sys.stderr)
         return 2
 

@@ -11,6 +11,9 @@ it section by section):
 - `student`: `{"hf": path}` or `{"decoder": {...}}`, optional `checkpoint`, optional `warmup`
   (a short `sft` run before distillation: the "student before");
 - `distill`: the distillation run's `TrainConfig`; `eval`: how models are scored; `device`.
+
+Every key's type, range, choices or path rule is in `schema.py`; `validate_config` checks a merged
+config by it and adds the rules between keys, before anything is written.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ import json
 import os
 
 from ..models.decoder import DecoderConfig
+from . import schema
+from .schema import ConfigError
 from .trainer import TrainConfig
 
 DEFAULT_CONFIG = {
@@ -39,37 +44,43 @@ DEFAULT_CONFIG = {
     "device": "auto",
 }
 
-SECTIONS = {
-    "task": {"name", "train_problems", "eval_problems", "min_terms", "max_terms", "max_value", "seed"},
-    "data": None, "eval_data": None, "eval_fraction": None, "device": None,
-    "teacher": {"hf", "decoder", "checkpoint", "train"},
-    "student": {"hf", "decoder", "checkpoint", "warmup"},
-    "distill": None,  # TrainConfig's fields, checked there
-    "eval": {"max_new_tokens", "temperature", "seed", "limit"},
-}
-
-
-class ConfigError(ValueError):
-    """A config that cannot be run: the message names the file and key."""
+SECTIONS = schema.DISTILL.fields  # every key, its type and range: see schema.py
 
 
 def read_json_object(path, what):
-    """The JSON object in the file at `path`; errors name the file (and line) and say what is wrong."""
-    if not os.path.isfile(path):
+    """The JSON object in the file at `path` (a UTF-8 byte-order mark is allowed); errors name the
+    file (and line) and say what is wrong."""
+    if not os.path.exists(path):
         raise ConfigError(f"{what} {path} does not exist")
+    if not os.path.isfile(path):
+        raise ConfigError(f"{what} {path} is not a file")
     try:
-        with open(path, encoding="utf-8") as handle:
+        with open(path, encoding="utf-8-sig") as handle:
             value = json.load(handle)
     except json.JSONDecodeError as error:
         raise ConfigError(f"{path}: not valid JSON (line {error.lineno}, column {error.colno}: {error.msg})") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {error.start})") from None
+    except OSError as error:
+        raise ConfigError(f"{what} {path} cannot be read: {error.strerror or error}") from None
     if not isinstance(value, dict):
         raise ConfigError(f"{path}: expected a JSON object at the top level")
+    if not value:
+        raise ConfigError(f"{path}: the {what} is empty; give the keys to override, any of {sorted(value_keys(what))} "
+                          f"(the built-in default runs without --config)")
     return value
 
 
-def load_config(path=None, overrides=None):
+def value_keys(what):
+    if what == "experiment file":
+        return schema.EXPERIMENT.fields
+    return SECTIONS
+
+
+def load_config(path=None, overrides=None, device=None):
     """The default config, overridden by the JSON file at `path`, then by `overrides` (for the
-    `distill` section). Relative paths in the file are taken relative to the file."""
+    `distill` section, from the command line's flags) and `device` (`--device`). Relative paths in
+    the file are taken relative to the file. The whole config is checked (see `validate_config`)."""
     config = copy.deepcopy(DEFAULT_CONFIG)
     source = "the default config"
     if path is not None:
@@ -77,7 +88,14 @@ def load_config(path=None, overrides=None):
         config = merge_config(config, read_json_object(path, "config file"), os.path.dirname(os.path.abspath(path)),
                               path)
     if overrides:
-        config["distill"].update({key: value for key, value in overrides.items() if value is not None})
+        given = {key: value for key, value in overrides.items() if value is not None}
+        for key, value in given.items():
+            schema.TRAIN.fields[key].check(value, schema.COMMAND_LINE, "--" + key.replace("_", "-"))
+        if isinstance(config.get("distill"), dict):
+            config["distill"].update(given)
+    if device is not None:
+        schema.DEVICE.check(device, schema.COMMAND_LINE, "--device")
+        config["device"] = device
     validate_config(config, source)
     return config
 
@@ -87,16 +105,18 @@ def merge_config(config, user, base_dir, source, prefix=""):
     `base_dir`, named `source`; `prefix` names the section in messages): relative paths (`data`,
     `eval_data`, a model's `hf` or `checkpoint`) are taken relative to `base_dir`, the user's data
     replaces the built-in task, and a model given as `hf` or `decoder` replaces the default's way to
-    build it. Shared by `hpd distill` and `hpd experiment`'s `base`; returns a new config."""
+    build it. Shared by `hpd distill` and `hpd experiment`'s `base`; returns a new config (checked
+    by `validate_config`, not here)."""
     config, user = copy.deepcopy(config), copy.deepcopy(user)
     for key in ("data", "eval_data"):
-        if isinstance(user.get(key), str):
+        if isinstance(user.get(key), str) and user[key]:
             user[key] = os.path.join(base_dir, user[key])
     for role in ("teacher", "student"):
         section = user.get(role)
         if isinstance(section, dict):
             for key in ("hf", "checkpoint"):
-                if isinstance(section.get(key), str) and os.path.exists(os.path.join(base_dir, section[key])):
+                if isinstance(section.get(key), str) and section[key] and \
+                        os.path.exists(os.path.join(base_dir, section[key])):
                     section[key] = os.path.join(base_dir, section[key])
     if "data" in user:  # the user's data replaces the built-in task
         config.pop("task", None)
@@ -113,63 +133,71 @@ def merge_config(config, user, base_dir, source, prefix=""):
     return config
 
 
-def validate_config(config, source):
-    """Refuse, naming `source` and the key, a config that `hpd distill` could not run."""
+def validate_config(config, source, path=""):
+    """Refuse, naming `source` and the key (under `path`: "base" in an experiment), a config that
+    `hpd distill` could not run: every key by the schema (schema.DISTILL), then the rules between
+    keys."""
+    schema.DISTILL.check(config, source, path)
+    at = f"{path}." if path else ""
     if "task" in config and "data" in config:
-        raise ConfigError(f"{source}: give either 'task' (the built-in task) or 'data', not both")
+        raise ConfigError(f"{source}: give either '{at}task' (the built-in task) or '{at}data', not both")
     if "task" not in config and "data" not in config:
-        raise ConfigError(f"{source}: 'data' (a JSON-lines file of prompt/response) is required")
-    for key, allowed in SECTIONS.items():
-        if allowed is None or key not in config:
-            continue
-        if not isinstance(config[key], dict):
-            raise ConfigError(f"{source}: {key!r} must be an object")
-        for inner in config[key]:
-            if inner not in allowed:
-                raise ConfigError(f"{source}: unknown key {key}.{inner!r}; known keys: {sorted(allowed)}")
-    if config.get("task", {}).get("name", "addition") != "addition":
-        raise ConfigError(f"{source}: task.name must be 'addition' (the built-in task), got {config['task']['name']!r}")
+        raise ConfigError(f"{source}: '{at}data' (a JSON-lines file of prompt/response) is required")
+    task = config.get("task")
+    if task and task.get("min_terms", 1) > task.get("max_terms", task.get("min_terms", 1)):
+        schema.fail(source, f"{at}task.max_terms", f">= task.min_terms ({task['min_terms']})", task["max_terms"])
     for role in ("teacher", "student"):
-        section = config[role]
-        if ("hf" in section) == ("decoder" in section):
-            raise ConfigError(f"{source}: {role} needs exactly one of 'hf' (a Hugging Face model) or 'decoder' "
+        section = config.get(role)
+        if not isinstance(section, dict) or ("hf" in section) == ("decoder" in section):
+            raise ConfigError(f"{source}: {at}{role} needs exactly one of 'hf' (a Hugging Face model) or 'decoder' "
                               f"(the built-in model's sizes)")
         if "decoder" in section:
-            decoder_config(section["decoder"], 1, f"{source}: {role}.decoder")
+            decoder_config(section["decoder"], 1, source, f"{at}{role}.decoder")
     teacher = config["teacher"]
     if "decoder" in teacher and "checkpoint" not in teacher and "train" not in teacher:
-        raise ConfigError(f"{source}: a decoder teacher needs 'checkpoint' (trained weights) or 'train' "
+        raise ConfigError(f"{source}: {at}teacher: a decoder teacher needs 'checkpoint' (trained weights) or 'train' "
                           f"(train it from scratch with sft)")
-    for where, values in (("teacher.train", teacher.get("train")), ("student.warmup", config["student"].get("warmup")),
-                          ("distill", config["distill"])):
-        if values is not None:
-            if train_config(values, f"{source}: {where}").strategy == "fsdp":
-                raise ConfigError(f"{source}: {where}.strategy: hpd distill runs DDP under torchrun (it evaluates and "
-                                  f"saves whole models on rank 0); FSDP2 is available in the trainer API, "
-                                  f"train(TrainConfig(strategy='fsdp'), ...)")
+    for where, values in ((f"{at}teacher.train", teacher.get("train")),
+                          (f"{at}student.warmup", config["student"].get("warmup")),
+                          (f"{at}distill", config["distill"])):
+        if values is None:
+            continue
+        if not where.endswith("distill") and values.get("objective", "hpd") != "sft":
+            schema.fail(source, f"{where}.objective", "sft (there is no teacher to learn from)",
+                        values.get("objective", "hpd"))
+        options = train_config(values, source, where)
+        if options.strategy == "fsdp":
+            raise ConfigError(f"{source}: {where}.strategy: hpd distill runs DDP under torchrun (it evaluates and "
+                              f"saves whole models on rank 0); FSDP2 is available in the trainer API, "
+                              f"train(TrainConfig(strategy='fsdp'), ...)")
+        check_backend(options, config.get("device", "auto"), source, where)
 
 
-def decoder_config(values, vocab_size, where):
-    """The built-in decoder's `DecoderConfig` from a config section; `where` names it in errors."""
-    if not isinstance(values, dict):
-        raise ConfigError(f"{where} must be an object of DecoderConfig fields")
-    known = set(DecoderConfig.__dataclass_fields__)
-    for key in values:
-        if key not in known:
-            raise ConfigError(f"{where}: unknown key {key!r}; known keys: {sorted(known)}")
+def check_backend(options, device, source, where):
+    """Refuse a loss backend that cannot run on the device that `device` (a config's "device")
+    resolves to; `options` is the run's `TrainConfig` (`where` names it)."""
+    import torch
+
+    from ..ops import backends
+
+    if options.objective == "sft" or options.backend != "triton":
+        return
+    on_gpu = device != "cpu" and torch.cuda.is_available()
+    try:
+        backends.choose(options.backend, torch.device("cuda" if on_gpu else "cpu"))
+    except RuntimeError as error:
+        raise ConfigError(f"{source}: {where}.backend: {error}") from None
+
+
+def decoder_config(values, vocab_size, source, path):
+    """The built-in decoder's `DecoderConfig` from a config section (`path` in the file `source`)."""
+    schema.DECODER.check(values, source, path)
     try:
         return DecoderConfig(**{"vocab_size": vocab_size, **values})
     except (TypeError, ValueError) as error:
-        raise ConfigError(f"{where}: {error}") from None
+        raise ConfigError(f"{source}: {path}: {error}") from None
 
 
-def train_config(values, where):
-    """A `TrainConfig` from a config section; `where` names it in errors."""
-    if not isinstance(values, dict):
-        raise ConfigError(f"{where} must be an object of training options")
-    try:
-        return TrainConfig.from_dict(values, where)
-    except KeyError as error:
-        raise ConfigError(error.args[0]) from None
-    except (TypeError, ValueError) as error:
-        raise ConfigError(f"{where}: {error}") from None
+def train_config(values, source, path):
+    """A `TrainConfig` from a config section (`path` in the file `source`)."""
+    return TrainConfig.from_dict(values, source, path)

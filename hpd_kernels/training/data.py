@@ -16,29 +16,34 @@ class DataError(ValueError):
 
 
 def read_jsonl(path):
-    """`[(prompt, response)]` from a JSON-lines file; blank lines are skipped."""
+    """`[(prompt, response)]` from a JSON-lines file (UTF-8, a byte-order mark allowed); blank lines
+    are skipped."""
     if not os.path.isfile(path):
         raise DataError(f"data file {path} does not exist")
+    try:
+        with open(path, encoding="utf-8-sig") as handle:
+            lines = handle.read().split("\n")  # newlines only: JSON strings may hold U+2028
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}: not UTF-8 text (byte {error.start})") from None
     pairs = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(f"{path} line {number}: not valid JSON ({error.msg} at column {error.colno})") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{path} line {number}: expected an object with \"prompt\" and \"response\", "
-                                f"got {type(record).__name__}")
-            for key in ("prompt", "response"):
-                if key not in record:
-                    raise DataError(f"{path} line {number}: missing key {key!r}")
-                if not isinstance(record[key], str):
-                    raise DataError(f"{path} line {number}: {key!r} must be a string, got {type(record[key]).__name__}")
-            if not record["response"]:
-                raise DataError(f"{path} line {number}: 'response' is empty")
-            pairs.append((record["prompt"], record["response"]))
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path} line {number}: not valid JSON ({error.msg} at column {error.colno})") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{path} line {number}: expected an object with \"prompt\" and \"response\", "
+                            f"got {type(record).__name__}")
+        for key in ("prompt", "response"):
+            if key not in record:
+                raise DataError(f"{path} line {number}: missing key {key!r}")
+            if not isinstance(record[key], str):
+                raise DataError(f"{path} line {number}: {key!r} must be a string, got {type(record[key]).__name__}")
+        if not record["response"]:
+            raise DataError(f"{path} line {number}: 'response' is empty")
+        pairs.append((record["prompt"], record["response"]))
     if not pairs:
         raise DataError(f"{path} holds no examples")
     return pairs

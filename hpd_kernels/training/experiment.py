@@ -25,8 +25,10 @@ import time
 
 import torch
 
+from . import schema
 from .checkpoint import load_model, record_sha256, save_model, verify_sha256
-from .config import DEFAULT_CONFIG, ConfigError, merge_config, read_json_object, train_config, validate_config
+from .config import (DEFAULT_CONFIG, ConfigError, check_backend, merge_config, read_json_object, train_config,
+                     validate_config)
 from .evaluation import evaluate_with_samples, final_evaluation
 from .jsonfiles import write_json_atomic
 from .locks import die_with_parent
@@ -50,13 +52,16 @@ DEFAULT_EXPERIMENT = {
     "base": {},
 }
 
-EXPERIMENT_KEYS = set(DEFAULT_EXPERIMENT) | {"device"}
-SWEEP_KEYS = {"fkl_weight", "rkl_weight", "on_policy_fraction", "seeds"}
+EXPERIMENT_KEYS = schema.EXPERIMENT.fields  # every key, its type and range: see schema.py
 
 
-def load_experiment(path=None):
-    """The default experiment, overridden key by key by the JSON file at `path`."""
+def load_experiment(path=None, device=None):
+    """The default experiment, overridden key by key by the JSON file at `path`, and checked whole:
+    every key by the schema, `base` merged and checked as `hpd distill`'s config, and the
+    `TrainConfig` of every planned run and warm-up, before anything is written. `device`
+    (`--device`) replaces the file's."""
     experiment = copy.deepcopy(DEFAULT_EXPERIMENT)
+    source = path or "the default experiment"
     if path is not None:
         user = read_json_object(path, "experiment file")
         for key, value in user.items():
@@ -66,26 +71,34 @@ def load_experiment(path=None):
                 experiment[key].update(value)
             else:
                 experiment[key] = value
-    source = path or "the default experiment"
-    for key in experiment["sweep"]:
-        if key not in SWEEP_KEYS:
-            raise ConfigError(f"{source}: unknown key sweep.{key!r}; known keys: {sorted(SWEEP_KEYS)}")
+    if device is not None:
+        schema.DEVICE.check(device, schema.COMMAND_LINE, "--device")
+        experiment["device"] = device
     for key in ("objective", "seed"):
-        if key in experiment["distill"]:
+        if isinstance(experiment["distill"], dict) and key in experiment["distill"]:
             raise ConfigError(f"{source}: distill.{key} is set per run (use 'objectives' and 'seeds')")
-    if not experiment["objectives"] or not experiment["seeds"]:
-        raise ConfigError(f"{source}: 'objectives' and 'seeds' must not be empty")
-    if not isinstance(experiment["base"], dict):
-        raise ConfigError(f"{source}: 'base' must be an object")
+    schema.EXPERIMENT.check(experiment, source, "")
     base_dir = os.path.dirname(os.path.abspath(path)) if path is not None else os.getcwd()
     base = merge_config(DEFAULT_CONFIG, experiment["base"], base_dir, source, prefix="base.")
     base["eval"] = {key: value for key, value in experiment["eval"].items() if key != "samples"}
     base["distill"] = {}
-    validate_config(base, source)
-    for objective in experiment["objectives"]:
-        train_config({**experiment["distill"], "objective": objective}, f"{source}: distill")
+    validate_config(base, source, "base")
     experiment["base"] = base
+    for where, options in run_configs(experiment).items():  # every planned run's options, checked now
+        check_backend(train_config(options, source, where), experiment.get("device", "auto"), source, where)
     return experiment
+
+
+def run_configs(experiment):
+    """`{where: options}` of every warm-up and planned run, merged as `_warm_student` and `_execute`
+    merge them; `where` names the run in errors."""
+    configs = {}
+    warmup = experiment["base"]["student"].get("warmup")
+    for name, _, seed, overrides in planned_runs(experiment):
+        if warmup:
+            configs[f"student.warmup (seed {seed})"] = {**warmup, "seed": seed}
+        configs[f"run {name}"] = {**experiment["distill"], **overrides, "seed": 1000 + seed}
+    return configs
 
 
 def planned_runs(experiment):
@@ -133,6 +146,7 @@ def run_experiment(experiment, out_dir, *, cache_dir=None, log=print, only=None,
     device = choose_device(experiment.get("device", "auto"))
     cache_dir = cache_dir or default_cache_dir()
     workload = Workload(base)
+    workload.check_positions(list(run_configs(experiment).values()))
     teacher = build_model(base["teacher"], workload.tokenizer, "teacher", device)
     build_model(base["student"], workload.tokenizer, "student", device)  # checks the student before writing
     # One invocation at a time in `out_dir`, held until this returns or raises (or the process is
@@ -201,7 +215,8 @@ def _execute(run, experiment, out_dir, workload, teacher, device, samples, commo
     base = experiment["base"]
     run_dir = os.path.join(out_dir, "runs", name)
     student = _warm_student(base, workload, seed, device, out_dir, teacher, samples, common)
-    config = workload.distill_config({**experiment["distill"], **overrides, "seed": 1000 + seed}, f"run {name}")
+    config = workload.distill_config({**experiment["distill"], **overrides, "seed": 1000 + seed}, "config",
+                                     f"run {name}")
     common["log"](f"run {name}")
     run_started = time.perf_counter()
     history = train(config, student, teacher, workload.examples, run_dir=run_dir, label=name, progress=progress,
@@ -235,7 +250,7 @@ def _warm_student(base, workload, seed, device, out_dir, teacher, samples, commo
         load_model(student, weights)
         return student
     if warmup:
-        train(train_config(section["warmup"], "student.warmup"), student, None, workload.examples,
+        train(train_config(section["warmup"], "config", "student.warmup"), student, None, workload.examples,
               run_dir=os.path.join(folder, "run"), label=f"warm-up seed {seed}", **common)
     write_json_atomic(os.path.join(folder, "evaluation.json"),
                       evaluate_with_samples(student, workload, base["eval"], teacher, samples))

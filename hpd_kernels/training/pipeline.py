@@ -36,9 +36,10 @@ def run_distill(config, out_dir, *, cache_dir=None, log=print):
         log = _silent
     # Data, models and checkpoints are all checked before anything is written.
     workload = Workload(config)
+    workload.check_positions([config["distill"]])
     teacher = build_model(config["teacher"], workload.tokenizer, "teacher", device)
     student = build_model(config["student"], workload.tokenizer, "student", device)
-    distill_config = workload.distill_config(config["distill"], "distill")
+    distill_config = workload.distill_config(config["distill"], "config", "distill")
     # One invocation at a time in `out_dir`: rank 0 holds its lock until this returns or raises
     # (the kernel drops it if the process is killed).
     held = []
@@ -74,7 +75,7 @@ def _distill(config, out_dir, cache_dir, log, started, device, main, workload, t
     evaluations = update_evaluations("teacher", lambda: teacher_eval or evaluate_model(teacher, workload, config["eval"]))
     common = workload.train_options(log)
     if config["student"].get("warmup"):
-        warmup = train_config(config["student"]["warmup"], "student.warmup")
+        warmup = train_config(config["student"]["warmup"], "config", "student.warmup")
         train(warmup, student, None, workload.examples, run_dir=os.path.join(out_dir, "student_warmup"),
               label="student warm-up sft", **common)
     evaluations = update_evaluations("student_before", lambda: evaluate_model(student, workload, config["eval"], teacher))

@@ -54,7 +54,7 @@ def claim_output_dir(out_dir, config, data=None):
     continue)."""
     path, data_path = os.path.join(out_dir, "config.json"), os.path.join(out_dir, "data.json")
     if os.path.exists(path):
-        with open(path) as handle:
+        with open(path, encoding="utf-8-sig") as handle:
             saved = json.load(handle)
         if saved != json.loads(json.dumps(config)):
             changed = sorted(key for key in set(saved) | set(config) if saved.get(key) != config.get(key))
@@ -123,7 +123,7 @@ def prepare_teacher(model, config, workload, cache_dir, log):
         else:
             log(f"teacher: training from scratch with sft ({section['train']['steps']} steps), cached in {folder}")
             started = time.perf_counter()
-            history = train(train_config(section["train"], "teacher.train"), model, None, workload.examples,
+            history = train(train_config(section["train"], "config", "teacher.train"), model, None, workload.examples,
                             run_dir=os.path.join(folder, "run"), label="teacher sft", **workload.train_options(log))
             info = None
             if distributed.is_main():  # under torchrun every rank trained (DDP); rank 0 writes the cache

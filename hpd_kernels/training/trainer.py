@@ -22,13 +22,13 @@ import random
 import resource
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 
-from . import distributed
+from . import distributed, schema
 from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
-from .criteria import OBJECTIVES, distillation_loss, shifted_labels, token_statistics
+from .criteria import distillation_loss, shifted_labels, token_statistics
 from .jsonfiles import read_metrics, truncate_metrics, writing
 
 
@@ -62,26 +62,14 @@ class TrainConfig:
     seed: int = 0
     backend: str = "auto"           # loss backend: auto, triton or torch
 
-    def __post_init__(self):
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
-        if self.strategy not in ("ddp", "fsdp"):
-            raise ValueError(f"strategy must be ddp or fsdp, got {self.strategy!r}")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            raise ValueError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
-        if not 0.0 <= self.on_policy_fraction <= 1.0:
-            raise ValueError(f"on_policy_fraction must be in [0, 1], got {self.on_policy_fraction}")
-        for name in ("steps", "batch_size", "grad_accum"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+    def __post_init__(self):  # the types and ranges of every field: schema.TRAIN
+        schema.TRAIN.check(asdict(self), "TrainConfig", "")
 
     @classmethod
-    def from_dict(cls, values, source="config"):
-        """A config from a mapping; an unknown key is an error that names it and `source`."""
-        known = {field.name for field in fields(cls)}
-        for key in values:
-            if key not in known:
-                raise KeyError(f"{source}: unknown training option {key!r}; known options: {sorted(known)}")
+    def from_dict(cls, values, source="TrainConfig", path=""):
+        """A config from a mapping, checked by the schema; an error (`ConfigError`) names `source`,
+        the key under `path` and what is expected."""
+        schema.TRAIN.check(values, source, path)
         return cls(**values)
 
     def to_dict(self):

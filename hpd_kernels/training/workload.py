@@ -62,23 +62,59 @@ class Workload:
 
     @staticmethod
     def _tokenizer(config, texts):
-        tokenizers = {role: HFTokenizer.from_pretrained(config[role]["hf"])
-                      for role in ("teacher", "student") if "hf" in config[role]}
+        tokenizers = {}
+        for role in ("teacher", "student"):
+            if "hf" in config[role]:
+                try:
+                    tokenizers[role] = HFTokenizer.from_pretrained(config[role]["hf"])
+                except (OSError, ValueError) as error:
+                    if isinstance(error, DataError):
+                        raise
+                    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+                    raise ConfigError(f"{role}.hf: cannot load a tokenizer from {config[role]['hf']!r}: "
+                                      f"{reason}") from None
         if len(tokenizers) == 2:
             check_aligned(tokenizers["teacher"], tokenizers["student"], config["teacher"]["hf"], config["student"]["hf"])
         if tokenizers:
             return tokenizers.get("student") or tokenizers["teacher"]
         return CharTokenizer.from_texts(text for pair in texts for text in pair)
 
+    def check_positions(self, distill_values=()):
+        """Refuse a built-in decoder whose `max_positions` is shorter than a sequence it would see:
+        a training example, an evaluation prompt plus `eval.max_new_tokens` (and, for the student,
+        a rollout: a prompt plus the `max_new_tokens` of each of `distill_values`). Checked before
+        anything is written; a run would otherwise fail in the middle."""
+        from ..models.decoder import DecoderConfig
+
+        eval_examples = encode_examples(self.eval_problems, self.tokenizer)
+        longest_response = max(len(response) for _, response in self.examples)
+        longest_prompt = max(len(prompt) for prompt, _ in self.examples)
+        needs = {"a training example (prompt + response + EOS)": max(len(p) + len(r) for p, r in self.examples),
+                 "an evaluation example": max(len(p) + len(r) for p, r in eval_examples),
+                 "an evaluation prompt + eval.max_new_tokens":
+                     max(len(p) for p, _ in eval_examples) + self.config["eval"]["max_new_tokens"]}
+        rollouts = {"a prompt + distill.max_new_tokens (on-policy rollouts)":
+                    longest_prompt + (values.get("max_new_tokens") or longest_response)
+                    for values in distill_values if values.get("on_policy_fraction", 0) > 0}
+        for role in ("teacher", "student"):
+            decoder = self.config[role].get("decoder")
+            if decoder is None:
+                continue
+            limit = decoder.get("max_positions", DecoderConfig.max_positions)
+            for what, length in {**needs, **(rollouts if role == "student" else {})}.items():
+                if length > limit:
+                    raise DataError(f"{role}.decoder.max_positions={limit} is shorter than {what}: {length} tokens; "
+                                    f"raise it")
+
     def train_options(self, log):
         """The options of `train` that come from the data (its padding and end-of-sequence ids),
         with `log`."""
         return dict(pad_id=self.tokenizer.pad_id, eos_id=self.tokenizer.eos_id, log=log)
 
-    def distill_config(self, values, where):
+    def distill_config(self, values, source, path):
         """The `TrainConfig` of a distillation run: its rollouts are as long as the data's longest
         response unless `max_new_tokens` says otherwise."""
-        config = train_config(values, where)
+        config = train_config(values, source, path)
         if not config.max_new_tokens:
             config.max_new_tokens = max(len(response) for _, response in self.examples)
         return config
@@ -99,14 +135,15 @@ def build_model(section, tokenizer, role, device):
 
         try:
             model = HFCausalLM.from_pretrained(section["hf"], dtype=torch.float32)
-        except OSError as error:
-            raise ConfigError(f"{role}.hf: cannot load a model from {section['hf']!r}: {error}") from None
+        except (OSError, ValueError) as error:
+            raise ConfigError(f"{role}.hf: cannot load a model from {section['hf']!r}: "
+                              f"{str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
         if model.vocab_size < tokenizer.vocab_size:
             raise DataError(f"{role} {section['hf']} has {model.vocab_size} output rows but the tokenizer has "
                             f"{tokenizer.vocab_size} tokens: the vocabularies cannot be aligned")
     else:
         decoder = decoder_config({"vocab_size": tokenizer.vocab_size, **section["decoder"]}, tokenizer.vocab_size,
-                                  f"{role}.decoder")
+                                 "config", f"{role}.decoder")
         if decoder.vocab_size < tokenizer.vocab_size:
             raise DataError(f"{role}.decoder.vocab_size={decoder.vocab_size} is smaller than the tokenizer's "
                             f"{tokenizer.vocab_size} tokens: the vocabularies cannot be aligned")

@@ -1,0 +1,328 @@
+"""The one schema of `hpd distill` and `hpd experiment`: every config key and command-line flag, its
+type, range, choices or path rule, and the error each violation gets.
+
+A spec checks one value and raises `ConfigError` with one line that names where the value came from
+(a file, or "the command line"), its key (`distill.lr`, `--out`) and what is expected:
+
+    cfg.json: distill.lr must be a finite number > 0, got -1
+
+`Section` checks an object: unknown keys are errors, present keys are checked by their specs (the
+defaults fill in the rest before the check). `TrainConfig`, `DecoderConfig`'s config section,
+`validate_config` and `load_experiment` all check through these specs; the rules that relate keys
+to each other (task or data, hf or decoder, ...) stay in `config.validate_config`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+
+from ..ops.backends import CHOICES as BACKENDS
+from ..registry import TRAINING_OBJECTIVES
+
+SEED_LIMIT = 2**63  # seeds are in [0, 2**63): torch.manual_seed takes up to 2**64 - 1, offsets included
+
+
+class ConfigError(ValueError):
+    """A config or flag that cannot be run: the one-line message names the file and key."""
+
+
+def _show(value):
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _key(path, name):
+    return f"{path}.{name}" if path else name
+
+
+def fail(source, key, expected, value, detail=None):
+    extra = f" ({detail})" if detail else ""
+    raise ConfigError(f"{source}: {key} must be {expected}, got {_show(value)}{extra}")
+
+
+class Spec:
+    expected = "a value"
+
+    def check(self, value, source, key):
+        raise NotImplementedError
+
+
+class Anything(Spec):
+    """Any value (one that a later step checks)."""
+
+    def check(self, value, source, key):
+        pass
+
+
+class Int(Spec):
+    """An integer (not a bool) in [low, high)."""
+
+    def __init__(self, low=None, high=None):
+        self.low, self.high = low, high
+        if high is not None:
+            self.expected = f"an integer in [{low}, {'2**63' if high == SEED_LIMIT else high})"
+        else:
+            self.expected = "an integer" + (f" >= {low}" if low is not None else "")
+
+    def check(self, value, source, key):
+        if isinstance(value, bool) or not isinstance(value, int):
+            fail(source, key, self.expected, value)
+        if (self.low is not None and value < self.low) or (self.high is not None and value >= self.high):
+            fail(source, key, self.expected, value)
+
+
+SEED = Int(0, SEED_LIMIT)
+
+
+class Number(Spec):
+    """A finite number (an int is a number, a bool is not) in a range whose ends may be open."""
+
+    def __init__(self, low=None, high=None, low_open=False, high_open=False):
+        self.low, self.high, self.low_open, self.high_open = low, high, low_open, high_open
+        if low is not None and high is not None:
+            self.expected = f"a number in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        elif low is not None:
+            self.expected = f"a finite number {'>' if low_open else '>='} {low:g}"
+        else:
+            self.expected = "a finite number"
+
+    def check(self, value, source, key):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            fail(source, key, self.expected, value)
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            fail(source, key, self.expected, value)
+        if self.high is not None and (value >= self.high if self.high_open else value > self.high):
+            fail(source, key, self.expected, value)
+
+
+class Choice(Spec):
+    def __init__(self, *values):
+        self.values = values
+        self.expected = "one of " + ", ".join(values)
+
+    def check(self, value, source, key):
+        if not isinstance(value, str) or value not in self.values:
+            fail(source, key, self.expected, value)
+
+
+class Bool(Spec):
+    expected = "true or false"
+
+    def check(self, value, source, key):
+        if not isinstance(value, bool):
+            fail(source, key, self.expected, value)
+
+
+class Optional(Spec):
+    def __init__(self, spec):
+        self.spec = spec
+        self.expected = f"{spec.expected} or null"
+
+    def check(self, value, source, key):
+        if value is not None:
+            self.spec.check(value, source, key)
+
+
+class ListOf(Spec):
+    """A list of distinct items, non-empty unless `empty` (`noun` names one in messages: "seeds: each
+    seed must be")."""
+
+    def __init__(self, item, noun, empty=False):
+        self.item, self.noun, self.empty = item, noun, empty
+        self.expected = f"a {'' if empty else 'non-empty '}list of distinct values, each {item.expected}"
+
+    def check(self, value, source, key):
+        if not isinstance(value, list) or not (value or self.empty):
+            fail(source, key, self.expected, value)
+        for item in value:
+            self.item.check(item, source, f"{key}: each {self.noun}")
+        if len({json.dumps(item) for item in value}) != len(value):
+            fail(source, key, self.expected, value, "a value repeats")
+
+
+class File(Spec):
+    """The path of an existing file (`noun` names it in messages)."""
+
+    def __init__(self, noun):
+        self.noun = noun
+        self.expected = f"the path of a {noun}"
+
+    def check(self, value, source, key):
+        if not isinstance(value, str) or not value:
+            fail(source, key, self.expected, value)
+        if not os.path.exists(value):
+            raise ConfigError(f"{source}: {key}: {self.noun} {value} does not exist")
+        if not os.path.isfile(value):
+            fail(source, key, self.expected, value, "not a file")
+
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+
+class HFModel(Spec):
+    """A local directory holding a Hugging Face model, or a hub id (`name` or `owner/name`)."""
+
+    expected = "a directory holding a Hugging Face model, or a hub id such as Qwen/Qwen2.5-0.5B"
+
+    def check(self, value, source, key):
+        if not isinstance(value, str) or not value:
+            fail(source, key, self.expected, value)
+        if os.path.exists(value):
+            if not os.path.isdir(value):
+                fail(source, key, self.expected, value, "a file, not a directory")
+        elif os.path.isabs(value) or value.startswith(".") or not HUB_ID.fullmatch(value):
+            fail(source, key, self.expected, value, "no such directory")
+
+
+class Device(Spec):
+    """auto, cpu, cuda or cuda:N; a CUDA device must exist here."""
+
+    expected = "auto, cpu, cuda or cuda:N"
+
+    def check(self, value, source, key):
+        match = re.fullmatch(r"cuda(?::(\d+))?", value) if isinstance(value, str) else None
+        if value in ("auto", "cpu"):
+            return
+        if match is None:
+            fail(source, key, self.expected, value)
+        import torch
+
+        if not torch.cuda.is_available():
+            fail(source, key, "auto or cpu", value, "no CUDA device is available")
+        if match.group(1) is not None and int(match.group(1)) >= torch.cuda.device_count():
+            fail(source, key, f"cuda:N with N < {torch.cuda.device_count()}", value, "no such CUDA device")
+
+
+class Section(Spec):
+    """An object of known keys, each checked by its spec. `options` names the keys in the unknown-key
+    message ("training option"); `keys` are listed by name."""
+
+    def __init__(self, fields, options=None):
+        self.fields, self.options = fields, options
+        self.expected = "an object"
+
+    def check(self, value, source, key):
+        if not isinstance(value, dict):
+            fail(source, key, self.expected, value)
+        known = sorted(self.fields)
+        for name in value:
+            if name not in self.fields:
+                if self.options:
+                    where = f"{key}: " if key else ""
+                    raise ConfigError(f"{source}: {where}unknown {self.options} {name!r}; known options: {known}")
+                raise ConfigError(f"{source}: unknown key {key + '.' if key else ''}{name!r}; known keys: {known}")
+        for name, item in value.items():
+            self.fields[name].check(item, source, _key(key, name))
+
+
+FRACTION = Number(0, 1)
+POSITIVE = Number(0, low_open=True)
+NON_NEGATIVE = Number(0)
+
+# `TrainConfig`'s fields (training/trainer.py holds their defaults and meaning).
+TRAIN = Section({
+    "objective": Choice(*TRAINING_OBJECTIVES),
+    "steps": Int(1), "batch_size": Int(1), "grad_accum": Int(1),
+    "lr": POSITIVE, "min_lr_ratio": FRACTION, "warmup_steps": Int(0), "weight_decay": NON_NEGATIVE,
+    "max_grad_norm": NON_NEGATIVE, "temperature": POSITIVE,
+    "fkl_weight": NON_NEGATIVE, "rkl_weight": NON_NEGATIVE, "beta": FRACTION, "alpha": FRACTION,
+    "ce_weight": NON_NEGATIVE, "on_policy_fraction": FRACTION,
+    "rollout_temperature": POSITIVE, "rollout_top_p": Number(0, 1, low_open=True),
+    "max_new_tokens": Int(0), "precision": Choice("auto", "fp32", "bf16"),
+    "eval_every": Int(0), "save_every": Int(0), "strategy": Choice("ddp", "fsdp"),
+    "seed": SEED, "backend": Choice(*BACKENDS),
+}, options="training option")
+
+# `DecoderConfig`'s fields (models/decoder.py); hidden_size splitting into heads is checked there.
+DECODER = Section({
+    "vocab_size": Int(1), "hidden_size": Int(1), "num_layers": Int(1), "num_heads": Int(1),
+    "mlp_ratio": POSITIVE, "max_positions": Int(1), "rope_base": POSITIVE, "tie_embeddings": Bool(),
+})
+
+TASK = Section({
+    "name": Choice("addition"), "train_problems": Int(1), "eval_problems": Int(1), "min_terms": Int(1),
+    "max_terms": Int(1), "max_value": Int(1), "seed": SEED,
+})
+
+EVAL_FIELDS = {"max_new_tokens": Int(1), "temperature": POSITIVE, "seed": SEED, "limit": Optional(Int(1))}
+EVAL = Section(EVAL_FIELDS)
+DEVICE = Device()
+
+
+def _model(extra):
+    return Section({"hf": HFModel(), "decoder": DECODER, "checkpoint": File("checkpoint file"), extra: TRAIN})
+
+
+# `hpd distill --config` (and `hpd experiment`'s `base`), after merging with the defaults.
+DISTILL = Section({
+    "task": TASK, "data": File("data file"), "eval_data": File("evaluation data file"),
+    "eval_fraction": Number(0, 1, low_open=True, high_open=True), "device": DEVICE,
+    "teacher": _model("train"), "student": _model("warmup"), "distill": TRAIN, "eval": EVAL,
+})
+
+# `hpd experiment --config`; its `base` is checked as `DISTILL` once merged.
+EXPERIMENT = Section({
+    "objectives": ListOf(Choice(*TRAINING_OBJECTIVES), "objective"), "seeds": ListOf(SEED, "seed"),
+    "distill": Section({name: spec for name, spec in TRAIN.fields.items() if name not in ("objective", "seed")},
+                       options="training option"),
+    "sweep": Section({"fkl_weight": ListOf(NON_NEGATIVE, "weight", empty=True),  # []: no sweep
+                      "rkl_weight": ListOf(NON_NEGATIVE, "weight", empty=True),
+                      "on_policy_fraction": ListOf(FRACTION, "fraction", empty=True), "seeds": ListOf(SEED, "seed")}),
+    "eval": Section({**EVAL_FIELDS, "samples": Int(1)}),
+    "base": Section({name: Anything() for name in DISTILL.fields}),  # its values: checked once merged
+    "device": DEVICE,
+})
+
+# The command line's flags besides paths (`--out`, `--cache-dir`: `check_writable_dir`) and the
+# `distill` options (`--steps`, `--seed`, ...: checked as `TRAIN`'s fields, named by their flag).
+FLAGS = {"--max-runs": Int(1), "--workers": Int(1)}  # --device: DEVICE, by load_config and load_experiment
+COMMAND_LINE = "the command line"
+
+
+def check_flags(values):
+    """Check `{flag: value}` from the command line (None: not given)."""
+    for flag, value in values.items():
+        if value is not None:
+            FLAGS[flag].check(value, COMMAND_LINE, flag)
+
+
+def _nearest_existing(path):
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return path
+
+
+def check_writable_dir(path, key, source=COMMAND_LINE, *, run_dir=False):
+    """`path` is a directory that exists and is writable, or can be created; with `run_dir`, the
+    `config.json` a run left there (if any) is a readable JSON file."""
+    expected = "a writable directory"
+    if not isinstance(path, str) or not path.strip():
+        fail(source, key, "a directory path", path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        fail(source, key, expected, path, "it is a file")
+    existing = _nearest_existing(path)
+    if not os.path.isdir(existing):
+        fail(source, key, expected, path, f"{existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        fail(source, key, expected, path, f"{existing} is not writable")
+    if run_dir:
+        saved = os.path.join(path, "config.json")
+        if os.path.exists(saved):
+            if not os.path.isfile(saved):
+                fail(source, key, "an hpd run directory or a new one", path, f"{saved} is not a file")
+            try:
+                with open(saved, encoding="utf-8-sig") as handle:
+                    json.load(handle)
+            except (OSError, ValueError) as error:
+                fail(source, key, "an hpd run directory or a new one", path,
+                     f"{saved} is not a readable JSON file: {error}")
