@@ -9,6 +9,7 @@ chunked pure-PyTorch twin for every other device. The math of record is the spec
 from .losses import (
     DIVERGENCES,
     HybridDetails,
+    LossParts,
     divergence_loss,
     forward_kl_loss,
     generalized_jsd_loss,
@@ -42,7 +43,7 @@ from .modules import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "DIVERGENCES", "HybridDetails", "divergence_loss", "forward_kl_loss", "generalized_jsd_loss", "hpd_token_weights",
+    "DIVERGENCES", "HybridDetails", "LossParts", "divergence_loss", "forward_kl_loss", "generalized_jsd_loss", "hpd_token_weights",
     "hybrid_kl_loss", "reverse_kl_loss", "skew_forward_kl_loss", "skew_reverse_kl_loss", "tvd_loss",
     "ForwardKLLoss", "GeneralizedJSDLoss", "HybridKLLoss", "ReverseKLLoss", "SkewForwardKLLoss",
     "SkewReverseKLLoss", "TVDLoss", "fused_linear_divergence_loss", "fused_linear_forward_kl_loss",

@@ -38,6 +38,15 @@ class HybridDetails(NamedTuple):
     mismatch_rate: torch.Tensor
 
 
+class LossParts(NamedTuple):
+    """The two terms of a loss with a hard-label term, each reduced as the loss is (detached, for
+    logging): `loss = distillation + ce_weight * cross_entropy`. `cross_entropy` is the data's
+    `-log softmax(s / T)[y]` per active row (the usual cross-entropy at T = 1)."""
+
+    distillation: torch.Tensor
+    cross_entropy: torch.Tensor
+
+
 def _draw_seed():
     # Drawn from torch's generator, so torch.manual_seed makes the whole call reproducible.
     if compiling():
@@ -91,6 +100,7 @@ class LossCall:
     reduction: str
     num_items_in_batch: object
     process_group: object
+    return_parts: bool = False
 
     @property
     def inner_reduction(self):
@@ -100,14 +110,15 @@ class LossCall:
     # -- running ---------------------------------------------------------------------------------
 
     def rows(self, student, teacher):
-        """`(per_row [N], y_hat, w_y, w_hat)` of `[N, V]` logits (the last three empty for divergences)."""
+        """`(per_row [N], distillation, cross_entropy, y_hat, w_y, w_hat)` of `[N, V]` logits: the
+        per-row parts (empty unless asked) and HPD's details (empty for the divergences)."""
         if compiling():  # the custom op: opaque to the compiler, same implementation
-            per_row, stats, drawn = custom_ops.row_losses(
+            per_row, distillation, hard, stats, drawn = custom_ops.row_losses(
                 student, teacher.detach(), self.labels, self.active, self.sampled_ids,
                 *custom_ops.objective_fields(self.objective), self.backend.NAME)
-            if not self.objective.is_hybrid:
-                return per_row, drawn, None, None
-            return (per_row, *(detail.detach() for detail in hybrid_details(stats, drawn)))
+            details = hybrid_details(stats, drawn) if self.objective.is_hybrid else (drawn, None, None)
+            return (per_row, distillation.detach(), hard.detach(),
+                    *(None if detail is None else detail.detach() for detail in details))
         return RowLosses.apply(student, teacher.detach(), self.labels, self.active, self.sampled_ids, self.objective,
                                self.backend)
 
@@ -122,7 +133,8 @@ class LossCall:
         return int(agreed)
 
     def linear(self, inputs: LinearInputs, chunk_size):
-        """`(loss, y_hat, w_y, w_hat)` from hidden states; `loss` reduced to `inner_reduction`."""
+        """`(loss, distillation, cross_entropy, y_hat, w_y, w_hat)` from hidden states; `loss` reduced to
+        `inner_reduction`, the parts per row (empty unless asked)."""
         inputs = inputs._replace(labels=self.labels, sampled_ids=self.sampled_ids)
         if compiling():
             if self.reduction == "none":
@@ -132,7 +144,7 @@ class LossCall:
                 chunk_size, self.backend.NAME, inputs.student_hidden.requires_grad,
                 inputs.student_weight.requires_grad,
                 inputs.student_bias is not None and inputs.student_bias.requires_grad)
-            return outputs[:4]
+            return outputs[:6]
         return FusedLinearDistillation.apply(self.active, self.objective, self.inner_reduction, chunk_size,
                                              self.backend, *inputs)
 
@@ -153,6 +165,18 @@ class LossCall:
             return value / torch.as_tensor(self.num_items_in_batch, device=value.device).to(value.dtype)
         return value
 
+    def outputs(self, loss, distillation, cross_entropy, *details, return_details=False):
+        """The public return value from what `rows` or `linear` gave: the finished loss, then
+        `HybridDetails` (HPD, when asked) and `LossParts` (when asked), in that order."""
+        extra = ((self.details(*details),) if return_details else ()) + (
+            (self.parts(distillation, cross_entropy),) if self.return_parts else ())
+        loss = self.finish(loss)
+        return (loss, *extra) if extra else loss
+
+    def parts(self, distillation, cross_entropy):
+        """`LossParts` of the per-row parts, each reduced as the loss is."""
+        return LossParts(self.finish(distillation).detach(), self.finish(cross_entropy).detach())
+
     def details(self, drawn, w_label, w_sample):
         active, leading = self.active, self.leading
         mismatch = (active & (drawn != self.labels)).sum().to(torch.float32) / active.sum().clamp(min=1)
@@ -161,9 +185,15 @@ class LossCall:
 
 def resolve(objective_name, *, labels, leading, n_rows, device, widths, names, temperature, ignore_index, reduction,
             backend, num_items_in_batch=None, process_group=None, vocab_offset=None, beta=0.5, alpha=0.1,
-            sampled_ids=None, seed=None, fkl_weight=1.0, rkl_weight=1.0) -> LossCall:
+            sampled_ids=None, seed=None, fkl_weight=1.0, rkl_weight=1.0, ce_weight=0.0,
+            return_parts=False) -> LossCall:
     """The `LossCall` of checked arguments. `widths` are the student's and the teacher's vocabularies
     (of this rank's slice with a `process_group`), `names` the arguments they came from."""
+    if process_group is not None and (ce_weight or return_parts):
+        raise ValueError("ce_weight and return_parts are not supported with process_group (vocabulary-parallel) yet; "
+                         "add the cross-entropy term with a separate loss there")
+    if (ce_weight or return_parts) and labels is None:
+        raise ValueError("ce_weight and return_parts need labels: the hard-label term is the cross-entropy of y")
     parallel = _vocab_parallel(process_group, vocab_offset, widths, names, backend)
     chosen = parallel if parallel is not None else backends.choose(backend, device)
     # The vocabulary labels index: the whole one across slices, else the shared one.
@@ -176,9 +206,10 @@ def resolve(objective_name, *, labels, leading, n_rows, device, widths, names, t
         elif seed is None:
             seed = _draw_seed() if process_group is None else _shared_seed(process_group)
         objective = Objective.hybrid(temperature=temperature, ignore_index=ignore_index, seed=seed,
-                                     fkl_weight=fkl_weight, rkl_weight=rkl_weight)
+                                     fkl_weight=fkl_weight, rkl_weight=rkl_weight, ce_weight=ce_weight,
+                                     cross_entropy=return_parts)
     else:
         objective = Objective.divergence(objective_name, temperature=temperature, ignore_index=ignore_index,
-                                         beta=beta, alpha=alpha)
+                                         beta=beta, alpha=alpha, ce_weight=ce_weight, cross_entropy=return_parts)
     return LossCall(objective, chosen, flat_labels, active, sampled_ids, leading, reduction, num_items_in_batch,
-                    process_group)
+                    process_group, return_parts)

@@ -162,6 +162,11 @@ def check_hpd_options(fkl_weight, rkl_weight, seed):
         raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
 
 
+def check_ce_weight(ce_weight):
+    if not is_real(ce_weight) or not math.isfinite(ce_weight) or ce_weight < 0:
+        raise ValueError(f"ce_weight must be a finite number >= 0 (the hard-label term's weight), got {ce_weight!r}")
+
+
 def check_chunk_size(chunk_size):
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None (chosen from a memory budget), got {chunk_size!r}")

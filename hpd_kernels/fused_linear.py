@@ -14,8 +14,8 @@ import contextlib
 import torch
 
 from .calls import resolve
-from .checks import (check_chunk_size, check_divergence, check_fraction, check_hpd_options, check_labels,
-                     check_linear, check_linear_teacher, check_num_items, check_options)
+from .checks import (check_ce_weight, check_chunk_size, check_divergence, check_fraction, check_hpd_options,
+                     check_labels, check_linear, check_linear_teacher, check_num_items, check_options)
 from .ops.chunked_linear import LinearInputs, rows_per_chunk
 from .registry import HPD
 
@@ -30,7 +30,8 @@ def _autocast_dtype(device):
 def _run(objective_name, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
          teacher_logits, labels, *, labels_required, temperature, ignore_index, reduction, chunk_size, backend,
          num_items_in_batch, process_group, vocab_offset, **options):
-    """Check the tensors, resolve the call and run it: `(call, loss, y_hat, w_y, w_hat)`."""
+    """Check the tensors, resolve the call and run it: `(call, loss, distillation, cross_entropy, y_hat,
+    w_y, w_hat)` (`LossCall.linear`)."""
     device = getattr(student_hidden, "device", None)
     autocast = _autocast_dtype(device)
     check_linear("student", student_hidden, student_weight, student_bias, device, autocast is not None)
@@ -76,40 +77,44 @@ def fused_linear_divergence_loss(student_hidden, student_weight, teacher_hidden=
                                  *, divergence="forward_kl", beta=0.5, alpha=0.1, student_bias=None,
                                  teacher_bias=None, teacher_logits=None, temperature=1.0, ignore_index=-100,
                                  reduction="mean", chunk_size=None, backend="auto", num_items_in_batch=None,
-                                 process_group=None, vocab_offset=None):
+                                 process_group=None, vocab_offset=None, ce_weight=0.0, return_parts=False):
     """A full-vocabulary divergence (`forward_kl`, `reverse_kl`, `jsd`, `skew_forward_kl`,
     `skew_reverse_kl`, `tvd`) from hidden states: `logits = hidden @ weight.T + bias`, chunked.
     `num_items_in_batch`, `process_group`, `vocab_offset`: as in `hybrid_kl_loss` (with a
-    group, the weights and bias are this rank's vocabulary slice)."""
+    group, the weights and bias are this rank's vocabulary slice); `ce_weight`, `return_parts`:
+    the hard-label term, as in `divergence_loss`."""
     check_divergence(divergence)
     check_fraction("beta", beta)
     check_fraction("alpha", alpha)
     check_num_items(num_items_in_batch, reduction)
-    call, loss, *_ = _run(
+    check_ce_weight(ce_weight)
+    call, *outputs = _run(
         divergence, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
         teacher_logits, labels, labels_required=False, temperature=temperature, ignore_index=ignore_index,
         reduction=reduction, chunk_size=chunk_size, backend=backend, num_items_in_batch=num_items_in_batch,
-        process_group=process_group, vocab_offset=vocab_offset, beta=beta, alpha=alpha)
-    return call.finish(loss)
+        process_group=process_group, vocab_offset=vocab_offset, beta=beta, alpha=alpha, ce_weight=ce_weight,
+        return_parts=return_parts)
+    return call.outputs(*outputs)
 
 
 def fused_linear_hybrid_kl_loss(student_hidden, student_weight, teacher_hidden=None, teacher_weight=None, labels=None,
                                 *, student_bias=None, teacher_bias=None, teacher_logits=None, sampled_ids=None,
                                 seed=None, fkl_weight=1.0, rkl_weight=1.0, temperature=1.0, ignore_index=-100,
                                 reduction="mean", chunk_size=None, backend="auto", return_details=False,
-                                num_items_in_batch=None, process_group=None, vocab_offset=None):
+                                num_items_in_batch=None, process_group=None, vocab_offset=None, ce_weight=0.0,
+                                return_parts=False):
     """HPD from hidden states and lm_head weights (see `hybrid_kl_loss`); `y_hat` is drawn in the
     kernel per chunk with the noise of each row's global index, so chunking never changes it."""
     check_num_items(num_items_in_batch, reduction)
     check_hpd_options(fkl_weight, rkl_weight, seed)
-    call, loss, *details = _run(
+    check_ce_weight(ce_weight)
+    call, *outputs = _run(
         HPD, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
         teacher_logits, labels, labels_required=True, temperature=temperature, ignore_index=ignore_index,
         reduction=reduction, chunk_size=chunk_size, backend=backend, num_items_in_batch=num_items_in_batch,
         process_group=process_group, vocab_offset=vocab_offset, sampled_ids=sampled_ids, seed=seed,
-        fkl_weight=fkl_weight, rkl_weight=rkl_weight)
-    loss = call.finish(loss)
-    return (loss, call.details(*details)) if return_details else loss
+        fkl_weight=fkl_weight, rkl_weight=rkl_weight, ce_weight=ce_weight, return_parts=return_parts)
+    return call.outputs(*outputs, return_details=return_details)
 
 
 # One function per divergence, with its own signature (so `help()` shows every argument).
@@ -117,70 +122,76 @@ def fused_linear_hybrid_kl_loss(student_hidden, student_weight, teacher_hidden=N
 def fused_linear_forward_kl_loss(student_hidden, student_weight, teacher_hidden=None, teacher_weight=None, labels=None, *,
                                  student_bias=None, teacher_bias=None, teacher_logits=None, temperature=1.0,
                                  ignore_index=-100, reduction="mean", chunk_size=None, backend="auto", num_items_in_batch=None,
-                                 process_group=None, vocab_offset=None):
+                                 process_group=None, vocab_offset=None, ce_weight=0.0, return_parts=False):
     """Forward KL(p || q) from hidden states (see `fused_linear_divergence_loss`)."""
     return fused_linear_divergence_loss(
         student_hidden, student_weight, teacher_hidden, teacher_weight, labels, divergence="forward_kl",
         student_bias=student_bias, teacher_bias=teacher_bias, teacher_logits=teacher_logits, temperature=temperature,
         ignore_index=ignore_index, reduction=reduction, chunk_size=chunk_size, backend=backend,
-        num_items_in_batch=num_items_in_batch, process_group=process_group, vocab_offset=vocab_offset)
+        num_items_in_batch=num_items_in_batch, process_group=process_group, vocab_offset=vocab_offset,
+        ce_weight=ce_weight, return_parts=return_parts)
 
 
 def fused_linear_reverse_kl_loss(student_hidden, student_weight, teacher_hidden=None, teacher_weight=None, labels=None, *,
                                  student_bias=None, teacher_bias=None, teacher_logits=None, temperature=1.0,
                                  ignore_index=-100, reduction="mean", chunk_size=None, backend="auto", num_items_in_batch=None,
-                                 process_group=None, vocab_offset=None):
+                                 process_group=None, vocab_offset=None, ce_weight=0.0, return_parts=False):
     """Reverse KL(q || p) from hidden states (see `fused_linear_divergence_loss`)."""
     return fused_linear_divergence_loss(
         student_hidden, student_weight, teacher_hidden, teacher_weight, labels, divergence="reverse_kl",
         student_bias=student_bias, teacher_bias=teacher_bias, teacher_logits=teacher_logits, temperature=temperature,
         ignore_index=ignore_index, reduction=reduction, chunk_size=chunk_size, backend=backend,
-        num_items_in_batch=num_items_in_batch, process_group=process_group, vocab_offset=vocab_offset)
+        num_items_in_batch=num_items_in_batch, process_group=process_group, vocab_offset=vocab_offset,
+        ce_weight=ce_weight, return_parts=return_parts)
 
 
 def fused_linear_jsd_loss(student_hidden, student_weight, teacher_hidden=None, teacher_weight=None, labels=None, *,
                           beta=0.5, student_bias=None, teacher_bias=None, teacher_logits=None, temperature=1.0,
                           ignore_index=-100, reduction="mean", chunk_size=None, backend="auto", num_items_in_batch=None,
-                          process_group=None, vocab_offset=None):
+                          process_group=None, vocab_offset=None, ce_weight=0.0, return_parts=False):
     """Generalized JSD with mixture weight `beta` from hidden states (see `fused_linear_divergence_loss`)."""
     return fused_linear_divergence_loss(
         student_hidden, student_weight, teacher_hidden, teacher_weight, labels, divergence="jsd", beta=beta,
         student_bias=student_bias, teacher_bias=teacher_bias, teacher_logits=teacher_logits, temperature=temperature,
         ignore_index=ignore_index, reduction=reduction, chunk_size=chunk_size, backend=backend,
-        num_items_in_batch=num_items_in_batch, process_group=process_group, vocab_offset=vocab_offset)
+        num_items_in_batch=num_items_in_batch, process_group=process_group, vocab_offset=vocab_offset,
+        ce_weight=ce_weight, return_parts=return_parts)
 
 
 def fused_linear_skew_forward_kl_loss(student_hidden, student_weight, teacher_hidden=None, teacher_weight=None, labels=None, *,
                                       alpha=0.1, student_bias=None, teacher_bias=None, teacher_logits=None, temperature=1.0,
                                       ignore_index=-100, reduction="mean", chunk_size=None, backend="auto", num_items_in_batch=None,
-                                      process_group=None, vocab_offset=None):
+                                      process_group=None, vocab_offset=None, ce_weight=0.0, return_parts=False):
     """Skew forward KL with mixture weight `alpha` from hidden states (see `fused_linear_divergence_loss`)."""
     return fused_linear_divergence_loss(
         student_hidden, student_weight, teacher_hidden, teacher_weight, labels, divergence="skew_forward_kl", alpha=alpha,
         student_bias=student_bias, teacher_bias=teacher_bias, teacher_logits=teacher_logits, temperature=temperature,
         ignore_index=ignore_index, reduction=reduction, chunk_size=chunk_size, backend=backend,
-        num_items_in_batch=num_items_in_batch, process_group=process_group, vocab_offset=vocab_offset)
+        num_items_in_batch=num_items_in_batch, process_group=process_group, vocab_offset=vocab_offset,
+        ce_weight=ce_weight, return_parts=return_parts)
 
 
 def fused_linear_skew_reverse_kl_loss(student_hidden, student_weight, teacher_hidden=None, teacher_weight=None, labels=None, *,
                                       alpha=0.1, student_bias=None, teacher_bias=None, teacher_logits=None, temperature=1.0,
                                       ignore_index=-100, reduction="mean", chunk_size=None, backend="auto", num_items_in_batch=None,
-                                      process_group=None, vocab_offset=None):
+                                      process_group=None, vocab_offset=None, ce_weight=0.0, return_parts=False):
     """Skew reverse KL with mixture weight `alpha` from hidden states (see `fused_linear_divergence_loss`)."""
     return fused_linear_divergence_loss(
         student_hidden, student_weight, teacher_hidden, teacher_weight, labels, divergence="skew_reverse_kl", alpha=alpha,
         student_bias=student_bias, teacher_bias=teacher_bias, teacher_logits=teacher_logits, temperature=temperature,
         ignore_index=ignore_index, reduction=reduction, chunk_size=chunk_size, backend=backend,
-        num_items_in_batch=num_items_in_batch, process_group=process_group, vocab_offset=vocab_offset)
+        num_items_in_batch=num_items_in_batch, process_group=process_group, vocab_offset=vocab_offset,
+        ce_weight=ce_weight, return_parts=return_parts)
 
 
 def fused_linear_tvd_loss(student_hidden, student_weight, teacher_hidden=None, teacher_weight=None, labels=None, *,
                           student_bias=None, teacher_bias=None, teacher_logits=None, temperature=1.0,
                           ignore_index=-100, reduction="mean", chunk_size=None, backend="auto", num_items_in_batch=None,
-                          process_group=None, vocab_offset=None):
+                          process_group=None, vocab_offset=None, ce_weight=0.0, return_parts=False):
     """Total variation distance from hidden states (see `fused_linear_divergence_loss`)."""
     return fused_linear_divergence_loss(
         student_hidden, student_weight, teacher_hidden, teacher_weight, labels, divergence="tvd",
         student_bias=student_bias, teacher_bias=teacher_bias, teacher_logits=teacher_logits, temperature=temperature,
         ignore_index=ignore_index, reduction=reduction, chunk_size=chunk_size, backend=backend,
-        num_items_in_batch=num_items_in_batch, process_group=process_group, vocab_offset=vocab_offset)
+        num_items_in_batch=num_items_in_batch, process_group=process_group, vocab_offset=vocab_offset,
+        ce_weight=ce_weight, return_parts=return_parts)

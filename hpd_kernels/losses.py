@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import torch
 
-from .calls import HybridDetails, resolve
-from .checks import (check_divergence, check_fraction, check_hpd_options, check_labels, check_logit_pair,
-                     check_num_items, check_options, check_reduction)
+from .calls import HybridDetails, LossParts, resolve
+from .checks import (check_ce_weight, check_divergence, check_fraction, check_hpd_options, check_labels,
+                     check_logit_pair, check_num_items, check_options, check_reduction)
 from .registry import DIVERGENCES as DIVERGENCE_NAMES
 from .registry import HPD
 
-__all__ = ["HybridDetails", "DIVERGENCES", "forward_kl_loss", "reverse_kl_loss", "generalized_jsd_loss",
+__all__ = ["HybridDetails", "LossParts", "DIVERGENCES", "forward_kl_loss", "reverse_kl_loss", "generalized_jsd_loss",
            "skew_forward_kl_loss", "skew_reverse_kl_loss", "tvd_loss", "hybrid_kl_loss", "hpd_token_weights"]
 
 
@@ -44,79 +44,85 @@ def _rows(logits):
 
 def divergence_loss(student_logits, teacher_logits, labels=None, *, divergence="forward_kl", beta=0.5, alpha=0.1,
                     temperature=1.0, ignore_index=-100, reduction="mean", backend="auto", num_items_in_batch=None,
-                    process_group=None, vocab_offset=None):
+                    process_group=None, vocab_offset=None, ce_weight=0.0, return_parts=False):
     """Any full-vocabulary divergence by name (`registry.DIVERGENCES`); the named functions below
-    are this with `divergence=` fixed."""
+    are this with `divergence=` fixed.
+
+    `ce_weight` adds the hard-label term `ce_weight * CE(y)` (the cross-entropy of
+    `softmax(s / T)` at the labels) at no extra pass over the vocabulary; `return_parts=True`
+    returns `(loss, LossParts(distillation, cross_entropy))`, each reduced as the loss is."""
     check_divergence(divergence)
     check_fraction("beta", beta)
     check_fraction("alpha", alpha)
     check_num_items(num_items_in_batch, reduction)
+    check_ce_weight(ce_weight)
     call = _resolve(divergence, student_logits, teacher_logits, labels, labels_required=False,
                     temperature=temperature, ignore_index=ignore_index, reduction=reduction, backend=backend,
                     num_items_in_batch=num_items_in_batch, process_group=process_group, vocab_offset=vocab_offset,
-                    beta=beta, alpha=alpha)
-    per_row, *_ = call.rows(_rows(student_logits), _rows(teacher_logits))
-    return call.finish(per_row)
+                    beta=beta, alpha=alpha, ce_weight=ce_weight, return_parts=return_parts)
+    return call.outputs(*call.rows(_rows(student_logits), _rows(teacher_logits)))
 
 
 def forward_kl_loss(student_logits, teacher_logits, labels=None, *, temperature=1.0, ignore_index=-100,
                     reduction="mean", backend="auto", num_items_in_batch=None,
-                    process_group=None, vocab_offset=None):
+                    process_group=None, vocab_offset=None, ce_weight=0.0, return_parts=False):
     """KL(p || q), the mode-covering divergence. Gradient weights `w = p`."""
     return divergence_loss(student_logits, teacher_logits, labels, divergence="forward_kl", temperature=temperature,
                            ignore_index=ignore_index, reduction=reduction, backend=backend,
                            num_items_in_batch=num_items_in_batch, process_group=process_group,
-                           vocab_offset=vocab_offset)
+                           vocab_offset=vocab_offset, ce_weight=ce_weight, return_parts=return_parts)
 
 
 def reverse_kl_loss(student_logits, teacher_logits, labels=None, *, temperature=1.0, ignore_index=-100,
                     reduction="mean", backend="auto", num_items_in_batch=None,
-                    process_group=None, vocab_offset=None):
+                    process_group=None, vocab_offset=None, ce_weight=0.0, return_parts=False):
     """KL(q || p), the mode-seeking divergence. Weights `w = q (log p - log q)`."""
     return divergence_loss(student_logits, teacher_logits, labels, divergence="reverse_kl", temperature=temperature,
                            ignore_index=ignore_index, reduction=reduction, backend=backend,
                            num_items_in_batch=num_items_in_batch, process_group=process_group,
-                           vocab_offset=vocab_offset)
+                           vocab_offset=vocab_offset, ce_weight=ce_weight, return_parts=return_parts)
 
 
 def generalized_jsd_loss(student_logits, teacher_logits, labels=None, *, beta=0.5, temperature=1.0,
                          ignore_index=-100, reduction="mean", backend="auto", num_items_in_batch=None,
-                         process_group=None, vocab_offset=None):
+                         process_group=None, vocab_offset=None, ce_weight=0.0, return_parts=False):
     """beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q; beta=0 is forward KL, 1 reverse KL."""
     return divergence_loss(student_logits, teacher_logits, labels, divergence="jsd", temperature=temperature,
                            ignore_index=ignore_index, reduction=reduction, backend=backend,
                            num_items_in_batch=num_items_in_batch, process_group=process_group,
-                           vocab_offset=vocab_offset, beta=beta)
+                           vocab_offset=vocab_offset, beta=beta, ce_weight=ce_weight, return_parts=return_parts)
 
 
 def skew_forward_kl_loss(student_logits, teacher_logits, labels=None, *, alpha=0.1, temperature=1.0,
                          ignore_index=-100, reduction="mean", backend="auto", num_items_in_batch=None,
-                         process_group=None, vocab_offset=None):
+                         process_group=None, vocab_offset=None, ce_weight=0.0, return_parts=False):
     """KL(p || alpha p + (1 - alpha) q) (DistiLLM's skew KL)."""
     return divergence_loss(student_logits, teacher_logits, labels, divergence="skew_forward_kl", temperature=temperature,
                            ignore_index=ignore_index, reduction=reduction, backend=backend,
                            num_items_in_batch=num_items_in_batch, process_group=process_group,
-                           vocab_offset=vocab_offset, alpha=alpha)
+                           vocab_offset=vocab_offset, alpha=alpha, ce_weight=ce_weight,
+                           return_parts=return_parts)
 
 
 def skew_reverse_kl_loss(student_logits, teacher_logits, labels=None, *, alpha=0.1, temperature=1.0,
                          ignore_index=-100, reduction="mean", backend="auto", num_items_in_batch=None,
-                         process_group=None, vocab_offset=None):
+                         process_group=None, vocab_offset=None, ce_weight=0.0, return_parts=False):
     """KL(q || alpha q + (1 - alpha) p) (DistiLLM's skew reverse KL)."""
     return divergence_loss(student_logits, teacher_logits, labels, divergence="skew_reverse_kl", temperature=temperature,
                            ignore_index=ignore_index, reduction=reduction, backend=backend,
                            num_items_in_batch=num_items_in_batch, process_group=process_group,
-                           vocab_offset=vocab_offset, alpha=alpha)
+                           vocab_offset=vocab_offset, alpha=alpha, ce_weight=ce_weight,
+                           return_parts=return_parts)
 
 
 def tvd_loss(student_logits, teacher_logits, labels=None, *, temperature=1.0, ignore_index=-100,
              reduction="mean", backend="auto", num_items_in_batch=None,
-             process_group=None, vocab_offset=None):
+             process_group=None, vocab_offset=None, ce_weight=0.0, return_parts=False):
     """Total variation distance 1/2 sum |p - q|."""
     return divergence_loss(student_logits, teacher_logits, labels, divergence="tvd", temperature=temperature,
                            ignore_index=ignore_index, reduction=reduction, backend=backend,
                            num_items_in_batch=num_items_in_batch, process_group=process_group,
-                           vocab_offset=vocab_offset)
+                           vocab_offset=vocab_offset, ce_weight=ce_weight, return_parts=return_parts)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -125,7 +131,8 @@ def tvd_loss(student_logits, teacher_logits, labels=None, *, temperature=1.0, ig
 
 def hybrid_kl_loss(student_logits, teacher_logits, labels, *, sampled_ids=None, seed=None, fkl_weight=1.0,
                    rkl_weight=1.0, temperature=1.0, ignore_index=-100, reduction="mean", backend="auto",
-                   return_details=False, num_items_in_batch=None, process_group=None, vocab_offset=None):
+                   return_details=False, num_items_in_batch=None, process_group=None, vocab_offset=None,
+                   ce_weight=0.0, return_parts=False):
     """Hybrid Policy Distillation loss (spec: forward-KL signal on `y`, reverse-KL signal on `y_hat ~ q`).
 
     `sampled_ids` gives `y_hat` (shape of `labels`); when None the kernel draws it by Gumbel-max,
@@ -136,17 +143,20 @@ def hybrid_kl_loss(student_logits, teacher_logits, labels, *, sampled_ids=None, 
     the global batch instead of this call's. `process_group` makes the call vocabulary-parallel:
     the logits are this rank's slice of the vocabulary, starting at `vocab_offset` (default: the
     widths of the lower ranks), and labels / `sampled_ids` are global ids.
+
+    `ce_weight`, `return_parts`: the hard-label term, as in `divergence_loss`. With both
+    `return_details` and `return_parts`, returns `(loss, HybridDetails, LossParts)`.
     """
     check_reduction(reduction)
     check_num_items(num_items_in_batch, reduction)
     check_hpd_options(fkl_weight, rkl_weight, seed)
+    check_ce_weight(ce_weight)
     call = _resolve(HPD, student_logits, teacher_logits, labels, labels_required=True, temperature=temperature,
                     ignore_index=ignore_index, reduction=reduction, backend=backend,
                     num_items_in_batch=num_items_in_batch, process_group=process_group, vocab_offset=vocab_offset,
-                    sampled_ids=sampled_ids, seed=seed, fkl_weight=fkl_weight, rkl_weight=rkl_weight)
-    per_row, *details = call.rows(_rows(student_logits), _rows(teacher_logits))
-    loss = call.finish(per_row)
-    return (loss, call.details(*details)) if return_details else loss
+                    sampled_ids=sampled_ids, seed=seed, fkl_weight=fkl_weight, rkl_weight=rkl_weight,
+                    ce_weight=ce_weight, return_parts=return_parts)
+    return call.outputs(*call.rows(_rows(student_logits), _rows(teacher_logits)), return_details=return_details)
 
 
 @torch.no_grad()

@@ -84,16 +84,23 @@ class Objective:
     seed: int = 0
     fkl_weight: float = 1.0
     rkl_weight: float = 1.0
+    # The hard-label term `ce_weight * CE(y)`, CE at the same temperature (the spec's weights plus
+    # `ce_weight` on y); `cross_entropy`: compute the per-row CE (for the term, or to report it).
+    ce_weight: float = 0.0
+    cross_entropy: bool = False
 
     @classmethod
-    def divergence(cls, divergence, *, temperature, ignore_index, beta=0.5, alpha=0.1):
+    def divergence(cls, divergence, *, temperature, ignore_index, beta=0.5, alpha=0.1, ce_weight=0.0,
+                   cross_entropy=False):
         name, log_mix_p, log_mix_q = mixture_logs(divergence, beta, alpha)
-        return cls(name, float(temperature), int(ignore_index), log_mix_p, log_mix_q)
+        return cls(name, float(temperature), int(ignore_index), log_mix_p, log_mix_q, ce_weight=float(ce_weight),
+                   cross_entropy=bool(cross_entropy or ce_weight))
 
     @classmethod
-    def hybrid(cls, *, temperature, ignore_index, seed, fkl_weight, rkl_weight):
+    def hybrid(cls, *, temperature, ignore_index, seed, fkl_weight, rkl_weight, ce_weight=0.0, cross_entropy=False):
         return cls(HPD, float(temperature), int(ignore_index), seed=int(seed or 0), fkl_weight=float(fkl_weight),
-                   rkl_weight=float(rkl_weight))
+                   rkl_weight=float(rkl_weight), ce_weight=float(ce_weight),
+                   cross_entropy=bool(cross_entropy or ce_weight))
 
     @property
     def is_hybrid(self) -> bool:

@@ -44,6 +44,18 @@ def test_logits_losses_compile_without_graph_breaks_and_match_eager(name):
     torch.testing.assert_close(compiled_grad, eager_grad, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("name", ["tvd", "hpd"])
+def test_the_hard_label_term_compiles_too(name):
+    torch._dynamo.reset()
+    student, teacher, labels = _inputs()
+    loss = hpd_kernels.hybrid_kl_loss if name == "hpd" else hpd_kernels.tvd_loss
+    options = dict(seed=7) if name == "hpd" else {}
+    function = lambda s, t, y: loss(s, t, y, ce_weight=0.4, backend="torch", **options)  # noqa: E731
+    (eager, eager_grad), (compiled, compiled_grad) = _both(function, student, teacher, labels)
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+    torch.testing.assert_close(compiled_grad, eager_grad, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("objective", ["hpd", "jsd"])
 def test_a_compiled_training_step_with_a_fused_linear_loss_matches_eager(objective):
     """A full step (model forward, fused-linear loss over the lm_head, backward, optimiser) with the
@@ -114,4 +126,7 @@ def test_custom_ops_pass_opcheck():
     weight = torch.randn(VOCAB, HIDDEN, dtype=torch.float64, requires_grad=True)
     torch.library.opcheck(custom_ops.fused_linear, (
         hidden, weight, None, None, None, None, teacher, labels, None, active, "hpd", 1.0, -100, 0.0, 0.0, 3, 1.0, 1.0,
-        "mean", 5, "torch", True, True, False))
+        0.5, True, "mean", 5, "torch", True, True, False))
+    with_hard_label = Objective.divergence("tvd", temperature=0.9, ignore_index=-100, ce_weight=0.5)
+    torch.library.opcheck(custom_ops.row_losses, (student, teacher, labels, active, None,
+                                                  *custom_ops.objective_fields(with_hard_label), "torch"))

@@ -115,6 +115,9 @@ class _Chunks:
         n_rows, device = hidden.shape[0], hidden.device
         acc_dtype = accumulation_dtype(hidden.dtype)
         per_row = torch.zeros(n_rows, dtype=acc_dtype, device=device)
+        # The two parts, when the hard-label term is asked for (else the loss is the distillation part).
+        distillation = torch.zeros_like(per_row) if objective.cross_entropy else None
+        cross_entropy = torch.zeros_like(per_row) if objective.cross_entropy else None
         hpd = objective.is_hybrid
         drawn = torch.full((n_rows,), objective.ignore_index, dtype=torch.int64, device=device) if hpd else None
         label_weight = torch.zeros(n_rows, dtype=acc_dtype, device=device) if hpd else None
@@ -129,11 +132,14 @@ class _Chunks:
             teacher_logits = self.teacher_chunk(rows)
             labels = None if inputs.labels is None else inputs.labels[rows]
             given = None if inputs.sampled_ids is None else inputs.sampled_ids[rows]
-            loss, stats, ids = forward_rows(self.backend, student_logits, teacher_logits, labels, given, objective,
-                                            row_offset=start)
+            chunk = forward_rows(self.backend, student_logits, teacher_logits, labels, given, objective,
+                                 row_offset=start)
+            stats, ids = chunk.stats, chunk.sampled_ids
             if hpd:
                 drawn[rows], label_weight[rows], sample_weight[rows] = hybrid_details(stats, ids)
-            per_row[rows] = loss
+            per_row[rows] = chunk.loss
+            if cross_entropy is not None and chunk.cross_entropy is not None:
+                distillation[rows], cross_entropy[rows] = chunk.distillation, chunk.cross_entropy
             if row_scale is None:
                 continue
 
@@ -151,26 +157,29 @@ class _Chunks:
         if grad_hidden is not None and hasattr(self.backend, "reduce_hidden_grad"):
             self.backend.reduce_hidden_grad(grad_hidden)  # vocabulary-parallel: sum over the slices
         details = (drawn, label_weight, sample_weight) if hpd else None
-        return per_row, details, (grad_hidden, grad_weight, grad_bias)
+        parts = (distillation, cross_entropy) if cross_entropy is not None else None
+        return per_row, details, parts, (grad_hidden, grad_weight, grad_bias)
 
 
 def scalar_pass(inputs: LinearInputs, active, objective, backend, chunk_size, reduction, want):
-    """`(loss, details, grads)` of a scalar reduction ("mean" over the `active` rows, or "sum") in
-    one pass: the gradients the `want` flags ask for are computed while each chunk's logits exist."""
+    """`(loss, details, parts, grads)` of a scalar reduction ("mean" over the `active` rows, or "sum")
+    in one pass: the gradients the `want` flags ask for are computed while each chunk's logits exist.
+    `parts` (per-row distillation and cross-entropy, when asked) are left unreduced."""
     acc_dtype = accumulation_dtype(inputs.student_hidden.dtype)
     denominator = active.sum().clamp(min=1).to(acc_dtype)
     row_scale = None
     if any(want):
         row_scale = active.to(acc_dtype) / denominator if reduction == "mean" else active.to(acc_dtype)
-    per_row, details, grads = _Chunks(inputs, objective, backend, chunk_size).run(row_scale, want)
+    per_row, details, parts, grads = _Chunks(inputs, objective, backend, chunk_size).run(row_scale, want)
     loss = per_row.sum() / denominator if reduction == "mean" else per_row.sum()
-    return loss, details, grads
+    return loss, details, parts, grads
 
 
 class FusedLinearDistillation(torch.autograd.Function):
-    """Loss from hidden states and lm_head weights: `(loss, sampled_ids, w_y, w_hat)`, the last
-    three (no gradient) empty for the divergences. Gradients reach the student's hidden states,
-    weight and bias; never the teacher.
+    """Loss from hidden states and lm_head weights: `(loss, distillation, cross_entropy, sampled_ids,
+    w_y, w_hat)`; the last five have no gradient: the per-row parts (empty unless
+    `objective.cross_entropy`) and HPD's details (empty for the divergences). Gradients reach the
+    student's hidden states, weight and bias; never the teacher.
 
     Called as `apply(active, objective, reduction, chunk_size, backend, *inputs)` with `inputs` a
     `LinearInputs` (autograd sees each tensor, so they travel unpacked and are rebuilt by name)."""
@@ -183,9 +192,10 @@ class FusedLinearDistillation(torch.autograd.Function):
                 inputs.student_bias is not None and needs["student_bias"])
         eager = reduction != "none" and any(want)
         if reduction == "none":
-            loss, details, grads = _Chunks(inputs, objective, backend, chunk_size).run()
+            loss, details, parts, grads = _Chunks(inputs, objective, backend, chunk_size).run()
         else:
-            loss, details, grads = scalar_pass(inputs, active, objective, backend, chunk_size, reduction, want)
+            loss, details, parts, grads = scalar_pass(inputs, active, objective, backend, chunk_size, reduction,
+                                                      want)
 
         ctx.objective, ctx.backend, ctx.chunk_size, ctx.want, ctx.eager = objective, backend, chunk_size, want, eager
         ctx.param_dtypes = (inputs.student_weight.dtype,
@@ -195,11 +205,13 @@ class FusedLinearDistillation(torch.autograd.Function):
         else:  # "none": backward rebuilds the logits with the per-row incoming gradient
             used_ids = details[0] if details is not None else inputs.sampled_ids
             ctx.save_for_backward(active, *inputs._replace(sampled_ids=used_ids))
+        empty = torch.empty(0, device=inputs.student_hidden.device)
         if details is None:
-            empty = torch.empty(0, device=inputs.student_hidden.device)
-            details = (empty.long(), empty, empty.clone())
-        ctx.mark_non_differentiable(*details)
-        return (loss, *details)
+            details = (empty.long(), empty.clone(), empty.clone())
+        if parts is None:
+            parts = (empty.clone(), empty.clone())
+        ctx.mark_non_differentiable(*parts, *details)
+        return (loss, *parts, *details)
 
     @staticmethod
     def backward(ctx, grad_loss, *_):
@@ -212,8 +224,8 @@ class FusedLinearDistillation(torch.autograd.Function):
             inputs = LinearInputs(*tensors)
             acc_dtype = accumulation_dtype(inputs.student_hidden.dtype)
             row_scale = torch.where(active, grad_loss.to(acc_dtype), 0.0)
-            _, _, (grad_hidden, grad_weight, grad_bias) = _Chunks(inputs, ctx.objective, ctx.backend,
-                                                                  ctx.chunk_size).run(row_scale, ctx.want)
+            *_, (grad_hidden, grad_weight, grad_bias) = _Chunks(inputs, ctx.objective, ctx.backend,
+                                                                 ctx.chunk_size).run(row_scale, ctx.want)
         weight_dtype, bias_dtype = ctx.param_dtypes
         grads = dict(student_hidden=grad_hidden,
                      student_weight=None if grad_weight is None else grad_weight.to(weight_dtype),

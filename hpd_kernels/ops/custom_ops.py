@@ -31,7 +31,7 @@ from .row_losses import backward_rows, forward_rows
 
 def objective_fields(objective: Objective) -> tuple:
     """The op arguments `objective, temperature, ignore_index, log_mix_p, log_mix_q, seed, fkl_weight,
-    rkl_weight`, in the order of `Objective`'s fields."""
+    rkl_weight, ce_weight, cross_entropy`, in the order of `Objective`'s fields."""
     return astuple(objective)
 
 
@@ -46,27 +46,35 @@ def _named(op_arguments, inputs):
 @torch.library.custom_op("hpd_kernels::row_losses", mutates_args=())
 def row_losses(student: Tensor, teacher: Tensor, labels: Optional[Tensor], active: Tensor,
                sampled_ids: Optional[Tensor], objective: str, temperature: float, ignore_index: int, log_mix_p: float,
-               log_mix_q: float, seed: int, fkl_weight: float, rkl_weight: float,
-               backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    spec = Objective(objective, temperature, ignore_index, log_mix_p, log_mix_q, seed, fkl_weight, rkl_weight)
-    loss, stats, drawn = forward_rows(by_name(backend), student, teacher, labels, sampled_ids, spec)
+               log_mix_q: float, seed: int, fkl_weight: float, rkl_weight: float, ce_weight: float,
+               cross_entropy: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """`(loss, distillation, cross_entropy, stats, y_hat)` per row (`forward_rows`'s `Rows`)."""
+    spec = Objective(objective, temperature, ignore_index, log_mix_p, log_mix_q, seed, fkl_weight, rkl_weight,
+                     ce_weight, cross_entropy)
+    rows = forward_rows(by_name(backend), student, teacher, labels, sampled_ids, spec)
+    drawn = rows.sampled_ids
     if drawn is None:
         drawn = student.new_empty((0,), dtype=torch.int64)
     elif sampled_ids is not None:
-        drawn = drawn.clone()  # outputs may not alias inputs
-    return loss, stats, drawn
+        drawn = drawn.clone()  # outputs may not alias inputs (nor one another)
+    hard = rows.cross_entropy if rows.cross_entropy is not None else rows.loss.new_empty((0,))
+    return rows.loss, rows.distillation.clone(), hard, rows.stats, drawn
 
 
 _ROW_ARGUMENTS = ("student", "teacher", "labels", "active", "sampled_ids", "objective", "temperature", "ignore_index",
-                  "log_mix_p", "log_mix_q", "seed", "fkl_weight", "rkl_weight", "backend")
+                  "log_mix_p", "log_mix_q", "seed", "fkl_weight", "rkl_weight", "ce_weight", "cross_entropy", "backend")
 
 
 @row_losses.register_fake
-def _(student, teacher, labels, active, sampled_ids, objective, *_):
+def _(*inputs):
+    named = _named(_ROW_ARGUMENTS, inputs)
+    student = named["student"]
     rows, acc_dtype = student.shape[0], accumulation_dtype(student.dtype)
-    shape = Objective(objective, 1.0, 0)  # only its name matters here
-    return (student.new_empty((rows,), dtype=acc_dtype),
-            student.new_empty((rows, shape.stats_columns), dtype=acc_dtype),
+    shape = Objective(named["objective"], 1.0, 0)  # only its name matters here
+    per_row = lambda: student.new_empty((rows,), dtype=acc_dtype)  # noqa: E731
+    hard = (per_row() if named["cross_entropy"] and named["labels"] is not None
+            else student.new_empty((0,), dtype=acc_dtype))
+    return (per_row(), per_row(), hard, student.new_empty((rows, shape.stats_columns), dtype=acc_dtype),
             student.new_empty((rows,) if shape.is_hybrid else (0,), dtype=torch.int64))
 
 
@@ -74,8 +82,9 @@ def _(student, teacher, labels, active, sampled_ids, objective, *_):
 def row_losses_backward(student: Tensor, teacher: Tensor, labels: Optional[Tensor], sampled_ids: Tensor,
                         stats: Tensor, row_scale: Tensor, objective: str, temperature: float, ignore_index: int,
                         log_mix_p: float, log_mix_q: float, seed: int, fkl_weight: float, rkl_weight: float,
-                        backend: str) -> Tensor:
-    spec = Objective(objective, temperature, ignore_index, log_mix_p, log_mix_q, seed, fkl_weight, rkl_weight)
+                        ce_weight: float, cross_entropy: bool, backend: str) -> Tensor:
+    spec = Objective(objective, temperature, ignore_index, log_mix_p, log_mix_q, seed, fkl_weight, rkl_weight,
+                     ce_weight, cross_entropy)
     grad = torch.empty_like(student, memory_format=torch.contiguous_format)
     vocab = min(student.shape[1], teacher.shape[1])
     return backward_rows(by_name(backend), student, teacher, labels, sampled_ids, stats, row_scale.contiguous(), grad,
@@ -89,13 +98,13 @@ def _(student, *_):
 
 def _row_losses_setup(ctx, inputs, output):
     named = _named(_ROW_ARGUMENTS, inputs)
-    _, stats, drawn = output
+    *_, stats, drawn = output
     sampled_ids = drawn if named["sampled_ids"] is None else named["sampled_ids"]
     ctx.save_for_backward(named["student"], named["teacher"], named["labels"], sampled_ids, stats, named["active"])
     ctx.scalars = tuple(named[name] for name in _ROW_ARGUMENTS[5:])
 
 
-def _row_losses_backward(ctx, grad_loss, _grad_stats, _grad_ids):
+def _row_losses_backward(ctx, grad_loss, *_):
     student, teacher, labels, sampled_ids, stats, active = ctx.saved_tensors
     row_scale = torch.where(active, grad_loss.to(stats.dtype), torch.zeros_like(stats[:, 0]))
     grad = row_losses_backward(student, teacher, labels, sampled_ids, stats, row_scale, *ctx.scalars)
@@ -114,15 +123,18 @@ def fused_linear(student_hidden: Tensor, student_weight: Tensor, student_bias: O
                  teacher_hidden: Optional[Tensor], teacher_weight: Optional[Tensor], teacher_bias: Optional[Tensor],
                  teacher_logits: Optional[Tensor], labels: Optional[Tensor], sampled_ids: Optional[Tensor],
                  active: Tensor, objective: str, temperature: float, ignore_index: int, log_mix_p: float,
-                 log_mix_q: float, seed: int, fkl_weight: float, rkl_weight: float, reduction: str, chunk_size: int,
-                 backend: str, want_hidden: bool, want_weight: bool, want_bias: bool
-                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                 log_mix_q: float, seed: int, fkl_weight: float, rkl_weight: float, ce_weight: float,
+                 cross_entropy: bool, reduction: str, chunk_size: int, backend: str, want_hidden: bool,
+                 want_weight: bool, want_bias: bool
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """`(loss, distillation, cross_entropy, y_hat, w_y, w_hat, grad_hidden, grad_weight, grad_bias)`."""
     inputs = LinearInputs(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
                           teacher_logits, labels, sampled_ids)
-    spec = Objective(objective, temperature, ignore_index, log_mix_p, log_mix_q, seed, fkl_weight, rkl_weight)
+    spec = Objective(objective, temperature, ignore_index, log_mix_p, log_mix_q, seed, fkl_weight, rkl_weight,
+                     ce_weight, cross_entropy)
     acc_dtype = accumulation_dtype(student_hidden.dtype)
     want = (want_hidden, want_weight, want_bias and student_bias is not None)
-    loss, details, grads = scalar_pass(inputs, active, spec, by_name(backend), chunk_size, reduction, want)
+    loss, details, parts, grads = scalar_pass(inputs, active, spec, by_name(backend), chunk_size, reduction, want)
 
     def empty(dtype=student_hidden.dtype):  # a fresh tensor each: outputs may not alias one another
         return student_hidden.new_empty((0,), dtype=dtype)
@@ -132,8 +144,9 @@ def fused_linear(student_hidden: Tensor, student_weight: Tensor, student_bias: O
         drawn = drawn.clone() if sampled_ids is not None else drawn
     else:
         drawn, w_label, w_sample = empty(torch.int64), empty(acc_dtype), empty(acc_dtype)
+    distillation, hard = parts if parts is not None else (empty(acc_dtype), empty(acc_dtype))
     grad_hidden, grad_weight, grad_bias = grads
-    return (loss, drawn, w_label, w_sample,
+    return (loss, distillation, hard, drawn, w_label, w_sample,
             grad_hidden if grad_hidden is not None else empty(),
             grad_weight.to(student_weight.dtype) if grad_weight is not None else empty(),
             grad_bias.to(student_bias.dtype) if grad_bias is not None else empty())
@@ -141,7 +154,7 @@ def fused_linear(student_hidden: Tensor, student_weight: Tensor, student_bias: O
 
 _FUSED_ARGUMENTS = LinearInputs._fields + (
     "active", "objective", "temperature", "ignore_index", "log_mix_p", "log_mix_q", "seed", "fkl_weight",
-    "rkl_weight", "reduction", "chunk_size", "backend", "want_hidden", "want_weight", "want_bias")
+    "rkl_weight", "ce_weight", "cross_entropy", "reduction", "chunk_size", "backend", "want_hidden", "want_weight", "want_bias")
 
 
 @fused_linear.register_fake
@@ -151,7 +164,9 @@ def _(*inputs):
     acc_dtype, rows = accumulation_dtype(hidden.dtype), hidden.shape[0]
     empty = hidden.new_empty((0,))
     hpd = Objective(named["objective"], 1.0, 0).is_hybrid
-    return (hidden.new_empty((), dtype=acc_dtype),
+    parts = named["cross_entropy"] and named["labels"] is not None
+    part = lambda: hidden.new_empty((rows,) if parts else (0,), dtype=acc_dtype)  # noqa: E731
+    return (hidden.new_empty((), dtype=acc_dtype), part(), part(),
             hidden.new_empty((rows,), dtype=torch.int64) if hpd else empty.long(),
             hidden.new_empty((rows,), dtype=acc_dtype) if hpd else empty.to(acc_dtype),
             hidden.new_empty((rows,), dtype=acc_dtype) if hpd else empty.to(acc_dtype),
@@ -163,7 +178,7 @@ def _(*inputs):
 def _fused_setup(ctx, inputs, output):
     named = _named(_FUSED_ARGUMENTS, inputs)
     ctx.wants = (named["want_hidden"], named["want_weight"], named["want_bias"] and named["student_bias"] is not None)
-    ctx.save_for_backward(*output[4:])
+    ctx.save_for_backward(*output[6:])
 
 
 def _fused_backward(ctx, grad_loss, *_):

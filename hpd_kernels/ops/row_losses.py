@@ -3,27 +3,77 @@
 `forward_rows` / `backward_rows` are the one place an `Objective` becomes a backend's entry point
 (`divergence_*` or `hybrid_*`); the logits-level Function (`RowLosses`), the fused-linear chunks
 and the custom ops all go through them.
+
+The hard-label term `ce_weight * CE(y)` is added here, around the backends, at no extra pass over
+the vocabulary. In the unified view it is `ce_weight` more weight on `y` (and on the row sum `W`).
+- Forward: `log q(y)` comes from the forward's own log-sum-exps and one gather per row.
+- Backward, HPD: its weights already sit on `y`, so `w_y` gains `ce_weight`.
+- Backward, divergences: the kernel runs with `W + ce_weight`. Two scatters per row then finish the
+  job: `+c` at `y` for the one-hot part, where `c = -(row_scale / T) ce_weight`, and `-c` at the
+  row's top column. The kernel wrote that top column as minus the sum of the others, which assumed
+  the row summed to 0; with `W + ce_weight` it sums to `-c`, and `-c` puts it back. When `y` is the
+  top column the two cancel. That is where `q(y)` is near 1, and there the top column keeps the
+  kernel's accurate value.
+
+A row where either side has no distribution (all logits `-inf`: `log_sum = -inf` in the stats; HPD
+marks a teacher's so) contributes 0 with its hard-label part, and gets no gradient.
 """
 
 from __future__ import annotations
 
+import math
+from typing import NamedTuple, Optional
+
 import torch
 
-from ..registry import STAT_W_LABEL, STAT_W_SAMPLE, Objective
+from ..registry import (STAT_LOG_SUM_S, STAT_LOG_SUM_T, STAT_ROW_WEIGHT, STAT_TOP_S, STAT_W_LABEL, STAT_W_SAMPLE,
+                        Objective)
 
 
-def forward_rows(backend, student, teacher, labels, sampled_ids, objective: Objective, row_offset=0):
-    """`(loss [N], stats [N, objective.stats_columns], y_hat [N] or None)` in the accumulation dtype.
-    HPD draws `y_hat` when `sampled_ids` is None, with the noise of rows `row_offset + i`."""
+class Rows(NamedTuple):
+    """What a forward computed per row: the loss (`distillation + ce_weight * cross_entropy`), its two
+    parts (`cross_entropy` None unless `objective.cross_entropy`), the stats, and HPD's `y_hat`."""
+
+    loss: torch.Tensor
+    distillation: torch.Tensor
+    cross_entropy: Optional[torch.Tensor]
+    stats: torch.Tensor
+    sampled_ids: Optional[torch.Tensor]
+
+
+def _defined(stats, objective):
+    """Rows where both sides have a distribution (see the module docstring)."""
+    defined = stats[:, STAT_LOG_SUM_S] != -math.inf
+    if not objective.is_hybrid:
+        defined = defined & (stats[:, STAT_LOG_SUM_T] != -math.inf)
+    return defined
+
+
+def _labelled(labels, vocab):
+    return (labels >= 0) & (labels < vocab)
+
+
+def forward_rows(backend, student, teacher, labels, sampled_ids, objective: Objective, row_offset=0) -> Rows:
+    """The per-row losses in the accumulation dtype. HPD draws `y_hat` when `sampled_ids` is None,
+    with the noise of rows `row_offset + i`."""
     if objective.is_hybrid:
-        return backend.hybrid_forward(
+        loss, stats, drawn = backend.hybrid_forward(
             student, teacher, labels, sampled_ids, seed=objective.seed, temperature=objective.temperature,
             fkl_weight=objective.fkl_weight, rkl_weight=objective.rkl_weight, ignore_index=objective.ignore_index,
             row_offset=row_offset)
-    loss, stats = backend.divergence_forward(
-        student, teacher, labels, divergence=objective.name, temperature=objective.temperature,
-        log_mix_p=objective.log_mix_p, log_mix_q=objective.log_mix_q, ignore_index=objective.ignore_index)
-    return loss, stats, None
+    else:
+        loss, stats = backend.divergence_forward(
+            student, teacher, labels, divergence=objective.name, temperature=objective.temperature,
+            log_mix_p=objective.log_mix_p, log_mix_q=objective.log_mix_q, ignore_index=objective.ignore_index)
+        drawn = None
+    if not objective.cross_entropy or labels is None:
+        return Rows(loss, loss, None, stats, drawn)
+    vocab = min(student.shape[1], teacher.shape[1])
+    counted = _labelled(labels, vocab) & (labels != objective.ignore_index) & _defined(stats, objective)
+    log_q_y = backend.label_log_probs(student, labels, stats, objective.temperature)
+    cross_entropy = torch.where(counted, -log_q_y, 0.0)
+    total = loss + objective.ce_weight * cross_entropy if objective.ce_weight else loss
+    return Rows(total, loss, cross_entropy, stats, drawn)
 
 
 def backward_rows(backend, student, teacher, labels, sampled_ids, stats, row_scale, grad, objective: Objective,
@@ -31,12 +81,24 @@ def backward_rows(backend, student, teacher, labels, sampled_ids, stats, row_sca
     """Write `dL/ds` of rows scaled by `row_scale` into `grad` (it may be `student` itself). HPD needs
     only the student (its weights sit on `y` and `y_hat`, within the shared `vocab`), the
     divergences the teacher too."""
+    hard = objective.ce_weight != 0 and labels is not None
+    if hard:  # `ce_weight` more on y and on W, on the rows that have a distribution
+        extra = (_defined(stats, objective) & _labelled(labels, vocab)).to(stats.dtype) * objective.ce_weight
+        stats = stats.clone()
+        stats[:, STAT_W_LABEL if objective.is_hybrid else STAT_ROW_WEIGHT] += extra
     if objective.is_hybrid:
         return backend.hybrid_backward(student, labels, sampled_ids, stats, row_scale, grad, vocab=vocab,
                                        temperature=objective.temperature)
-    return backend.divergence_backward(student, teacher, stats, row_scale, grad, divergence=objective.name,
-                                       temperature=objective.temperature, log_mix_p=objective.log_mix_p,
-                                       log_mix_q=objective.log_mix_q)
+    backend.divergence_backward(student, teacher, stats, row_scale, grad, divergence=objective.name,
+                                temperature=objective.temperature, log_mix_p=objective.log_mix_p,
+                                log_mix_q=objective.log_mix_q)
+    if hard:
+        rows = torch.nonzero((row_scale != 0) & (extra != 0))[:, 0]
+        c = -row_scale[rows] / objective.temperature * extra[rows]
+        for columns, sign in ((labels[rows], 1.0), (stats[rows, STAT_TOP_S].long(), -1.0)):
+            # Each row's two entries read and written in the accumulation dtype: one rounding.
+            grad[rows, columns] = (grad[rows, columns].to(c.dtype) + sign * c).to(grad.dtype)
+    return grad
 
 
 def hybrid_details(stats, sampled_ids):
@@ -45,8 +107,9 @@ def hybrid_details(stats, sampled_ids):
 
 
 class RowLosses(torch.autograd.Function):
-    """Per-row losses `[N]` of flattened logits, plus HPD's `y_hat`, `w_y`, `w_hat` (no gradient;
-    empty for the divergences); the gradient is recomputed in backward.
+    """Per-row losses `[N]` of flattened logits, plus (no gradient) the two parts, `distillation` and
+    `cross_entropy` (empty unless asked), and HPD's `y_hat`, `w_y`, `w_hat` (empty for the
+    divergences); the gradient is recomputed in backward.
 
     `backend` is the Triton backend, the torch backend or a `VocabParallel` slice. `active` marks
     the rows in the loss (the caller's, which knows the vocabulary the labels index). The reduction
@@ -56,18 +119,21 @@ class RowLosses(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student, teacher, labels, active, sampled_ids, objective, backend):
-        loss, stats, drawn = forward_rows(backend, student, teacher, labels, sampled_ids, objective)
+        rows = forward_rows(backend, student, teacher, labels, sampled_ids, objective)
         # HPD's backward needs no teacher: do not keep it alive until then.
-        ctx.save_for_backward(student, None if objective.is_hybrid else teacher, labels, drawn, stats, active)
+        ctx.save_for_backward(student, None if objective.is_hybrid else teacher, labels, rows.sampled_ids, rows.stats,
+                              active)
         ctx.objective, ctx.backend = objective, backend
         ctx.vocab = min(student.shape[1], teacher.shape[1])
+        empty = student.new_empty((0,), dtype=rows.stats.dtype)
         if objective.is_hybrid:
-            details = hybrid_details(stats, drawn)
+            details = hybrid_details(rows.stats, rows.sampled_ids)
         else:
-            empty = student.new_empty((0,), dtype=stats.dtype)
             details = (empty.long(), empty, empty.clone())
-        ctx.mark_non_differentiable(*details)
-        return (loss, *details)
+        parts = (rows.distillation.clone() if rows.loss is rows.distillation else rows.distillation,
+                 rows.cross_entropy if rows.cross_entropy is not None else empty.clone())
+        ctx.mark_non_differentiable(*parts, *details)
+        return (rows.loss, *parts, *details)
 
     @staticmethod
     def backward(ctx, grad_per_row, *_):

@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from ..registry import DIVERGENCE_STATS, HYBRID_STATS, accumulation_dtype
+from ..registry import DIVERGENCE_STATS, HYBRID_STATS, STAT_LOG_SUM_S, STAT_MAX_S, accumulation_dtype
 from .common import active_rows, temperature_scalars
 from .gumbel import gumbel2_torch, row_keys_torch, seed_key
 
@@ -270,10 +270,22 @@ def hybrid_forward(student, teacher, labels, sampled_ids, *, seed, temperature, 
         defined = live & _defined(log_sum_s, log_sum_t)
         loss[rows] = _zero_unless(defined, per_row)
         pivot = vocabulary.hpd_pivot(log_q_y, log_q_hat, safe_y, safe_hat).to(acc_dtype)
-        stats[rows] = torch.stack([max_s, log_sum_s, pivot, _zero_unless(defined, w_y), _zero_unless(defined, w_hat)],
+        # A row whose teacher has no distribution is marked as the student's would be (log_sum -inf):
+        # the backward then leaves it out, hard-label term included.
+        marked = torch.where(log_sum_t != -math.inf, log_sum_s, -math.inf)
+        stats[rows] = torch.stack([max_s, marked, pivot, _zero_unless(defined, w_y), _zero_unless(defined, w_hat)],
                                   dim=1)
         out_ids[rows] = torch.where(live, chunk_ids, out_ids[rows])
     return loss, stats, (out_ids if sample else sampled_ids)
+
+
+def label_log_probs(student, labels, stats, temperature):
+    """`log q(y)` per row (natural units) from a forward's stats (the max and log-sum of the scaled
+    logits): one gather, no vocabulary pass. Rows with `labels` outside `[0, V_s)` read column 0
+    (the caller masks them)."""
+    safe = torch.where((labels >= 0) & (labels < student.shape[1]), labels, 0)
+    logits = student.gather(1, safe[:, None])[:, 0].to(stats.dtype) * (1.0 / temperature)
+    return (logits - stats[:, STAT_MAX_S]) - stats[:, STAT_LOG_SUM_S]
 
 
 def hybrid_backward(student, labels, sampled_ids, stats, row_scale, grad, *, vocab, temperature, to_local=None):

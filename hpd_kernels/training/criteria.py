@@ -47,9 +47,10 @@ def cross_entropy_from_hidden(hidden, weight, labels, ignore_index=-100, chunk_r
 
 def distillation_loss(objective, student_hidden, student_weight, teacher_hidden, teacher_weight, labels, *,
                       seed=None, temperature=1.0, fkl_weight=1.0, rkl_weight=1.0, beta=0.5, alpha=0.1,
-                      backend="auto", num_items_in_batch=None):
+                      backend="auto", num_items_in_batch=None, ce_weight=0.0):
     """`(loss, details)` for one objective; `details` holds HPD's sampled ids and `y_hat != y` rate.
-    `num_items_in_batch`: divide the sum by the global batch's active tokens instead of the mean."""
+    `num_items_in_batch`: divide the sum by the global batch's active tokens instead of the mean.
+    `ce_weight`: the losses' fused hard-label term (the cross-entropy at `temperature`)."""
     if objective == SFT:
         return cross_entropy_from_hidden(student_hidden, student_weight, labels,
                                          num_items_in_batch=num_items_in_batch), None
@@ -57,12 +58,13 @@ def distillation_loss(objective, student_hidden, student_weight, teacher_hidden,
         return hpd_kernels.fused_linear_hybrid_kl_loss(
             student_hidden, student_weight, teacher_hidden, teacher_weight, labels, seed=seed, temperature=temperature,
             fkl_weight=fkl_weight, rkl_weight=rkl_weight, backend=backend, return_details=True,
-            num_items_in_batch=num_items_in_batch)
+            num_items_in_batch=num_items_in_batch, ce_weight=ce_weight)
     if objective not in SHORT_NAMES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     loss = hpd_kernels.fused_linear_divergence_loss(
         student_hidden, student_weight, teacher_hidden, teacher_weight, labels, divergence=SHORT_NAMES[objective],
-        beta=beta, alpha=alpha, temperature=temperature, backend=backend, num_items_in_batch=num_items_in_batch)
+        beta=beta, alpha=alpha, temperature=temperature, backend=backend, num_items_in_batch=num_items_in_batch,
+        ce_weight=ce_weight)
     return loss, None
 
 

@@ -124,6 +124,9 @@ def batch_loss(config: TrainConfig, student, teacher, input_ids, loss_mask, pad_
         loss, _ = distillation_loss("sft", hidden, student_weight, None, None, labels,
                                     num_items_in_batch=num_items_in_batch)
     else:
+        # The losses fuse the hard-label term, as the cross-entropy at their temperature: at T = 1
+        # (the default) that is the data's cross-entropy, at no extra pass; otherwise it is its own pass.
+        fused_ce = config.ce_weight if config.temperature == 1.0 else 0.0
         with torch.no_grad():
             teacher_hidden = _forward(teacher, input_ids, attention, bf16)
             teacher_weight = teacher.lm_head.weight
@@ -133,10 +136,11 @@ def batch_loss(config: TrainConfig, student, teacher, input_ids, loss_mask, pad_
         loss, details = distillation_loss(
             config.objective, hidden, student_weight, teacher_hidden, teacher_weight, labels,
             seed=seed, temperature=config.temperature, fkl_weight=config.fkl_weight, rkl_weight=config.rkl_weight,
-            beta=config.beta, alpha=config.alpha, backend=config.backend, num_items_in_batch=num_items_in_batch)
+            beta=config.beta, alpha=config.alpha, backend=config.backend, num_items_in_batch=num_items_in_batch,
+            ce_weight=fused_ce)
         if details is not None:
             metrics["mismatch_rate"] = float(details.mismatch_rate)
-    if config.ce_weight and config.objective != "sft":
+    if config.ce_weight and config.objective != "sft" and config.temperature != 1.0:
         extra, _ = distillation_loss("sft", hidden, student_weight, None, None, labels,
                                      num_items_in_batch=num_items_in_batch)
         loss = loss + config.ce_weight * extra

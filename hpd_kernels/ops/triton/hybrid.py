@@ -129,7 +129,9 @@ if HAS_TRITON:
         tl.store(loss_ptr + rows, tl.where(defined, loss, 0.0), mask=in_range)
         stats = stats_ptr + rows * _STATS
         tl.store(stats + _MAX_S, max_s, mask=active)
-        tl.store(stats + _LOG_SUM_S, log_sum_s, mask=active)
+        # A row whose teacher has no distribution is marked as the student's would be (log_sum -inf):
+        # the backward then leaves it out, hard-label term included.
+        tl.store(stats + _LOG_SUM_S, tl.where(log_sum_t != float("-inf"), log_sum_s, float("-inf")), mask=active)
         tl.store(stats + _TOP_S, hpd_pivot(log_q_y, log_q_hat, labels, sampled).to(acc_dtype), mask=active)
         tl.store(stats + _W_LABEL, tl.where(defined, w_y, 0.0), mask=in_range)
         tl.store(stats + _W_SAMPLE, tl.where(defined, w_hat, 0.0), mask=in_range)
