@@ -139,7 +139,19 @@ def check_options(temperature, reduction, backend, ignore_index):
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
+# Peers' reductions, with how to get the same number here.
+PEER_REDUCTIONS = {
+    "batchmean": "TRL's 'batchmean' (its generalized_jsd_loss) is the mean over the active tokens: "
+                 "reduction='mean'; torch.nn.KLDivLoss's 'batchmean' (sum / batch size) is reduction='sum' "
+                 "divided by the batch size",
+    "elementwise": "the losses never hold [tokens, vocab] terms; reduction='none' gives one value per token "
+                   "(hpd_kernels.reference computes element-wise terms)",
+}
+
+
 def check_reduction(reduction):
+    if reduction in PEER_REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}: {PEER_REDUCTIONS[reduction]}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
 

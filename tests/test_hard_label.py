@@ -159,3 +159,10 @@ def test_trainer_ce_weight_is_the_fused_term():
                                             labels, backend="torch")
                 + 0.3 * torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE))
     torch.testing.assert_close(loss, expected, **TOL)
+
+
+@pytest.mark.parametrize("reduction,hint", [("batchmean", "reduction='mean'"), ("elementwise", "one value per token")])
+def test_peer_reductions_say_how_to_get_the_same_number(reduction, hint):
+    student, teacher = torch.randn(3, 7), torch.randn(3, 7)
+    with pytest.raises(ValueError, match=hint):
+        hpd_kernels.forward_kl_loss(student, teacher, reduction=reduction)
