@@ -30,24 +30,16 @@ from hpd_kernels.training.jsonfiles import WriteError, write_json_atomic
 from hpd_kernels.training.locks import LOCK_NAME, LockedError, lock_directory
 from hpd_kernels.training.trainer import TrainConfig, train
 
-VOCAB, EOS = 11, 2
+from toy_training import EOS, VOCAB, toy_examples, toy_model  # noqa: E402,F401
 TIMING = ("tokens_per_s", "step_time_s", "peak_memory_mb")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _examples(n=48, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    examples = []
-    for _ in range(n):
-        prompt = torch.randint(3, VOCAB, (int(torch.randint(2, 5, (1,), generator=generator)),),
-                               generator=generator).tolist()
-        examples.append((prompt, [(token * 2) % (VOCAB - 3) + 3 for token in prompt] + [EOS]))
-    return examples
+    return toy_examples(n, seed)
 
 
-def _model(hidden, seed):
-    torch.manual_seed(seed)
-    return DecoderLM(DecoderConfig(vocab_size=VOCAB, hidden_size=hidden, num_layers=1, num_heads=2, max_positions=32))
+_model = toy_model
 
 
 def _without_timing(records):

@@ -9,7 +9,7 @@ import json
 import torch
 
 from ..models.decoder import DecoderLM
-from .checkpoint import load_model
+from .checkpoint import file_sha256, load_model
 from .config import ConfigError, decoder_config, train_config
 from .data import DataError, CharTokenizer, HFTokenizer, check_aligned, encode_pairs, read_jsonl
 from .task import encode_examples, make_problems, task_tokenizer
@@ -44,7 +44,7 @@ class Workload:
             encode_pairs(eval_pairs, self.tokenizer, config.get("eval_data") or config["data"])
             self.eval_problems = [(prompt, response, response) for prompt, response in eval_pairs]
             self.score = lambda text, problem: text.strip() == problem[1].strip()
-            self.files = {path: _file_sha256(path) for path in (config["data"], config.get("eval_data")) if path}
+            self.files = {path: file_sha256(path) for path in (config["data"], config.get("eval_data")) if path}
             self.identity = {"data_sha256": self.files[config["data"]]}
         limit = config["eval"].get("limit")
         if limit:
@@ -119,13 +119,6 @@ class Workload:
             config.max_new_tokens = max(len(response) for _, response in self.examples)
         return config
 
-
-def _file_sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def build_model(section, tokenizer, role, device):
