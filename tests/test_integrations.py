@@ -200,6 +200,14 @@ def test_hf_trainer_run_lowers_the_distillation_loss(models, tmp_path, objective
     assert trainer.loss_is_scaled_for_ga
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert len(losses) == 6 and all(torch.isfinite(torch.tensor(losses)))
+    # Evaluation: one batch of 4 rows, the mean over its tokens.
+    first_rows = {key: value[:4] for key, value in data.items()}
+    trainer.args.per_device_eval_batch_size = 4
+    evaluated = trainer.evaluate(eval_dataset=Rows(first_rows))["eval_loss"]
+    with torch.no_grad():
+        expected = hf_integration.distillation_loss(student, teacher, first_rows, objective=objective, seed=0)
+    if objective == "forward_kl":   # HPD's draw in evaluation comes from the trainer's seed sequence
+        assert evaluated == pytest.approx(expected.item(), rel=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -68,7 +68,10 @@ def lm_head_of(model):
 
 
 def _logits_argument(model):
-    parameters = inspect.signature(_unwrap(model).forward).parameters
+    model = _unwrap(model)
+    if hasattr(model, "get_base_model"):   # PEFT: the wrapper's forward passes its kwargs on
+        model = model.get_base_model()
+    parameters = inspect.signature(model.forward).parameters
     for name in ("logits_to_keep", "num_logits_to_keep"):   # the latter in transformers < 4.50
         if name in parameters:
             return name
@@ -203,4 +206,5 @@ class DistillationTrainer(transformers.Trainer):
             loss = loss * (self.accelerator.num_processes // tp_size if self.args.n_gpu <= 1 else self.args.n_gpu)
         # Divided by the accumulated batch's token count: the Trainer must not divide it again.
         self.loss_is_scaled_for_ga = num_items_in_batch is not None
-        return (loss, outputs) if return_outputs else loss
+        # Evaluation's predictions: the student's logits (not its tuple of hidden states).
+        return (loss, {"logits": outputs.logits}) if return_outputs else loss
