@@ -3,7 +3,9 @@
 # - the CPU build of PyTorch when no NVIDIA GPU is visible (an unpinned torch would pull the
 #   multi-GB CUDA build), the default build otherwise;
 # - this package, editable, with its `test` extra (pytest, hypothesis, scipy, matplotlib for the
-#   plots, transformers for the Hugging Face adapter), which also gives the `hpd` command.
+#   plots, transformers, accelerate, trl and datasets, pinned, for the Hugging Face adapter and the
+#   trainer integrations; none of them replaces the torch installed here), which also gives the
+#   `hpd` command.
 #   bash scripts/setup_env.sh && .venv/bin/hpd distill
 set -euo pipefail
 cd "$(dirname "$0")/.."
