@@ -97,6 +97,8 @@ def assert_grads_close(a, b, rtol=1e-4, atol=1e-6):
     ("jsd", dict(beta=0.3, temperature=2.0),
      lambda s, t, y: hpd_kernels.generalized_jsd_loss(s, t, y, beta=0.3, temperature=2.0)),
     ("rkl", {}, lambda s, t, y: hpd_kernels.reverse_kl_loss(s, t, y)),
+    ("fkl", dict(ce_weight=0.4), lambda s, t, y: hpd_kernels.forward_kl_loss(s, t, y) + 0.4 * torch.nn.functional.cross_entropy(
+        s.flatten(0, 1), y.flatten(), ignore_index=-100)),
 ])
 def test_hf_loss_equals_loss_on_full_logits(models, objective, options, by_hand):
     student, teacher = models

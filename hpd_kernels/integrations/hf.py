@@ -127,14 +127,15 @@ def _num_items(num_items_in_batch):
 
 def distillation_loss(model, teacher_model, inputs, *, objective="hpd", temperature=1.0, fkl_weight=1.0,
                       rkl_weight=1.0, beta=0.5, alpha=0.1, seed=None, ignore_index=-100, num_items_in_batch=None,
-                      reduction="mean", chunk_size=None, backend="auto", return_outputs=False):
+                      reduction="mean", chunk_size=None, backend="auto", ce_weight=0.0, return_outputs=False):
     """The distillation loss of a causal-LM batch (`inputs` with `labels`), without full logits.
 
     `objective`: `"hpd"` (options `fkl_weight`, `rkl_weight`, `seed`: None draws one from torch's
     generator) or a divergence (`forward_kl`, `reverse_kl`, `jsd` with `beta`, `skew_forward_kl` /
     `skew_reverse_kl` with `alpha`, `tvd`; the short names `fkl`, `rkl`, ... too). The teacher runs
     under `no_grad` and is put in eval mode. `num_items_in_batch` (with `reduction="mean"`) divides
-    the summed loss instead of this batch's active tokens. `return_outputs=True` also returns the
+    the summed loss instead of this batch's active tokens. `ce_weight` adds the fused hard-label
+    term (`ce_weight` times the data's cross-entropy at `temperature`). `return_outputs=True` also returns the
     student's outputs, with full logits (for evaluation).
     """
     name = _objective(objective)
@@ -151,7 +152,7 @@ def distillation_loss(model, teacher_model, inputs, *, objective="hpd", temperat
                    teacher_hidden=teacher_hidden[:, :-1], teacher_weight=teacher_weight,
                    teacher_bias=teacher_bias, labels=labels[:, 1:].to(student_hidden.device),
                    temperature=temperature, ignore_index=ignore_index, reduction=reduction, chunk_size=chunk_size,
-                   backend=backend, num_items_in_batch=_num_items(num_items_in_batch))
+                   backend=backend, num_items_in_batch=_num_items(num_items_in_batch), ce_weight=ce_weight)
     if name == HPD:
         loss = fused_linear_hybrid_kl_loss(**shifted, seed=seed, fkl_weight=fkl_weight, rkl_weight=rkl_weight)
     else:
@@ -171,12 +172,13 @@ class DistillationTrainer(transformers.Trainer):
 
     def __init__(self, model=None, teacher_model=None, args=None, *trainer_args, objective="hpd", temperature=1.0,
                  fkl_weight=1.0, rkl_weight=1.0, beta=0.5, alpha=0.1, seed=None, chunk_size=None, backend="auto",
-                 **trainer_kwargs):
+                 ce_weight=0.0, **trainer_kwargs):
         if teacher_model is None:
             raise ValueError("DistillationTrainer needs a teacher_model")
         self.objective = _objective(objective)
         self.objective_options = dict(temperature=temperature, fkl_weight=fkl_weight, rkl_weight=rkl_weight,
-                                      beta=beta, alpha=alpha, chunk_size=chunk_size, backend=backend)
+                                      beta=beta, alpha=alpha, chunk_size=chunk_size, backend=backend,
+                                      ce_weight=ce_weight)
         self.seed = seed
         super().__init__(model, args, *trainer_args, **trainer_kwargs)
         teacher_model.requires_grad_(False)
