@@ -189,8 +189,15 @@ def _run_bench(args):
     return bench_main(args.bench_args) or 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the project's error style: one line and exit code 2 (`--help` has the usage)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def build_parser():
-    parser = argparse.ArgumentParser(prog="hpd", description="hpd-kernels: fused distillation losses, a trainer "
+    parser = _Parser(prog="hpd", description="hpd-kernels: fused distillation losses, a trainer "
                                                              "that uses them, and their benchmarks.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="{distill,experiment,bench}")
     _distill_parser(subparsers)

@@ -327,3 +327,17 @@ def test_train_config_checks_through_the_schema():
         TrainConfig.from_dict({"stepz": 1})
     with pytest.raises(ConfigError, match=r"my\.json: distill\.steps must be an integer >= 1, got true"):
         TrainConfig.from_dict({"steps": True}, "my.json", "distill")
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["distill", "--steps", "abc"], "argument --steps: invalid int value: 'abc'"),
+    (["experiment", "--workers", "x"], "argument --workers: invalid int value: 'x'"),
+    (["distill", "--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+])
+def test_flags_argparse_refuses_are_one_line_too(workdir, capsys, argv, needle):
+    before = _tree(str(workdir))
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv + ["--out", str(workdir / "out")])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and "\n" not in err and needle in err, err
+    assert _tree(str(workdir)) == before
