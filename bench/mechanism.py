@@ -234,7 +234,7 @@ def run(out, *, t_end=T_END):
     }
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "mechanism.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+        json.dump(summary, f)
     with open(os.path.join(out, "mechanism.md"), "w") as f:
         f.write(markdown(summary))
     plot(summary, os.path.join(out, "mechanism.png"))
