@@ -94,6 +94,11 @@ def converted_dir(value, cache_dir, log=None):
         except (OSError, ValueError, KeyError, RuntimeError) as error:
             reason = str(error).splitlines()[0] if str(error) else type(error).__name__
             raise GGUFError(f"transformers cannot load {path}: {reason}") from None
+        # The weights are dequantized float32 already; transformers still marks the model as
+        # GGUF-quantized and refuses to save it, so the mark is dropped.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
         tokenizer.save_pretrained(temporary)
         model.save_pretrained(temporary)
         with open(os.path.join(temporary, "SOURCE"), "w") as handle:
