@@ -99,9 +99,11 @@ def test_the_packaged_gguf_loads_offline_as_smollm2_135m(cache_dir):
 
 
 def test_hpd_distill_smollm2_into_a_truncated_copy_on_cpu(cache_dir, tmp_path, capsys):
-    """Teacher: SmolLM2 truncated to 2 layers (for time), student: 1 layer; 2 HPD steps, batch 2."""
-    code, out, err = _distill(tmp_path, capsys, {"gguf": "smollm2", "num_layers": 2},
-                              {"gguf": "smollm2", "num_layers": 1}, cache_dir)
+    """Teacher: SmolLM2 truncated to 2 layers (for time) and fine-tuned one sft step as the GPU
+    preset's is (then cached); student: 1 layer; 2 HPD steps, batch 2."""
+    teacher = {"gguf": "smollm2", "num_layers": 2,
+               "train": {"objective": "sft", "steps": 1, "batch_size": 2, "lr": 1e-5, "warmup_steps": 0}}
+    code, out, err = _distill(tmp_path, capsys, teacher, {"gguf": "smollm2", "num_layers": 1}, cache_dir)
     assert code == 0, err
     assert "| student after hpd |" in out
     run = tmp_path / "run"
@@ -116,6 +118,8 @@ def test_hpd_distill_smollm2_into_a_truncated_copy_on_cpu(cache_dir, tmp_path, c
     assert math.isfinite(results["evaluations"]["student_after"]["fkl_to_teacher"])
     saved = json.loads((run / "config.json").read_text())
     assert saved["student"] == {"gguf": "smollm2", "num_layers": 1}  # the run records the name, not a path
+    assert "teacher: fine-tuning with sft (1 steps)" in out
+    assert len([name for name in os.listdir(cache_dir) if name.startswith("teacher-")]) == 1  # cached
 
 
 def test_num_layers_beyond_the_model_is_one_line(cache_dir, tmp_path, capsys):
