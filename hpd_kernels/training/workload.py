@@ -15,14 +15,37 @@ from .data import DataError, CharTokenizer, HFTokenizer, check_aligned, encode_p
 from .task import encode_examples, make_problems, task_tokenizer
 
 
-class Workload:
-    """Tokenizer, training examples and evaluation problems `(prompt, response, answer)`."""
+def is_hugging_face(section):
+    """A teacher or student section of a Hugging Face model (`hf` or `gguf`)."""
+    return "hf" in section or "gguf" in section
 
-    def __init__(self, config):
+
+def hf_folder(section, role, cache_dir=None, log=None):
+    """`(folder or hub id, name)` of an `hf` or `gguf` section: a GGUF file is converted once into
+    a Hugging Face folder under `cache_dir` (`models/gguf.py`)."""
+    if "hf" in section:
+        return section["hf"], section["hf"]
+    from ..models.gguf import GGUFError, converted_dir
+    from .rundir import default_cache_dir
+
+    try:
+        return converted_dir(section["gguf"], cache_dir or default_cache_dir(), log), section["gguf"]
+    except GGUFError as error:
+        raise ConfigError(f"{role}.gguf: {error}") from None
+
+
+class Workload:
+    """Tokenizer, training examples and evaluation problems `(prompt, response, answer)`.
+    Hugging Face models bring their tokenizer (a GGUF file is converted under `cache_dir`)."""
+
+    def __init__(self, config, cache_dir=None, log=None):
         self.config = config
+        self.cache_dir, self.log = cache_dir, log
         if "task" in config:
             task = config["task"]
-            self.tokenizer = task_tokenizer()
+            # The built-in task's text, tokenized by the models' own tokenizer when they have one.
+            hf = any(is_hugging_face(config[role]) for role in ("teacher", "student"))
+            self.tokenizer = self._tokenizer(config, ()) if hf else task_tokenizer()
             shape = dict(min_terms=task["min_terms"], max_terms=task["max_terms"], max_value=task["max_value"])
             train_problems = make_problems(task["train_problems"], task["seed"], **shape)
             self.eval_problems = make_problems(task["eval_problems"], task["seed"] + 1_000_000, **shape)
@@ -60,21 +83,25 @@ class Workload:
         return {"files": dict(self.files), "examples_sha256": examples_sha256(self.examples),
                 "eval_sha256": hashlib.sha256(json.dumps(self.eval_problems).encode()).hexdigest()}
 
-    @staticmethod
-    def _tokenizer(config, texts):
-        tokenizers = {}
+    def _tokenizer(self, config, texts):
+        tokenizers, names, loaded = {}, {}, {}
         for role in ("teacher", "student"):
-            if "hf" in config[role]:
+            if is_hugging_face(config[role]):
+                folder, names[role] = hf_folder(config[role], role, self.cache_dir, self.log)
+                if folder in loaded:  # the same model (truncated or not): one tokenizer
+                    tokenizers[role] = loaded[folder]
+                    continue
                 try:
-                    tokenizers[role] = HFTokenizer.from_pretrained(config[role]["hf"])
+                    tokenizers[role] = loaded[folder] = HFTokenizer.from_pretrained(folder, names[role])
                 except (OSError, ValueError) as error:
                     if isinstance(error, DataError):
                         raise
                     reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-                    raise ConfigError(f"{role}.hf: cannot load a tokenizer from {config[role]['hf']!r}: "
+                    kind = "hf" if "hf" in config[role] else "gguf"
+                    raise ConfigError(f"{role}.{kind}: cannot load a tokenizer from {names[role]!r}: "
                                       f"{reason}") from None
-        if len(tokenizers) == 2:
-            check_aligned(tokenizers["teacher"], tokenizers["student"], config["teacher"]["hf"], config["student"]["hf"])
+        if len(tokenizers) == 2 and tokenizers["teacher"] is not tokenizers["student"]:
+            check_aligned(tokenizers["teacher"], tokenizers["student"], names["teacher"], names["student"])
         if tokenizers:
             return tokenizers.get("student") or tokenizers["teacher"]
         return CharTokenizer.from_texts(text for pair in texts for text in pair)
@@ -121,18 +148,21 @@ class Workload:
 
 
 
-def build_model(section, tokenizer, role, device):
-    """The teacher or student of a config section, on `device`, in float32."""
-    if "hf" in section:
+def build_model(section, tokenizer, role, device, cache_dir=None, log=None):
+    """The teacher or student of a config section, on `device`, in float32 (a GGUF file is
+    converted once under `cache_dir`, default `default_cache_dir()`)."""
+    if is_hugging_face(section):
         from ..models.hf import HFCausalLM
 
+        folder, name = hf_folder(section, role, cache_dir, log)
+        kind = "hf" if "hf" in section else "gguf"
         try:
-            model = HFCausalLM.from_pretrained(section["hf"], dtype=torch.float32)
+            model = HFCausalLM.from_pretrained(folder, num_layers=section.get("num_layers"), dtype=torch.float32)
         except (OSError, ValueError) as error:
-            raise ConfigError(f"{role}.hf: cannot load a model from {section['hf']!r}: "
+            raise ConfigError(f"{role}.{kind}: cannot load a model from {name!r}: "
                               f"{str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
         if model.vocab_size < tokenizer.vocab_size:
-            raise DataError(f"{role} {section['hf']} has {model.vocab_size} output rows but the tokenizer has "
+            raise DataError(f"{role} {name} has {model.vocab_size} output rows but the tokenizer has "
                             f"{tokenizer.vocab_size} tokens: the vocabularies cannot be aligned")
     else:
         decoder = decoder_config({"vocab_size": tokenizer.vocab_size, **section["decoder"]}, tokenizer.vocab_size,
