@@ -10,10 +10,12 @@ Rows are processed in chunks whose float32 temporaries stay under a fixed budget
 from __future__ import annotations
 
 import math
+import os
+import warnings
 
 import torch
 
-from ..registry import DIVERGENCE_STATS, HYBRID_STATS, accumulation_dtype
+from ..registry import DIVERGENCE_STATS, HYBRID_STATS, STAT_TOP_S, accumulation_dtype
 from .common import active_rows, temperature_scalars
 from .gumbel import gumbel2_torch, row_keys_torch, seed_key
 
@@ -22,6 +24,44 @@ NAME = "torch"
 # Bytes of one chunk's [rows, V] temporaries in the accumulation dtype. The divergences keep about
 # eight of them alive at once, so 8 MiB each bounds a chunk's working set near 64 MiB.
 CHUNK_BYTES = 8 * 2**20
+
+
+# The per-chunk math runs through `torch.compile` (inductor) where it can: one fused loop per row
+# pass instead of one eager pass per elementwise op. `HPD_KERNELS_TORCH_COMPILE=0` turns it off;
+# a compile that fails (no C++ compiler, an unsupported torch) warns once and leaves eager for good.
+COMPILE_ENV = "HPD_KERNELS_TORCH_COMPILE"
+# Each compiled function holds one graph per (divergence, dtypes, vocabulary kind): more than
+# dynamo's default of 8 entries per function; shapes are dynamic, so chunk sizes do not add any.
+_RECOMPILE_LIMIT = 64
+
+
+class _Compiled:
+    """`fn` through `torch.compile(dynamic=True)` on first use, or `fn` itself where compiling is off,
+    failed once, or already under an outer compile (which traces `fn` itself)."""
+
+    failed = False  # shared: one failure turns every compiled function off (one warning)
+
+    def __init__(self, fn):
+        self.fn, self.compiled = fn, None
+
+    def __call__(self, *args):
+        if _Compiled.failed or torch.compiler.is_compiling() or os.environ.get(COMPILE_ENV, "1") == "0":
+            return self.fn(*args)
+        try:
+            if self.compiled is None:
+                self.compiled = torch.compile(self.fn, dynamic=True)
+            with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
+                return self.compiled(*args)
+        except Exception as error:  # noqa: BLE001 - any compile failure: eager from now on
+            _Compiled.failed = True
+            warnings.warn(f"hpd_kernels: torch.compile of the torch backend's chunk math failed; using eager "
+                          f"PyTorch from now on ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})",
+                          RuntimeWarning, stacklevel=2)
+            return self.fn(*args)
+
+
+def _compiled(fn):
+    return _Compiled(fn)
 
 
 def _rows_per_chunk(vocab: int, acc_dtype: torch.dtype) -> int:
@@ -74,8 +114,13 @@ def _logaddexp(a, b):
     return reference + torch.log(torch.exp(a - reference) + torch.exp(b - reference))
 
 
+def _mixture_weight(log_mix):
+    return math.exp(log_mix) if isinstance(log_mix, (int, float)) else log_mix.exp()
+
+
 def divergence_terms(log_q, log_p, log_mix_p, log_mix_q, divergence):
-    """Per-token value and weight `w` of one divergence (mirror of the Triton `divergence_terms`)."""
+    """Per-token value and weight `w` of one divergence (mirror of the Triton `divergence_terms`).
+    The log mixture weights are Python floats or 0-d tensors (the compiled chunks' parameters)."""
     q, p = log_q.exp(), log_p.exp()
     if divergence == "forward_kl":
         value = _zero_if(p == 0, p * (log_p - log_q))
@@ -87,9 +132,10 @@ def divergence_terms(log_q, log_p, log_mix_p, log_mix_q, divergence):
         return 0.5 * (p - q).abs(), 0.5 * q * torch.sign(p - q)
     log_m = _logaddexp(log_mix_p + log_p, log_mix_q + log_q)
     if divergence == "jsd":
-        value = (math.exp(log_mix_p) * _zero_if(p == 0, p * (log_p - log_m))
-                 + math.exp(log_mix_q) * _zero_if(q == 0, q * (log_q - log_m)))
-        weight = math.exp(log_mix_q) * _zero_if(q == 0, q * (log_m - log_q))
+        mix_p, mix_q = _mixture_weight(log_mix_p), _mixture_weight(log_mix_q)
+        value = (mix_p * _zero_if(p == 0, p * (log_p - log_m))
+                 + mix_q * _zero_if(q == 0, q * (log_q - log_m)))
+        weight = mix_q * _zero_if(q == 0, q * (log_m - log_q))
     elif divergence == "skew_forward_kl":
         value = _zero_if(p == 0, p * (log_p - log_m))
         # p * (q / m), the ratio from logs: it stays O(1) where q alone underflows to 0 (alpha -> 0).
@@ -100,6 +146,90 @@ def divergence_terms(log_q, log_p, log_mix_p, log_mix_q, divergence):
     else:
         raise ValueError(divergence)
     return value, weight
+
+
+def _parameters(temperature, log_mix_p=0.0, log_mix_q=0.0):
+    """A compiled chunk's scalars as one float64 tensor `[1 / T, log_mix_p, log_mix_q]`: tensors, so
+    that a new temperature or mixture weight reuses the compiled code."""
+    return torch.tensor([1.0 / temperature, log_mix_p, log_mix_q], dtype=torch.float64)
+
+
+def _scale(chunk, acc_dtype, inv_temperature):
+    """`chunk / T` in the accumulation dtype; `inv_temperature` a 0-d tensor."""
+    return chunk.to(acc_dtype) * inv_temperature.to(acc_dtype)
+
+
+def _divergence_chunk_forward(student, teacher, params, divergence: str):
+    """The whole forward of a chunk whose rows hold the whole vocabulary: row value, row weight and
+    the stats `max_s, log_sum_s, top_s, max_t, log_sum_t` (compiled: a few fused row loops)."""
+    acc_dtype = accumulation_dtype(student.dtype)
+    s, t = _scale(student, acc_dtype, params[0]), _scale(teacher, acc_dtype, params[0])
+    (max_s, log_sum_s), (max_t, log_sum_t) = logsumexp_parts(s), logsumexp_parts(t)
+    top_s = WHOLE.top_column(s)
+    value, weight = divergence_terms(_log_softmax(s, max_s, log_sum_s), _log_softmax(t, max_t, log_sum_t),
+                                     params[1], params[2], divergence)
+    return value.sum(-1), weight.sum(-1), max_s, log_sum_s, top_s, max_t, log_sum_t
+
+
+def _divergence_chunk_terms(s, t, max_s, log_sum_s, max_t, log_sum_t, params, divergence: str):
+    """`[rows, 2]` sums of a chunk's values and weights over its columns, given the row stats (the
+    elementwise part between a vocabulary slice's collectives; compiled)."""
+    value, weight = divergence_terms(_log_softmax(s, max_s, log_sum_s), _log_softmax(t, max_t, log_sum_t),
+                                     params[1], params[2], divergence)
+    return torch.stack([value.sum(-1), weight.sum(-1)], dim=1)
+
+
+def _finish_gradient(chunk_grad, live, top, has_top: bool, out_dtype):
+    """Zero the rows that are not live and give each row's top column (`top >= 0`) minus the sum of
+    its other columns, in `out_dtype`: a softmax gradient sums to 0, and `w - q W` at q near 1 would
+    cancel large terms. Where that sum is not finite (an infinite divergence) the column keeps its
+    `w - q W` value (see the Triton twin). Comparisons, not a scatter, so that it fuses."""
+    chunk_grad = _zero_unless(live[:, None], chunk_grad)
+    if has_top:
+        columns = torch.arange(chunk_grad.shape[1], device=chunk_grad.device)
+        is_top = columns[None, :] == top.to(torch.int64)[:, None]
+        from_others = -_zero_unless(~is_top, chunk_grad).sum(-1)
+        chunk_grad = torch.where(is_top & from_others.isfinite()[:, None], from_others[:, None], chunk_grad)
+    return chunk_grad.to(out_dtype)
+
+
+def _divergence_chunk_backward(student, teacher, stats, scale, params, divergence: str, has_top: bool, out_dtype):
+    """A chunk's gradient `-(scale / T) (w - q W)` (compiled: one or two fused row loops)."""
+    acc_dtype = stats.dtype
+    s, t = _scale(student, acc_dtype, params[0]), _scale(teacher, acc_dtype, params[0])
+    max_s, log_sum_s, top_s, max_t, log_sum_t, row_sum = stats.unbind(1)
+    log_q = _log_softmax(s, max_s, log_sum_s)
+    _, weight = divergence_terms(log_q, _log_softmax(t, max_t, log_sum_t), params[1], params[2], divergence)
+    chunk_grad = (-params[0].to(acc_dtype) * scale)[:, None] * (weight - log_q.exp() * row_sum[:, None])
+    # Inactive rows (scale 0) may hold NaN stats: select, do not multiply.
+    live = (scale != 0) & _defined(log_sum_s, log_sum_t)
+    return _finish_gradient(chunk_grad, live, top_s, has_top, out_dtype)
+
+
+def _hybrid_chunk_backward(student, max_s, log_sum_s, top_s, w_y, w_hat, scale, column_y, add_y, column_hat, add_hat,
+                           params, has_top: bool, out_dtype):
+    """A chunk's HPD gradient: `-(scale / T) (w_y [v = y] + w_hat [v = y_hat] - q (w_y + w_hat))`
+    (compiled: the label and sample columns as comparisons, no scatter)."""
+    acc_dtype = max_s.dtype
+    live = (scale != 0) & _defined(log_sum_s)
+    q = _log_softmax(_scale(student, acc_dtype, params[0]), max_s, log_sum_s).exp()
+    chunk_grad = -q * (w_y + w_hat)[:, None]
+    columns = torch.arange(student.shape[1], device=student.device)[None, :]
+    chunk_grad = chunk_grad + _zero_unless(columns == column_y[:, None], add_y[:, None])
+    chunk_grad = chunk_grad + _zero_unless(columns == column_hat[:, None], add_hat[:, None])
+    chunk_grad = (-params[0].to(acc_dtype) * scale)[:, None] * chunk_grad
+    return _finish_gradient(chunk_grad, live, top_s, has_top, out_dtype)
+
+
+def _logsumexp_whole(scaled):
+    return logsumexp_parts(scaled)
+
+
+_compiled_divergence_forward = _compiled(_divergence_chunk_forward)
+_compiled_divergence_terms = _compiled(_divergence_chunk_terms)
+_compiled_divergence_backward = _compiled(_divergence_chunk_backward)
+_compiled_hybrid_backward = _compiled(_hybrid_chunk_backward)
+_compiled_logsumexp = _compiled(_logsumexp_whole)
 
 
 def _chunks(n_rows, vocab, acc_dtype):
@@ -119,13 +249,16 @@ class WholeVocabulary:
     """The row reductions of the forward passes when these logits hold the whole vocabulary.
     `VocabParallel` overrides them with collectives, so one implementation serves both."""
 
+    # The row reductions are local: a chunk's whole forward may run as one compiled function.
+    local_rows = True
+
     def label_vocab(self, width):
         """The vocabulary that labels index (chunking uses it too, so every slice cuts alike)."""
         return width
 
     def logsumexp(self, scaled):
         """`(max, log_sum)` per row (see `logsumexp_parts`)."""
-        return logsumexp_parts(scaled)
+        return _compiled_logsumexp(scaled)
 
     def hpd_pivot(self, log_q_y, log_q_hat, labels, sampled_ids):
         """HPD's column for `registry.STAT_TOP_S`: `y` or `y_hat`, whichever has q > 1/2 (only there
@@ -160,14 +293,18 @@ def divergence_forward(student, teacher, labels, *, divergence, temperature, log
     active = active_rows(labels, n_rows, label_vocab, ignore_index, student.device)
     loss = torch.zeros(n_rows, dtype=acc_dtype, device=student.device)
     stats = torch.zeros(n_rows, DIVERGENCE_STATS, dtype=acc_dtype, device=student.device)
+    params = _parameters(temperature, log_mix_p, log_mix_q)
     for rows in _chunks(n_rows, label_vocab, acc_dtype):
-        s = _scaled(student, rows, vocab, acc_dtype, inv_temperature)
-        t = _scaled(teacher, rows, vocab, acc_dtype, inv_temperature)
-        (max_s, log_sum_s), (max_t, log_sum_t) = vocabulary.logsumexp(s), vocabulary.logsumexp(t)
-        top_s = vocabulary.top_column(s)
-        value, weight = divergence_terms(_log_softmax(s, max_s, log_sum_s), _log_softmax(t, max_t, log_sum_t),
-                                         log_mix_p, log_mix_q, divergence)
-        row_value, row_weight = vocabulary.row_sums(torch.stack([value.sum(-1), weight.sum(-1)], dim=1)).unbind(1)
+        if vocabulary.local_rows:
+            row_value, row_weight, max_s, log_sum_s, top_s, max_t, log_sum_t = _compiled_divergence_forward(
+                student[rows, :vocab], teacher[rows, :vocab], params, divergence)
+        else:
+            s = _scaled(student, rows, vocab, acc_dtype, inv_temperature)
+            t = _scaled(teacher, rows, vocab, acc_dtype, inv_temperature)
+            (max_s, log_sum_s), (max_t, log_sum_t) = vocabulary.logsumexp(s), vocabulary.logsumexp(t)
+            top_s = vocabulary.top_column(s)
+            sums = _compiled_divergence_terms(s, t, max_s, log_sum_s, max_t, log_sum_t, params, divergence)
+            row_value, row_weight = vocabulary.row_sums(sums).unbind(1)
         loss[rows] = _zero_unless(active[rows] & _defined(log_sum_s, log_sum_t), row_value)
         stats[rows] = torch.stack([max_s, log_sum_s, top_s, max_t, log_sum_t, row_weight], dim=1)
     return loss, stats
@@ -177,32 +314,14 @@ def divergence_backward(student, teacher, stats, row_scale, grad, *, divergence,
     n_rows, vocab = student.shape[0], min(student.shape[1], teacher.shape[1])
     acc_dtype = stats.dtype
     inv_temperature = 1.0 / temperature
+    params = _parameters(temperature, log_mix_p, log_mix_q)
+    has_top = bool(n_rows) and bool((stats[:, STAT_TOP_S] >= 0).any())
     for rows in _chunks(n_rows, vocab, acc_dtype):
-        s = _scaled(student, rows, vocab, acc_dtype, inv_temperature)
-        t = _scaled(teacher, rows, vocab, acc_dtype, inv_temperature)
-        max_s, log_sum_s, top_s, max_t, log_sum_t, row_sum = stats[rows].unbind(1)
-        log_q = _log_softmax(s, max_s, log_sum_s)
-        _, weight = divergence_terms(log_q, _log_softmax(t, max_t, log_sum_t), log_mix_p, log_mix_q, divergence)
-        scale = row_scale[rows].to(acc_dtype)
-        chunk_grad = (-inv_temperature * scale)[:, None] * (weight - log_q.exp() * row_sum[:, None])
-        # Inactive rows (scale 0) may hold NaN stats: select, do not multiply.
-        live = (scale != 0) & _defined(log_sum_s, log_sum_t)
-        grad[rows, :vocab] = _top_from_others(_zero_unless(live[:, None], chunk_grad), top_s).to(grad.dtype)
+        grad[rows, :vocab] = _compiled_divergence_backward(
+            student[rows, :vocab], teacher[rows, :vocab], stats[rows], row_scale[rows].to(acc_dtype), params,
+            divergence, has_top, grad.dtype)
     grad[:, vocab:] = 0
     return grad
-
-
-def _top_from_others(chunk_grad, top):
-    """Each row's top column (`top >= 0`) gets minus the sum of its other columns: a softmax
-    gradient sums to 0, and `w - q W` at q near 1 would cancel large terms. Where that sum is not
-    finite (an infinite divergence) the column keeps its `w - q W` value (see the Triton twin)."""
-    rows = torch.nonzero(top >= 0)[:, 0]
-    columns = top[rows].long()
-    top_formula = chunk_grad[rows, columns]
-    chunk_grad[rows, columns] = 0
-    from_others = -chunk_grad[rows].sum(-1)
-    chunk_grad[rows, columns] = torch.where(from_others.isfinite(), from_others, top_formula)
-    return chunk_grad
 
 
 def gumbel_scores(student, scale, row_keys, columns):
@@ -282,18 +401,18 @@ def hybrid_backward(student, labels, sampled_ids, stats, row_scale, grad, *, voc
     n_rows = student.shape[0]
     acc_dtype = stats.dtype
     inv_temperature = 1.0 / temperature
+    params = _parameters(temperature)
+    has_top = bool(n_rows) and bool((stats[:, STAT_TOP_S] >= 0).any())
     for rows in _chunks(n_rows, vocab, acc_dtype):
         scale = row_scale[rows].to(acc_dtype)
         max_s, log_sum_s, top_s, w_y, w_hat = stats[rows].unbind(1)
         live = (scale != 0) & _defined(log_sum_s)
-        q = _log_softmax(_scaled(student, rows, vocab, acc_dtype, inv_temperature), max_s, log_sum_s).exp()
-        chunk_grad = -q * (w_y + w_hat)[:, None]
-        index = torch.arange(rows.stop - rows.start, device=student.device)
+        columns = []
         for ids, weight in ((labels[rows], w_y), (sampled_ids[rows], w_hat)):
             ids = torch.where(live, ids, 0)
             owned, column = (live, ids) if to_local is None else to_local(ids)
-            chunk_grad[index, column] += _zero_unless(owned & live, weight)
-        chunk_grad = (-inv_temperature * scale)[:, None] * chunk_grad
-        grad[rows, :vocab] = _top_from_others(_zero_unless(live[:, None], chunk_grad), top_s).to(grad.dtype)
+            columns += [column, _zero_unless(owned & live, weight)]
+        grad[rows, :vocab] = _compiled_hybrid_backward(student[rows, :vocab], max_s, log_sum_s, top_s, w_y, w_hat,
+                                                       scale, *columns, params, has_top, grad.dtype)
     grad[:, vocab:] = 0
     return grad
