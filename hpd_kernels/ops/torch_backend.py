@@ -24,6 +24,10 @@ NAME = "torch"
 # Bytes of one chunk's [rows, V] temporaries in the accumulation dtype. The divergences keep about
 # eight of them alive at once, so 8 MiB each bounds a chunk's working set near 64 MiB.
 CHUNK_BYTES = 8 * 2**20
+# The same bound for the compiled chunks: their fused loops keep at most one or two [rows, V]
+# buffers (a backward's gradient before it is copied out), so a chunk may hold 8x the rows. Fewer,
+# larger chunks also mean fewer OpenMP barriers, which cost the most on a shared CPU.
+COMPILED_CHUNK_BYTES = 8 * CHUNK_BYTES
 
 
 # The per-chunk math runs through `torch.compile` (inductor) where it can: one fused loop per row
@@ -44,8 +48,13 @@ class _Compiled:
     def __init__(self, fn):
         self.fn, self.compiled = fn, None
 
+    @staticmethod
+    def active():
+        """Whether the compiled chunks run (and so may be the larger ones, `COMPILED_CHUNK_BYTES`)."""
+        return not (_Compiled.failed or torch.compiler.is_compiling() or os.environ.get(COMPILE_ENV, "1") == "0")
+
     def __call__(self, *args):
-        if _Compiled.failed or torch.compiler.is_compiling() or os.environ.get(COMPILE_ENV, "1") == "0":
+        if not self.active():
             return self.fn(*args)
         try:
             if self.compiled is None:
@@ -64,9 +73,9 @@ def _compiled(fn):
     return _Compiled(fn)
 
 
-def _rows_per_chunk(vocab: int, acc_dtype: torch.dtype) -> int:
+def _rows_per_chunk(vocab: int, acc_dtype: torch.dtype, compiled: bool = False) -> int:
     item = torch.finfo(acc_dtype).bits // 8
-    return max(1, CHUNK_BYTES // max(1, vocab * item))
+    return max(1, (COMPILED_CHUNK_BYTES if compiled else CHUNK_BYTES) // max(1, vocab * item))
 
 
 def _zero_unless(condition, value):
@@ -179,21 +188,34 @@ def _divergence_chunk_terms(s, t, max_s, log_sum_s, max_t, log_sum_t, params, di
     return torch.stack([value.sum(-1), weight.sum(-1)], dim=1)
 
 
-def _finish_gradient(chunk_grad, live, top, has_top: bool, out_dtype):
-    """Zero the rows that are not live and give each row's top column (`top >= 0`) minus the sum of
-    its other columns, in `out_dtype`: a softmax gradient sums to 0, and `w - q W` at q near 1 would
-    cancel large terms. Where that sum is not finite (an infinite divergence) the column keeps its
-    `w - q W` value (see the Triton twin). Comparisons, not a scatter, so that it fuses."""
+def _write_gradient(out, chunk_grad, live, top, has_top: bool):
+    """Write the gradient of the live rows into `out` (zeros elsewhere) and return, where `has_top`,
+    each row's sum over all its columns and its value at its top column (`top >= 0`), both in the
+    accumulation dtype, for `_top_from_others`: comparisons and one fused loop, no scatter."""
     chunk_grad = _zero_unless(live[:, None], chunk_grad)
-    if has_top:
-        columns = torch.arange(chunk_grad.shape[1], device=chunk_grad.device)
-        is_top = columns[None, :] == top.to(torch.int64)[:, None]
-        from_others = -_zero_unless(~is_top, chunk_grad).sum(-1)
-        chunk_grad = torch.where(is_top & from_others.isfinite()[:, None], from_others[:, None], chunk_grad)
-    return chunk_grad.to(out_dtype)
+    out.copy_(chunk_grad)
+    if not has_top:
+        return None
+    columns = torch.arange(chunk_grad.shape[1], device=chunk_grad.device)
+    is_top = columns[None, :] == top.to(torch.int64)[:, None]
+    return torch.stack([chunk_grad.sum(-1), _zero_unless(is_top, chunk_grad).sum(-1)], dim=1)
 
 
-def _divergence_chunk_backward(student, teacher, stats, scale, params, divergence: str, has_top: bool, out_dtype):
+def _top_from_others(out, top, sums):
+    """Each row's top column (`top >= 0`) gets minus the sum of its other columns: a softmax
+    gradient sums to 0, and `w - q W` at q near 1 would cancel large terms (the other columns are
+    small there, so `row sum - top value` loses none of their digits). Where that sum is not finite
+    (an infinite divergence) the column keeps its `w - q W` value (see the Triton twin)."""
+    if sums is None:
+        return
+    rows = torch.nonzero(top >= 0)[:, 0]
+    columns = top[rows].long()
+    row_sum, top_formula = sums[rows].unbind(1)
+    from_others = -(row_sum - top_formula)
+    out[rows, columns] = torch.where(from_others.isfinite(), from_others, top_formula).to(out.dtype)
+
+
+def _divergence_chunk_backward(out, student, teacher, stats, scale, params, divergence: str, has_top: bool):
     """A chunk's gradient `-(scale / T) (w - q W)` (compiled: one or two fused row loops)."""
     acc_dtype = stats.dtype
     s, t = _scale(student, acc_dtype, params[0]), _scale(teacher, acc_dtype, params[0])
@@ -203,11 +225,11 @@ def _divergence_chunk_backward(student, teacher, stats, scale, params, divergenc
     chunk_grad = (-params[0].to(acc_dtype) * scale)[:, None] * (weight - log_q.exp() * row_sum[:, None])
     # Inactive rows (scale 0) may hold NaN stats: select, do not multiply.
     live = (scale != 0) & _defined(log_sum_s, log_sum_t)
-    return _finish_gradient(chunk_grad, live, top_s, has_top, out_dtype)
+    return _write_gradient(out, chunk_grad, live, top_s, has_top)
 
 
-def _hybrid_chunk_backward(student, max_s, log_sum_s, top_s, w_y, w_hat, scale, column_y, add_y, column_hat, add_hat,
-                           params, has_top: bool, out_dtype):
+def _hybrid_chunk_backward(out, student, max_s, log_sum_s, top_s, w_y, w_hat, scale, column_y, add_y, column_hat,
+                           add_hat, params, has_top: bool):
     """A chunk's HPD gradient: `-(scale / T) (w_y [v = y] + w_hat [v = y_hat] - q (w_y + w_hat))`
     (compiled: the label and sample columns as comparisons, no scatter)."""
     acc_dtype = max_s.dtype
@@ -218,11 +240,19 @@ def _hybrid_chunk_backward(student, max_s, log_sum_s, top_s, w_y, w_hat, scale, 
     chunk_grad = chunk_grad + _zero_unless(columns == column_y[:, None], add_y[:, None])
     chunk_grad = chunk_grad + _zero_unless(columns == column_hat[:, None], add_hat[:, None])
     chunk_grad = (-params[0].to(acc_dtype) * scale)[:, None] * chunk_grad
-    return _finish_gradient(chunk_grad, live, top_s, has_top, out_dtype)
+    return _write_gradient(out, chunk_grad, live, top_s, has_top)
 
 
 def _logsumexp_whole(scaled):
     return logsumexp_parts(scaled)
+
+
+def _logsumexp_pair(student, teacher, params):
+    """`[rows, 4]`: `max_s, log_sum_s, max_t, log_sum_t` of a chunk of whole rows (compiled)."""
+    acc_dtype = accumulation_dtype(student.dtype)
+    (max_s, log_sum_s) = logsumexp_parts(_scale(student, acc_dtype, params[0]))
+    (max_t, log_sum_t) = logsumexp_parts(_scale(teacher, acc_dtype, params[0]))
+    return torch.stack([max_s, log_sum_s, max_t, log_sum_t], dim=1)
 
 
 _compiled_divergence_forward = _compiled(_divergence_chunk_forward)
@@ -230,10 +260,14 @@ _compiled_divergence_terms = _compiled(_divergence_chunk_terms)
 _compiled_divergence_backward = _compiled(_divergence_chunk_backward)
 _compiled_hybrid_backward = _compiled(_hybrid_chunk_backward)
 _compiled_logsumexp = _compiled(_logsumexp_whole)
+_compiled_logsumexp_pair = _compiled(_logsumexp_pair)
 
 
-def _chunks(n_rows, vocab, acc_dtype):
-    step = _rows_per_chunk(vocab, acc_dtype)
+def _chunks(n_rows, vocab, acc_dtype, compiled=False):
+    """Slices of rows; `compiled`: the larger chunks of the compiled math, when it runs. Only where no
+    collective runs per chunk: a vocabulary slice must cut its rows as every other rank does,
+    whether or not compiling works there."""
+    step = _rows_per_chunk(vocab, acc_dtype, compiled and _Compiled.active())
     for begin in range(0, n_rows, step):
         yield slice(begin, min(begin + step, n_rows))
 
@@ -294,7 +328,7 @@ def divergence_forward(student, teacher, labels, *, divergence, temperature, log
     loss = torch.zeros(n_rows, dtype=acc_dtype, device=student.device)
     stats = torch.zeros(n_rows, DIVERGENCE_STATS, dtype=acc_dtype, device=student.device)
     params = _parameters(temperature, log_mix_p, log_mix_q)
-    for rows in _chunks(n_rows, label_vocab, acc_dtype):
+    for rows in _chunks(n_rows, label_vocab, acc_dtype, compiled=vocabulary.local_rows):
         if vocabulary.local_rows:
             row_value, row_weight, max_s, log_sum_s, top_s, max_t, log_sum_t = _compiled_divergence_forward(
                 student[rows, :vocab], teacher[rows, :vocab], params, divergence)
@@ -316,10 +350,11 @@ def divergence_backward(student, teacher, stats, row_scale, grad, *, divergence,
     inv_temperature = 1.0 / temperature
     params = _parameters(temperature, log_mix_p, log_mix_q)
     has_top = bool(n_rows) and bool((stats[:, STAT_TOP_S] >= 0).any())
-    for rows in _chunks(n_rows, vocab, acc_dtype):
-        grad[rows, :vocab] = _compiled_divergence_backward(
-            student[rows, :vocab], teacher[rows, :vocab], stats[rows], row_scale[rows].to(acc_dtype), params,
-            divergence, has_top, grad.dtype)
+    for rows in _chunks(n_rows, vocab, acc_dtype, compiled=True):
+        out = grad[rows, :vocab]
+        sums = _compiled_divergence_backward(out, student[rows, :vocab], teacher[rows, :vocab], stats[rows],
+                                             row_scale[rows].to(acc_dtype), params, divergence, has_top)
+        _top_from_others(out, stats[rows, STAT_TOP_S], sums)
     grad[:, vocab:] = 0
     return grad
 
@@ -370,10 +405,19 @@ def hybrid_forward(student, teacher, labels, sampled_ids, *, seed, temperature, 
     gather = vocabulary.gather
     # The kernel's score scale, rounded as it rounds it, so both backends draw the same tokens.
     scale = torch.tensor(temperature_scalars(temperature, acc_dtype)[0], dtype=acc_dtype, device=student.device)
-    for rows in _chunks(n_rows, label_vocab, acc_dtype):
+    if vocabulary.local_rows:  # every row's log-sum-exps first, in the larger compiled chunks
+        parts = torch.empty(n_rows, 4, dtype=acc_dtype, device=student.device)
+        params = _parameters(temperature)
+        for rows in _chunks(n_rows, label_vocab, acc_dtype, compiled=True):
+            parts[rows] = _compiled_logsumexp_pair(student[rows, :vocab], teacher[rows, :vocab], params)
+    # Drawing y_hat keeps several [rows, V] temporaries (the noise's integer hashing): standard chunks.
+    for rows in _chunks(n_rows, label_vocab, acc_dtype, compiled=vocabulary.local_rows and not sample):
         live = active[rows]
-        max_s, log_sum_s = vocabulary.logsumexp(_scaled(student, rows, vocab, acc_dtype, inv_temperature))
-        max_t, log_sum_t = vocabulary.logsumexp(_scaled(teacher, rows, vocab, acc_dtype, inv_temperature))
+        if vocabulary.local_rows:
+            max_s, log_sum_s, max_t, log_sum_t = parts[rows].unbind(1)
+        else:
+            max_s, log_sum_s = vocabulary.logsumexp(_scaled(student, rows, vocab, acc_dtype, inv_temperature))
+            max_t, log_sum_t = vocabulary.logsumexp(_scaled(teacher, rows, vocab, acc_dtype, inv_temperature))
         if sample:
             chunk_ids = vocabulary.sample(student[rows, :vocab], row_offset + rows.start, key, scale)
         else:
@@ -403,7 +447,7 @@ def hybrid_backward(student, labels, sampled_ids, stats, row_scale, grad, *, voc
     inv_temperature = 1.0 / temperature
     params = _parameters(temperature)
     has_top = bool(n_rows) and bool((stats[:, STAT_TOP_S] >= 0).any())
-    for rows in _chunks(n_rows, vocab, acc_dtype):
+    for rows in _chunks(n_rows, vocab, acc_dtype, compiled=True):
         scale = row_scale[rows].to(acc_dtype)
         max_s, log_sum_s, top_s, w_y, w_hat = stats[rows].unbind(1)
         live = (scale != 0) & _defined(log_sum_s)
@@ -412,7 +456,9 @@ def hybrid_backward(student, labels, sampled_ids, stats, row_scale, grad, *, voc
             ids = torch.where(live, ids, 0)
             owned, column = (live, ids) if to_local is None else to_local(ids)
             columns += [column, _zero_unless(owned & live, weight)]
-        grad[rows, :vocab] = _compiled_hybrid_backward(student[rows, :vocab], max_s, log_sum_s, top_s, w_y, w_hat,
-                                                       scale, *columns, params, has_top, grad.dtype)
+        out = grad[rows, :vocab]
+        sums = _compiled_hybrid_backward(out, student[rows, :vocab], max_s, log_sum_s, top_s, w_y, w_hat, scale,
+                                         *columns, params, has_top)
+        _top_from_others(out, top_s, sums)
     grad[:, vocab:] = 0
     return grad
