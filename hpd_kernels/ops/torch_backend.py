@@ -30,31 +30,37 @@ CHUNK_BYTES = 8 * 2**20
 COMPILED_CHUNK_BYTES = 8 * CHUNK_BYTES
 
 
-# The per-chunk math runs through `torch.compile` (inductor) where it can: one fused loop per row
-# pass instead of one eager pass per elementwise op. `HPD_KERNELS_TORCH_COMPILE=0` turns it off;
-# a compile that fails (no C++ compiler, an unsupported torch) warns once and leaves eager for good.
+# The per-chunk math runs through `torch.compile` (inductor) where it pays: one fused loop per row
+# pass instead of one eager pass per elementwise op, for problems of at least
+# `COMPILE_MIN_ELEMENTS` logits (smaller ones would spend more time compiling than computing).
+# `HPD_KERNELS_TORCH_COMPILE`: "auto" (default), "1" (every size), "0" (never). A compile that fails
+# (no C++ compiler, an unsupported torch) warns once and leaves eager for good.
 COMPILE_ENV = "HPD_KERNELS_TORCH_COMPILE"
+COMPILE_MIN_ELEMENTS = 2**20
 # Each compiled function holds one graph per (divergence, dtypes, vocabulary kind): more than
 # dynamo's default of 8 entries per function; shapes are dynamic, so chunk sizes do not add any.
 _RECOMPILE_LIMIT = 64
 
 
+def compiling(n_rows: int, vocab: int) -> bool:
+    """Whether a call on `[n_rows, vocab]` logits runs the compiled chunk math (decided once per call)."""
+    setting = os.environ.get(COMPILE_ENV, "auto")
+    if setting == "0" or _Compiled.failed or torch.compiler.is_compiling():
+        return False  # under an outer compile, the eager math is what it traces
+    return setting == "1" or n_rows * vocab >= COMPILE_MIN_ELEMENTS
+
+
 class _Compiled:
-    """`fn` through `torch.compile(dynamic=True)` on first use, or `fn` itself where compiling is off,
-    failed once, or already under an outer compile (which traces `fn` itself)."""
+    """`fn` through `torch.compile(dynamic=True)`, compiled on first use; called as `(use, *args)`,
+    it runs `fn` itself where `use` is False or compiling has failed once."""
 
     failed = False  # shared: one failure turns every compiled function off (one warning)
 
     def __init__(self, fn):
         self.fn, self.compiled = fn, None
 
-    @staticmethod
-    def active():
-        """Whether the compiled chunks run (and so may be the larger ones, `COMPILED_CHUNK_BYTES`)."""
-        return not (_Compiled.failed or torch.compiler.is_compiling() or os.environ.get(COMPILE_ENV, "1") == "0")
-
-    def __call__(self, *args):
-        if not self.active():
+    def __call__(self, use, *args):
+        if not use or _Compiled.failed:
             return self.fn(*args)
         try:
             if self.compiled is None:
@@ -63,14 +69,10 @@ class _Compiled:
                 return self.compiled(*args)
         except Exception as error:  # noqa: BLE001 - any compile failure: eager from now on
             _Compiled.failed = True
+            message = str(error).splitlines()[0] if str(error) else ""
             warnings.warn(f"hpd_kernels: torch.compile of the torch backend's chunk math failed; using eager "
-                          f"PyTorch from now on ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})",
-                          RuntimeWarning, stacklevel=2)
+                          f"PyTorch from now on ({type(error).__name__}: {message})", RuntimeWarning, stacklevel=2)
             return self.fn(*args)
-
-
-def _compiled(fn):
-    return _Compiled(fn)
 
 
 def _rows_per_chunk(vocab: int, acc_dtype: torch.dtype, compiled: bool = False) -> int:
@@ -243,10 +245,6 @@ def _hybrid_chunk_backward(out, student, max_s, log_sum_s, top_s, w_y, w_hat, sc
     return _write_gradient(out, chunk_grad, live, top_s, has_top)
 
 
-def _logsumexp_whole(scaled):
-    return logsumexp_parts(scaled)
-
-
 def _logsumexp_pair(student, teacher, params):
     """`[rows, 4]`: `max_s, log_sum_s, max_t, log_sum_t` of a chunk of whole rows (compiled)."""
     acc_dtype = accumulation_dtype(student.dtype)
@@ -255,19 +253,18 @@ def _logsumexp_pair(student, teacher, params):
     return torch.stack([max_s, log_sum_s, max_t, log_sum_t], dim=1)
 
 
-_compiled_divergence_forward = _compiled(_divergence_chunk_forward)
-_compiled_divergence_terms = _compiled(_divergence_chunk_terms)
-_compiled_divergence_backward = _compiled(_divergence_chunk_backward)
-_compiled_hybrid_backward = _compiled(_hybrid_chunk_backward)
-_compiled_logsumexp = _compiled(_logsumexp_whole)
-_compiled_logsumexp_pair = _compiled(_logsumexp_pair)
+_compiled_divergence_forward = _Compiled(_divergence_chunk_forward)
+_compiled_divergence_terms = _Compiled(_divergence_chunk_terms)
+_compiled_divergence_backward = _Compiled(_divergence_chunk_backward)
+_compiled_hybrid_backward = _Compiled(_hybrid_chunk_backward)
+_compiled_logsumexp_pair = _Compiled(_logsumexp_pair)
 
 
 def _chunks(n_rows, vocab, acc_dtype, compiled=False):
-    """Slices of rows; `compiled`: the larger chunks of the compiled math, when it runs. Only where no
-    collective runs per chunk: a vocabulary slice must cut its rows as every other rank does,
-    whether or not compiling works there."""
-    step = _rows_per_chunk(vocab, acc_dtype, compiled and _Compiled.active())
+    """Slices of rows; `compiled`: the larger chunks of the compiled math. Only where no collective
+    runs per chunk: a vocabulary slice must cut its rows as every other rank does, whether or not
+    compiling runs there."""
+    step = _rows_per_chunk(vocab, acc_dtype, compiled)
     for begin in range(0, n_rows, step):
         yield slice(begin, min(begin + step, n_rows))
 
@@ -292,7 +289,7 @@ class WholeVocabulary:
 
     def logsumexp(self, scaled):
         """`(max, log_sum)` per row (see `logsumexp_parts`)."""
-        return _compiled_logsumexp(scaled)
+        return logsumexp_parts(scaled)
 
     def hpd_pivot(self, log_q_y, log_q_hat, labels, sampled_ids):
         """HPD's column for `registry.STAT_TOP_S`: `y` or `y_hat`, whichever has q > 1/2 (only there
@@ -328,16 +325,17 @@ def divergence_forward(student, teacher, labels, *, divergence, temperature, log
     loss = torch.zeros(n_rows, dtype=acc_dtype, device=student.device)
     stats = torch.zeros(n_rows, DIVERGENCE_STATS, dtype=acc_dtype, device=student.device)
     params = _parameters(temperature, log_mix_p, log_mix_q)
-    for rows in _chunks(n_rows, label_vocab, acc_dtype, compiled=vocabulary.local_rows):
+    fast = compiling(n_rows, vocab)
+    for rows in _chunks(n_rows, label_vocab, acc_dtype, compiled=fast and vocabulary.local_rows):
         if vocabulary.local_rows:
             row_value, row_weight, max_s, log_sum_s, top_s, max_t, log_sum_t = _compiled_divergence_forward(
-                student[rows, :vocab], teacher[rows, :vocab], params, divergence)
+                fast, student[rows, :vocab], teacher[rows, :vocab], params, divergence)
         else:
             s = _scaled(student, rows, vocab, acc_dtype, inv_temperature)
             t = _scaled(teacher, rows, vocab, acc_dtype, inv_temperature)
             (max_s, log_sum_s), (max_t, log_sum_t) = vocabulary.logsumexp(s), vocabulary.logsumexp(t)
             top_s = vocabulary.top_column(s)
-            sums = _compiled_divergence_terms(s, t, max_s, log_sum_s, max_t, log_sum_t, params, divergence)
+            sums = _compiled_divergence_terms(fast, s, t, max_s, log_sum_s, max_t, log_sum_t, params, divergence)
             row_value, row_weight = vocabulary.row_sums(sums).unbind(1)
         loss[rows] = _zero_unless(active[rows] & _defined(log_sum_s, log_sum_t), row_value)
         stats[rows] = torch.stack([max_s, log_sum_s, top_s, max_t, log_sum_t, row_weight], dim=1)
@@ -350,9 +348,10 @@ def divergence_backward(student, teacher, stats, row_scale, grad, *, divergence,
     inv_temperature = 1.0 / temperature
     params = _parameters(temperature, log_mix_p, log_mix_q)
     has_top = bool(n_rows) and bool((stats[:, STAT_TOP_S] >= 0).any())
-    for rows in _chunks(n_rows, vocab, acc_dtype, compiled=True):
+    fast = compiling(n_rows, vocab)
+    for rows in _chunks(n_rows, vocab, acc_dtype, compiled=fast):
         out = grad[rows, :vocab]
-        sums = _compiled_divergence_backward(out, student[rows, :vocab], teacher[rows, :vocab], stats[rows],
+        sums = _compiled_divergence_backward(fast, out, student[rows, :vocab], teacher[rows, :vocab], stats[rows],
                                              row_scale[rows].to(acc_dtype), params, divergence, has_top)
         _top_from_others(out, stats[rows, STAT_TOP_S], sums)
     grad[:, vocab:] = 0
@@ -405,15 +404,16 @@ def hybrid_forward(student, teacher, labels, sampled_ids, *, seed, temperature, 
     gather = vocabulary.gather
     # The kernel's score scale, rounded as it rounds it, so both backends draw the same tokens.
     scale = torch.tensor(temperature_scalars(temperature, acc_dtype)[0], dtype=acc_dtype, device=student.device)
-    if vocabulary.local_rows:  # every row's log-sum-exps first, in the larger compiled chunks
+    fast = compiling(n_rows, vocab) and vocabulary.local_rows
+    if fast:  # every row's log-sum-exps first, in the larger compiled chunks
         parts = torch.empty(n_rows, 4, dtype=acc_dtype, device=student.device)
         params = _parameters(temperature)
         for rows in _chunks(n_rows, label_vocab, acc_dtype, compiled=True):
-            parts[rows] = _compiled_logsumexp_pair(student[rows, :vocab], teacher[rows, :vocab], params)
+            parts[rows] = _compiled_logsumexp_pair(fast, student[rows, :vocab], teacher[rows, :vocab], params)
     # Drawing y_hat keeps several [rows, V] temporaries (the noise's integer hashing): standard chunks.
-    for rows in _chunks(n_rows, label_vocab, acc_dtype, compiled=vocabulary.local_rows and not sample):
+    for rows in _chunks(n_rows, label_vocab, acc_dtype, compiled=fast and not sample):
         live = active[rows]
-        if vocabulary.local_rows:
+        if fast:
             max_s, log_sum_s, max_t, log_sum_t = parts[rows].unbind(1)
         else:
             max_s, log_sum_s = vocabulary.logsumexp(_scaled(student, rows, vocab, acc_dtype, inv_temperature))
@@ -447,7 +447,8 @@ def hybrid_backward(student, labels, sampled_ids, stats, row_scale, grad, *, voc
     inv_temperature = 1.0 / temperature
     params = _parameters(temperature)
     has_top = bool(n_rows) and bool((stats[:, STAT_TOP_S] >= 0).any())
-    for rows in _chunks(n_rows, vocab, acc_dtype, compiled=True):
+    fast = compiling(n_rows, vocab)
+    for rows in _chunks(n_rows, vocab, acc_dtype, compiled=fast):
         scale = row_scale[rows].to(acc_dtype)
         max_s, log_sum_s, top_s, w_y, w_hat = stats[rows].unbind(1)
         live = (scale != 0) & _defined(log_sum_s)
@@ -457,7 +458,7 @@ def hybrid_backward(student, labels, sampled_ids, stats, row_scale, grad, *, voc
             owned, column = (live, ids) if to_local is None else to_local(ids)
             columns += [column, _zero_unless(owned & live, weight)]
         out = grad[rows, :vocab]
-        sums = _compiled_hybrid_backward(out, student[rows, :vocab], max_s, log_sum_s, top_s, w_y, w_hat, scale,
+        sums = _compiled_hybrid_backward(fast, out, student[rows, :vocab], max_s, log_sum_s, top_s, w_y, w_hat, scale,
                                          *columns, params, has_top)
         _top_from_others(out, top_s, sums)
     grad[:, vocab:] = 0
