@@ -170,13 +170,32 @@ def _scale(chunk, acc_dtype, inv_temperature):
     return chunk.to(acc_dtype) * inv_temperature.to(acc_dtype)
 
 
+def _whole_row_logsumexp(scaled):
+    """`logsumexp_parts` of whole rows, written so that inductor fuses it (no selection between the
+    max and the sum): `(max, log_sum, raw max)`, the same numbers (a row of `-inf`: `x - max` is
+    NaN, its sum's log replaced by `-inf`; a `+inf` logit: NaN, as there)."""
+    raw_max = scaled.amax(dim=-1)
+    log_sum = (scaled - raw_max[:, None]).exp().sum(-1).log()
+    empty = raw_max == -math.inf
+    return _zero_if(empty, raw_max), torch.where(empty, torch.full_like(log_sum, -math.inf), log_sum), raw_max
+
+
+def _first_max_column(scaled, raw_max):
+    """`top_column` of whole rows: the first column equal to the row's max (-1 for a NaN row)."""
+    width = scaled.shape[1]
+    columns = torch.arange(width, device=scaled.device)
+    first = torch.where(scaled == raw_max[:, None], columns[None, :], width).amin(dim=-1)
+    return torch.where(first == width, -1, first).to(scaled.dtype)
+
+
 def _divergence_chunk_forward(student, teacher, params, divergence: str):
     """The whole forward of a chunk whose rows hold the whole vocabulary: row value, row weight and
     the stats `max_s, log_sum_s, top_s, max_t, log_sum_t` (compiled: a few fused row loops)."""
     acc_dtype = accumulation_dtype(student.dtype)
     s, t = _scale(student, acc_dtype, params[0]), _scale(teacher, acc_dtype, params[0])
-    (max_s, log_sum_s), (max_t, log_sum_t) = logsumexp_parts(s), logsumexp_parts(t)
-    top_s = WHOLE.top_column(s)
+    max_s, log_sum_s, raw_max_s = _whole_row_logsumexp(s)
+    max_t, log_sum_t, _ = _whole_row_logsumexp(t)
+    top_s = _first_max_column(s, raw_max_s)
     value, weight = divergence_terms(_log_softmax(s, max_s, log_sum_s), _log_softmax(t, max_t, log_sum_t),
                                      params[1], params[2], divergence)
     return value.sum(-1), weight.sum(-1), max_s, log_sum_s, top_s, max_t, log_sum_t
@@ -248,8 +267,8 @@ def _hybrid_chunk_backward(out, student, max_s, log_sum_s, top_s, w_y, w_hat, sc
 def _logsumexp_pair(student, teacher, params):
     """`[rows, 4]`: `max_s, log_sum_s, max_t, log_sum_t` of a chunk of whole rows (compiled)."""
     acc_dtype = accumulation_dtype(student.dtype)
-    (max_s, log_sum_s) = logsumexp_parts(_scale(student, acc_dtype, params[0]))
-    (max_t, log_sum_t) = logsumexp_parts(_scale(teacher, acc_dtype, params[0]))
+    max_s, log_sum_s, _ = _whole_row_logsumexp(_scale(student, acc_dtype, params[0]))
+    max_t, log_sum_t, _ = _whole_row_logsumexp(_scale(teacher, acc_dtype, params[0]))
     return torch.stack([max_s, log_sum_s, max_t, log_sum_t], dim=1)
 
 
