@@ -5,6 +5,13 @@ per-row loss, per-row stats, gradient written into a caller's buffer), so the au
 not care which runs.
 Rows are processed in chunks whose float32 temporaries stay under a fixed budget, so no
 `[N, V]` float32 tensor exists here either; float64 inputs are computed in float64.
+
+Each chunk's math is a plain function (`_divergence_chunk_forward`, `_divergence_chunk_backward`,
+`_hybrid_chunk_backward`, ...) that runs through `torch.compile` (inductor: one fused C++ loop per
+row pass instead of one eager pass per elementwise op) for problems of at least
+`COMPILE_MIN_ELEMENTS` logits, compiled once per process with dynamic shapes, and eagerly otherwise
+or wherever compiling fails (`_Compiled`). HPD's Gumbel-max draws always run eagerly: their
+rounding is the Triton kernel's, bit for bit.
 """
 
 from __future__ import annotations
