@@ -73,6 +73,11 @@ def parse_args(argv=None):
                         help="objectives that get the torch.compile variant (default: all; compiling takes "
                              "10-60 s per objective)")
     parser.add_argument("--out", help="output folder (default bench/results; with --quick a temporary folder)")
+    parser.add_argument("--retries", type=int, help=f"CPU: runs again of a disturbed measurement (default {RETRIES})")
+    parser.add_argument("--quiet-wait", type=float,
+                        help=f"CPU: seconds to wait for other processes to quieten before each measurement "
+                             f"(default {QUIET_WAIT_S})")
+    parser.add_argument("--note", help="a line for the results (e.g. that the machine was shared)")
     parser.add_argument("--quick", action="store_true", help="tiny shapes, one repeat, HPD and JSD, no waiting for "
                         "a quiet CPU: a smoke run")
     parser.add_argument("--render", metavar="JSON", help="measure nothing: redraw the table and plot of a "
@@ -90,7 +95,7 @@ def resolve_settings(args) -> dict:
     if args.quick:
         settings.update(QUICK)
     given = dict(tokens=args.tokens, vocab=args.vocab, dtype=args.dtype, repeats=args.repeats, warmup=args.warmup,
-                 objectives=args.objectives)
+                 objectives=args.objectives, retries=args.retries, quiet_wait_s=args.quiet_wait)
     settings.update({key: value for key, value in given.items() if value is not None})
     if args.hidden:
         settings["student_hidden"], settings["teacher_hidden"] = args.hidden
@@ -103,8 +108,10 @@ def resolve_settings(args) -> dict:
         "torch.cuda.max_memory_allocated() during the timed repeats minus the bytes allocated before them."
         if device == "cuda" else
         "each measurement in a fresh process; peak RSS (VmHWM, as ru_maxrss) minus the RSS once the inputs exist "
-        "(malloc_trim, then the high-water mark reset there; for torch.compile after its warm-up, so that "
-        "compiling is not counted).")
+        "(malloc_trim, then the high-water mark reset there; for torch.compile and hpd_kernels, whose torch "
+        "backend compiles its chunk math, after the warm-up, so that compiling is not counted).")
+    if args.note:
+        settings["note"] = args.note
     if args.out:
         settings["out"] = args.out
     elif args.quick:

@@ -108,6 +108,8 @@ def add_ratios(results: list) -> None:
         if _ok(result) and _ok(baseline):
             result["memory_ratio"] = result["peak_bytes"] / max(baseline["peak_bytes"], 1)
             result["time_ratio"] = result["seconds"] / baseline["seconds"]
+            if result.get("first_call_seconds") and baseline.get("first_call_seconds"):
+                result["first_call_ratio"] = result["first_call_seconds"] / baseline["first_call_seconds"]
 
 
 def _ratio(value):
@@ -130,6 +132,7 @@ def markdown(record: dict) -> str:
         f"of them and more when calls are short, after {settings['warmup']} warm-up call(s) (torch.compile: "
         f"one more). "
         f"Peak memory: {settings['memory_method']}",
+        *(["", settings["note"]] if settings.get("note") else []),
         "",
         "Ratios are `variant / hpd_kernels` at the same level (logits, or hidden states for fused-linear), "
         "measured in this one run: above 1x means the variant needs more memory or time than the library.",
@@ -158,8 +161,12 @@ def markdown(record: dict) -> str:
         retried = (f"a measurement above {CONTENDED_CORES} is retried, the least disturbed attempt kept"
                    if settings.get("retries", 1) else "not retried: a smoke run")
         lines += [f"`others' CPU`: cores that other processes kept busy during the timed calls ({retried}).", ""]
+    if on_cpu:
+        lines += ["`first call`: the first warm-up call of the fresh process (one-time costs included: "
+                  "torch.compile's, and the torch backend compiling its chunk math).", ""]
+    first_header, first_rule = (" first call (ms) | first call / ours |", "---:|---:|") if on_cpu else ("", "")
     lines += ["| objective | tokens | variant | peak memory (MiB) | time (ms) | memory / ours | time / ours |"
-              + load_header, "|---|---:|---|---:|---:|---:|---:|" + load_rule]
+              + first_header + load_header, "|---|---:|---|---:|---:|---:|---:|" + first_rule + load_rule]
     notes = []
     for result in results:
         if _ok(result):
@@ -169,8 +176,12 @@ def markdown(record: dict) -> str:
             memory, seconds = f"error [{len(notes)}]", "—"
         load = result.get("other_cpu_load")
         load_cell = (f" {load:.2f} |" if load is not None else " — |") if on_cpu else ""
+        first = result.get("first_call_seconds")
+        first_cell = (f" {'—' if first is None else f'{first * 1e3:.0f}'} | {_ratio(result.get('first_call_ratio'))} |"
+                      if on_cpu else "")
         lines.append(f"| {result['objective']} | {result['tokens']} | {result['variant']} | {memory} | {seconds} | "
-                     f"{_ratio(result.get('memory_ratio'))} | {_ratio(result.get('time_ratio'))} |" + load_cell)
+                     f"{_ratio(result.get('memory_ratio'))} | {_ratio(result.get('time_ratio'))} |" + first_cell
+                     + load_cell)
     contended = [r for r in results if (r.get("other_cpu_load") or 0) > CONTENDED_CORES]
     if contended:
         lines += ["", f"**{len(contended)} of {len(results)} CPU measurements ran while other processes kept more "

@@ -5,15 +5,24 @@ per-row loss, per-row stats, gradient written into a caller's buffer), so the au
 not care which runs.
 Rows are processed in chunks whose float32 temporaries stay under a fixed budget, so no
 `[N, V]` float32 tensor exists here either; float64 inputs are computed in float64.
+
+Each chunk's math is a plain function (`_divergence_chunk_forward`, `_divergence_chunk_backward`,
+`_hybrid_chunk_backward`, ...) that runs through `torch.compile` (inductor: one fused C++ loop per
+row pass instead of one eager pass per elementwise op) for problems of at least
+`COMPILE_MIN_ELEMENTS` logits, compiled once per process with dynamic shapes, and eagerly otherwise
+or wherever compiling fails (`_Compiled`). HPD's Gumbel-max draws always run eagerly: their
+rounding is the Triton kernel's, bit for bit.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import warnings
 
 import torch
 
-from ..registry import DIVERGENCE_STATS, HYBRID_STATS, STAT_LOG_SUM_S, STAT_MAX_S, accumulation_dtype
+from ..registry import DIVERGENCE_STATS, HYBRID_STATS, STAT_LOG_SUM_S, STAT_MAX_S, STAT_TOP_S, accumulation_dtype
 from .common import active_rows, temperature_scalars
 from .gumbel import gumbel2_torch, row_keys_torch, seed_key
 
@@ -22,11 +31,60 @@ NAME = "torch"
 # Bytes of one chunk's [rows, V] temporaries in the accumulation dtype. The divergences keep about
 # eight of them alive at once, so 8 MiB each bounds a chunk's working set near 64 MiB.
 CHUNK_BYTES = 8 * 2**20
+# The same bound for the compiled chunks: their fused loops keep at most one or two [rows, V]
+# buffers (a backward's gradient before it is copied out), so a chunk may hold 8x the rows. Fewer,
+# larger chunks also mean fewer OpenMP barriers, which cost the most on a shared CPU.
+COMPILED_CHUNK_BYTES = 8 * CHUNK_BYTES
 
 
-def _rows_per_chunk(vocab: int, acc_dtype: torch.dtype) -> int:
+# The per-chunk math runs through `torch.compile` (inductor) where it pays: one fused loop per row
+# pass instead of one eager pass per elementwise op, for problems of at least
+# `COMPILE_MIN_ELEMENTS` logits (smaller ones would spend more time compiling than computing).
+# `HPD_KERNELS_TORCH_COMPILE`: "auto" (default), "1" (every size), "0" (never). A compile that fails
+# (no C++ compiler, an unsupported torch) warns once and leaves eager for good.
+COMPILE_ENV = "HPD_KERNELS_TORCH_COMPILE"
+COMPILE_MIN_ELEMENTS = 2**20
+# Each compiled function holds one graph per (divergence, dtypes, vocabulary kind): more than
+# dynamo's default of 8 entries per function; shapes are dynamic, so chunk sizes do not add any.
+_RECOMPILE_LIMIT = 64
+
+
+def compiling(n_rows: int, vocab: int) -> bool:
+    """Whether a call on `[n_rows, vocab]` logits runs the compiled chunk math (decided once per call)."""
+    setting = os.environ.get(COMPILE_ENV, "auto")
+    if setting == "0" or _Compiled.failed or torch.compiler.is_compiling():
+        return False  # under an outer compile, the eager math is what it traces
+    return setting == "1" or n_rows * vocab >= COMPILE_MIN_ELEMENTS
+
+
+class _Compiled:
+    """`fn` through `torch.compile(dynamic=True)`, compiled on first use; called as `(use, *args)`,
+    it runs `fn` itself where `use` is False or compiling has failed once."""
+
+    failed = False  # shared: one failure turns every compiled function off (one warning)
+
+    def __init__(self, fn):
+        self.fn, self.compiled = fn, None
+
+    def __call__(self, use, *args):
+        if not use or _Compiled.failed:
+            return self.fn(*args)
+        try:
+            if self.compiled is None:
+                self.compiled = torch.compile(self.fn, dynamic=True)
+            with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
+                return self.compiled(*args)
+        except Exception as error:  # noqa: BLE001 - any compile failure: eager from now on
+            _Compiled.failed = True
+            message = str(error).splitlines()[0] if str(error) else ""
+            warnings.warn(f"hpd_kernels: torch.compile of the torch backend's chunk math failed; using eager "
+                          f"PyTorch from now on ({type(error).__name__}: {message})", RuntimeWarning, stacklevel=2)
+            return self.fn(*args)
+
+
+def _rows_per_chunk(vocab: int, acc_dtype: torch.dtype, compiled: bool = False) -> int:
     item = torch.finfo(acc_dtype).bits // 8
-    return max(1, CHUNK_BYTES // max(1, vocab * item))
+    return max(1, (COMPILED_CHUNK_BYTES if compiled else CHUNK_BYTES) // max(1, vocab * item))
 
 
 def _zero_unless(condition, value):
@@ -74,8 +132,13 @@ def _logaddexp(a, b):
     return reference + torch.log(torch.exp(a - reference) + torch.exp(b - reference))
 
 
+def _mixture_weight(log_mix):
+    return math.exp(log_mix) if isinstance(log_mix, (int, float)) else log_mix.exp()
+
+
 def divergence_terms(log_q, log_p, log_mix_p, log_mix_q, divergence):
-    """Per-token value and weight `w` of one divergence (mirror of the Triton `divergence_terms`)."""
+    """Per-token value and weight `w` of one divergence (mirror of the Triton `divergence_terms`).
+    The log mixture weights are Python floats or 0-d tensors (the compiled chunks' parameters)."""
     q, p = log_q.exp(), log_p.exp()
     if divergence == "forward_kl":
         value = _zero_if(p == 0, p * (log_p - log_q))
@@ -87,9 +150,10 @@ def divergence_terms(log_q, log_p, log_mix_p, log_mix_q, divergence):
         return 0.5 * (p - q).abs(), 0.5 * q * torch.sign(p - q)
     log_m = _logaddexp(log_mix_p + log_p, log_mix_q + log_q)
     if divergence == "jsd":
-        value = (math.exp(log_mix_p) * _zero_if(p == 0, p * (log_p - log_m))
-                 + math.exp(log_mix_q) * _zero_if(q == 0, q * (log_q - log_m)))
-        weight = math.exp(log_mix_q) * _zero_if(q == 0, q * (log_m - log_q))
+        mix_p, mix_q = _mixture_weight(log_mix_p), _mixture_weight(log_mix_q)
+        value = (mix_p * _zero_if(p == 0, p * (log_p - log_m))
+                 + mix_q * _zero_if(q == 0, q * (log_q - log_m)))
+        weight = mix_q * _zero_if(q == 0, q * (log_m - log_q))
     elif divergence == "skew_forward_kl":
         value = _zero_if(p == 0, p * (log_p - log_m))
         # p * (q / m), the ratio from logs: it stays O(1) where q alone underflows to 0 (alpha -> 0).
@@ -102,8 +166,131 @@ def divergence_terms(log_q, log_p, log_mix_p, log_mix_q, divergence):
     return value, weight
 
 
-def _chunks(n_rows, vocab, acc_dtype):
-    step = _rows_per_chunk(vocab, acc_dtype)
+def _parameters(temperature, log_mix_p=0.0, log_mix_q=0.0):
+    """A compiled chunk's scalars as one float64 tensor `[1 / T, log_mix_p, log_mix_q]`: tensors, so
+    that a new temperature or mixture weight reuses the compiled code."""
+    return torch.tensor([1.0 / temperature, log_mix_p, log_mix_q], dtype=torch.float64)
+
+
+def _scale(chunk, acc_dtype, inv_temperature):
+    """`chunk / T` in the accumulation dtype; `inv_temperature` a 0-d tensor."""
+    return chunk.to(acc_dtype) * inv_temperature.to(acc_dtype)
+
+
+def _whole_row_logsumexp(scaled):
+    """`logsumexp_parts` of whole rows, written so that inductor fuses it (no selection between the
+    max and the sum): `(max, log_sum, raw max)`, the same numbers (a row of `-inf`: `x - max` is
+    NaN, its sum's log replaced by `-inf`; a `+inf` logit: NaN, as there)."""
+    raw_max = scaled.amax(dim=-1)
+    log_sum = (scaled - raw_max[:, None]).exp().sum(-1).log()
+    empty = raw_max == -math.inf
+    return _zero_if(empty, raw_max), torch.where(empty, torch.full_like(log_sum, -math.inf), log_sum), raw_max
+
+
+def _first_max_column(scaled, raw_max):
+    """`top_column` of whole rows: the first column equal to the row's max (-1 for a NaN row)."""
+    width = scaled.shape[1]
+    columns = torch.arange(width, device=scaled.device)
+    first = torch.where(scaled == raw_max[:, None], columns[None, :], width).amin(dim=-1)
+    return torch.where(first == width, -1, first).to(scaled.dtype)
+
+
+def _divergence_chunk_forward(student, teacher, params, divergence: str):
+    """The whole forward of a chunk whose rows hold the whole vocabulary: row value, row weight and
+    the stats `max_s, log_sum_s, top_s, max_t, log_sum_t` (compiled: a few fused row loops)."""
+    acc_dtype = accumulation_dtype(student.dtype)
+    s, t = _scale(student, acc_dtype, params[0]), _scale(teacher, acc_dtype, params[0])
+    max_s, log_sum_s, raw_max_s = _whole_row_logsumexp(s)
+    max_t, log_sum_t, _ = _whole_row_logsumexp(t)
+    top_s = _first_max_column(s, raw_max_s)
+    value, weight = divergence_terms(_log_softmax(s, max_s, log_sum_s), _log_softmax(t, max_t, log_sum_t),
+                                     params[1], params[2], divergence)
+    return value.sum(-1), weight.sum(-1), max_s, log_sum_s, top_s, max_t, log_sum_t
+
+
+def _divergence_chunk_terms(s, t, max_s, log_sum_s, max_t, log_sum_t, params, divergence: str):
+    """`[rows, 2]` sums of a chunk's values and weights over its columns, given the row stats (the
+    elementwise part between a vocabulary slice's collectives; compiled)."""
+    value, weight = divergence_terms(_log_softmax(s, max_s, log_sum_s), _log_softmax(t, max_t, log_sum_t),
+                                     params[1], params[2], divergence)
+    return torch.stack([value.sum(-1), weight.sum(-1)], dim=1)
+
+
+def _write_gradient(out, chunk_grad, live, top, has_top: bool):
+    """Write the gradient of the live rows into `out` (zeros elsewhere) and return, where `has_top`,
+    each row's sum over all its columns and its value at its top column (`top >= 0`), both in the
+    accumulation dtype, for `_top_from_others`: comparisons and one fused loop, no scatter."""
+    chunk_grad = _zero_unless(live[:, None], chunk_grad)
+    out.copy_(chunk_grad)
+    if not has_top:
+        return None
+    columns = torch.arange(chunk_grad.shape[1], device=chunk_grad.device)
+    is_top = columns[None, :] == top.to(torch.int64)[:, None]
+    return torch.stack([chunk_grad.sum(-1), _zero_unless(is_top, chunk_grad).sum(-1)], dim=1)
+
+
+def _top_from_others(out, top, sums):
+    """Each row's top column (`top >= 0`) gets minus the sum of its other columns: a softmax
+    gradient sums to 0, and `w - q W` at q near 1 would cancel large terms (the other columns are
+    small there, so `row sum - top value` loses none of their digits). Where that sum is not finite
+    (an infinite divergence) the column keeps its `w - q W` value (see the Triton twin)."""
+    if sums is None:
+        return
+    rows = torch.nonzero(top >= 0)[:, 0]
+    columns = top[rows].long()
+    row_sum, top_formula = sums[rows].unbind(1)
+    from_others = -(row_sum - top_formula)
+    out[rows, columns] = torch.where(from_others.isfinite(), from_others, top_formula).to(out.dtype)
+
+
+def _divergence_chunk_backward(out, student, teacher, stats, scale, params, divergence: str, has_top: bool):
+    """A chunk's gradient `-(scale / T) (w - q W)` (compiled: one or two fused row loops)."""
+    acc_dtype = stats.dtype
+    s, t = _scale(student, acc_dtype, params[0]), _scale(teacher, acc_dtype, params[0])
+    max_s, log_sum_s, top_s, max_t, log_sum_t, row_sum = stats.unbind(1)
+    log_q = _log_softmax(s, max_s, log_sum_s)
+    _, weight = divergence_terms(log_q, _log_softmax(t, max_t, log_sum_t), params[1], params[2], divergence)
+    chunk_grad = (-params[0].to(acc_dtype) * scale)[:, None] * (weight - log_q.exp() * row_sum[:, None])
+    # Inactive rows (scale 0) may hold NaN stats: select, do not multiply.
+    live = (scale != 0) & _defined(log_sum_s, log_sum_t)
+    return _write_gradient(out, chunk_grad, live, top_s, has_top)
+
+
+def _hybrid_chunk_backward(out, student, max_s, log_sum_s, top_s, w_y, w_hat, scale, column_y, add_y, column_hat,
+                           add_hat, params, has_top: bool):
+    """A chunk's HPD gradient: `-(scale / T) (w_y [v = y] + w_hat [v = y_hat] - q (w_y + w_hat))`
+    (compiled: the label and sample columns as comparisons, no scatter)."""
+    acc_dtype = max_s.dtype
+    live = (scale != 0) & _defined(log_sum_s)
+    q = _log_softmax(_scale(student, acc_dtype, params[0]), max_s, log_sum_s).exp()
+    chunk_grad = -q * (w_y + w_hat)[:, None]
+    columns = torch.arange(student.shape[1], device=student.device)[None, :]
+    chunk_grad = chunk_grad + _zero_unless(columns == column_y[:, None], add_y[:, None])
+    chunk_grad = chunk_grad + _zero_unless(columns == column_hat[:, None], add_hat[:, None])
+    chunk_grad = (-params[0].to(acc_dtype) * scale)[:, None] * chunk_grad
+    return _write_gradient(out, chunk_grad, live, top_s, has_top)
+
+
+def _logsumexp_pair(student, teacher, params):
+    """`[rows, 4]`: `max_s, log_sum_s, max_t, log_sum_t` of a chunk of whole rows (compiled)."""
+    acc_dtype = accumulation_dtype(student.dtype)
+    max_s, log_sum_s, _ = _whole_row_logsumexp(_scale(student, acc_dtype, params[0]))
+    max_t, log_sum_t, _ = _whole_row_logsumexp(_scale(teacher, acc_dtype, params[0]))
+    return torch.stack([max_s, log_sum_s, max_t, log_sum_t], dim=1)
+
+
+_compiled_divergence_forward = _Compiled(_divergence_chunk_forward)
+_compiled_divergence_terms = _Compiled(_divergence_chunk_terms)
+_compiled_divergence_backward = _Compiled(_divergence_chunk_backward)
+_compiled_hybrid_backward = _Compiled(_hybrid_chunk_backward)
+_compiled_logsumexp_pair = _Compiled(_logsumexp_pair)
+
+
+def _chunks(n_rows, vocab, acc_dtype, compiled=False):
+    """Slices of rows; `compiled`: the larger chunks of the compiled math. Only where no collective
+    runs per chunk: a vocabulary slice must cut its rows as every other rank does, whether or not
+    compiling runs there."""
+    step = _rows_per_chunk(vocab, acc_dtype, compiled)
     for begin in range(0, n_rows, step):
         yield slice(begin, min(begin + step, n_rows))
 
@@ -118,6 +305,9 @@ def _scaled(logits, rows, vocab, acc_dtype, inv_temperature):
 class WholeVocabulary:
     """The row reductions of the forward passes when these logits hold the whole vocabulary.
     `VocabParallel` overrides them with collectives, so one implementation serves both."""
+
+    # The row reductions are local: a chunk's whole forward may run as one compiled function.
+    local_rows = True
 
     def label_vocab(self, width):
         """The vocabulary that labels index (chunking uses it too, so every slice cuts alike)."""
@@ -160,14 +350,19 @@ def divergence_forward(student, teacher, labels, *, divergence, temperature, log
     active = active_rows(labels, n_rows, label_vocab, ignore_index, student.device)
     loss = torch.zeros(n_rows, dtype=acc_dtype, device=student.device)
     stats = torch.zeros(n_rows, DIVERGENCE_STATS, dtype=acc_dtype, device=student.device)
-    for rows in _chunks(n_rows, label_vocab, acc_dtype):
-        s = _scaled(student, rows, vocab, acc_dtype, inv_temperature)
-        t = _scaled(teacher, rows, vocab, acc_dtype, inv_temperature)
-        (max_s, log_sum_s), (max_t, log_sum_t) = vocabulary.logsumexp(s), vocabulary.logsumexp(t)
-        top_s = vocabulary.top_column(s)
-        value, weight = divergence_terms(_log_softmax(s, max_s, log_sum_s), _log_softmax(t, max_t, log_sum_t),
-                                         log_mix_p, log_mix_q, divergence)
-        row_value, row_weight = vocabulary.row_sums(torch.stack([value.sum(-1), weight.sum(-1)], dim=1)).unbind(1)
+    params = _parameters(temperature, log_mix_p, log_mix_q)
+    fast = compiling(n_rows, vocab)
+    for rows in _chunks(n_rows, label_vocab, acc_dtype, compiled=fast and vocabulary.local_rows):
+        if vocabulary.local_rows:
+            row_value, row_weight, max_s, log_sum_s, top_s, max_t, log_sum_t = _compiled_divergence_forward(
+                fast, student[rows, :vocab], teacher[rows, :vocab], params, divergence)
+        else:
+            s = _scaled(student, rows, vocab, acc_dtype, inv_temperature)
+            t = _scaled(teacher, rows, vocab, acc_dtype, inv_temperature)
+            (max_s, log_sum_s), (max_t, log_sum_t) = vocabulary.logsumexp(s), vocabulary.logsumexp(t)
+            top_s = vocabulary.top_column(s)
+            sums = _compiled_divergence_terms(fast, s, t, max_s, log_sum_s, max_t, log_sum_t, params, divergence)
+            row_value, row_weight = vocabulary.row_sums(sums).unbind(1)
         loss[rows] = _zero_unless(active[rows] & _defined(log_sum_s, log_sum_t), row_value)
         stats[rows] = torch.stack([max_s, log_sum_s, top_s, max_t, log_sum_t, row_weight], dim=1)
     return loss, stats
@@ -177,32 +372,16 @@ def divergence_backward(student, teacher, stats, row_scale, grad, *, divergence,
     n_rows, vocab = student.shape[0], min(student.shape[1], teacher.shape[1])
     acc_dtype = stats.dtype
     inv_temperature = 1.0 / temperature
-    for rows in _chunks(n_rows, vocab, acc_dtype):
-        s = _scaled(student, rows, vocab, acc_dtype, inv_temperature)
-        t = _scaled(teacher, rows, vocab, acc_dtype, inv_temperature)
-        max_s, log_sum_s, top_s, max_t, log_sum_t, row_sum = stats[rows].unbind(1)
-        log_q = _log_softmax(s, max_s, log_sum_s)
-        _, weight = divergence_terms(log_q, _log_softmax(t, max_t, log_sum_t), log_mix_p, log_mix_q, divergence)
-        scale = row_scale[rows].to(acc_dtype)
-        chunk_grad = (-inv_temperature * scale)[:, None] * (weight - log_q.exp() * row_sum[:, None])
-        # Inactive rows (scale 0) may hold NaN stats: select, do not multiply.
-        live = (scale != 0) & _defined(log_sum_s, log_sum_t)
-        grad[rows, :vocab] = _top_from_others(_zero_unless(live[:, None], chunk_grad), top_s).to(grad.dtype)
+    params = _parameters(temperature, log_mix_p, log_mix_q)
+    has_top = bool(n_rows) and bool((stats[:, STAT_TOP_S] >= 0).any())
+    fast = compiling(n_rows, vocab)
+    for rows in _chunks(n_rows, vocab, acc_dtype, compiled=fast):
+        out = grad[rows, :vocab]
+        sums = _compiled_divergence_backward(fast, out, student[rows, :vocab], teacher[rows, :vocab], stats[rows],
+                                             row_scale[rows].to(acc_dtype), params, divergence, has_top)
+        _top_from_others(out, stats[rows, STAT_TOP_S], sums)
     grad[:, vocab:] = 0
     return grad
-
-
-def _top_from_others(chunk_grad, top):
-    """Each row's top column (`top >= 0`) gets minus the sum of its other columns: a softmax
-    gradient sums to 0, and `w - q W` at q near 1 would cancel large terms. Where that sum is not
-    finite (an infinite divergence) the column keeps its `w - q W` value (see the Triton twin)."""
-    rows = torch.nonzero(top >= 0)[:, 0]
-    columns = top[rows].long()
-    top_formula = chunk_grad[rows, columns]
-    chunk_grad[rows, columns] = 0
-    from_others = -chunk_grad[rows].sum(-1)
-    chunk_grad[rows, columns] = torch.where(from_others.isfinite(), from_others, top_formula)
-    return chunk_grad
 
 
 def gumbel_scores(student, scale, row_keys, columns):
@@ -251,10 +430,20 @@ def hybrid_forward(student, teacher, labels, sampled_ids, *, seed, temperature, 
     gather = vocabulary.gather
     # The kernel's score scale, rounded as it rounds it, so both backends draw the same tokens.
     scale = torch.tensor(temperature_scalars(temperature, acc_dtype)[0], dtype=acc_dtype, device=student.device)
-    for rows in _chunks(n_rows, label_vocab, acc_dtype):
+    fast = compiling(n_rows, vocab) and vocabulary.local_rows
+    if fast:  # every row's log-sum-exps first, in the larger compiled chunks
+        parts = torch.empty(n_rows, 4, dtype=acc_dtype, device=student.device)
+        params = _parameters(temperature)
+        for rows in _chunks(n_rows, label_vocab, acc_dtype, compiled=True):
+            parts[rows] = _compiled_logsumexp_pair(fast, student[rows, :vocab], teacher[rows, :vocab], params)
+    # Drawing y_hat keeps several [rows, V] temporaries (the noise's integer hashing): standard chunks.
+    for rows in _chunks(n_rows, label_vocab, acc_dtype, compiled=fast and not sample):
         live = active[rows]
-        max_s, log_sum_s = vocabulary.logsumexp(_scaled(student, rows, vocab, acc_dtype, inv_temperature))
-        max_t, log_sum_t = vocabulary.logsumexp(_scaled(teacher, rows, vocab, acc_dtype, inv_temperature))
+        if fast:
+            max_s, log_sum_s, max_t, log_sum_t = parts[rows].unbind(1)
+        else:
+            max_s, log_sum_s = vocabulary.logsumexp(_scaled(student, rows, vocab, acc_dtype, inv_temperature))
+            max_t, log_sum_t = vocabulary.logsumexp(_scaled(teacher, rows, vocab, acc_dtype, inv_temperature))
         if sample:
             chunk_ids = vocabulary.sample(student[rows, :vocab], row_offset + rows.start, key, scale)
         else:
@@ -294,18 +483,21 @@ def hybrid_backward(student, labels, sampled_ids, stats, row_scale, grad, *, voc
     n_rows = student.shape[0]
     acc_dtype = stats.dtype
     inv_temperature = 1.0 / temperature
-    for rows in _chunks(n_rows, vocab, acc_dtype):
+    params = _parameters(temperature)
+    has_top = bool(n_rows) and bool((stats[:, STAT_TOP_S] >= 0).any())
+    fast = compiling(n_rows, vocab)
+    for rows in _chunks(n_rows, vocab, acc_dtype, compiled=fast):
         scale = row_scale[rows].to(acc_dtype)
         max_s, log_sum_s, top_s, w_y, w_hat = stats[rows].unbind(1)
         live = (scale != 0) & _defined(log_sum_s)
-        q = _log_softmax(_scaled(student, rows, vocab, acc_dtype, inv_temperature), max_s, log_sum_s).exp()
-        chunk_grad = -q * (w_y + w_hat)[:, None]
-        index = torch.arange(rows.stop - rows.start, device=student.device)
+        columns = []
         for ids, weight in ((labels[rows], w_y), (sampled_ids[rows], w_hat)):
             ids = torch.where(live, ids, 0)
             owned, column = (live, ids) if to_local is None else to_local(ids)
-            chunk_grad[index, column] += _zero_unless(owned & live, weight)
-        chunk_grad = (-inv_temperature * scale)[:, None] * chunk_grad
-        grad[rows, :vocab] = _top_from_others(_zero_unless(live[:, None], chunk_grad), top_s).to(grad.dtype)
+            columns += [column, _zero_unless(owned & live, weight)]
+        out = grad[rows, :vocab]
+        sums = _compiled_hybrid_backward(fast, out, student[rows, :vocab], max_s, log_sum_s, top_s, w_y, w_hat, scale,
+                                         *columns, params, has_top)
+        _top_from_others(out, top_s, sums)
     grad[:, vocab:] = 0
     return grad

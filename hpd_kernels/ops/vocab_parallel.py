@@ -35,6 +35,7 @@ class VocabParallel(torch_backend.WholeVocabulary):
     """The torch backend's passes on one slice, with its row reductions made collective."""
 
     NAME = torch_backend.NAME
+    local_rows = False  # every row reduction is a collective: the compiled math covers only what lies between
 
     def __init__(self, group, vocab_offset, global_vocab):
         self.group, self.offset, self.global_vocab = group, int(vocab_offset), int(global_vocab)

@@ -1,0 +1,130 @@
+"""The torch backend's compiled chunk math (`torch.compile` of its per-chunk functions) against its
+eager twin and the float64 reference.
+
+The property tests run problems smaller than `COMPILE_MIN_ELEMENTS`, hence the eager math; here
+`HPD_KERNELS_TORCH_COMPILE=1` compiles at every size, so the compiled code meets the same cases: every
+objective, fully `-inf` rows, ignored rows, a temperature, float32 and float64, HPD's draws (which
+stay eager, so they must be identical), the fused-linear path (whose gradient overwrites the chunk's
+own logits) and the fallback to eager when compiling fails.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+
+import hpd_kernels
+from hpd_kernels import reference
+from hpd_kernels.ops import torch_backend
+from hpd_kernels.registry import DIVERGENCES
+
+OBJECTIVES = ("hpd",) + DIVERGENCES
+IGNORE = -100
+
+
+def _problem(dtype, rows=48, vocab=700):
+    generator = torch.Generator().manual_seed(7)
+    student = torch.randn(rows, vocab, generator=generator, dtype=torch.float64) * 2
+    teacher = student + torch.randn(rows, vocab, generator=generator, dtype=torch.float64)
+    student[5], teacher[5] = -math.inf, -math.inf    # a fully -inf row: 0, and no gradient
+    student[9, :300], teacher[9, :300] = -math.inf, -math.inf  # a shared mask
+    student[11, 3] = 40.0                             # a row with q(top) near 1
+    labels = torch.randint(300, vocab, (rows,), generator=generator)
+    labels[[2, 17]] = IGNORE
+    return student.to(dtype), teacher.to(dtype), labels
+
+
+def _loss(objective, student, teacher, labels, **options):
+    if objective == "hpd":
+        loss, details = hpd_kernels.hybrid_kl_loss(student, teacher, labels, seed=3, temperature=1.5,
+                                                   backend="torch", return_details=True, **options)
+        return loss, details.sampled_ids
+    return hpd_kernels.DIVERGENCES[objective](student, teacher, labels, temperature=1.5, backend="torch",
+                                              **options), None
+
+
+def _run(objective, dtype, setting, monkeypatch):
+    monkeypatch.setenv(torch_backend.COMPILE_ENV, setting)
+    student, teacher, labels = _problem(dtype)
+    student.requires_grad_(True)
+    loss, drawn = _loss(objective, student, teacher, labels)
+    (grad,) = torch.autograd.grad(loss, student)
+    return loss.detach(), grad, drawn
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_compiled_matches_eager(objective, dtype, monkeypatch):
+    loss_c, grad_c, drawn_c = _run(objective, dtype, "1", monkeypatch)
+    loss_e, grad_e, drawn_e = _run(objective, dtype, "0", monkeypatch)
+    tolerance = dict(rtol=2e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(loss_c, loss_e, **tolerance)
+    torch.testing.assert_close(grad_c, grad_e, **tolerance)
+    assert torch.all(grad_c[5] == 0)
+    if drawn_c is not None:
+        assert torch.equal(drawn_c, drawn_e)
+
+
+@pytest.mark.parametrize("objective", DIVERGENCES)
+def test_compiled_float64_matches_reference(objective, monkeypatch):
+    monkeypatch.setenv(torch_backend.COMPILE_ENV, "1")
+    student, teacher, labels = _problem(torch.float64)
+    keep = torch.ones(student.shape[0], dtype=torch.bool)
+    keep[[5, 9]] = False  # the reference has no rule for fully -inf rows; shared masks: drop both
+    student, teacher, labels = student[keep].requires_grad_(True), teacher[keep], labels[keep]
+    ours, _ = _loss(objective, student, teacher, labels)
+    ours_grad = torch.autograd.grad(ours, student)[0]
+    ref = reference.DIVERGENCE_LOSSES[objective](student, teacher, labels, temperature=1.5, ignore_index=IGNORE)
+    ref_grad = torch.autograd.grad(ref, student)[0]
+    torch.testing.assert_close(ours.detach(), ref.detach(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(ours_grad, ref_grad, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("objective", ["hpd", "jsd"])
+def test_compiled_fused_linear_matches_eager(objective, monkeypatch):
+    generator = torch.Generator().manual_seed(3)
+    hidden = torch.randn(200, 32, generator=generator)
+    weight = torch.randn(900, 32, generator=generator) / 4
+    teacher_hidden = torch.randn(200, 48, generator=generator)
+    teacher_weight = torch.randn(900, 48, generator=generator) / 4
+    labels = torch.randint(0, 900, (200,), generator=generator)
+    labels[:10] = IGNORE
+    results = []
+    for setting in ("1", "0"):
+        monkeypatch.setenv(torch_backend.COMPILE_ENV, setting)
+        leaves = (hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True))
+        if objective == "hpd":
+            loss = hpd_kernels.fused_linear_hybrid_kl_loss(*leaves, teacher_hidden, teacher_weight, labels, seed=1,
+                                                           backend="torch", chunk_size=64)
+        else:
+            loss = hpd_kernels.fused_linear_divergence_loss(*leaves, teacher_hidden, teacher_weight, labels,
+                                                            divergence=objective, backend="torch", chunk_size=64)
+        results.append((loss.detach(), *torch.autograd.grad(loss, leaves)))
+    for compiled, eager in zip(*results):
+        torch.testing.assert_close(compiled, eager, rtol=2e-5, atol=1e-7)
+
+
+def test_failed_compile_falls_back_to_eager_once(monkeypatch):
+    monkeypatch.setenv(torch_backend.COMPILE_ENV, "1")
+    student, teacher, labels = _problem(torch.float32)
+    expected = hpd_kernels.forward_kl_loss(student, teacher, labels, backend="torch")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    monkeypatch.setattr(torch_backend._Compiled, "failed", False)
+    compiled_fns = [value for value in vars(torch_backend).values() if isinstance(value, torch_backend._Compiled)]
+    for fn in compiled_fns:
+        monkeypatch.setattr(fn, "compiled", None)
+    with pytest.warns(RuntimeWarning, match="torch.compile of the torch backend"):
+        first = hpd_kernels.forward_kl_loss(student, teacher, labels, backend="torch")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning
+        second = hpd_kernels.forward_kl_loss(student, teacher, labels, backend="torch")
+    assert torch_backend._Compiled.failed
+    torch.testing.assert_close(first, expected)
+    torch.testing.assert_close(second, expected)
