@@ -12,11 +12,12 @@ downloaded: a GGUF file holds its tokenizer and config.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 import shutil
 import tempfile
+
+from ..digests import file_sha256
 
 # name -> (importable package, file inside it, what to install)
 PACKAGED = {
@@ -58,14 +59,6 @@ def gguf_path(value):
     return value
 
 
-def _sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def converted_dir(value, cache_dir, log=None):
     """A Hugging Face folder holding the model of `value` (see `gguf_path`), converted once under
     `cache_dir` and reused after. Concurrent conversions are safe: each writes its own temporary
@@ -77,7 +70,7 @@ def converted_dir(value, cache_dir, log=None):
     import torch
     import transformers
 
-    key = f"{_sha256(path)[:16]}-transformers{transformers.__version__}"
+    key = f"{file_sha256(path)[:16]}-transformers{transformers.__version__}"
     folder = os.path.join(cache_dir, f"gguf-{key}")
     if os.path.isfile(os.path.join(folder, "config.json")):
         return folder

@@ -15,13 +15,13 @@ stays in place.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 
 import torch
 
+from ..digests import file_sha256
 from .jsonfiles import write_json_atomic, writing
 
 try:
@@ -124,14 +124,6 @@ def save_checkpoint(run_dir, step, model, optimizer, trainer_state):
             shutil.rmtree(temporary, ignore_errors=True)  # give back the space; the previous checkpoint stays
             raise
     return publish_checkpoint(run_dir, name, step)
-
-
-def file_sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _checksums(folder):

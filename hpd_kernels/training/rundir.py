@@ -17,7 +17,8 @@ import os
 import time
 
 from . import distributed
-from .checkpoint import CheckpointError, file_sha256, load_model, save_model
+from ..digests import file_sha256
+from .checkpoint import CheckpointError, load_model, save_model
 from .config import ConfigError, train_config
 from .data import DataError
 from .evaluation import evaluate_model

@@ -9,7 +9,8 @@ import json
 import torch
 
 from ..models.decoder import DecoderLM
-from .checkpoint import file_sha256, load_model
+from ..digests import file_sha256
+from .checkpoint import load_model
 from .config import ConfigError, decoder_config, train_config
 from .data import DataError, CharTokenizer, HFTokenizer, check_aligned, encode_pairs, read_jsonl
 from .task import encode_examples, make_problems, task_tokenizer
