@@ -26,7 +26,7 @@ from torch import Tensor
 from ..registry import Objective, accumulation_dtype
 from .backends import by_name
 from .chunked_linear import LinearInputs, scalar_pass
-from .row_losses import backward_rows, forward_rows
+from .row_losses import backward_rows, forward_rows, row_parts
 
 
 def objective_fields(objective: Objective) -> tuple:
@@ -57,8 +57,7 @@ def row_losses(student: Tensor, teacher: Tensor, labels: Optional[Tensor], activ
         drawn = student.new_empty((0,), dtype=torch.int64)
     elif sampled_ids is not None:
         drawn = drawn.clone()  # outputs may not alias inputs (nor one another)
-    hard = rows.cross_entropy if rows.cross_entropy is not None else rows.loss.new_empty((0,))
-    return rows.loss, rows.distillation.clone(), hard, rows.stats, drawn
+    return (rows.loss, *row_parts(rows, rows.loss.new_empty((0,))), rows.stats, drawn)
 
 
 _ROW_ARGUMENTS = ("student", "teacher", "labels", "active", "sampled_ids", "objective", "temperature", "ignore_index",
@@ -72,9 +71,9 @@ def _(*inputs):
     rows, acc_dtype = student.shape[0], accumulation_dtype(student.dtype)
     shape = Objective(named["objective"], 1.0, 0)  # only its name matters here
     per_row = lambda: student.new_empty((rows,), dtype=acc_dtype)  # noqa: E731
-    hard = (per_row() if named["cross_entropy"] and named["labels"] is not None
-            else student.new_empty((0,), dtype=acc_dtype))
-    return (per_row(), per_row(), hard, student.new_empty((rows, shape.stats_columns), dtype=acc_dtype),
+    part = (per_row if named["cross_entropy"] and named["labels"] is not None
+            else lambda: student.new_empty((0,), dtype=acc_dtype))  # noqa: E731
+    return (per_row(), part(), part(), student.new_empty((rows, shape.stats_columns), dtype=acc_dtype),
             student.new_empty((rows,) if shape.is_hybrid else (0,), dtype=torch.int64))
 
 

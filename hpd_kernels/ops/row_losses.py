@@ -101,6 +101,16 @@ def backward_rows(backend, student, teacher, labels, sampled_ids, stats, row_sca
     return grad
 
 
+def row_parts(rows: Rows, empty):
+    """`(distillation, cross_entropy)` per row when they were asked for (`rows.cross_entropy`), else two
+    empty tensors: nothing is copied for a call that does not report them. Outputs may not alias the
+    loss, which is the distillation part itself when `ce_weight` is 0."""
+    if rows.cross_entropy is None:
+        return empty.clone(), empty.clone()
+    distillation = rows.distillation.clone() if rows.distillation is rows.loss else rows.distillation
+    return distillation, rows.cross_entropy
+
+
 def hybrid_details(stats, sampled_ids):
     """HPD's `(y_hat, w_y, w_hat)` from a forward's stats, detached copies."""
     return sampled_ids, stats[:, STAT_W_LABEL].clone(), stats[:, STAT_W_SAMPLE].clone()
@@ -130,8 +140,7 @@ class RowLosses(torch.autograd.Function):
             details = hybrid_details(rows.stats, rows.sampled_ids)
         else:
             details = (empty.long(), empty, empty.clone())
-        parts = (rows.distillation.clone() if rows.loss is rows.distillation else rows.distillation,
-                 rows.cross_entropy if rows.cross_entropy is not None else empty.clone())
+        parts = row_parts(rows, empty)
         ctx.mark_non_differentiable(*parts, *details)
         return (rows.loss, *parts, *details)
 
