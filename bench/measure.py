@@ -163,16 +163,37 @@ def _repeats(job: Job, last_warmup_seconds: float) -> int:
 
 
 def _warm_up(step, count, synchronize):
-    """`(first call's seconds, last call's seconds)` of `count` untimed calls."""
-    first = seconds = 0.0
+    """`(first call's seconds, last call's seconds, all of them)` of `count` untimed calls."""
+    first = seconds = total = 0.0
     for index in range(count):
         synchronize()
         start = time.perf_counter()
         step()
         synchronize()
         seconds = time.perf_counter() - start
+        total += seconds
         first = seconds if index == 0 else first
-    return first, seconds
+    return first, seconds, total
+
+
+def through_eager_phase(step, limit=1000):
+    """`(calls, seconds)`: the calls it takes the library's torch backend to leave its eager phase
+    (`torch_backend.eager_phase_over`) and make the call that compiles, so that the timed calls
+    measure the steady state; none where it runs on Triton or its problems are too small to compile."""
+    from hpd_kernels.ops import torch_backend
+
+    calls, seconds = 0, 0.0
+    while calls < limit:
+        if torch_backend.eager_phase_over():
+            limit = calls + 1  # one call more: the one that compiles
+        before = torch_backend._EagerWork.elements
+        start = time.perf_counter()
+        step()
+        seconds += time.perf_counter() - start
+        calls += 1
+        if not torch_backend.eager_phase_over() and torch_backend._EagerWork.elements == before:
+            break  # below the compile size: it stays eager
+    return calls, seconds
 
 
 def _timed(step, repeats, synchronize):
@@ -199,9 +220,11 @@ def measure_cpu_here(job: Job) -> dict:
     baseline = rss_bytes()
     peak_was_reset = reset_peak_rss()
     try:
-        first_call_seconds, last_warmup_seconds = _warm_up(step, job.warmup, lambda: None)
+        first_call_seconds, last_warmup_seconds, warmup_seconds = _warm_up(step, job.warmup, lambda: None)
     except Exception as error:  # e.g. torch.compile without a working C++ toolchain
         return {"error": _short_error(error), "traceback": traceback.format_exc(limit=4)}
+    library = job.variant in ("hpd_kernels", "hpd_kernels fused-linear")
+    eager_calls, eager_seconds = through_eager_phase(step) if library else (0, 0.0)
     if compiled:
         release_free_memory()
         baseline = rss_bytes()
@@ -212,6 +235,8 @@ def measure_cpu_here(job: Job) -> dict:
     del inputs, step
     return {"peak_bytes": peak, "seconds": statistics.median(times), "times": times, "loss": float(loss),
             "first_call_seconds": first_call_seconds, "peak_reset": peak_was_reset,
+            "untimed_calls": job.warmup + eager_calls,
+            "untimed_seconds": warmup_seconds + eager_seconds,
             "other_cpu_load": other_load.cores()}
 
 
@@ -221,7 +246,7 @@ def measure_cuda(job: Job) -> dict:
     try:
         torch.manual_seed(0)
         inputs, step = _setup(job)
-        _, last_warmup_seconds = _warm_up(step, job.warmup, torch.cuda.synchronize)
+        _, last_warmup_seconds, _ = _warm_up(step, job.warmup, torch.cuda.synchronize)
         gc.collect()
         baseline = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()

@@ -142,9 +142,12 @@ def markdown(record: dict) -> str:
     ]
     summary_variants = [name for name in VARIANTS if VARIANTS[name].baseline
                         and any(r["variant"] == name for r in results)]
-    header = ("| objective | tokens | " + " | ".join(f"{name} memory | {name} time" for name in summary_variants)
-              + " |")
-    lines += [header, "|---|---:|" + "---:|---:|" * len(summary_variants)]
+    on_cpu = settings["device"] == "cpu"
+    # On the CPU the first call (cold: a fresh process, compiling included) is a column of its own.
+    columns = ("memory", "time", "first call") if on_cpu else ("memory", "time")
+    header = ("| objective | tokens | " + " | ".join(f"{name} {column}" for name in summary_variants
+                                                    for column in columns) + " |")
+    lines += [header, "|---|---:|" + "---:|" * len(columns) * len(summary_variants)]
     by_key = {(r["objective"], r["tokens"], r["variant"]): r for r in results}
     for objective in settings["objectives"]:
         for tokens in settings["tokens"]:
@@ -152,9 +155,9 @@ def markdown(record: dict) -> str:
             for name in summary_variants:
                 result = by_key.get((objective, tokens, name), {})
                 cells += [_ratio(result.get("memory_ratio")), _ratio(result.get("time_ratio"))]
+                cells += [_ratio(result.get("first_call_ratio"))] if on_cpu else []
             lines.append(f"| {objective} | {tokens} | " + " | ".join(cells) + " |")
 
-    on_cpu = settings["device"] == "cpu"
     load_header, load_rule = (" others' CPU (cores) |", "---:|") if on_cpu else ("", "")
     lines += ["", "## All measurements", ""]
     if on_cpu:
@@ -163,8 +166,13 @@ def markdown(record: dict) -> str:
         lines += [f"`others' CPU`: cores that other processes kept busy during the timed calls ({retried}).", ""]
     if on_cpu:
         lines += ["`first call`: the first warm-up call of the fresh process (one-time costs included: "
-                  "torch.compile's, and the torch backend compiling its chunk math).", ""]
-    first_header, first_rule = (" first call (ms) | first call / ours |", "---:|---:|") if on_cpu else ("", "")
+                  "torch.compile's compiling; the library's torch backend runs its first calls eagerly and "
+                  "compiles later, see `untimed`).", "",
+                  "`untimed`: the calls before the timed ones and their total time: the warm-up, and for the "
+                  "library the calls of its eager phase plus the one that compiles, so that every variant is "
+                  "timed in its steady state.", ""]
+    first_header, first_rule = ((" first call (ms) | first call / ours | untimed calls | untimed (s) |",
+                                 "---:|---:|---:|---:|") if on_cpu else ("", ""))
     lines += ["| objective | tokens | variant | peak memory (MiB) | time (ms) | memory / ours | time / ours |"
               + first_header + load_header, "|---|---:|---|---:|---:|---:|---:|" + first_rule + load_rule]
     notes = []
@@ -177,7 +185,9 @@ def markdown(record: dict) -> str:
         load = result.get("other_cpu_load")
         load_cell = (f" {load:.2f} |" if load is not None else " — |") if on_cpu else ""
         first = result.get("first_call_seconds")
+        untimed = result.get("untimed_seconds")
         first_cell = (f" {'—' if first is None else f'{first * 1e3:.0f}'} | {_ratio(result.get('first_call_ratio'))} |"
+                      f" {result.get('untimed_calls', '—')} | {'—' if untimed is None else f'{untimed:.1f}'} |"
                       if on_cpu else "")
         lines.append(f"| {result['objective']} | {result['tokens']} | {result['variant']} | {memory} | {seconds} | "
                      f"{_ratio(result.get('memory_ratio'))} | {_ratio(result.get('time_ratio'))} |" + first_cell

@@ -128,3 +128,46 @@ def test_failed_compile_falls_back_to_eager_once(monkeypatch):
     assert torch_backend._Compiled.failed
     torch.testing.assert_close(first, expected)
     torch.testing.assert_close(second, expected)
+
+
+def test_auto_runs_eagerly_first_then_compiles(monkeypatch):
+    """"auto": compile-sized problems run eagerly until `COMPILE_AFTER_ELEMENTS` of them have, then
+    through `torch.compile`; the switch point is counted in logits, so it is the same on every run."""
+    monkeypatch.setenv(torch_backend.COMPILE_ENV, "auto")
+    student, teacher, labels = _problem(torch.float32)
+    elements = student.shape[0] * student.shape[1]
+    monkeypatch.setattr(torch_backend, "COMPILE_MIN_ELEMENTS", elements)
+    monkeypatch.setattr(torch_backend, "COMPILE_AFTER_ELEMENTS", 3 * elements)  # a forward and a backward: one step
+    monkeypatch.setattr(torch_backend._EagerWork, "elements", 0)
+    monkeypatch.setattr(torch_backend._Compiled, "failed", False)
+    compiled_calls = []
+
+    def spy_compile(fn, **options):  # the policy, not inductor: record each compiled call, run it eagerly
+        def run(*args):
+            compiled_calls.append(fn.__name__)
+            return fn(*args)
+        return run
+
+    monkeypatch.setattr(torch, "compile", spy_compile)
+    for fn in [value for value in vars(torch_backend).values() if isinstance(value, torch_backend._Compiled)]:
+        monkeypatch.setattr(fn, "compiled", None)
+
+    def step():
+        leaf = student.clone().requires_grad_(True)
+        loss = hpd_kernels.forward_kl_loss(leaf, teacher, labels, backend="torch")
+        return loss.detach(), torch.autograd.grad(loss, leaf)[0]
+
+    assert not torch_backend.eager_phase_over()
+    first = step()
+    assert compiled_calls == [] and torch_backend._EagerWork.elements == 2 * elements
+    assert not torch_backend.eager_phase_over()
+    second = step()  # its forward still eager (2 < 3), which ends the phase; its backward compiled
+    assert compiled_calls == ["_divergence_chunk_backward"] and torch_backend.eager_phase_over()
+    third = step()
+    assert compiled_calls[1:] == ["_divergence_chunk_forward", "_divergence_chunk_backward"]
+    assert torch_backend._EagerWork.elements == 3 * elements
+    for result in (second, third):  # the spy runs the same functions: identical numbers
+        torch.testing.assert_close(result, first, rtol=0, atol=0)
+    # Problems below the compile size never count and never compile.
+    small = hpd_kernels.forward_kl_loss(student[:4], teacher[:4], labels[:4], backend="torch")
+    assert torch.isfinite(small) and len(compiled_calls) == 3 and torch_backend._EagerWork.elements == 3 * elements

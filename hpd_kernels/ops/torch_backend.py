@@ -9,8 +9,9 @@ Rows are processed in chunks whose float32 temporaries stay under a fixed budget
 Each chunk's math is a plain function (`_divergence_chunk_forward`, `_divergence_chunk_backward`,
 `_hybrid_chunk_backward`, ...) that runs through `torch.compile` (inductor: one fused C++ loop per
 row pass instead of one eager pass per elementwise op) for problems of at least
-`COMPILE_MIN_ELEMENTS` logits, compiled once per process with dynamic shapes, and eagerly otherwise
-or wherever compiling fails (`_Compiled`). HPD's Gumbel-max draws always run eagerly: their
+`COMPILE_MIN_ELEMENTS` logits once the process has run `COMPILE_AFTER_ELEMENTS` of them eagerly,
+compiled once per process with dynamic shapes, and eagerly otherwise or wherever compiling fails
+(`_Compiled`). HPD's Gumbel-max draws always run eagerly: their
 rounding is the Triton kernel's, bit for bit.
 """
 
@@ -40,21 +41,50 @@ COMPILED_CHUNK_BYTES = 8 * CHUNK_BYTES
 # The per-chunk math runs through `torch.compile` (inductor) where it pays: one fused loop per row
 # pass instead of one eager pass per elementwise op, for problems of at least
 # `COMPILE_MIN_ELEMENTS` logits (smaller ones would spend more time compiling than computing).
-# `HPD_KERNELS_TORCH_COMPILE`: "auto" (default), "1" (every size), "0" (never). A compile that fails
-# (no C++ compiler, an unsupported torch) warns once and leaves eager for good.
+# Compiling costs 3-20 s once per process (the low end with inductor's on-disk cache warm), more
+# than many calls take eagerly; so, as a JIT does, the process first runs `COMPILE_AFTER_ELEMENTS`
+# logits of such problems eagerly (a few seconds of work: a training step or two, or an evaluation
+# that never needs more), then compiles. That bounds what compiling can cost a short run, and the
+# switch point depends only on the sizes of the calls, not on timing, so a run is reproducible.
+# `HPD_KERNELS_TORCH_COMPILE`: "auto" (default: the rule above), "1" (compile at once, every size),
+# "0" (never). A compile that fails (no C++ compiler, an unsupported torch) warns once and leaves
+# eager for good.
 COMPILE_ENV = "HPD_KERNELS_TORCH_COMPILE"
 COMPILE_MIN_ELEMENTS = 2**20
+COMPILE_AFTER_ELEMENTS = 2**29
 # Each compiled function holds one graph per (divergence, dtypes, vocabulary kind): more than
 # dynamo's default of 8 entries per function; shapes are dynamic, so chunk sizes do not add any.
 _RECOMPILE_LIMIT = 64
 
 
+class _EagerWork:
+    """Logits of compile-sized problems that this process has run eagerly (see above)."""
+
+    elements = 0
+
+
 def compiling(n_rows: int, vocab: int) -> bool:
-    """Whether a call on `[n_rows, vocab]` logits runs the compiled chunk math (decided once per call)."""
+    """Whether a call on `[n_rows, vocab]` logits runs the compiled chunk math (decided once per call,
+    and counted towards `COMPILE_AFTER_ELEMENTS` when it does not)."""
     setting = os.environ.get(COMPILE_ENV, "auto")
     if setting == "0" or _Compiled.failed or torch.compiler.is_compiling():
         return False  # under an outer compile, the eager math is what it traces
-    return setting == "1" or n_rows * vocab >= COMPILE_MIN_ELEMENTS
+    if setting == "1":
+        return True
+    if n_rows * vocab < COMPILE_MIN_ELEMENTS:
+        return False
+    if _EagerWork.elements >= COMPILE_AFTER_ELEMENTS:
+        return True
+    _EagerWork.elements += n_rows * vocab
+    return False
+
+
+def eager_phase_over() -> bool:
+    """Whether this process is past the eager phase of the "auto" rule: its next compile-sized problem
+    runs the compiled chunk math (for benchmarks, which time the steady state after it)."""
+    if os.environ.get(COMPILE_ENV, "auto") != "auto" or _Compiled.failed:
+        return True
+    return _EagerWork.elements >= COMPILE_AFTER_ELEMENTS
 
 
 class _Compiled:
@@ -262,6 +292,9 @@ def _hybrid_chunk_backward(out, student, max_s, log_sum_s, top_s, w_y, w_hat, sc
     (compiled: the label and sample columns as comparisons, no scatter)."""
     acc_dtype = max_s.dtype
     live = (scale != 0) & _defined(log_sum_s)
+    if not torch.compiler.is_compiling() and out.dtype == acc_dtype:
+        return _hybrid_chunk_backward_eager(out, student, max_s, log_sum_s, top_s, w_y, w_hat, scale, column_y, add_y,
+                                            column_hat, add_hat, params, has_top, live)
     q = _log_softmax(_scale(student, acc_dtype, params[0]), max_s, log_sum_s).exp()
     chunk_grad = -q * (w_y + w_hat)[:, None]
     columns = torch.arange(student.shape[1], device=student.device)[None, :]
@@ -269,6 +302,31 @@ def _hybrid_chunk_backward(out, student, max_s, log_sum_s, top_s, w_y, w_hat, sc
     chunk_grad = chunk_grad + _zero_unless(columns == column_hat[:, None], add_hat[:, None])
     chunk_grad = (-params[0].to(acc_dtype) * scale)[:, None] * chunk_grad
     return _write_gradient(out, chunk_grad, live, top_s, has_top)
+
+
+def _hybrid_chunk_backward_eager(out, student, max_s, log_sum_s, top_s, w_y, w_hat, scale, column_y, add_y,
+                                 column_hat, add_hat, params, has_top, live):
+    """`_hybrid_chunk_backward` as eager PyTorch runs it fastest: the same math, computed in place in
+    `out` (which may be `student` itself: every step reads an element before writing it) in five
+    passes and no temporaries, the two label columns as scatters instead of comparisons over whole
+    rows; only the order in which a row's scalar factors are multiplied differs (one rounding). For
+    `out` in the accumulation dtype."""
+    coefficient = -params[0].to(out.dtype) * scale
+    if params[0].item() == 1.0:
+        torch.sub(student, max_s[:, None], out=out)
+    else:
+        torch.mul(student, params[0].to(out.dtype), out=out).sub_(max_s[:, None])
+    out.sub_(log_sum_s[:, None]).exp_().mul_((coefficient * -(w_y + w_hat))[:, None])
+    rows = torch.arange(out.shape[0], device=out.device)
+    for column, add in ((column_y, add_y), (column_hat, add_hat)):
+        out.index_put_((rows, column), coefficient * add, accumulate=True)
+    dead = torch.nonzero(~live)[:, 0]
+    if dead.numel():
+        out.index_fill_(0, dead, 0.0)
+    if not has_top:
+        return None
+    at_top = out.gather(1, top_s.clamp(min=0).to(torch.int64)[:, None])[:, 0]
+    return torch.stack([out.sum(-1), torch.where(top_s >= 0, at_top, 0.0)], dim=1)
 
 
 def _logsumexp_pair(student, teacher, params):
