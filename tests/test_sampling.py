@@ -143,3 +143,16 @@ def test_noise_is_finite_at_the_extreme_hash_values():
     # The same bits on every path; `log2` itself may differ in the last ulp between libraries.
     torch.testing.assert_close(from_torch, from_numpy, rtol=1e-6, atol=0)
     torch.testing.assert_close(from_triton, from_numpy, rtol=1e-6, atol=0)
+
+
+def test_cpu_noise_in_threaded_blocks_is_the_noise_of_the_whole_array(monkeypatch):
+    """The CPU path splits rows into blocks over threads; every element must get the bits it gets
+    computed in one piece (37 rows: blocks of 8 and a ragged last one), which the Triton kernel's
+    draws pin (`test_backends_and_tile_widths_draw_the_same_token`)."""
+    rows, columns = torch.arange(100, 137), torch.arange(5000, 6021)
+    keys = gumbel.row_keys_torch(gumbel.seed_key(11), rows)
+    column_bits = columns.numpy().astype(np.uint32) * np.uint32(gumbel._COLUMN_MUL)
+    expected = torch.from_numpy(gumbel._gumbel2_numpy_block(keys.numpy().astype(np.uint32), column_bits))
+    for threads in (1, 2, 3):
+        monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+        assert torch.equal(gumbel.gumbel2_torch(keys, columns), expected)

@@ -25,6 +25,8 @@ backend's in rare near-ties (scores within ~1e-6); on the CPU (the interpreter) 
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 
@@ -89,16 +91,56 @@ def _lowbias32_int32_(h: torch.Tensor) -> torch.Tensor:
     return h
 
 
-def _gumbel2_numpy(row_keys: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
-    """The CPU path: NumPy's uint32 shifts and products are several times faster than torch's."""
-    column_bits = columns.numpy().astype(np.uint32) * np.uint32(_COLUMN_MUL)
-    bits = row_keys.numpy().astype(np.uint32)[:, None] ^ column_bits[None, :]
+def _gumbel2_numpy_block(keys: np.ndarray, column_bits: np.ndarray) -> np.ndarray:
+    bits = keys[:, None] ^ column_bits[None, :]
     bits ^= bits >> 16
     bits *= np.uint32(_MUL1)
     bits ^= bits >> 15
     bits *= np.uint32(_MUL2)
     bits ^= bits >> 16
-    return torch.from_numpy(gumbel2_from_bits_numpy(bits))
+    return gumbel2_from_bits_numpy(bits)
+
+
+# Rows per block of the CPU path: a block's uint32/float32 temporaries stay in a core's cache.
+_NUMPY_BLOCK_ROWS = 8
+
+
+class _Threads:
+    """The CPU path's thread pool, made on first use; made again in a forked child (whose copy of
+    the pool has no threads) or when torch is given more threads."""
+
+    pool, workers, pid = None, 0, None
+
+    @classmethod
+    def map(cls, fn, items, workers):
+        if cls.pool is None or cls.pid != os.getpid() or cls.workers < workers:
+            from concurrent.futures import ThreadPoolExecutor
+
+            cls.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hpd_kernels_gumbel")
+            cls.workers, cls.pid = workers, os.getpid()
+        return list(cls.pool.map(fn, items))
+
+
+def _gumbel2_numpy(row_keys: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """The CPU path: NumPy's uint32 shifts and products are several times faster than torch's. NumPy
+    runs on one core and releases the GIL, so blocks of rows go to as many threads as torch uses
+    (each element is computed alone: the same bits however the rows are split)."""
+    column_bits = columns.numpy().astype(np.uint32) * np.uint32(_COLUMN_MUL)
+    keys = row_keys.numpy().astype(np.uint32)
+    out = np.empty((keys.shape[0], column_bits.shape[0]), dtype=np.float32)
+
+    def block(begin):
+        rows = slice(begin, begin + _NUMPY_BLOCK_ROWS)
+        out[rows] = _gumbel2_numpy_block(keys[rows], column_bits)
+
+    starts = range(0, keys.shape[0], _NUMPY_BLOCK_ROWS)
+    workers = min(torch.get_num_threads(), len(starts))
+    if workers > 1:
+        _Threads.map(block, starts, workers)
+    else:
+        for begin in starts:
+            block(begin)
+    return torch.from_numpy(out)
 
 
 def _series(v):
