@@ -171,3 +171,23 @@ def test_auto_runs_eagerly_first_then_compiles(monkeypatch):
     # Problems below the compile size never count and never compile.
     small = hpd_kernels.forward_kl_loss(student[:4], teacher[:4], labels[:4], backend="torch")
     assert torch.isfinite(small) and len(compiled_calls) == 3 and torch_backend._EagerWork.elements == 3 * elements
+
+
+@pytest.mark.parametrize("setting", ["0", "1"])
+def test_top_column_only_where_it_can_cancel(setting, monkeypatch):
+    """The torch backend names a top column (`STAT_TOP_S`) only where q there exceeds 1/2: the
+    student's first argmax of `s / T`, in a tie too; elsewhere -1, and no sums in the backward."""
+    monkeypatch.setenv(torch_backend.COMPILE_ENV, setting)
+    student = torch.randn(6, 50, generator=torch.Generator().manual_seed(1))
+    student[1, 7] = student[1, 30] = 40.0    # q(top) near 1/2 each: a tie, neither above 1/2
+    student[2, 9] = student[2, 44] = 40.0
+    student[2, 44] = 39.0                    # q(9) above 1/2
+    student[3, 12] = 25.0                    # q(12) near 1
+    student[4, 3] = 2.0 * math.log(50.0)     # q(3) near 1/2 at T = 2: the boundary, decided by q itself
+    teacher = torch.randn(6, 50, generator=torch.Generator().manual_seed(2))
+    _, stats = torch_backend.divergence_forward(student, teacher, None, divergence="forward_kl", temperature=2.0,
+                                                log_mix_p=0.0, log_mix_q=0.0, ignore_index=IGNORE)
+    q = torch.softmax(student.double() / 2.0, dim=-1)
+    expected = torch.where(q.max(dim=-1).values > 0.5, (student / 2.0).argmax(dim=-1).double(), -1.0)
+    assert torch.equal(stats[:, 2].double(), expected)
+    assert stats[2, 2] == 9 and stats[3, 2] == 12 and stats[1, 2] == -1

@@ -17,6 +17,8 @@ the vocabulary. In the unified view it is `ce_weight` more weight on `y` (and on
 
 A row where either side has no distribution (all logits `-inf`: `log_sum = -inf` in the stats; HPD
 marks a teacher's so) contributes 0 with its hard-label part, and gets no gradient.
+A row whose stats name no top column (`STAT_TOP_S = -1`: the torch backend where q(top) <= 1/2)
+gets only the `+c` at `y`: its top column kept the kernel's `w - q (W + ce_weight)`.
 """
 
 from __future__ import annotations
@@ -95,9 +97,13 @@ def backward_rows(backend, student, teacher, labels, sampled_ids, stats, row_sca
     if hard:
         rows = torch.nonzero((row_scale != 0) & (extra != 0))[:, 0]
         c = -row_scale[rows] / objective.temperature * extra[rows]
-        for columns, sign in ((labels[rows], 1.0), (stats[rows, STAT_TOP_S].long(), -1.0)):
-            # Each row's two entries read and written in the accumulation dtype: one rounding.
-            grad[rows, columns] = (grad[rows, columns].to(c.dtype) + sign * c).to(grad.dtype)
+        # Each entry read and written in the accumulation dtype: one rounding. The top column only
+        # where the kernel wrote one from the others (a backend may name none: -1).
+        grad[rows, labels[rows]] = (grad[rows, labels[rows]].to(c.dtype) + c).to(grad.dtype)
+        with_top = stats[rows, STAT_TOP_S] >= 0
+        rows, c = rows[with_top], c[with_top]
+        top = stats[rows, STAT_TOP_S].long()
+        grad[rows, top] = (grad[rows, top].to(c.dtype) - c).to(grad.dtype)
     return grad
 
 

@@ -217,25 +217,29 @@ def _whole_row_logsumexp(scaled):
     return _zero_if(empty, raw_max), torch.where(empty, torch.full_like(log_sum, -math.inf), log_sum), raw_max
 
 
-def _first_max_column(scaled, raw_max):
-    """`top_column` of whole rows: the first column equal to the row's max (-1 for a NaN row)."""
-    width = scaled.shape[1]
-    columns = torch.arange(width, device=scaled.device)
-    first = torch.where(scaled == raw_max[:, None], columns[None, :], width).amin(dim=-1)
-    return torch.where(first == width, -1, first).to(scaled.dtype)
-
-
 def _divergence_chunk_forward(student, teacher, params, divergence: str):
     """The whole forward of a chunk whose rows hold the whole vocabulary: row value, row weight and
-    the stats `max_s, log_sum_s, top_s, max_t, log_sum_t` (compiled: a few fused row loops)."""
+    the stats `max_s, log_sum_s, max_t, log_sum_t` (compiled: a few fused row loops)."""
     acc_dtype = accumulation_dtype(student.dtype)
     s, t = _scale(student, acc_dtype, params[0]), _scale(teacher, acc_dtype, params[0])
-    max_s, log_sum_s, raw_max_s = _whole_row_logsumexp(s)
+    max_s, log_sum_s, _ = _whole_row_logsumexp(s)
     max_t, log_sum_t, _ = _whole_row_logsumexp(t)
-    top_s = _first_max_column(s, raw_max_s)
     value, weight = divergence_terms(_log_softmax(s, max_s, log_sum_s), _log_softmax(t, max_t, log_sum_t),
                                      params[1], params[2], divergence)
-    return value.sum(-1), weight.sum(-1), max_s, log_sum_s, top_s, max_t, log_sum_t
+    return value.sum(-1), weight.sum(-1), max_s, log_sum_s, max_t, log_sum_t
+
+
+def _top_where_it_cancels(student, log_sum_s, inv_temperature):
+    """`STAT_TOP_S` of whole rows: the first argmax of `s / T` where q there exceeds 1/2, else -1.
+    Only there can `w - q W` cancel (HPD's rule too, `hpd_pivot`): elsewhere the top column's own
+    value is as accurate as the others', and a row without a top column costs the backward no sums.
+    `q(top) = 1 / sum exp(s / T - max)`, so those rows are the ones with `log_sum < log 2`, and only
+    they are read again here."""
+    top = torch.full_like(log_sum_s, -1.0)
+    rows = torch.nonzero(log_sum_s < math.log(2.0))[:, 0]
+    if rows.numel():
+        top[rows] = _scale(student[rows], log_sum_s.dtype, inv_temperature).argmax(dim=-1).to(top.dtype)
+    return top
 
 
 def _divergence_chunk_terms(s, t, max_s, log_sum_s, max_t, log_sum_t, params, divergence: str):
@@ -412,8 +416,9 @@ def divergence_forward(student, teacher, labels, *, divergence, temperature, log
     fast = compiling(n_rows, vocab)
     for rows in _chunks(n_rows, label_vocab, acc_dtype, compiled=fast and vocabulary.local_rows):
         if vocabulary.local_rows:
-            row_value, row_weight, max_s, log_sum_s, top_s, max_t, log_sum_t = _compiled_divergence_forward(
+            row_value, row_weight, max_s, log_sum_s, max_t, log_sum_t = _compiled_divergence_forward(
                 fast, student[rows, :vocab], teacher[rows, :vocab], params, divergence)
+            top_s = _top_where_it_cancels(student[rows, :vocab], log_sum_s, params[0])
         else:
             s = _scaled(student, rows, vocab, acc_dtype, inv_temperature)
             t = _scaled(teacher, rows, vocab, acc_dtype, inv_temperature)
