@@ -180,3 +180,22 @@ def test_skew_kl_weight_survives_student_underflow(backend):
     (ref_grad,) = torch.autograd.grad(ref, ref_student)
     torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("objective", ["forward_kl", "jsd", "tvd"])
+def test_log_probabilities_as_the_readme_says(objective, backend):
+    """Log-probabilities at T = 1 serve at every temperature; already tempered ones go in at
+    `temperature=1` with the student's logits divided by T (README, "Coming from another library")."""
+    generator = torch.Generator().manual_seed(4)
+    student = (torch.randn(5, 23, generator=generator, dtype=torch.float64) * 2).requires_grad_(True)
+    teacher = torch.randn(5, 23, generator=generator, dtype=torch.float64) * 2
+    labels = torch.tensor([1, 2, -100, 4, 5])
+    loss_fn, temperature = hpd_kernels.DIVERGENCES[objective], 2.5
+    expected = loss_fn(student, teacher, labels, temperature=temperature, backend=backend)
+    (expected_grad,) = torch.autograd.grad(expected, student)
+    stored = loss_fn(student, torch.log_softmax(teacher, -1), labels, temperature=temperature, backend=backend)
+    tempered = loss_fn(student / temperature, torch.log_softmax(teacher / temperature, -1), labels, backend=backend)
+    for loss in (stored, tempered):
+        torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(torch.autograd.grad(loss, student)[0], expected_grad, rtol=1e-10, atol=1e-13)
