@@ -191,3 +191,33 @@ def test_top_column_only_where_it_can_cancel(setting, monkeypatch):
     expected = torch.where(q.max(dim=-1).values > 0.5, (student / 2.0).argmax(dim=-1).double(), -1.0)
     assert torch.equal(stats[:, 2].double(), expected)
     assert stats[2, 2] == 9 and stats[3, 2] == 12 and stats[1, 2] == -1
+
+
+@pytest.mark.parametrize("setting", ["0", "1"])
+@pytest.mark.parametrize("objective", ["forward_kl", "jsd"])
+def test_runs_of_rows_outside_the_loss_are_skipped_and_get_zero_gradient(objective, setting, monkeypatch):
+    """Prompt-like runs of ignored rows (at least `SKIP_MIN_ROWS`) are left out of the chunks, as the
+    kernels leave them out; the gradient buffer there (uninitialised) must still come back 0, and
+    the loss, its hard-label part and the gradient elsewhere are the reference's."""
+    monkeypatch.setenv(torch_backend.COMPILE_ENV, setting)
+    generator = torch.Generator().manual_seed(5)
+    rows, vocab = 90, 300
+    student = (torch.randn(rows, vocab, generator=generator, dtype=torch.float64) * 2).requires_grad_(True)
+    teacher = student.detach() + torch.randn(rows, vocab, generator=generator, dtype=torch.float64)
+    labels = torch.randint(0, vocab, (rows,), generator=generator)
+    labels[:20] = IGNORE                      # a prompt at the start
+    labels[40:57] = IGNORE                    # one in the middle (17 rows)
+    labels[70:75] = IGNORE                    # a short gap: computed with its neighbours
+    assert torch_backend.SKIP_MIN_ROWS <= 17
+    empty_like = torch.empty_like  # "empty" promises nothing: make it NaN, so skipped rows must be written
+    monkeypatch.setattr(torch, "empty_like", lambda tensor, **options: empty_like(tensor, **options).fill_(math.nan))
+    ours = hpd_kernels.DIVERGENCES[objective](student, teacher, labels, temperature=1.5, backend="torch",
+                                              ce_weight=0.3)
+    ours_grad = torch.autograd.grad(ours, student)[0]
+    ref = reference.DIVERGENCE_LOSSES[objective](student, teacher, labels, temperature=1.5, ignore_index=IGNORE)
+    ref = ref + 0.3 * reference.sft_loss(student, labels, temperature=1.5, ignore_index=IGNORE)
+    ref_grad = torch.autograd.grad(ref, student)[0]
+    torch.testing.assert_close(ours.detach(), ref.detach(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(ours_grad, ref_grad, rtol=1e-9, atol=1e-12)
+    assert torch.all(ours_grad[:20] == 0) and torch.all(ours_grad[40:57] == 0)
+    assert torch_backend._live_spans(labels != IGNORE) == [(20, 40), (57, 90)]

@@ -357,6 +357,34 @@ def _chunks(n_rows, vocab, acc_dtype, compiled=False):
         yield slice(begin, min(begin + step, n_rows))
 
 
+# Runs of at least this many rows outside the loss (a prompt's tokens, masked out) are skipped, as
+# the kernels skip them; shorter gaps are computed with their neighbours (a chunk's call costs more
+# than a few rows of work).
+SKIP_MIN_ROWS = 16
+
+
+def _live_spans(live):
+    """`[(begin, end)]` row ranges that hold every `live` row, leaving out runs of at least
+    `SKIP_MIN_ROWS` others. Only for CPU tensors: on a device, finding the runs would wait for it."""
+    n_rows = live.shape[0]
+    if live.device.type != "cpu" or bool(live.all()):
+        return [(0, n_rows)]
+    positions = torch.nonzero(live)[:, 0]
+    if not positions.numel():
+        return []
+    breaks = torch.nonzero(positions[1:] - positions[:-1] > SKIP_MIN_ROWS)[:, 0]
+    begins = [int(positions[0])] + (positions[breaks + 1]).tolist()
+    ends = (positions[breaks] + 1).tolist() + [int(positions[-1]) + 1]
+    return list(zip(begins, ends))
+
+
+def _span_chunks(spans, vocab, acc_dtype, compiled=False):
+    """`_chunks` of each span."""
+    for begin, end in spans:
+        for rows in _chunks(end - begin, vocab, acc_dtype, compiled):
+            yield slice(begin + rows.start, begin + rows.stop)
+
+
 def _scaled(logits, rows, vocab, acc_dtype, inv_temperature):
     """`logits / T` for a chunk in the accumulation dtype; a view, not a copy, when nothing changes
     (callers only read it)."""
@@ -414,7 +442,12 @@ def divergence_forward(student, teacher, labels, *, divergence, temperature, log
     stats = torch.zeros(n_rows, DIVERGENCE_STATS, dtype=acc_dtype, device=student.device)
     params = _parameters(temperature, log_mix_p, log_mix_q)
     fast = compiling(n_rows, vocab)
-    for rows in _chunks(n_rows, label_vocab, acc_dtype, compiled=fast and vocabulary.local_rows):
+    if vocabulary.local_rows:  # rows outside the loss are left out (no top column: the backward skips them too)
+        stats[:, STAT_TOP_S] = -1.0
+        row_chunks = _span_chunks(_live_spans(active), label_vocab, acc_dtype, compiled=fast)
+    else:  # every rank cuts its rows alike
+        row_chunks = _chunks(n_rows, label_vocab, acc_dtype)
+    for rows in row_chunks:
         if vocabulary.local_rows:
             row_value, row_weight, max_s, log_sum_s, max_t, log_sum_t = _compiled_divergence_forward(
                 fast, student[rows, :vocab], teacher[rows, :vocab], params, divergence)
@@ -438,13 +471,24 @@ def divergence_backward(student, teacher, stats, row_scale, grad, *, divergence,
     params = _parameters(temperature, log_mix_p, log_mix_q)
     has_top = bool(n_rows) and bool((stats[:, STAT_TOP_S] >= 0).any())
     fast = compiling(n_rows, vocab)
-    for rows in _chunks(n_rows, vocab, acc_dtype, compiled=fast):
+    spans = _live_spans(row_scale != 0)
+    for rows in _span_chunks(spans, vocab, acc_dtype, compiled=fast):
         out = grad[rows, :vocab]
         sums = _compiled_divergence_backward(fast, out, student[rows, :vocab], teacher[rows, :vocab], stats[rows],
                                              row_scale[rows].to(acc_dtype), params, divergence, has_top)
         _top_from_others(out, stats[rows, STAT_TOP_S], sums)
+    _zero_outside(grad, spans)
     grad[:, vocab:] = 0
     return grad
+
+
+def _zero_outside(grad, spans):
+    """Zeros in the rows of `grad` that no span computed."""
+    previous_end = 0
+    for begin, end in spans + [(grad.shape[0], grad.shape[0])]:
+        if begin > previous_end:
+            grad[previous_end:begin].zero_()
+        previous_end = end
 
 
 def gumbel_scores(student, scale, row_keys, columns):
