@@ -186,12 +186,12 @@ def through_eager_phase(step, limit=1000):
     while calls < limit:
         if torch_backend.eager_phase_over():
             limit = calls + 1  # one call more: the one that compiles
-        before = torch_backend._EagerWork.elements
+        before = torch_backend.eager_elements()
         start = time.perf_counter()
         step()
         seconds += time.perf_counter() - start
         calls += 1
-        if not torch_backend.eager_phase_over() and torch_backend._EagerWork.elements == before:
+        if not torch_backend.eager_phase_over() and torch_backend.eager_elements() == before:
             break  # below the compile size: it stays eager
     return calls, seconds
 

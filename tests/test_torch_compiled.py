@@ -159,18 +159,18 @@ def test_auto_runs_eagerly_first_then_compiles(monkeypatch):
 
     assert not torch_backend.eager_phase_over()
     first = step()
-    assert compiled_calls == [] and torch_backend._EagerWork.elements == 2 * elements
+    assert compiled_calls == [] and torch_backend.eager_elements() == 2 * elements
     assert not torch_backend.eager_phase_over()
     second = step()  # its forward still eager (2 < 3), which ends the phase; its backward compiled
     assert compiled_calls == ["_divergence_chunk_backward"] and torch_backend.eager_phase_over()
     third = step()
     assert compiled_calls[1:] == ["_divergence_chunk_forward", "_divergence_chunk_backward"]
-    assert torch_backend._EagerWork.elements == 3 * elements
+    assert torch_backend.eager_elements() == 3 * elements
     for result in (second, third):  # the spy runs the same functions: identical numbers
         torch.testing.assert_close(result, first, rtol=0, atol=0)
     # Problems below the compile size never count and never compile.
     small = hpd_kernels.forward_kl_loss(student[:4], teacher[:4], labels[:4], backend="torch")
-    assert torch.isfinite(small) and len(compiled_calls) == 3 and torch_backend._EagerWork.elements == 3 * elements
+    assert torch.isfinite(small) and len(compiled_calls) == 3 and torch_backend.eager_elements() == 3 * elements
 
 
 @pytest.mark.parametrize("setting", ["0", "1"])

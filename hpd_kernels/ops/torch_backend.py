@@ -73,7 +73,7 @@ def compiling(n_rows: int, vocab: int) -> bool:
         return True
     if n_rows * vocab < COMPILE_MIN_ELEMENTS:
         return False
-    if _EagerWork.elements >= COMPILE_AFTER_ELEMENTS:
+    if eager_phase_over():
         return True
     _EagerWork.elements += n_rows * vocab
     return False
@@ -85,6 +85,11 @@ def eager_phase_over() -> bool:
     if os.environ.get(COMPILE_ENV, "auto") != "auto" or _Compiled.failed:
         return True
     return _EagerWork.elements >= COMPILE_AFTER_ELEMENTS
+
+
+def eager_elements() -> int:
+    """Logits of compile-sized problems this process has run eagerly so far (the count of the rule)."""
+    return _EagerWork.elements
 
 
 class _Compiled:
@@ -227,19 +232,6 @@ def _divergence_chunk_forward(student, teacher, params, divergence: str):
     value, weight = divergence_terms(_log_softmax(s, max_s, log_sum_s), _log_softmax(t, max_t, log_sum_t),
                                      params[1], params[2], divergence)
     return value.sum(-1), weight.sum(-1), max_s, log_sum_s, max_t, log_sum_t
-
-
-def _top_where_it_cancels(student, log_sum_s, inv_temperature):
-    """`STAT_TOP_S` of whole rows: the first argmax of `s / T` where q there exceeds 1/2, else -1.
-    Only there can `w - q W` cancel (HPD's rule too, `hpd_pivot`): elsewhere the top column's own
-    value is as accurate as the others', and a row without a top column costs the backward no sums.
-    `q(top) = 1 / sum exp(s / T - max)`, so those rows are the ones with `log_sum < log 2`, and only
-    they are read again here."""
-    top = torch.full_like(log_sum_s, -1.0)
-    rows = torch.nonzero(log_sum_s < math.log(2.0))[:, 0]
-    if rows.numel():
-        top[rows] = _scale(student[rows], log_sum_s.dtype, inv_temperature).argmax(dim=-1).to(top.dtype)
-    return top
 
 
 def _divergence_chunk_terms(s, t, max_s, log_sum_s, max_t, log_sum_t, params, divergence: str):
@@ -413,10 +405,18 @@ class WholeVocabulary:
         pivot = torch.where(log_q_y >= log_q_hat, labels, sampled_ids)
         return torch.where(torch.maximum(log_q_y, log_q_hat) > -math.log(2.0), pivot, torch.full_like(pivot, -1))
 
-    def top_column(self, scaled):
+    def top_column(self, student, log_sum_s, inv_temperature):
         """The column whose gradient the backward derives from the others' (`registry.STAT_TOP_S`):
-        the first argmax; -1 (none) where the whole row is not here."""
-        return scaled.argmax(dim=-1).to(scaled.dtype) if scaled.shape[1] else scaled.new_full((scaled.shape[0],), -1.0)
+        the first argmax of `s / T` where q there exceeds 1/2, else -1. Only there can `w - q W`
+        cancel (HPD's rule too, `hpd_pivot`): elsewhere the top column's own value is as accurate
+        as the others', and a row without a top column costs the backward no sums.
+        `q(top) = 1 / sum exp(s / T - max)`, so those rows are the ones with `log_sum < log 2`, and
+        only they are read again here."""
+        top = torch.full_like(log_sum_s, -1.0)
+        rows = torch.nonzero(log_sum_s < math.log(2.0))[:, 0]
+        if rows.numel():
+            top[rows] = _scale(student[rows], log_sum_s.dtype, inv_temperature).argmax(dim=-1).to(top.dtype)
+        return top
 
     def row_sums(self, sums):
         return sums
@@ -451,14 +451,13 @@ def divergence_forward(student, teacher, labels, *, divergence, temperature, log
         if vocabulary.local_rows:
             row_value, row_weight, max_s, log_sum_s, max_t, log_sum_t = _compiled_divergence_forward(
                 fast, student[rows, :vocab], teacher[rows, :vocab], params, divergence)
-            top_s = _top_where_it_cancels(student[rows, :vocab], log_sum_s, params[0])
         else:
             s = _scaled(student, rows, vocab, acc_dtype, inv_temperature)
             t = _scaled(teacher, rows, vocab, acc_dtype, inv_temperature)
             (max_s, log_sum_s), (max_t, log_sum_t) = vocabulary.logsumexp(s), vocabulary.logsumexp(t)
-            top_s = vocabulary.top_column(s)
             sums = _compiled_divergence_terms(fast, s, t, max_s, log_sum_s, max_t, log_sum_t, params, divergence)
             row_value, row_weight = vocabulary.row_sums(sums).unbind(1)
+        top_s = vocabulary.top_column(student[rows, :vocab], log_sum_s, params[0])
         loss[rows] = _zero_unless(active[rows] & _defined(log_sum_s, log_sum_t), row_value)
         stats[rows] = torch.stack([max_s, log_sum_s, top_s, max_t, log_sum_t, row_weight], dim=1)
     return loss, stats

@@ -57,9 +57,9 @@ class VocabParallel(torch_backend.WholeVocabulary):
         return torch_backend.logsumexp_parts(
             scaled, row_sums=self.row_sums, row_max=lambda local_max: self._reduce(local_max.clone(), dist.ReduceOp.MAX))
 
-    def top_column(self, scaled):
+    def top_column(self, student, log_sum_s, inv_temperature):
         """None: the gradient's top-column identity needs the whole row (its sum over all slices)."""
-        return scaled.new_full((scaled.shape[0],), -1.0)
+        return torch.full_like(log_sum_s, -1.0)
 
     def hpd_pivot(self, log_q_y, log_q_hat, labels, sampled_ids):
         return torch.full_like(labels, -1)
