@@ -117,20 +117,28 @@ def _run_distill(args):
 
 
 EXPERIMENT_HELP = """\
-Distil the same student from the same cached teacher with each objective and several seeds, at
-identical options (steps, batch size, optimiser, schedule, evaluation), plus a sensitivity sweep of
-HPD's fkl_weight x rkl_weight and of on-policy rollouts; then write a table (mean and standard
-deviation over seeds), results.json and plots (accuracy.png, entropy.png) under --out.
+Distil the same warm student from one pinned teacher with each objective, on the teacher's own
+samples (the recipe's data regime; sft on them is SeqKD, the baseline), with sft on the gold
+solutions as an oracle and HPD on the student's rollouts as the on-policy arm. Each arm's learning
+rate is tuned on a validation split first; then every arm runs at its rate over paired seeds with
+all other options shared. The report (results.md, results.json, accuracy.png, entropy.png under
+--out) gives greedy, T=1 and top-p accuracy, the pre-registered primary comparison (paired
+difference over seeds with its 95% t-interval), entropy, stability and efficiency.
 
 Runs are independent and resumable: run the same command again after an interruption and it
 continues the unfinished runs from their checkpoints, never redoing a finished one.
 
 --config FILE overrides the default experiment key by key (JSON):
-  {"objectives": ["sft", "fkl", "rkl", "jsd", "skl", "hpd"],   any of <OBJECTIVES>
-   "seeds": [0, 1, 2],
-   "distill": {"steps": 1000, "batch_size": 32, "lr": 0.003, ...},   shared by every run
-   "sweep": {"fkl_weight": [0.5, 1, 2], "rkl_weight": [0.5, 1, 2], "on_policy_fraction": [0.5], "seeds": [0, 1]},
-   "eval": {"max_new_tokens": 48, "temperature": 1.0, "seed": 0, "samples": 4},
+  {"data": "teacher",   or "gold" (the task's worked solutions)
+   "objectives": ["sft", "fkl", "rkl", "jsd", "skl", "hpd"],   any of <OBJECTIVES>
+   "oracle": true,   also sft on the gold solutions
+   "seeds": [0, 1, 2, 3, 4],
+   "distill": {"steps": 800, "batch_size": 32, ...},   shared by every run
+   "tuning": {"lr": [0.001, 0.003, 0.01], "seed": 100, "validation_problems": 500},
+   "sweep": {"fkl_weight": [], "rkl_weight": [], "on_policy_fraction": [1.0]},   HPD variants
+   "teacher_data": {"seed": 0, "temperature": 1.0},
+   "eval": {"max_new_tokens": 48, "temperature": 1.0, "top_p": 0.7, "seed": 0, "samples": 4},
+   "primary": {"metric": "top_p_accuracy", "treatment": "hpd", "control": "fkl"},
    "base": {...}}   the task or data, teacher and student, as in `hpd distill --config`
 """.replace("<OBJECTIVES>", " ".join(TRAINING_OBJECTIVES))
 

@@ -32,7 +32,8 @@ TASK_BASE = {"task": {"train_problems": 20, "eval_problems": 4},
              "distill": {"steps": 1, "batch_size": 2}, "eval": {"max_new_tokens": 4}}
 DATA_BASE = {key: value for key, value in TASK_BASE.items() if key != "task"} | {"data": "train.jsonl"}
 EXPERIMENT_BASE = {"objectives": ["sft", "hpd"], "seeds": [0], "distill": {"steps": 1, "batch_size": 2},
-                   "sweep": {"fkl_weight": [2.0], "rkl_weight": [1.0], "on_policy_fraction": [0.5], "seeds": [0]},
+                   "sweep": {"fkl_weight": [2.0], "rkl_weight": [1.0], "on_policy_fraction": [0.5]},
+                   "primary": {"treatment": "hpd", "control": "seqkd"},
                    "eval": {"max_new_tokens": 4, "samples": 1}, "base": TASK_BASE}
 NO_GPU = not torch.cuda.is_available()
 

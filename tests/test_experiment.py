@@ -7,20 +7,23 @@ import pytest
 
 from hpd_kernels.cli import main
 from hpd_kernels.training.config import ConfigError
-from hpd_kernels.training.experiment import load_experiment, planned_runs
+from hpd_kernels.training.experiment import load_experiment, main_runs, tuning_runs
 from hpd_kernels.training.report import stability
 
 TINY = {
-    "objectives": ["sft", "hpd"], "seeds": [0],
+    "objectives": ["sft", "hpd"], "seeds": [0, 1],
     "distill": {"steps": 3, "batch_size": 4, "eval_every": 2, "save_every": 2},
-    "sweep": {"fkl_weight": [2.0], "rkl_weight": [1.0], "on_policy_fraction": [0.5], "seeds": [0]},
+    "tuning": {"lr": [1e-3, 3e-3], "seed": 7, "validation_problems": 6},
+    "sweep": {"on_policy_fraction": [0.5]},
     "eval": {"max_new_tokens": 24, "samples": 2},
-    "base": {"task": {"train_problems": 200, "eval_problems": 8},
+    "primary": {"treatment": "hpd", "control": "seqkd"},
+    "base": {"task": {"train_problems": 40, "eval_problems": 8},
              "teacher": {"decoder": {"hidden_size": 16, "num_layers": 1, "num_heads": 2},
                          "train": {"objective": "sft", "steps": 2, "batch_size": 4}},
              "student": {"decoder": {"hidden_size": 8, "num_layers": 1, "num_heads": 2},
                          "warmup": {"objective": "sft", "steps": 2, "batch_size": 4}}},
 }
+ARMS = ("seqkd", "hpd", "sft-gold", "hpd-onpolicy0.5")
 
 
 def _mtimes(folder):
@@ -28,51 +31,107 @@ def _mtimes(folder):
             for root, _, names in os.walk(folder) for name in names if name in ("summary.json", "metrics.jsonl")}
 
 
-def test_tiny_experiment_runs_reports_and_resumes_without_redoing_runs(tmp_path, capsys):
+def test_tiny_experiment_tunes_runs_reports_and_resumes_without_redoing_runs(tmp_path, capsys):
     config = tmp_path / "tiny.json"
     config.write_text(json.dumps(TINY))
     out = tmp_path / "exp"
     argv = ["experiment", "--config", str(config), "--out", str(out), "--cache-dir", str(tmp_path / "cache")]
 
-    assert main(argv + ["--max-runs", "1", "--workers", "1"]) == 0  # interrupted after the first run
-    assert "1/4 runs finished" in capsys.readouterr().out
+    assert main(argv + ["--max-runs", "3", "--workers", "1"]) == 0  # interrupted inside the tuning
+    assert "3/16 runs finished" in capsys.readouterr().out  # 8 tuning runs, then 8 main runs
     first = _mtimes(out)
-    assert len([name for name in first if name.endswith("summary.json")]) == 1
+    assert len([name for name in first if name.endswith("summary.json")]) == 3
+    assert not (out / "lr_selection.json").exists()
 
-    assert main(argv + ["--workers", "2"]) == 0  # the other three, two at a time in worker processes
+    assert main(argv + ["--workers", "2"]) == 0  # the rest, two at a time in worker processes
     text = capsys.readouterr().out
-    assert "4/4 runs finished" in text and "finished sft-seed0" not in text  # the finished run is not redone
+    assert "16/16 runs finished" in text and "finished tune-seqkd-lr0.001" not in text  # not redone
     after = _mtimes(out)
     assert all(after[name] == stamp for name, stamp in first.items())
-    for name in ("results.md", "results.json", "accuracy.png", "entropy.png"):
+    for name in ("results.md", "results.json", "accuracy.png", "entropy.png", "lr_selection.json",
+                 "teacher_data.json"):
         assert (out / name).stat().st_size > 0, name
-    table = (out / "results.md").read_text()
-    for row in ("| teacher |", "| student before (sft warm-up) | 1 |", "| sft | 1 |", "| hpd | 1 |",
-                "| hpd fkl=2 rkl=1 | 1 |", "| hpd on-policy=0.5 | 1 |"):
-        assert row in table, row
     results = json.loads((out / "results.json").read_text())
-    assert results["finished"] == results["planned"] == 4
+    assert results["finished"] == results["planned"] == 16
+    # Each arm runs at the rate its validation score chose, the smaller on a tie.
+    selection = json.loads((out / "lr_selection.json").read_text())
+    assert sorted(selection) == sorted(["seqkd", "hpd", "sft on gold (oracle)", "hpd on-policy=0.5"])
+    for group, entry in selection.items():
+        best = max(entry["validation"].values())
+        assert entry["lr"] == min(float(lr) for lr, score in entry["validation"].items() if score == best)
+        for run in results["runs"]:
+            if run["group"] == group:
+                assert run["config"]["lr"] == entry["lr"]
+    tuning = {run["name"]: run for run in results["tuning_runs"]}
+    assert set(tuning) == {f"tune-{arm}-lr{lr}" for arm in ARMS for lr in ("0.001", "0.003")}
+    assert {run["seed"] for run in tuning.values()} == {7}
+    # The arms' data: the teacher's samples, except the oracle's gold solutions.
+    assert {run["group"]: run["data"] for run in results["runs"]} == {
+        "seqkd": "teacher", "hpd": "teacher", "sft on gold (oracle)": "gold", "hpd on-policy=0.5": "teacher"}
+    table = (out / "results.md").read_text()
+    for row in ("| teacher |", "| student before (sft warm-up on gold) | 2 |", "| seqkd | 2 |", "| hpd | 2 |",
+                "| sft on gold (oracle) | 2 |", "| hpd on-policy=0.5 | 2 |", "Primary (pre-registered): top_p_accuracy",
+                "| hpd - seqkd | 2 |", "Learning rate per arm"):
+        assert row in table, row
+    primary = results["analysis"]["primary"]["result"]
+    by_seed = {(run["group"], run["seed"]): run["final"]["top_p_accuracy"] for run in results["runs"]}
+    assert primary["differences"] == [by_seed["hpd", seed] - by_seed["seqkd", seed] for seed in (0, 1)]
     run = results["runs"][0]
-    for section, key in (("final", "greedy_accuracy"), ("final", "sampled_accuracy"), ("final", "fkl_to_teacher"),
-                         ("final", "rkl_to_teacher"), ("stability", "ce_spikes"), ("stability", "grad_spikes"),
-                         ("efficiency", "step_time_ms_mean"), ("efficiency", "peak_memory_mb")):
-        assert key in run[section], key
-    # Same objective options except the objective: a fair comparison.
+    for section, key in (("final", "greedy_accuracy"), ("final", "sampled_accuracy"), ("final", "top_p_accuracy"),
+                         ("final", "fkl_to_teacher"), ("final", "rkl_to_teacher"), ("stability", "ce_spikes"),
+                         ("stability", "grad_spikes"), ("efficiency", "step_time_ms_mean"), ("curve", "auc")):
+        assert run[section][key] is not None, key
+    # Same options except the objective and the tuned rate: a fair comparison.
     configs = {r["name"]: r["config"] for r in results["runs"]}
-    differing = {key for key in configs["sft-seed0"] if configs["sft-seed0"][key] != configs["hpd-seed0"][key]}
-    assert differing == {"objective"}
+    differing = {key for key in configs["seqkd-seed0"] if configs["seqkd-seed0"][key] != configs["hpd-seed0"][key]}
+    assert differing <= {"objective", "lr"}
 
     assert main(argv) == 0  # a third call has nothing left to run
     assert _mtimes(out) == after
 
 
+def test_teacher_data_is_cached_and_independent_of_the_thread_count(tmp_path):
+    """The distillation set is drawn in one thread from a seeded generator: the same with 1 or 2
+    threads in the caller, read back from the cache unchanged, and one response per prompt."""
+    import torch
+
+    from hpd_kernels.training.experiment import Context
+
+    experiment = load_experiment_from(tmp_path, TINY)
+    threads = torch.get_num_threads()
+    drawn = []
+    try:
+        for count, cache in ((1, "a"), (2, "b"), (2, "b")):
+            torch.set_num_threads(count)
+            context = Context(experiment, str(tmp_path / cache))
+            context.prepare(lambda *_: None)
+            drawn.append((context.teacher_samples, context.teacher_data_info["samples_sha256"]))
+    finally:
+        torch.set_num_threads(threads)
+    assert drawn[0] == drawn[1] == drawn[2]
+    samples = drawn[0][0]
+    assert [prompt for prompt, _ in samples] == [prompt for prompt, _ in context.workload.examples]
+    gold = [response for _, response in context.workload.examples]
+    assert [response for _, response in samples] != gold  # sampled, not copied
+
+
+def load_experiment_from(tmp_path, config):
+    path = tmp_path / "experiment.json"
+    path.write_text(json.dumps(config))
+    return load_experiment(str(path))
+
+
 def test_the_default_experiment_plans_the_issue_grid():
-    runs = planned_runs(load_experiment())
-    names = [name for name, _, _, _ in runs]
-    for objective in ("sft", "fkl", "rkl", "jsd", "skl", "hpd"):
-        assert [f"{objective}-seed{seed}" in names for seed in (0, 1, 2)] == [True] * 3
-    assert "hpd-fkl0.5-rkl2-seed1" in names and "hpd-onpolicy0.5-seed0" in names
-    assert "hpd-fkl1-rkl1-seed0" not in names  # that is the main grid's hpd run
+    experiment = load_experiment()
+    assert experiment["data"] == "teacher" and len(experiment["seeds"]) >= 5
+    assert experiment["base"]["task"]["eval_problems"] >= 1000 and experiment["base"]["task"]["orders"] == "any"
+    assert experiment["base"]["teacher"]["checkpoint"].endswith("addition_any_teacher.safetensors")
+    names = [run.name for run in main_runs(experiment)]
+    for arm in ("seqkd", "fkl", "rkl", "jsd", "skl", "hpd", "sft-gold", "hpd-onpolicy1"):
+        assert [f"{arm}-seed{seed}" in names for seed in range(5)] == [True] * 5, arm
+    tuning = tuning_runs(experiment)
+    assert len(tuning) == 8 * len(experiment["tuning"]["lr"]) and {run.seed for run in tuning} == {100}
+    assert experiment["primary"] == {"metric": "top_p_accuracy", "treatment": "hpd", "control": "fkl"}
 
 
 def test_bad_experiment_configs_name_the_key(tmp_path):
@@ -80,10 +139,30 @@ def test_bad_experiment_configs_name_the_key(tmp_path):
     for config, pattern in (({"objectivez": []}, "unknown key 'objectivez'"),
                             ({"sweep": {"kl_weight": [1]}}, r"unknown key sweep\.'kl_weight'"),
                             ({"distill": {"objective": "fkl"}}, r"distill\.objective is set per run"),
-                            ({"objectives": ["kl"]}, "objective must be one of")):
+                            ({"objectives": ["kl"]}, "objective must be one of"),
+                            ({"primary": {"control": "tvd"}}, r"primary\.control must be one of the experiment's arms"),
+                            ({"tuning": {"lr": []}}, r"tuning\.lr must be a non-empty list"),
+                            ({"data": "student"}, r"data must be one of teacher, gold")):
         path.write_text(json.dumps(config))
         with pytest.raises(ConfigError, match=pattern):
             load_experiment(str(path))
+
+
+def test_paired_difference_and_its_t_interval():
+    from scipy import stats
+
+    from hpd_kernels.training.report import area_under_curve, paired_difference, t_quantile_975
+
+    for degrees in list(range(1, 40)) + [60, 200]:
+        assert t_quantile_975(degrees) == pytest.approx(stats.t.ppf(0.975, degrees), abs=1.5e-3), degrees
+    treatment, control = [0.60, 0.55, 0.70, 0.62, 0.58], [0.50, 0.57, 0.61, 0.60, 0.52]
+    result = paired_difference(treatment, control)
+    differences = [a - b for a, b in zip(treatment, control)]
+    low, high = stats.t.interval(0.95, 4, loc=stats.tmean(differences), scale=stats.sem(differences))
+    assert result["mean"] == pytest.approx(sum(differences) / 5)
+    assert result["ci95"] == pytest.approx([low, high], abs=1e-4)
+    assert result["treatment_better"] == 4 and result["pairs"] == 5
+    assert area_under_curve([(0, 0.0), (100, 1.0), (300, 1.0)]) == pytest.approx((50 + 200) / 300)
 
 
 def test_stability_counts_spikes_against_the_running_median():
@@ -98,10 +177,11 @@ def test_stability_counts_spikes_against_the_running_median():
     assert result["grad_norm_p95_over_median"] == pytest.approx(1.0)
 
 
-def test_the_report_table_reproduces_the_committed_experiment():
-    """`results.md` from the committed `results.json` (its teacher, warm-up evaluations and run
-    summaries) is the committed `results.md`, byte for byte, and so is the JSON table."""
-    from hpd_kernels.training.report import group_statistics, results_markdown
+def test_the_report_reproduces_the_committed_experiment():
+    """`results.md` from the committed `results.json` (its teacher, warm-up evaluations, run
+    summaries and learning-rate selection) is the committed `results.md`, byte for byte, and so are
+    the JSON table and the comparisons."""
+    from hpd_kernels.training.report import analysis, analysis_markdown, group_statistics, results_markdown
 
     folder = os.path.join(os.path.dirname(__file__), "..", "docs", "results", "experiment")
     with open(os.path.join(folder, "results.json")) as handle:
@@ -109,8 +189,11 @@ def test_the_report_table_reproduces_the_committed_experiment():
     groups = {}
     for summary in results["runs"]:
         groups.setdefault(summary["group"], []).append(summary)
+    result = analysis(results["experiment"], groups)
+    assert json.loads(json.dumps(result)) == results["analysis"]
     with open(os.path.join(folder, "results.md")) as handle:
-        assert results_markdown(results["teacher"], results["student_before"], groups) + "\n" == handle.read()
+        assert (results_markdown(results["teacher"], results["student_before"], groups) + "\n\n"
+                + analysis_markdown(results["experiment"], result, results["lr_selection"]) + "\n" == handle.read())
     for group, members in groups.items():
         table = {label: list(value) for label, value in group_statistics(members).items()}
         assert {**table, "seeds": len(members)} == results["table"][group]

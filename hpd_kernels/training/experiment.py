@@ -1,27 +1,38 @@
-"""`hpd experiment`: every objective against HPD on the same teacher, data, optimiser and budget.
+"""`hpd experiment`: every objective against HPD on the same teacher, data, optimiser and budget,
+each at its own tuned learning rate, over paired seeds, with a primary metric fixed in advance.
 
-For each seed, the student is initialised and warmed up with `sft` once (that seed's "student
-before"); every objective then continues from that same warm student, with the same `distill`
-options (steps, batch size, learning rate and schedule, clipping, evaluation), only `objective`
-differing. The seed also fixes the batches and the sampling noise of the distillation, so two
-objectives at one seed see the same examples in the same order (a paired comparison).
+The data regime is the recipe's (`data: "teacher"`): the pinned teacher samples one response per
+training prompt (T=1, cached like a teacher: `teacher_data`), and every objective distils on
+those sequences; `sft` on them is sequence-level KD (SeqKD), the baseline. SFT on the task's gold
+solutions is reported as a labelled oracle (`oracle`), and HPD on the student's own rollouts
+(`sweep.on_policy_fraction`, 1.0 by default) as the on-policy arm of the verl recipe.
 
-A sensitivity sweep reruns HPD over a grid of `fkl_weight` x `rkl_weight`, and with
-`on_policy_fraction` > 0 (full student rollouts) against the approximate on-policy default.
+1. **Tuning.** Each arm trains once per learning rate of `tuning.lr`, at the tuning seed, and is
+   scored on a validation split (never the test problems) by the primary metric; the best rate
+   (the smaller one on a tie) is that arm's from then on (`lr_selection.json`).
+2. **Main runs.** For each seed, the student is initialised and warmed up with `sft` on the gold
+   data once (that seed's "student before"); every arm continues from that same warm student at
+   its selected rate, all other options shared. The seed also fixes the batches and the sampling
+   noise, so the arms are paired by seed.
+3. **Report** (`report`): every arm's greedy, T=1 and top-p accuracy on the test problems, the
+   pre-registered primary comparison (`primary`: the paired treatment - control difference of the
+   primary metric over seeds, with its 95% t-interval), entropy, stability and efficiency.
 
 Each run lives in `<out>/runs/<name>/` (trainer checkpoints, metrics) and is marked finished by its
 `summary.json`: an interrupted experiment resumes the unfinished runs from their checkpoints and
-never redoes a finished one. The report (`results.md`, `results.json`, PNG plots; see `report`)
-is rebuilt from the summaries at the end of every invocation.
+never redoes a finished one. The report is rebuilt from the summaries at the end of every
+invocation.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import os
 import statistics
 import subprocess
 import time
+from dataclasses import dataclass, field
 
 import torch
 
@@ -35,31 +46,74 @@ from .locks import die_with_parent
 from .pipeline import choose_device
 from .report import stability, write_report
 from .rundir import claim_output_dir, default_cache_dir, lock_output_dir, prepare_teacher
+from .teacher_data import teacher_data
 from .trainer import train
 from .workload import Workload, build_model
 
+ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+PINNED_TEACHER = os.path.join(ASSETS, "addition_any_teacher.safetensors")
+
+# The task, teacher and student of the default experiment, over `hpd distill`'s default config.
+# The teacher is pinned: its weights are committed (trained once by `TEACHER_RECIPE`), so every
+# rerun distils from the same teacher whatever the machine's thread count.
+TEACHER_DECODER = {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "max_positions": 96}
+TEACHER_RECIPE = {"objective": "sft", "steps": 5000, "batch_size": 32, "lr": 3e-3, "warmup_steps": 30, "seed": 0}
+EXPERIMENT_BASE = {
+    "task": {"orders": "any", "max_terms": 5, "eval_problems": 1000},
+    "teacher": {"decoder": TEACHER_DECODER, "checkpoint": PINNED_TEACHER},
+    "student": {"decoder": {"hidden_size": 48, "num_layers": 2, "num_heads": 2, "max_positions": 96},
+                "warmup": {"objective": "sft", "steps": 1200, "batch_size": 32, "lr": 3e-3, "warmup_steps": 20,
+                           "seed": 1}},
+}
+
+METRICS = ("top_p_accuracy", "sampled_accuracy", "greedy_accuracy")
+
 DEFAULT_EXPERIMENT = {
-    "objectives": ["sft", "fkl", "rkl", "jsd", "skl", "hpd"],
-    "seeds": [0, 1, 2],
-    # Shared by every run; `objective` and `seed` are set per run.
-    "distill": {"steps": 1000, "batch_size": 32, "lr": 3e-3, "warmup_steps": 20, "eval_every": 200,
-                "save_every": 250},
-    "sweep": {"fkl_weight": [0.5, 1.0, 2.0], "rkl_weight": [0.5, 1.0, 2.0], "on_policy_fraction": [0.5],
-              "seeds": [0, 1]},
-    "eval": {"max_new_tokens": 48, "temperature": 1.0, "seed": 0, "samples": 4},
-    # Everything else (task or data, teacher, student and its warm-up) comes from `hpd distill`'s
-    # default config, overridable under "base".
-    "base": {},
+    "data": "teacher",   # what the arms distil on: the teacher's samples ("teacher") or the gold solutions
+    "objectives": ["sft", "fkl", "rkl", "jsd", "skl", "hpd"],   # sft on the teacher's samples: SeqKD
+    "oracle": True,      # also sft on the gold solutions, reported as an oracle
+    "seeds": [0, 1, 2, 3, 4],
+    # Shared by every run; `objective` and `seed` are set per run, `lr` by the tuning.
+    "distill": {"steps": 800, "batch_size": 32, "lr": 3e-3, "warmup_steps": 20, "eval_every": 200,
+                "save_every": 200},
+    "tuning": {"lr": [1e-3, 3e-3, 1e-2], "seed": 100, "validation_problems": 500},
+    "sweep": {"fkl_weight": [], "rkl_weight": [], "on_policy_fraction": [1.0]},
+    "teacher_data": {"seed": 0, "temperature": 1.0},
+    "eval": {"max_new_tokens": 48, "temperature": 1.0, "top_p": 0.7, "seed": 0, "samples": 4},
+    # Pre-registered: the metric and the paired comparison that the experiment reports first.
+    "primary": {"metric": "top_p_accuracy", "treatment": "hpd", "control": "fkl"},
+    "base": {},          # over EXPERIMENT_BASE, over `hpd distill`'s default config
 }
 
 EXPERIMENT_KEYS = schema.EXPERIMENT.fields  # every key, its type and range: see schema.py
+MERGED = ("sweep", "eval", "distill", "tuning", "teacher_data", "primary")  # merged key by key
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One way of training the student: `slug` names its runs, `group` its rows in the report."""
+
+    slug: str
+    group: str
+    overrides: dict = field(default_factory=dict)  # TrainConfig options
+    data: str = "teacher"                          # "teacher" (its samples) or "gold"
+
+
+@dataclass(frozen=True)
+class Run:
+    name: str
+    group: str
+    seed: int
+    overrides: dict   # TrainConfig options, `lr` included
+    data: str
+    tuning: bool = False
 
 
 def load_experiment(path=None, device=None):
     """The default experiment, overridden key by key by the JSON file at `path`, and checked whole:
-    every key by the schema, `base` merged and checked as `hpd distill`'s config, and the
-    `TrainConfig` of every planned run and warm-up, before anything is written. `device`
-    (`--device`) replaces the file's."""
+    every key by the schema, `base` merged and checked as `hpd distill`'s config, the primary
+    comparison's arms, and the `TrainConfig` of every planned run and warm-up, before anything is
+    written. `device` (`--device`) replaces the file's."""
     experiment = copy.deepcopy(DEFAULT_EXPERIMENT)
     source = path or "the default experiment"
     if path is not None:
@@ -67,7 +121,7 @@ def load_experiment(path=None, device=None):
         for key, value in user.items():
             if key not in EXPERIMENT_KEYS:
                 raise ConfigError(f"{path}: unknown key {key!r}; known keys: {sorted(EXPERIMENT_KEYS)}")
-            if key in ("sweep", "eval", "distill") and isinstance(value, dict):
+            if key in MERGED and isinstance(value, dict):
                 experiment[key].update(value)
             else:
                 experiment[key] = value
@@ -79,14 +133,107 @@ def load_experiment(path=None, device=None):
             raise ConfigError(f"{source}: distill.{key} is set per run (use 'objectives' and 'seeds')")
     schema.EXPERIMENT.check(experiment, source, "")
     base_dir = os.path.dirname(os.path.abspath(path)) if path is not None else os.getcwd()
-    base = merge_config(DEFAULT_CONFIG, experiment["base"], base_dir, source, prefix="base.")
-    base["eval"] = {key: value for key, value in experiment["eval"].items() if key != "samples"}
-    base["distill"] = {}
-    validate_config(base, source, "base")
-    experiment["base"] = base
+    experiment["base"] = _merged_base(experiment, base_dir, source)
+    groups = {arm.group for arm in arms(experiment)}
+    for role in ("treatment", "control"):
+        if experiment["primary"][role] not in groups:
+            schema.fail(source, f"primary.{role}", f"one of the experiment's arms ({', '.join(sorted(groups))})",
+                        experiment["primary"][role])
     for where, options in run_configs(experiment).items():  # every planned run's options, checked now
         check_backend(train_config(options, source, where), experiment.get("device", "auto"), source, where)
     return experiment
+
+
+def arms(experiment):
+    """The arms: each objective on the experiment's data (sft on the teacher's samples is named
+    SeqKD), the oracle, then the HPD sweep (weights, and on-policy rollouts)."""
+    data = experiment["data"]
+    result = []
+    for objective in experiment["objectives"]:
+        name = "seqkd" if (objective, data) == ("sft", "teacher") else objective
+        result.append(Arm(name, name, {"objective": objective}, data))
+    if experiment["oracle"] and data == "teacher":
+        result.append(Arm("sft-gold", "sft on gold (oracle)", {"objective": "sft"}, "gold"))
+    sweep = experiment["sweep"]
+    for fkl_weight in sweep["fkl_weight"]:
+        for rkl_weight in sweep["rkl_weight"]:
+            if (fkl_weight, rkl_weight) == (1.0, 1.0) and "hpd" in experiment["objectives"]:
+                continue  # the main grid's hpd
+            result.append(Arm(f"hpd-fkl{fkl_weight:g}-rkl{rkl_weight:g}", f"hpd fkl={fkl_weight:g} rkl={rkl_weight:g}",
+                              {"objective": "hpd", "fkl_weight": fkl_weight, "rkl_weight": rkl_weight}, data))
+    for fraction in sweep["on_policy_fraction"]:
+        if fraction > 0:
+            result.append(Arm(f"hpd-onpolicy{fraction:g}", f"hpd on-policy={fraction:g}",
+                              {"objective": "hpd", "on_policy_fraction": fraction}, data))
+    return result
+
+
+def train_pinned_teacher(path=PINNED_TEACHER, log=print):
+    """Train the default experiment's teacher by `TEACHER_RECIPE` in one CPU thread, and write it
+    to `path` (with its recipe, and its evaluation on the test problems, in the metadata) and its
+    sha256 beside it: how the committed teacher was made (`scripts/pin_teacher.py`). One thread
+    makes it independent of the core count; another CPU architecture may still round differently."""
+    from .evaluation import evaluate_model
+    from .teacher_data import one_thread
+
+    experiment = load_experiment_from_base(teacher={"decoder": TEACHER_DECODER, "train": TEACHER_RECIPE})
+    base = experiment["base"]
+    workload = Workload(base)
+    teacher = build_model(base["teacher"], workload.tokenizer, "teacher", torch.device("cpu"))
+    with one_thread():
+        train(train_config(TEACHER_RECIPE, "TEACHER_RECIPE", "teacher.train"), teacher, None, workload.examples,
+              label="pinned teacher sft", **workload.train_options(log))
+        evaluation = evaluate_model(teacher, workload, base["eval"])
+    log(f"pinned teacher: {evaluation}")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    save_model(teacher, path, metadata={"decoder": json.dumps(TEACHER_DECODER), "recipe": json.dumps(TEACHER_RECIPE),
+                                        "task": json.dumps(base["task"]), "evaluation": json.dumps(evaluation)})
+    record_sha256(path)
+    return evaluation
+
+
+def load_experiment_from_base(**base):
+    """The default experiment with `base` sections replaced (a teacher to train, for instance),
+    without reading a file."""
+    experiment = copy.deepcopy(DEFAULT_EXPERIMENT)
+    experiment["base"] = _merged_base({**experiment, "base": base}, ASSETS, "the default experiment")
+    return experiment
+
+
+def _merged_base(experiment, base_dir, source):
+    """`hpd distill`'s default config, under `EXPERIMENT_BASE`, under the experiment's own `base`
+    (paths in it relative to `base_dir`), with the experiment's evaluation; checked whole."""
+    base = merge_config(merge_config(DEFAULT_CONFIG, EXPERIMENT_BASE, ASSETS, "the default experiment",
+                                     prefix="base."), experiment["base"], base_dir, source, prefix="base.")
+    base["eval"] = {key: value for key, value in experiment["eval"].items() if key != "samples"}
+    base["distill"] = {}
+    validate_config(base, source, "base")
+    return base
+
+
+def tuned(experiment):
+    """Whether the learning rate is tuned per arm (more than one candidate)."""
+    return len(experiment["tuning"]["lr"]) > 1
+
+
+def tuning_runs(experiment):
+    """One run per arm and candidate learning rate, at the tuning seed, evaluated on the validation
+    split at its end only."""
+    if not tuned(experiment):
+        return []
+    seed = experiment["tuning"]["seed"]
+    return [Run(f"tune-{arm.slug}-lr{lr:g}", arm.group, seed, {**arm.overrides, "lr": lr, "eval_every": 0},
+                arm.data, tuning=True)
+            for arm in arms(experiment) for lr in experiment["tuning"]["lr"]]
+
+
+def main_runs(experiment, selection=None):
+    """The paired runs: every arm at every seed, at its selected learning rate (`selection`:
+    `{group: lr}`; the shared `distill.lr` where none is given)."""
+    selection = selection or {}
+    return [Run(f"{arm.slug}-seed{seed}", arm.group, seed,
+                {**arm.overrides, "lr": selection.get(arm.group, experiment["distill"]["lr"])}, arm.data)
+            for arm in arms(experiment) for seed in experiment["seeds"]]
 
 
 def run_configs(experiment):
@@ -94,36 +241,15 @@ def run_configs(experiment):
     merge them; `where` names the run in errors."""
     configs = {}
     warmup = experiment["base"]["student"].get("warmup")
-    for name, _, seed, overrides in planned_runs(experiment):
+    for run in tuning_runs(experiment) + main_runs(experiment):
         if warmup:
-            configs[f"student.warmup (seed {seed})"] = {**warmup, "seed": seed}
-        configs[f"run {name}"] = {**experiment["distill"], **overrides, "seed": 1000 + seed}
+            configs[f"student.warmup (seed {run.seed})"] = {**warmup, "seed": run.seed}
+        configs[f"run {run.name}"] = _options(experiment, run)
     return configs
 
 
-def planned_runs(experiment):
-    """`[(name, group, seed, TrainConfig overrides)]`: the main grid, then the HPD sweep."""
-    runs = []
-    for objective in experiment["objectives"]:
-        for seed in experiment["seeds"]:
-            runs.append((f"{objective}-seed{seed}", objective, seed, {"objective": objective}))
-    sweep = experiment["sweep"]
-    for fkl_weight in sweep.get("fkl_weight", []):
-        for rkl_weight in sweep.get("rkl_weight", []):
-            if (fkl_weight, rkl_weight) == (1.0, 1.0) and "hpd" in experiment["objectives"]:
-                continue  # the main grid's hpd
-            group = f"hpd fkl={fkl_weight:g} rkl={rkl_weight:g}"
-            for seed in sweep.get("seeds", experiment["seeds"]):
-                runs.append((f"hpd-fkl{fkl_weight:g}-rkl{rkl_weight:g}-seed{seed}", group, seed,
-                             {"objective": "hpd", "fkl_weight": fkl_weight, "rkl_weight": rkl_weight}))
-    for fraction in sweep.get("on_policy_fraction", []):
-        if fraction == 0:
-            continue
-        group = f"hpd on-policy={fraction:g}"
-        for seed in sweep.get("seeds", experiment["seeds"]):
-            runs.append((f"hpd-onpolicy{fraction:g}-seed{seed}", group, seed,
-                         {"objective": "hpd", "on_policy_fraction": fraction}))
-    return runs
+def _options(experiment, run):
+    return {**experiment["distill"], **run.overrides, "seed": 1000 + run.seed}
 
 
 def _git_commit():
@@ -138,55 +264,159 @@ def _git_commit():
         return None
 
 
+def _finished(out_dir, run):
+    return os.path.isfile(os.path.join(out_dir, "runs", run.name, "summary.json"))
+
+
+def _read_summary(out_dir, run):
+    with open(os.path.join(out_dir, "runs", run.name, "summary.json")) as handle:
+        return json.load(handle)
+
+
+def select_learning_rates(experiment, out_dir):
+    """`{group: {"lr": selected, "validation": {lr: score}}}` from the finished tuning runs: the
+    rate with the best validation primary metric, the smaller one on a tie."""
+    metric = experiment["primary"]["metric"]
+    selection = {}
+    for run in tuning_runs(experiment):
+        score = _read_summary(out_dir, run)["final"][metric]
+        entry = selection.setdefault(run.group, {"validation": {}})
+        entry["validation"][f"{run.overrides['lr']:g}"] = score
+    for entry in selection.values():
+        entry["lr"] = float(max(entry["validation"].items(), key=lambda item: (item[1], -float(item[0])))[0])
+    return selection
+
+
+class Context:
+    """What every run of one experiment shares in one process: data, teacher and its samples."""
+
+    def __init__(self, experiment, cache_dir, log=None):
+        base = experiment["base"]
+        self.experiment, self.cache_dir = experiment, cache_dir
+        self.device = choose_device(experiment.get("device", "auto"))
+        validation = experiment["tuning"]["validation_problems"] if tuned(experiment) else 0
+        self.workload = Workload(base, cache_dir, log, validation=validation)
+        self.teacher = build_model(base["teacher"], self.workload.tokenizer, "teacher", self.device,
+                                   cache_dir=cache_dir, log=log)
+        self.teacher_samples, self.teacher_data_info = None, None
+        self.samples = experiment["eval"]["samples"]
+        self.common = self.workload.train_options(log or (lambda *_: None))
+
+    def prepare(self, log):
+        """The teacher (trained and cached if the config says so) and its samples."""
+        self.teacher, _ = prepare_teacher(self.teacher, self.experiment["base"], self.workload, self.cache_dir, log)
+        if any(arm.data == "teacher" for arm in arms(self.experiment)):
+            settings = self.experiment["teacher_data"]
+            self.teacher_samples, self.teacher_data_info = teacher_data(
+                self.teacher, self.workload, self.cache_dir, seed=settings["seed"],
+                temperature=settings["temperature"], max_new_tokens=self.experiment["eval"]["max_new_tokens"], log=log)
+
+    def examples(self, data):
+        return self.teacher_samples if data == "teacher" else self.workload.examples
+
+
 def run_experiment(experiment, out_dir, *, cache_dir=None, log=print, only=None, workers=1):
-    """Run (or resume) every planned run, then write the report; returns the report dict.
-    `only` limits this invocation to the first `only` unfinished runs (a time-sliced job);
+    """Run (or resume) the tuning, then every main run, then write the report; returns the report
+    dict. `only` limits this invocation to the first `only` unfinished runs (a time-sliced job);
     `workers` > 1 runs that many runs at once in separate processes (one CPU thread each)."""
-    base = experiment["base"]
-    device = choose_device(experiment.get("device", "auto"))
     cache_dir = cache_dir or default_cache_dir()
-    workload = Workload(base, cache_dir, log)
-    workload.check_positions(list(run_configs(experiment).values()))
-    teacher = build_model(base["teacher"], workload.tokenizer, "teacher", device, cache_dir=cache_dir, log=log)
-    build_model(base["student"], workload.tokenizer, "student", device, cache_dir=cache_dir)  # checks the student before writing
+    context = Context(experiment, cache_dir, log)
+    context.workload.check_positions(list(run_configs(experiment).values()))
+    build_model(experiment["base"]["student"], context.workload.tokenizer, "student", context.device,
+                cache_dir=cache_dir)  # checks the student before writing
     # One invocation at a time in `out_dir`, held until this returns or raises (or the process is
     # killed); the workers run inside it and do not take it.
     with lock_output_dir(out_dir, "hpd experiment"):
-        return _run_locked(experiment, out_dir, cache_dir, log, only, workers, base, device, workload, teacher)
+        return _run_locked(experiment, out_dir, cache_dir, log, only, workers, context)
 
 
-def _run_locked(experiment, out_dir, cache_dir, log, only, workers, base, device, workload, teacher):
-    claim_output_dir(out_dir, {key: value for key, value in experiment.items()}, workload.fingerprint())
-    teacher, _ = prepare_teacher(teacher, base, workload, cache_dir, log)
-    samples = experiment["eval"].get("samples", 1)
+def _run_locked(experiment, out_dir, cache_dir, log, only, workers, context):
+    claim_output_dir(out_dir, dict(experiment), context.workload.fingerprint())
+    context.prepare(log)
+    if context.teacher_data_info is not None:
+        write_json_atomic(os.path.join(out_dir, "teacher_data.json"), _describe_teacher_data(context))
     teacher_path = os.path.join(out_dir, "teacher_evaluation.json")
     if not os.path.isfile(teacher_path):
-        write_json_atomic(teacher_path, evaluate_with_samples(teacher, workload, base["eval"], None, samples))
-    common = workload.train_options(log)
-    for seed in sorted({seed for _, _, seed, _ in planned_runs(experiment)}):  # warm-ups first, once each
-        _warm_student(base, workload, seed, device, out_dir, teacher, samples, common)
+        write_json_atomic(teacher_path, evaluate_with_samples(context.teacher, context.workload,
+                                                              experiment["base"]["eval"], None, context.samples))
+    seeds = sorted({run.seed for run in tuning_runs(experiment) + main_runs(experiment)})
+    cold = [seed for seed in seeds if not os.path.isfile(_warm_weights(out_dir, seed))]
+    if workers > 1 and len(cold) > 1:  # the warm-ups, once each, before any run that continues one
+        _in_pool(_warm_up_in_worker, [(experiment, out_dir, cache_dir, seed) for seed in cold], workers,
+                 lambda seed: log(f"warmed up the student for seed {seed}"))
+    for seed in seeds:
+        _warm_student(context, seed, out_dir)
     started = time.perf_counter()
     commit = _git_commit()  # the code this process imported, not whatever is checked out when a run ends
-    pending = [run for run in planned_runs(experiment)
-               if not os.path.isfile(os.path.join(out_dir, "runs", run[0], "summary.json"))]
-    if only is not None:
-        pending = pending[:only]
-    if workers > 1 and len(pending) > 1:
-        import multiprocessing
-
-        # Rollout runs are the longest: start them first so that the workers finish together.
-        pending.sort(key=lambda run: -run[3].get("on_policy_fraction", 0))
-        jobs = [(experiment, out_dir, cache_dir, run, commit) for run in pending]
-        with multiprocessing.get_context("spawn").Pool(workers, initializer=_init_worker,
-                                                       initargs=(os.getpid(),)) as pool:
-            for name in pool.imap_unordered(_run_in_worker, jobs):
-                log(f"finished {name}")
-    else:
-        for run in pending:
-            _execute(run, experiment, out_dir, workload, teacher, device, samples, common, commit)
-    report = write_report(experiment, planned_runs(experiment), out_dir)
+    budget = [only]
+    _run_all(tuning_runs(experiment), experiment, out_dir, cache_dir, log, budget, workers, context, commit)
+    selection = None
+    if all(_finished(out_dir, run) for run in tuning_runs(experiment)):
+        selection = select_learning_rates(experiment, out_dir) if tuned(experiment) else {}
+        write_json_atomic(os.path.join(out_dir, "lr_selection.json"), selection)
+        _run_all(main_runs(experiment, {group: entry["lr"] for group, entry in selection.items()}),
+                 experiment, out_dir, cache_dir, log, budget, workers, context, commit)
+    planned = tuning_runs(experiment) + main_runs(experiment, {group: entry["lr"] for group, entry in
+                                                               (selection or {}).items()})
+    report = write_report(experiment, planned, out_dir, selection)
     report["seconds_this_invocation"] = time.perf_counter() - started
     return report
+
+
+def _describe_teacher_data(context):
+    """How the distillation set was drawn, and how often the teacher's sample is right."""
+    from .task import final_answer
+
+    info = dict(context.teacher_data_info)
+    if context.workload.score is None and "task" in context.experiment["base"]:
+        answers = [problem[2] for problem in _train_problems(context.experiment["base"])]
+        right = [final_answer(context.workload.tokenizer.decode(response)) == answer
+                 for (_, response), answer in zip(context.teacher_samples, answers)]
+        info["answer_correct_fraction"] = sum(right) / len(right)
+    return info
+
+
+def _train_problems(base):
+    from .task import make_problems
+
+    task = base["task"]
+    return make_problems(task["train_problems"], task["seed"], min_terms=task["min_terms"],
+                         max_terms=task["max_terms"], max_value=task["max_value"], orders=task.get("orders", "two"))
+
+
+def _run_all(runs, experiment, out_dir, cache_dir, log, budget, workers, context, commit):
+    """Run the unfinished `runs`, at most `budget[0]` of them (None: all; the count left is kept)."""
+    pending = [run for run in runs if not _finished(out_dir, run)]
+    if budget[0] is not None:
+        pending = pending[:budget[0]]
+        budget[0] -= len(pending)
+    if workers > 1 and len(pending) > 1:
+        # Rollout runs are the longest: start them first so that the workers finish together.
+        pending.sort(key=lambda run: -run.overrides.get("on_policy_fraction", 0))
+        _in_pool(_run_in_worker, [(experiment, out_dir, cache_dir, run, commit) for run in pending], workers,
+                 lambda name: log(f"finished {name}"))
+    else:
+        for run in pending:
+            _execute(run, out_dir, context, commit)
+
+
+def _in_pool(work, jobs, workers, done):
+    """`work(job)` for every job in `workers` processes (one CPU thread each); `done(result)` as
+    each finishes."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(workers, initializer=_init_worker,
+                                                   initargs=(os.getpid(),)) as pool:
+        for result in pool.imap_unordered(work, jobs):
+            done(result)
+
+
+def _warm_up_in_worker(job):
+    experiment, out_dir, cache_dir, seed = job
+    context = Context(experiment, cache_dir)
+    context.prepare(lambda *_: None)
+    _warm_student(context, seed, out_dir)
+    return seed
 
 
 def _init_worker(parent_pid):
@@ -196,35 +426,31 @@ def _init_worker(parent_pid):
 
 
 def _run_in_worker(job):
-    """One run in a worker process: data, cached teacher and warm student rebuilt from disk."""
+    """One run in a worker process: data, teacher, its samples and the warm student from disk."""
     experiment, out_dir, cache_dir, run, commit = job
-    base = experiment["base"]
-    device = choose_device(experiment.get("device", "auto"))
-    workload = Workload(base, cache_dir)
-    teacher = build_model(base["teacher"], workload.tokenizer, "teacher", device, cache_dir=cache_dir)
-    teacher, _ = prepare_teacher(teacher, base, workload, cache_dir, lambda *_: None)
-    samples = experiment["eval"].get("samples", 1)
-    common = workload.train_options(log=lambda *_: None)
-    _execute(run, experiment, out_dir, workload, teacher, device, samples, common, commit, progress=False)
-    return run[0]
+    context = Context(experiment, cache_dir)
+    context.prepare(lambda *_: None)
+    _execute(run, out_dir, context, commit, progress=False)
+    return run.name
 
 
-def _execute(run, experiment, out_dir, workload, teacher, device, samples, common, commit, progress=True):
+def _execute(run, out_dir, context, commit, progress=True):
     """Train one run (resuming its checkpoint if any) and write its `summary.json`."""
-    name, group, seed, overrides = run
-    base = experiment["base"]
-    run_dir = os.path.join(out_dir, "runs", name)
-    student = _warm_student(base, workload, seed, device, out_dir, teacher, samples, common)
-    config = workload.distill_config({**experiment["distill"], **overrides, "seed": 1000 + seed}, "config",
-                                     f"run {name}")
-    common["log"](f"run {name}")
+    experiment, workload = context.experiment, context.workload
+    eval_config = experiment["base"]["eval"]
+    run_dir = os.path.join(out_dir, "runs", run.name)
+    student = _warm_student(context, run.seed, out_dir)
+    examples = context.examples(run.data)
+    config = workload.distill_config(_options(experiment, run), "config", f"run {run.name}")
+    scored = workload.scored_on(workload.validation_problems) if run.tuning else workload
+    context.common["log"](f"run {run.name}")
     run_started = time.perf_counter()
-    history = train(config, student, teacher, workload.examples, run_dir=run_dir, label=name, progress=progress,
+    history = train(config, student, context.teacher, examples, run_dir=run_dir, label=run.name, progress=progress,
                     evaluate=lambda model, step: evaluate_with_samples(
-                        model, workload, base["eval"], teacher, samples if step == config.steps else 1),
-                    **common)
-    summary = {"name": name, "group": group, "seed": seed, "config": config.to_dict(),
-               "final": final_evaluation(history),
+                        model, scored, eval_config, context.teacher, context.samples if step == config.steps else 1),
+                    **context.common)
+    summary = {"name": run.name, "group": run.group, "seed": run.seed, "data": run.data, "tuning": run.tuning,
+               "config": config.to_dict(), "final": final_evaluation(history),
                "stability": stability(history, config.max_grad_norm),
                "efficiency": {"step_time_ms_mean": 1000 * statistics.fmean(r["step_time_s"] for r in history),
                               "train_seconds": sum(r["step_time_s"] for r in history),
@@ -235,16 +461,22 @@ def _execute(run, experiment, out_dir, workload, teacher, device, samples, commo
     write_json_atomic(os.path.join(run_dir, "summary.json"), summary)
 
 
-def _warm_student(base, workload, seed, device, out_dir, teacher, samples, common):
-    """The student after its `sft` warm-up for `seed`, trained once and reused by every run."""
-    folder = os.path.join(out_dir, f"warmup-seed{seed}")
-    weights = os.path.join(folder, "student.safetensors")
+def _warm_weights(out_dir, seed):
+    return os.path.join(out_dir, f"warmup-seed{seed}", "student.safetensors")
+
+
+def _warm_student(context, seed, out_dir):
+    """The student after its `sft` warm-up (on the gold data) for `seed`, trained once and reused
+    by every run."""
+    base, workload = context.experiment["base"], context.workload
+    weights = _warm_weights(out_dir, seed)
+    folder = os.path.dirname(weights)
     section = copy.deepcopy(base["student"])
     warmup = section.get("warmup")
     if warmup:
         section["warmup"] = {**warmup, "seed": seed}
     torch.manual_seed(seed)
-    student = build_model({**section, "train": {"seed": seed}}, workload.tokenizer, "student", device,
+    student = build_model({**section, "train": {"seed": seed}}, workload.tokenizer, "student", context.device,
                           cache_dir=workload.cache_dir)
     if os.path.isfile(weights):
         verify_sha256(weights)
@@ -252,9 +484,12 @@ def _warm_student(base, workload, seed, device, out_dir, teacher, samples, commo
         return student
     if warmup:
         train(train_config(section["warmup"], "config", "student.warmup"), student, None, workload.examples,
-              run_dir=os.path.join(folder, "run"), label=f"warm-up seed {seed}", **common)
-    write_json_atomic(os.path.join(folder, "evaluation.json"),
-                      evaluate_with_samples(student, workload, base["eval"], teacher, samples))
+              run_dir=os.path.join(folder, "run"), label=f"warm-up seed {seed}", **context.common)
+    evaluation = {"test": evaluate_with_samples(student, workload, base["eval"], context.teacher, context.samples)}
+    if workload.validation_problems:
+        evaluation["validation"] = evaluate_with_samples(student, workload.scored_on(workload.validation_problems),
+                                                         base["eval"], context.teacher, context.samples)
+    write_json_atomic(os.path.join(folder, "evaluation.json"), evaluation)
     save_model(student, weights)
     record_sha256(weights)
     return student

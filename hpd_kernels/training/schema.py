@@ -267,10 +267,12 @@ DECODER = Section({
 
 TASK = Section({
     "name": Choice("addition"), "train_problems": Int(1), "eval_problems": Int(1), "min_terms": Int(1),
-    "max_terms": Int(1), "max_value": Int(1), "seed": SEED,
+    "max_terms": Int(1), "max_value": Int(1), "seed": SEED, "orders": Choice("two", "any"),
 })
 
-EVAL_FIELDS = {"max_new_tokens": Int(1), "temperature": POSITIVE, "seed": SEED, "limit": Optional(Int(1))}
+# top_p: also score sampling from the nucleus of mass top_p at `temperature` ("top_p_accuracy").
+EVAL_FIELDS = {"max_new_tokens": Int(1), "temperature": POSITIVE, "seed": SEED, "limit": Optional(Int(1)),
+               "top_p": Optional(Number(0, 1, low_open=True))}
 EVAL = Section(EVAL_FIELDS)
 DEVICE = Device()
 
@@ -290,13 +292,18 @@ DISTILL = Section({
 
 # `hpd experiment --config`; its `base` is checked as `DISTILL` once merged.
 EXPERIMENT = Section({
+    "data": Choice("teacher", "gold"), "oracle": Bool(),
     "objectives": ListOf(Choice(*TRAINING_OBJECTIVES), "objective"), "seeds": ListOf(SEED, "seed"),
     "distill": Section({name: spec for name, spec in TRAIN.fields.items() if name not in ("objective", "seed")},
                        options="training option"),
+    "tuning": Section({"lr": ListOf(POSITIVE, "learning rate"), "seed": SEED, "validation_problems": Int(1)}),
     "sweep": Section({"fkl_weight": ListOf(NON_NEGATIVE, "weight", empty=True),  # []: no sweep
                       "rkl_weight": ListOf(NON_NEGATIVE, "weight", empty=True),
-                      "on_policy_fraction": ListOf(FRACTION, "fraction", empty=True), "seeds": ListOf(SEED, "seed")}),
+                      "on_policy_fraction": ListOf(FRACTION, "fraction", empty=True)}),
+    "teacher_data": Section({"seed": SEED, "temperature": POSITIVE}),
     "eval": Section({**EVAL_FIELDS, "samples": Int(1)}),
+    "primary": Section({"metric": Choice("top_p_accuracy", "sampled_accuracy", "greedy_accuracy"),
+                        "treatment": Anything(), "control": Anything()}),  # arms: checked once planned
     "base": Section({name: Anything() for name in DISTILL.fields}),  # its values: checked once merged
     "device": DEVICE,
 })

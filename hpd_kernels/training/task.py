@@ -1,9 +1,12 @@
 """The embedded default task: multi-step addition with worked solutions, made in code.
 
 A prompt is a sum such as `17+4+9=`; a response works it out one partial sum per step and ends
-with the answer after `#`, then EOS. Each problem has two valid worked solutions (left to right,
-or right to left), so a teacher trained on both is bimodal: mode covering versus mode seeking
-matters. Character-level tokenizer; the metric is exact match of the final answer.
+with the answer after `#`, then EOS. With `orders="two"` each problem has two valid worked
+solutions (left to right, or right to left), so a teacher trained on both is bimodal at the first
+token only. With `orders="any"` the terms are added in a uniformly random order: at every step any
+remaining term may come next (24 solutions of a 4-term sum), so the data are multi-modal at every
+step, and a model must track which terms are left. Character-level tokenizer; the metric is exact
+match of the final answer, whatever the order.
 """
 
 from __future__ import annotations
@@ -19,8 +22,11 @@ def task_tokenizer():
     return CharTokenizer(ALPHABET)
 
 
+ORDERS = ("two", "any")  # the task's `orders`: see the module's docstring
+
+
 def worked_solution(terms, reverse=False):
-    """`a+b=s1;s1+c=s2;...#answer` accumulating left to right (or right to left)."""
+    """`a+b=s1;s1+c=s2;...#answer` accumulating `terms` left to right (or right to left)."""
     order = list(reversed(terms)) if reverse else list(terms)
     steps, total = [], order[0]
     for term in order[1:]:
@@ -29,14 +35,21 @@ def worked_solution(terms, reverse=False):
     return ";".join(steps) + f"#{total}"
 
 
-def make_problems(count, seed, min_terms=3, max_terms=4, max_value=20):
-    """(prompt, response, answer) triples; responses alternate between the two solution orders."""
+def make_problems(count, seed, min_terms=3, max_terms=4, max_value=20, orders="two"):
+    """(prompt, response, answer) triples; each response takes one of the valid orders at random
+    (`orders`: "two", left to right or right to left; "any", a uniformly random permutation)."""
+    if orders not in ORDERS:
+        raise ValueError(f"orders must be one of {ORDERS}, got {orders!r}")
     rng = random.Random(seed)
     problems = []
     for _ in range(count):
         terms = [rng.randint(1, max_value) for _ in range(rng.randint(min_terms, max_terms))]
         prompt = "+".join(map(str, terms)) + "="
-        problems.append((prompt, worked_solution(terms, reverse=rng.random() < 0.5), sum(terms)))
+        if orders == "two":
+            response = worked_solution(terms, reverse=rng.random() < 0.5)
+        else:
+            response = worked_solution(rng.sample(terms, len(terms)))
+        problems.append((prompt, response, sum(terms)))
     return problems
 
 
@@ -53,11 +66,11 @@ def encode_examples(problems, tokenizer):
             for prompt, response, _ in problems]
 
 
-def answer_accuracy(model, problems, tokenizer, *, greedy=True, temperature=1.0, max_new_tokens=40, seed=0,
-                    batch_size=256, score=None):
-    """Fraction of `problems` (prompt, response, answer) solved, greedy or sampled. By default a
-    response is right when its final answer (after `#`) equals `answer`; `score(text, problem)`
-    replaces that rule."""
+def answer_accuracy(model, problems, tokenizer, *, greedy=True, temperature=1.0, top_p=1.0, max_new_tokens=40,
+                    seed=0, batch_size=256, score=None):
+    """Fraction of `problems` (prompt, response, answer) solved, greedy or sampled (at
+    `temperature`, from the nucleus of mass `top_p`). By default a response is right when its final
+    answer (after `#`) equals `answer`; `score(text, problem)` replaces that rule."""
     import torch
 
     from ..sampling import generate
@@ -71,7 +84,7 @@ def answer_accuracy(model, problems, tokenizer, *, greedy=True, temperature=1.0,
         chunk = problems[start:start + batch_size]
         rollout = generate(model, [tokenizer.encode(problem[0], prompt=True) for problem in chunk],
                            max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
-                           temperature=temperature, greedy=greedy, generator=generator)
+                           temperature=temperature, top_p=top_p, greedy=greedy, generator=generator)
         responses = rollout.sequences[:, rollout.prompt_width:].tolist()
         for problem, response in zip(chunk, responses):
             correct += bool(score(tokenizer.decode(response), problem))

@@ -3,6 +3,7 @@ tokenizer and the held-out problems) and the teacher and student models built fo
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 
@@ -10,7 +11,7 @@ import torch
 
 from ..models.decoder import DecoderLM
 from ..digests import file_sha256
-from .checkpoint import load_model
+from .checkpoint import load_model, verify_sha256
 from .config import ConfigError, decoder_config, train_config
 from .data import DataError, CharTokenizer, HFTokenizer, check_aligned, encode_pairs, read_jsonl
 from .task import encode_examples, make_problems, task_tokenizer
@@ -39,7 +40,9 @@ class Workload:
     """Tokenizer, training examples and evaluation problems `(prompt, response, answer)`.
     Hugging Face models bring their tokenizer (a GGUF file is converted under `cache_dir`)."""
 
-    def __init__(self, config, cache_dir=None, log=None):
+    def __init__(self, config, cache_dir=None, log=None, validation=0):
+        """`validation` > 0 also sets aside that many problems to tune on (`validation_problems`):
+        the built-in task makes new ones; a data file gives its last `validation` training pairs."""
         self.config = config
         self.cache_dir, self.log = cache_dir, log
         if "task" in config:
@@ -47,9 +50,11 @@ class Workload:
             # The built-in task's text, tokenized by the models' own tokenizer when they have one.
             hf = any(is_hugging_face(config[role]) for role in ("teacher", "student"))
             self.tokenizer = self._tokenizer(config, ()) if hf else task_tokenizer()
-            shape = dict(min_terms=task["min_terms"], max_terms=task["max_terms"], max_value=task["max_value"])
+            shape = dict(min_terms=task["min_terms"], max_terms=task["max_terms"], max_value=task["max_value"],
+                         orders=task.get("orders", "two"))
             train_problems = make_problems(task["train_problems"], task["seed"], **shape)
             self.eval_problems = make_problems(task["eval_problems"], task["seed"] + 1_000_000, **shape)
+            self.validation_problems = make_problems(validation, task["seed"] + 2_000_000, **shape)
             self.examples = encode_examples(train_problems, self.tokenizer)
             self.score = None  # the final answer after '#'
             self.identity = {"task": task}
@@ -63,6 +68,14 @@ class Workload:
                     raise DataError(f"{config['data']} has {len(pairs)} examples: too few to hold some out for "
                                     f"evaluation (give eval_data)")
                 pairs, eval_pairs = pairs[:-held], pairs[-held:]
+            if validation:
+                if validation >= len(pairs):
+                    raise DataError(f"{config['data']} has {len(pairs)} training examples: too few to set "
+                                    f"{validation} aside for tuning")
+                pairs, validation_pairs = pairs[:-validation], pairs[-validation:]
+            else:
+                validation_pairs = []
+            self.validation_problems = [(prompt, response, response) for prompt, response in validation_pairs]
             self.tokenizer = self._tokenizer(config, pairs + eval_pairs)
             self.examples = encode_pairs(pairs, self.tokenizer, config["data"])
             encode_pairs(eval_pairs, self.tokenizer, config.get("eval_data") or config["data"])
@@ -75,6 +88,13 @@ class Workload:
             self.eval_problems = self.eval_problems[:limit]
 
     files = {}  # {data file path: sha256 of its bytes} (none for the built-in task)
+
+    def scored_on(self, problems):
+        """This workload with `problems` in place of its evaluation problems (the validation split,
+        for tuning)."""
+        view = copy.copy(self)
+        view.eval_problems = problems
+        return view
 
     def fingerprint(self):
         """What a run directory records of its data when it is created: the sha256 of each data
@@ -175,5 +195,6 @@ def build_model(section, tokenizer, role, device, cache_dir=None, log=None):
         model = DecoderLM(decoder)
     model = model.to(device)
     if section.get("checkpoint"):
+        verify_sha256(section["checkpoint"])  # a recorded checksum (the pinned teacher's) must match
         load_model(model, section["checkpoint"])
     return model
