@@ -13,7 +13,7 @@ from hpd_kernels.training.report import stability
 TINY = {
     "objectives": ["sft", "hpd"], "seeds": [0, 1],
     "distill": {"steps": 3, "batch_size": 4, "eval_every": 2, "save_every": 2},
-    "tuning": {"lr": [1e-3, 3e-3], "seed": 7, "validation_problems": 6},
+    "tuning": {"lr": [1e-3, 3e-3], "seed": 7, "validation_problems": 6, "extend": 1},
     "sweep": {"on_policy_fraction": [0.5]},
     "eval": {"max_new_tokens": 24, "samples": 2},
     "primary": {"treatment": "hpd", "control": "seqkd"},
@@ -38,21 +38,23 @@ def test_tiny_experiment_tunes_runs_reports_and_resumes_without_redoing_runs(tmp
     argv = ["experiment", "--config", str(config), "--out", str(out), "--cache-dir", str(tmp_path / "cache")]
 
     assert main(argv + ["--max-runs", "3", "--workers", "1"]) == 0  # interrupted inside the tuning
-    assert "3/16 runs finished" in capsys.readouterr().out  # 8 tuning runs, then 8 main runs
+    # 8 tuning runs, one more for seqkd (its two rates are done, its best at an end), 8 main runs
+    assert "3/17 runs finished" in capsys.readouterr().out
     first = _mtimes(out)
     assert len([name for name in first if name.endswith("summary.json")]) == 3
     assert not (out / "lr_selection.json").exists()
 
     assert main(argv + ["--workers", "2"]) == 0  # the rest, two at a time in worker processes
     text = capsys.readouterr().out
-    assert "16/16 runs finished" in text and "finished tune-seqkd-lr0.001" not in text  # not redone
+    # With two rates the best is at an end: each arm's grid grows by one rate (extend=1), 12 + 8 runs.
+    assert "20/20 runs finished" in text and "finished tune-seqkd-lr0.001" not in text  # not redone
     after = _mtimes(out)
     assert all(after[name] == stamp for name, stamp in first.items())
     for name in ("results.md", "results.json", "accuracy.png", "entropy.png", "lr_selection.json",
                  "teacher_data.json"):
         assert (out / name).stat().st_size > 0, name
     results = json.loads((out / "results.json").read_text())
-    assert results["finished"] == results["planned"] == 16
+    assert results["finished"] == results["planned"] == 20
     # Each arm runs at the rate its validation score chose, the smaller on a tie.
     selection = json.loads((out / "lr_selection.json").read_text())
     assert sorted(selection) == sorted(["seqkd", "hpd", "sft on gold (oracle)", "hpd on-policy=0.5"])
@@ -63,8 +65,11 @@ def test_tiny_experiment_tunes_runs_reports_and_resumes_without_redoing_runs(tmp
             if run["group"] == group:
                 assert run["config"]["lr"] == entry["lr"]
     tuning = {run["name"]: run for run in results["tuning_runs"]}
-    assert set(tuning) == {f"tune-{arm}-lr{lr}" for arm in ARMS for lr in ("0.001", "0.003")}
-    assert {run["seed"] for run in tuning.values()} == {7}
+    assert {run["seed"] for run in tuning.values()} == {7} and len(tuning) == 12
+    for arm, group in zip(ARMS, ("seqkd", "hpd", "sft on gold (oracle)", "hpd on-policy=0.5")):
+        first = {lr: tuning[f"tune-{arm}-lr{lr:g}"]["final"]["top_p_accuracy"] for lr in (1e-3, 3e-3)}
+        extra = 3e-4 if first[1e-3] >= first[3e-3] else 9e-3  # past the better end
+        assert sorted(float(lr) for lr in selection[group]["validation"]) == sorted([1e-3, 3e-3, extra]), group
     # The arms' data: the teacher's samples, except the oracle's gold solutions.
     assert {run["group"]: run["data"] for run in results["runs"]} == {
         "seqkd": "teacher", "hpd": "teacher", "sft on gold (oracle)": "gold", "hpd on-policy=0.5": "teacher"}
@@ -131,6 +136,7 @@ def test_the_default_experiment_plans_the_issue_grid():
         assert [f"{arm}-seed{seed}" in names for seed in range(5)] == [True] * 5, arm
     tuning = tuning_runs(experiment)
     assert len(tuning) == 8 * len(experiment["tuning"]["lr"]) and {run.seed for run in tuning} == {100}
+    assert experiment["tuning"]["extend"] >= 1  # an optimum at the grid's edge is looked past
     assert experiment["primary"] == {"metric": "top_p_accuracy", "treatment": "hpd", "control": "fkl"}
 
 
@@ -197,3 +203,48 @@ def test_the_report_reproduces_the_committed_experiment():
     for group, members in groups.items():
         table = {label: list(value) for label, value in group_statistics(members).items()}
         assert {**table, "seeds": len(members)} == results["table"][group]
+
+
+def test_the_pinned_teacher_is_its_recipe_and_a_changed_copy_is_refused(tmp_path):
+    """The committed teacher records the recipe and sizes that made it (scripts/pin_teacher.py),
+    matches its recorded sha256, and a copy with one byte changed is refused before it is loaded."""
+    import shutil
+
+    import torch
+    from safetensors import safe_open
+
+    from hpd_kernels.training.checkpoint import CheckpointError
+    from hpd_kernels.training.experiment import PINNED_TEACHER, TEACHER_DECODER, TEACHER_RECIPE
+    from hpd_kernels.training.task import task_tokenizer
+    from hpd_kernels.training.workload import build_model
+
+    with safe_open(PINNED_TEACHER, "pt") as handle:
+        metadata = handle.metadata()
+    assert json.loads(metadata["recipe"]) == TEACHER_RECIPE and json.loads(metadata["decoder"]) == TEACHER_DECODER
+    assert json.loads(metadata["evaluation"])["greedy_accuracy"] > 0.95
+    section = {"decoder": TEACHER_DECODER, "checkpoint": PINNED_TEACHER}
+    build_model(section, task_tokenizer(), "teacher", torch.device("cpu"))  # the checksum holds
+    copy = tmp_path / "teacher.safetensors"
+    shutil.copy(PINNED_TEACHER, copy)
+    shutil.copy(PINNED_TEACHER + ".sha256", str(copy) + ".sha256")
+    data = bytearray(copy.read_bytes())
+    data[-1] ^= 1
+    copy.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="does not match the sha256"):
+        build_model({**section, "checkpoint": str(copy)}, task_tokenizer(), "teacher", torch.device("cpu"))
+
+
+def test_a_data_file_sets_its_last_pairs_aside_for_validation(tmp_path):
+    from hpd_kernels.training.data import DataError
+    from hpd_kernels.training.workload import Workload
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"p{index}", "response": f"r{index}"}) + "\n" for index in range(20)))
+    config = {"data": str(data), "eval_fraction": 0.1, "eval": {"max_new_tokens": 4},
+              "teacher": {"decoder": {}}, "student": {"decoder": {}}}
+    workload = Workload(config, validation=3)
+    assert [problem[0] for problem in workload.validation_problems] == ["p15", "p16", "p17"]
+    assert len(workload.examples) == 15 and [problem[0] for problem in workload.eval_problems] == ["p18", "p19"]
+    assert workload.scored_on(workload.validation_problems).eval_problems == workload.validation_problems
+    with pytest.raises(DataError, match="too few to set 18 aside"):
+        Workload(config, validation=18)

@@ -6,8 +6,9 @@ tokenizers and examples (user files, or the built-in addition task). `config` re
 checks a run's config; `workload` builds its data and models; `evaluation` scores a model;
 `rundir` claims output directories and caches trained teachers; `locks` keeps them to one process
 at a time; `jsonfiles` writes their JSON files atomically (a refused write is a `WriteError`) and
-reads metrics back; `pipeline` runs `hpd distill`; `experiment` plans and
-runs `hpd experiment`, and `report` writes its table, JSON and plots (`plot`: a run's curves).
+reads metrics back; `pipeline` runs `hpd distill`; `experiment` plans and runs `hpd experiment`
+(`teacher_data`: the teacher's sampled distillation set; `assets/`: its pinned teacher), and
+`report` writes its table, comparisons, JSON and plots (`plot`: a run's curves).
 """
 
 from .criteria import OBJECTIVES, distillation_loss, shifted_labels  # noqa: F401

@@ -76,7 +76,8 @@ DEFAULT_EXPERIMENT = {
     # Shared by every run; `objective` and `seed` are set per run, `lr` by the tuning.
     "distill": {"steps": 800, "batch_size": 32, "lr": 3e-3, "warmup_steps": 20, "eval_every": 200,
                 "save_every": 200},
-    "tuning": {"lr": [1e-3, 3e-3, 1e-2], "seed": 100, "validation_problems": 500},
+    # extend: how many rates an arm's grid may grow by when its best is at an end (see tuning_runs)
+    "tuning": {"lr": [1e-3, 3e-3, 1e-2], "seed": 100, "validation_problems": 500, "extend": 2},
     "sweep": {"fkl_weight": [], "rkl_weight": [], "on_policy_fraction": [1.0]},
     "teacher_data": {"seed": 0, "temperature": 1.0},
     "eval": {"max_new_tokens": 48, "temperature": 1.0, "top_p": 0.7, "seed": 0, "samples": 4},
@@ -216,15 +217,40 @@ def tuned(experiment):
     return len(experiment["tuning"]["lr"]) > 1
 
 
-def tuning_runs(experiment):
-    """One run per arm and candidate learning rate, at the tuning seed, evaluated on the validation
-    split at its end only."""
+def tuning_runs(experiment, out_dir=None):
+    """One run per arm and learning rate, at the tuning seed, evaluated on the validation split at
+    its end only. The rates are `tuning.lr`, and (with `out_dir`, once an arm's rates have all
+    finished there) its grid grows past whichever end scored best, by the ratio of that end to its
+    neighbour, up to `tuning.extend` times: an optimum at the grid's edge is not taken as found."""
     if not tuned(experiment):
         return []
-    seed = experiment["tuning"]["seed"]
-    return [Run(f"tune-{arm.slug}-lr{lr:g}", arm.group, seed, {**arm.overrides, "lr": lr, "eval_every": 0},
-                arm.data, tuning=True)
-            for arm in arms(experiment) for lr in experiment["tuning"]["lr"]]
+    runs = []
+    for arm in arms(experiment):
+        rates = sorted(experiment["tuning"]["lr"])
+        for _ in range(experiment["tuning"]["extend"] if out_dir is not None else 0):
+            scores = [_validation_score(experiment, out_dir, arm, rate) for rate in rates]
+            if any(score is None for score in scores):
+                break
+            best = rates[max(range(len(rates)), key=lambda index: (scores[index], -rates[index]))]
+            if best == rates[0]:
+                rates.insert(0, float(f"{rates[0] ** 2 / rates[1]:.0e}"))
+            elif best == rates[-1]:
+                rates.append(float(f"{rates[-1] ** 2 / rates[-2]:.0e}"))
+            else:
+                break
+        runs += [_tuning_run(experiment, arm, rate) for rate in rates]
+    return runs
+
+
+def _tuning_run(experiment, arm, lr):
+    return Run(f"tune-{arm.slug}-lr{lr:g}", arm.group, experiment["tuning"]["seed"],
+               {**arm.overrides, "lr": lr, "eval_every": 0}, arm.data, tuning=True)
+
+
+def _validation_score(experiment, out_dir, arm, lr):
+    """The primary metric of a finished tuning run on the validation split (None: not finished)."""
+    run = _tuning_run(experiment, arm, lr)
+    return _read_summary(out_dir, run)["final"][experiment["primary"]["metric"]] if _finished(out_dir, run) else None
 
 
 def main_runs(experiment, selection=None):
@@ -276,15 +302,13 @@ def _read_summary(out_dir, run):
 def select_learning_rates(experiment, out_dir):
     """`{group: {"lr": selected, "validation": {lr: score}}}` from the finished tuning runs: the
     rate with the best validation primary metric, the smaller one on a tie."""
-    metric = experiment["primary"]["metric"]
-    selection = {}
-    for run in tuning_runs(experiment):
-        score = _read_summary(out_dir, run)["final"][metric]
-        entry = selection.setdefault(run.group, {"validation": {}})
-        entry["validation"][f"{run.overrides['lr']:g}"] = score
-    for entry in selection.values():
-        entry["lr"] = float(max(entry["validation"].items(), key=lambda item: (item[1], -float(item[0])))[0])
-    return selection
+    scores = {}
+    for run in tuning_runs(experiment, out_dir):
+        scores.setdefault(run.group, []).append((_read_summary(out_dir, run)["final"][experiment["primary"]["metric"]],
+                                                 run.overrides["lr"]))
+    return {group: {"lr": max(pairs, key=lambda pair: (pair[0], -pair[1]))[1],
+                    "validation": {f"{lr:g}": score for score, lr in pairs}}
+            for group, pairs in scores.items()}
 
 
 class Context:
@@ -349,14 +373,18 @@ def _run_locked(experiment, out_dir, cache_dir, log, only, workers, context):
     started = time.perf_counter()
     commit = _git_commit()  # the code this process imported, not whatever is checked out when a run ends
     budget = [only]
-    _run_all(tuning_runs(experiment), experiment, out_dir, cache_dir, log, budget, workers, context, commit)
+    while budget[0] != 0:  # the tuning, round by round while some arm's grid grows
+        pending = [run for run in tuning_runs(experiment, out_dir) if not _finished(out_dir, run)]
+        if not pending:
+            break
+        _run_all(pending, experiment, out_dir, cache_dir, log, budget, workers, context, commit)
     selection = None
-    if all(_finished(out_dir, run) for run in tuning_runs(experiment)):
+    if all(_finished(out_dir, run) for run in tuning_runs(experiment, out_dir)):
         selection = select_learning_rates(experiment, out_dir) if tuned(experiment) else {}
         write_json_atomic(os.path.join(out_dir, "lr_selection.json"), selection)
         _run_all(main_runs(experiment, {group: entry["lr"] for group, entry in selection.items()}),
                  experiment, out_dir, cache_dir, log, budget, workers, context, commit)
-    planned = tuning_runs(experiment) + main_runs(experiment, {group: entry["lr"] for group, entry in
+    planned = tuning_runs(experiment, out_dir) + main_runs(experiment, {group: entry["lr"] for group, entry in
                                                                (selection or {}).items()})
     report = write_report(experiment, planned, out_dir, selection)
     report["seconds_this_invocation"] = time.perf_counter() - started
@@ -368,20 +396,12 @@ def _describe_teacher_data(context):
     from .task import final_answer
 
     info = dict(context.teacher_data_info)
-    if context.workload.score is None and "task" in context.experiment["base"]:
-        answers = [problem[2] for problem in _train_problems(context.experiment["base"])]
-        right = [final_answer(context.workload.tokenizer.decode(response)) == answer
-                 for (_, response), answer in zip(context.teacher_samples, answers)]
+    problems = context.workload.train_problems
+    if problems is not None:  # the built-in task: the samples' final answers can be checked
+        right = [final_answer(context.workload.tokenizer.decode(response)) == problem[2]
+                 for (_, response), problem in zip(context.teacher_samples, problems)]
         info["answer_correct_fraction"] = sum(right) / len(right)
     return info
-
-
-def _train_problems(base):
-    from .task import make_problems
-
-    task = base["task"]
-    return make_problems(task["train_problems"], task["seed"], min_terms=task["min_terms"],
-                         max_terms=task["max_terms"], max_value=task["max_value"], orders=task.get("orders", "two"))
 
 
 def _run_all(runs, experiment, out_dir, cache_dir, log, budget, workers, context, commit):

@@ -296,7 +296,8 @@ EXPERIMENT = Section({
     "objectives": ListOf(Choice(*TRAINING_OBJECTIVES), "objective"), "seeds": ListOf(SEED, "seed"),
     "distill": Section({name: spec for name, spec in TRAIN.fields.items() if name not in ("objective", "seed")},
                        options="training option"),
-    "tuning": Section({"lr": ListOf(POSITIVE, "learning rate"), "seed": SEED, "validation_problems": Int(1)}),
+    "tuning": Section({"lr": ListOf(POSITIVE, "learning rate"), "seed": SEED, "validation_problems": Int(1),
+                       "extend": Int(0)}),
     "sweep": Section({"fkl_weight": ListOf(NON_NEGATIVE, "weight", empty=True),  # []: no sweep
                       "rkl_weight": ListOf(NON_NEGATIVE, "weight", empty=True),
                       "on_policy_fraction": ListOf(FRACTION, "fraction", empty=True)}),

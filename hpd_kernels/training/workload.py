@@ -52,10 +52,10 @@ class Workload:
             self.tokenizer = self._tokenizer(config, ()) if hf else task_tokenizer()
             shape = dict(min_terms=task["min_terms"], max_terms=task["max_terms"], max_value=task["max_value"],
                          orders=task.get("orders", "two"))
-            train_problems = make_problems(task["train_problems"], task["seed"], **shape)
+            self.train_problems = make_problems(task["train_problems"], task["seed"], **shape)
             self.eval_problems = make_problems(task["eval_problems"], task["seed"] + 1_000_000, **shape)
             self.validation_problems = make_problems(validation, task["seed"] + 2_000_000, **shape)
-            self.examples = encode_examples(train_problems, self.tokenizer)
+            self.examples = encode_examples(self.train_problems, self.tokenizer)
             self.score = None  # the final answer after '#'
             self.identity = {"task": task}
         else:
@@ -88,6 +88,7 @@ class Workload:
             self.eval_problems = self.eval_problems[:limit]
 
     files = {}  # {data file path: sha256 of its bytes} (none for the built-in task)
+    train_problems = None  # the built-in task's (prompt, response, answer) of `examples`
 
     def scored_on(self, problems):
         """This workload with `problems` in place of its evaluation problems (the validation split,
