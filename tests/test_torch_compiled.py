@@ -221,3 +221,37 @@ def test_runs_of_rows_outside_the_loss_are_skipped_and_get_zero_gradient(objecti
     torch.testing.assert_close(ours_grad, ref_grad, rtol=1e-9, atol=1e-12)
     assert torch.all(ours_grad[:20] == 0) and torch.all(ours_grad[40:57] == 0)
     assert torch_backend._live_spans(labels != IGNORE) == [(20, 40), (57, 90)]
+
+
+@pytest.mark.parametrize("setting", ["0", "1"])
+@pytest.mark.parametrize("ce_weight", [0.0, 0.3])
+def test_hpd_skips_runs_of_rows_outside_the_loss_as_the_divergences_do(setting, ce_weight, monkeypatch):
+    """HPD's forward and backward leave out the same prompt-like runs: the draws (keyed by row),
+    the loss and the gradient are those of a pass over every row, and the skipped gradient rows of
+    an uninitialised (NaN-filled) buffer come back 0."""
+    monkeypatch.setenv(torch_backend.COMPILE_ENV, setting)
+    generator = torch.Generator().manual_seed(6)
+    rows, vocab = 90, 300
+    student = (torch.randn(rows, vocab, generator=generator, dtype=torch.float64) * 2).requires_grad_(True)
+    teacher = student.detach() + torch.randn(rows, vocab, generator=generator, dtype=torch.float64)
+    labels = torch.randint(0, vocab, (rows,), generator=generator)
+    labels[:20] = IGNORE
+    labels[40:57] = IGNORE
+    labels[70:75] = IGNORE
+    options = dict(temperature=1.5, seed=11, backend="torch", ce_weight=ce_weight, return_details=True)
+
+    def loss_and_grad():
+        loss, details = hpd_kernels.hybrid_kl_loss(student, teacher, labels, **options)
+        return loss.detach(), details.sampled_ids, torch.autograd.grad(loss, student)[0]
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch_backend, "SKIP_MIN_ROWS", rows + 1)  # nothing skipped
+        assert torch_backend._live_spans(labels != IGNORE) == [(20, 90)]
+        expected = loss_and_grad()
+    empty_like = torch.empty_like
+    monkeypatch.setattr(torch, "empty_like", lambda tensor, **kw: empty_like(tensor, **kw).fill_(math.nan))
+    ours = loss_and_grad()
+    assert torch.equal(ours[1], expected[1])
+    torch.testing.assert_close(ours[0], expected[0], rtol=1e-13, atol=0)
+    torch.testing.assert_close(ours[2], expected[2], rtol=1e-13, atol=0)
+    assert torch.all(ours[2][:20] == 0) and torch.all(ours[2][40:57] == 0)

@@ -537,13 +537,18 @@ def hybrid_forward(student, teacher, labels, sampled_ids, *, seed, temperature, 
     # The kernel's score scale, rounded as it rounds it, so both backends draw the same tokens.
     scale = torch.tensor(temperature_scalars(temperature, acc_dtype)[0], dtype=acc_dtype, device=student.device)
     fast = compiling(n_rows, vocab) and vocabulary.local_rows
+    if vocabulary.local_rows:  # rows outside the loss are left out (no pivot: the backward skips them too)
+        stats[:, STAT_TOP_S] = -1.0
+        spans = _live_spans(active)
+    else:  # every rank cuts its rows alike
+        spans = [(0, n_rows)]
     if fast:  # every row's log-sum-exps first, in the larger compiled chunks
         parts = torch.empty(n_rows, 4, dtype=acc_dtype, device=student.device)
         params = _parameters(temperature)
-        for rows in _chunks(n_rows, label_vocab, acc_dtype, compiled=True):
+        for rows in _span_chunks(spans, label_vocab, acc_dtype, compiled=True):
             parts[rows] = _compiled_logsumexp_pair(fast, student[rows, :vocab], teacher[rows, :vocab], params)
     # Drawing y_hat keeps several [rows, V] temporaries (the noise's integer hashing): standard chunks.
-    for rows in _chunks(n_rows, label_vocab, acc_dtype, compiled=fast and not sample):
+    for rows in _span_chunks(spans, label_vocab, acc_dtype, compiled=fast and not sample):
         live = active[rows]
         if fast:
             max_s, log_sum_s, max_t, log_sum_t = parts[rows].unbind(1)
@@ -592,7 +597,8 @@ def hybrid_backward(student, labels, sampled_ids, stats, row_scale, grad, *, voc
     params = _parameters(temperature)
     has_top = bool(n_rows) and bool((stats[:, STAT_TOP_S] >= 0).any())
     fast = compiling(n_rows, vocab)
-    for rows in _chunks(n_rows, vocab, acc_dtype, compiled=fast):
+    spans = _live_spans(row_scale != 0)
+    for rows in _span_chunks(spans, vocab, acc_dtype, compiled=fast):
         scale = row_scale[rows].to(acc_dtype)
         max_s, log_sum_s, top_s, w_y, w_hat = stats[rows].unbind(1)
         live = (scale != 0) & _defined(log_sum_s)
@@ -605,5 +611,6 @@ def hybrid_backward(student, labels, sampled_ids, stats, row_scale, grad, *, voc
         sums = _compiled_hybrid_backward(fast, out, student[rows, :vocab], max_s, log_sum_s, top_s, w_y, w_hat, scale,
                                          *columns, params, has_top)
         _top_from_others(out, top_s, sums)
+    _zero_outside(grad, spans)
     grad[:, vocab:] = 0
     return grad
