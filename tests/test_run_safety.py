@@ -246,6 +246,7 @@ def test_a_second_run_on_one_out_is_refused_naming_the_holder_until_it_is_killed
         experiment.write_text(json.dumps({
             "objectives": ["sft"], "seeds": [0], "distill": {"steps": 1, "batch_size": 2},
             "sweep": {"fkl_weight": [], "rkl_weight": [], "on_policy_fraction": []},
+            "primary": {"treatment": "seqkd", "control": "sft on gold (oracle)"},
             "base": {"task": {"train_problems": 20, "eval_problems": 4},
                      "teacher": {"decoder": DECODER, "train": {"objective": "sft", "steps": 1, "batch_size": 2}},
                      "student": {"decoder": DECODER}}}))

