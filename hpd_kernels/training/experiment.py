@@ -8,8 +8,9 @@ solutions is reported as a labelled oracle (`oracle`), and HPD on the student's 
 (`sweep.on_policy_fraction`, 1.0 by default) as the on-policy arm of the verl recipe.
 
 1. **Tuning.** Each arm trains once per learning rate of `tuning.lr`, at the tuning seed, and is
-   scored on a validation split (never the test problems) by the primary metric; the best rate
-   (the smaller one on a tie) is that arm's from then on (`lr_selection.json`).
+   scored on a validation split (never the test problems) by the primary metric; where its best
+   rate is an end of the grid, the grid grows past it (`tuning.extend` times at most); the best
+   rate (the smaller one on a tie) is that arm's from then on (`lr_selection.json`).
 2. **Main runs.** For each seed, the student is initialised and warmed up with `sft` on the gold
    data once (that seed's "student before"); every arm continues from that same warm student at
    its selected rate, all other options shared. The seed also fixes the batches and the sampling
@@ -65,8 +66,6 @@ EXPERIMENT_BASE = {
                 "warmup": {"objective": "sft", "steps": 1200, "batch_size": 32, "lr": 3e-3, "warmup_steps": 20,
                            "seed": 1}},
 }
-
-METRICS = ("top_p_accuracy", "sampled_accuracy", "greedy_accuracy")
 
 DEFAULT_EXPERIMENT = {
     "data": "teacher",   # what the arms distil on: the teacher's samples ("teacher") or the gold solutions

@@ -18,6 +18,7 @@ import statistics
 from dataclasses import dataclass
 
 from .jsonfiles import read_metrics, write_json_atomic, write_text_atomic, writing
+from .schema import ACCURACIES
 
 SPIKE_WINDOW, SPIKE_FACTOR = 50, 1.5
 
@@ -232,7 +233,7 @@ def analysis(experiment, groups, baseline="seqkd"):
     for group in groups:
         if group != treatment:
             result["secondary"][group] = {name: _paired(groups, treatment, group, name)
-                                          for name in ("top_p_accuracy", "sampled_accuracy", "greedy_accuracy")}
+                                          for name in ACCURACIES}
     target = None
     if groups.get(baseline):
         target = statistics.fmean(member["final"][metric] for member in groups[baseline])
@@ -266,7 +267,7 @@ def analysis_markdown(experiment, result, selection):
                   f"seed, mean [95% CI] in points.", "", "| arm | top-p acc | T=1 acc | greedy acc |", "|---|---|---|---|"]
         for group, metrics in result["secondary"].items():
             cells = []
-            for name in ("top_p_accuracy", "sampled_accuracy", "greedy_accuracy"):
+            for name in ACCURACIES:
                 outcome = metrics[name]
                 if outcome is None:
                     cells.append("-")

@@ -274,6 +274,8 @@ TASK = Section({
 EVAL_FIELDS = {"max_new_tokens": Int(1), "temperature": POSITIVE, "seed": SEED, "limit": Optional(Int(1)),
                "top_p": Optional(Number(0, 1, low_open=True))}
 EVAL = Section(EVAL_FIELDS)
+# What `evaluation.evaluate_model` scores a model's generations by (top-p: with `eval.top_p`).
+ACCURACIES = ("top_p_accuracy", "sampled_accuracy", "greedy_accuracy")
 DEVICE = Device()
 
 
@@ -303,7 +305,7 @@ EXPERIMENT = Section({
                       "on_policy_fraction": ListOf(FRACTION, "fraction", empty=True)}),
     "teacher_data": Section({"seed": SEED, "temperature": POSITIVE}),
     "eval": Section({**EVAL_FIELDS, "samples": Int(1)}),
-    "primary": Section({"metric": Choice("top_p_accuracy", "sampled_accuracy", "greedy_accuracy"),
+    "primary": Section({"metric": Choice(*ACCURACIES),
                         "treatment": Anything(), "control": Anything()}),  # arms: checked once planned
     "base": Section({name: Anything() for name in DISTILL.fields}),  # its values: checked once merged
     "device": DEVICE,
