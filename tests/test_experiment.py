@@ -140,6 +140,11 @@ def test_the_default_experiment_plans_the_issue_grid():
     assert experiment["primary"] == {"metric": "top_p_accuracy", "treatment": "hpd", "control": "fkl"}
 
 
+def test_one_learning_rate_is_no_tuning_and_every_arm_runs_at_it(tmp_path):
+    experiment = load_experiment_from(tmp_path, {"tuning": {"lr": [1e-3]}})
+    assert tuning_runs(experiment) == [] and {run.overrides["lr"] for run in main_runs(experiment)} == {1e-3}
+
+
 def test_bad_experiment_configs_name_the_key(tmp_path):
     path = tmp_path / "bad.json"
     for config, pattern in (({"objectivez": []}, "unknown key 'objectivez'"),

@@ -370,6 +370,16 @@ def _live_spans(live):
     return list(zip(begins, ends))
 
 
+def _forward_spans(vocabulary, active, stats):
+    """The row ranges a forward computes: where the rows are local, all but the runs outside the
+    loss, whose stats name no top column (-1), so that the backward skips them too; under
+    vocabulary parallelism every row, as every rank must cut its rows alike."""
+    if not vocabulary.local_rows:
+        return [(0, active.shape[0])]
+    stats[:, STAT_TOP_S] = -1.0
+    return _live_spans(active)
+
+
 def _span_chunks(spans, vocab, acc_dtype, compiled=False):
     """`_chunks` of each span."""
     for begin, end in spans:
@@ -442,12 +452,8 @@ def divergence_forward(student, teacher, labels, *, divergence, temperature, log
     stats = torch.zeros(n_rows, DIVERGENCE_STATS, dtype=acc_dtype, device=student.device)
     params = _parameters(temperature, log_mix_p, log_mix_q)
     fast = compiling(n_rows, vocab)
-    if vocabulary.local_rows:  # rows outside the loss are left out (no top column: the backward skips them too)
-        stats[:, STAT_TOP_S] = -1.0
-        row_chunks = _span_chunks(_live_spans(active), label_vocab, acc_dtype, compiled=fast)
-    else:  # every rank cuts its rows alike
-        row_chunks = _chunks(n_rows, label_vocab, acc_dtype)
-    for rows in row_chunks:
+    spans = _forward_spans(vocabulary, active, stats)
+    for rows in _span_chunks(spans, label_vocab, acc_dtype, compiled=fast and vocabulary.local_rows):
         if vocabulary.local_rows:
             row_value, row_weight, max_s, log_sum_s, max_t, log_sum_t = _compiled_divergence_forward(
                 fast, student[rows, :vocab], teacher[rows, :vocab], params, divergence)
@@ -537,11 +543,7 @@ def hybrid_forward(student, teacher, labels, sampled_ids, *, seed, temperature, 
     # The kernel's score scale, rounded as it rounds it, so both backends draw the same tokens.
     scale = torch.tensor(temperature_scalars(temperature, acc_dtype)[0], dtype=acc_dtype, device=student.device)
     fast = compiling(n_rows, vocab) and vocabulary.local_rows
-    if vocabulary.local_rows:  # rows outside the loss are left out (no pivot: the backward skips them too)
-        stats[:, STAT_TOP_S] = -1.0
-        spans = _live_spans(active)
-    else:  # every rank cuts its rows alike
-        spans = [(0, n_rows)]
+    spans = _forward_spans(vocabulary, active, stats)
     if fast:  # every row's log-sum-exps first, in the larger compiled chunks
         parts = torch.empty(n_rows, 4, dtype=acc_dtype, device=student.device)
         params = _parameters(temperature)

@@ -45,7 +45,7 @@ from .evaluation import evaluate_with_samples, final_evaluation
 from .jsonfiles import write_json_atomic
 from .locks import die_with_parent
 from .pipeline import choose_device
-from .report import stability, write_report
+from .report import stability, summary_path, write_report
 from .rundir import claim_output_dir, default_cache_dir, lock_output_dir, prepare_teacher
 from .teacher_data import teacher_data
 from .trainer import train
@@ -75,7 +75,8 @@ DEFAULT_EXPERIMENT = {
     # Shared by every run; `objective` and `seed` are set per run, `lr` by the tuning.
     "distill": {"steps": 800, "batch_size": 32, "lr": 3e-3, "warmup_steps": 20, "eval_every": 200,
                 "save_every": 200},
-    # extend: how many rates an arm's grid may grow by when its best is at an end (see tuning_runs)
+    # extend: how many rates an arm's grid may grow by when its best is at an end (see tuning_runs);
+    # one rate in lr: no tuning, every arm at that rate
     "tuning": {"lr": [1e-3, 3e-3, 1e-2], "seed": 100, "validation_problems": 500, "extend": 2},
     "sweep": {"fkl_weight": [], "rkl_weight": [], "on_policy_fraction": [1.0]},
     "teacher_data": {"seed": 0, "temperature": 1.0},
@@ -230,7 +231,7 @@ def tuning_runs(experiment, out_dir=None):
             scores = [_validation_score(experiment, out_dir, arm, rate) for rate in rates]
             if any(score is None for score in scores):
                 break
-            best = rates[max(range(len(rates)), key=lambda index: (scores[index], -rates[index]))]
+            best = _best_rate(zip(scores, rates))
             if best == rates[0]:
                 rates.insert(0, float(f"{rates[0] ** 2 / rates[1]:.0e}"))
             elif best == rates[-1]:
@@ -246,6 +247,11 @@ def _tuning_run(experiment, arm, lr):
                {**arm.overrides, "lr": lr, "eval_every": 0}, arm.data, tuning=True)
 
 
+def _best_rate(scored):
+    """The rate of the best `(score, rate)`, the smaller rate on a tie."""
+    return max(scored, key=lambda pair: (pair[0], -pair[1]))[1]
+
+
 def _validation_score(experiment, out_dir, arm, lr):
     """The primary metric of a finished tuning run on the validation split (None: not finished)."""
     run = _tuning_run(experiment, arm, lr)
@@ -254,10 +260,12 @@ def _validation_score(experiment, out_dir, arm, lr):
 
 def main_runs(experiment, selection=None):
     """The paired runs: every arm at every seed, at its selected learning rate (`selection`:
-    `{group: lr}`; the shared `distill.lr` where none is given)."""
+    `{group: lr}`). Without one: the one rate of an untuned `tuning.lr`, else (the tuning not
+    done yet) `distill.lr`, a placeholder for planning and checking."""
     selection = selection or {}
+    rate = experiment["distill"]["lr"] if tuned(experiment) else experiment["tuning"]["lr"][0]
     return [Run(f"{arm.slug}-seed{seed}", arm.group, seed,
-                {**arm.overrides, "lr": selection.get(arm.group, experiment["distill"]["lr"])}, arm.data)
+                {**arm.overrides, "lr": selection.get(arm.group, rate)}, arm.data)
             for arm in arms(experiment) for seed in experiment["seeds"]]
 
 
@@ -290,11 +298,11 @@ def _git_commit():
 
 
 def _finished(out_dir, run):
-    return os.path.isfile(os.path.join(out_dir, "runs", run.name, "summary.json"))
+    return os.path.isfile(summary_path(out_dir, run.name))
 
 
 def _read_summary(out_dir, run):
-    with open(os.path.join(out_dir, "runs", run.name, "summary.json")) as handle:
+    with open(summary_path(out_dir, run.name)) as handle:
         return json.load(handle)
 
 
@@ -305,7 +313,7 @@ def select_learning_rates(experiment, out_dir):
     for run in tuning_runs(experiment, out_dir):
         scores.setdefault(run.group, []).append((_read_summary(out_dir, run)["final"][experiment["primary"]["metric"]],
                                                  run.overrides["lr"]))
-    return {group: {"lr": max(pairs, key=lambda pair: (pair[0], -pair[1]))[1],
+    return {group: {"lr": _best_rate(pairs),
                     "validation": {f"{lr:g}": score for score, lr in pairs}}
             for group, pairs in scores.items()}
 
@@ -477,7 +485,7 @@ def _execute(run, out_dir, context, commit, progress=True):
                               "peak_memory_mb": max(r["peak_memory_mb"] for r in history),
                               "tokens_per_s_mean": statistics.fmean(r["tokens_per_s"] for r in history)},
                "threads": torch.get_num_threads(), "commit": commit}
-    write_json_atomic(os.path.join(run_dir, "summary.json"), summary)
+    write_json_atomic(summary_path(out_dir, run.name), summary)
 
 
 def _warm_weights(out_dir, seed):

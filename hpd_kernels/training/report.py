@@ -183,11 +183,16 @@ def area_under_curve(points):
     return area / (points[-1][0] - points[0][0])
 
 
+def summary_path(out_dir, name):
+    """Where a run of an experiment writes its summary: it is finished once this exists."""
+    return os.path.join(out_dir, "runs", name, "summary.json")
+
+
 def _read_summary(out_dir, name, metric, start=None):
     """A finished run's summary, with what the report derives from its metrics (recomputed, so that
     a report always uses the current definitions), or None for a run not finished. `start` is the
     warm student's value of `metric`, the curve's point at step 0."""
-    path = os.path.join(out_dir, "runs", name, "summary.json")
+    path = summary_path(out_dir, name)
     if not os.path.isfile(path):
         return None
     with open(path) as handle:
