@@ -190,6 +190,7 @@ def check_num_items(num_items_in_batch, reduction):
     if reduction != "mean":
         raise ValueError(f"num_items_in_batch divides the summed loss, so it needs reduction='mean', "
                          f"got reduction={reduction!r}")
+    expected = "num_items_in_batch must be > 0 and finite (the active tokens of the global batch)"
     if isinstance(num_items_in_batch, torch.Tensor):
         if (num_items_in_batch.numel() != 1 or num_items_in_batch.dtype.is_complex
                 or num_items_in_batch.dtype == torch.bool):
@@ -197,16 +198,15 @@ def check_num_items(num_items_in_batch, reduction):
                              f"{tuple(num_items_in_batch.shape)} {num_items_in_batch.dtype}")
         if compiling():
             return
-        positive = num_items_in_batch.reshape(()) > 0  # False for NaN too
+        count = num_items_in_batch.reshape(())
+        valid = torch.isfinite(count) & (count > 0)
         if num_items_in_batch.device.type == "cpu":
-            if not bool(positive):
-                raise ValueError(f"num_items_in_batch must be > 0 (the active tokens of the global batch), "
-                                 f"got {num_items_in_batch.item()!r}")
+            if not bool(valid):
+                raise ValueError(f"{expected}, got {num_items_in_batch.item()!r}")
         else:  # checked on the device: no host synchronisation in a training step
-            torch._assert_async(positive, "num_items_in_batch must be > 0 (the active tokens of the global batch)")
-    elif not is_real(num_items_in_batch) or not num_items_in_batch > 0:
-        raise ValueError(f"num_items_in_batch must be > 0 (the active tokens of the global batch), "
-                         f"got {num_items_in_batch!r}")
+            torch._assert_async(valid, expected)
+    elif not is_real(num_items_in_batch) or not (math.isfinite(num_items_in_batch) and num_items_in_batch > 0):
+        raise ValueError(f"{expected}, got {num_items_in_batch!r}")
 
 
 def check_sampled_ids(sampled_ids, leading_shape, active, vocab):

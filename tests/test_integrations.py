@@ -6,6 +6,8 @@ value and gradient for gradient; a few training steps of each trainer lower the 
 built here (no downloads) and runs in seconds on the CPU.
 """
 
+import functools
+
 import pytest
 import torch
 
@@ -175,9 +177,11 @@ def test_hf_trainer_run_lowers_the_distillation_loss(models, tmp_path, objective
     student, teacher = models
     data = teacher_samples(teacher)
 
+    seed = {"seed": 0} if objective == "hpd" else {}   # HPD's option only
+
     def distillation_loss():   # the objective's own loss on the whole data (HPD: a fixed draw)
         with torch.no_grad():
-            return hf_integration.distillation_loss(student, teacher, data, objective=objective, seed=0).item()
+            return hf_integration.distillation_loss(student, teacher, data, objective=objective, **seed).item()
 
     before = distillation_loss()
     seen = []
@@ -192,7 +196,7 @@ def test_hf_trainer_run_lowers_the_distillation_loss(models, tmp_path, objective
         learning_rate=1e-2, report_to=[], use_cpu=True, logging_steps=1, save_strategy="no", seed=0,
         dataloader_num_workers=0, disable_tqdm=True)
     trainer = Spy(model=student, teacher_model=teacher, args=args, train_dataset=Rows(data), objective=objective,
-                  seed=0, temperature=1.0)
+                  temperature=1.0, **seed)
     trainer.train()
     after = distillation_loss()
     assert after < 0.9 * before, (before, after)
@@ -202,14 +206,13 @@ def test_hf_trainer_run_lowers_the_distillation_loss(models, tmp_path, objective
     assert trainer.loss_is_scaled_for_ga
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert len(losses) == 6 and all(torch.isfinite(torch.tensor(losses)))
-    # Evaluation: one batch of 4 rows, the mean over its tokens.
+    # Evaluation: one batch of 4 rows, the mean over its tokens (HPD: evaluation's first batch draws with `seed`).
     first_rows = {key: value[:4] for key, value in data.items()}
     trainer.args.per_device_eval_batch_size = 4
     evaluated = trainer.evaluate(eval_dataset=Rows(first_rows))["eval_loss"]
     with torch.no_grad():
-        expected = hf_integration.distillation_loss(student, teacher, first_rows, objective=objective, seed=0)
-    if objective == "forward_kl":   # HPD's draw in evaluation comes from the trainer's seed sequence
-        assert evaluated == pytest.approx(expected.item(), rel=1e-5)
+        expected = hf_integration.distillation_loss(student, teacher, first_rows, objective=objective, **seed)
+    assert evaluated == pytest.approx(expected.item(), rel=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -289,6 +292,8 @@ def test_gkd_compute_loss_equals_trls(models, tmp_path, beta):
     trainer = make_gkd_trainer(models, tmp_path, make_batch(batch=4), trl_integration.GKDTrainer, beta=beta,
                                bf16=False)
     model, inputs = trainer.model, make_batch()
+    with pytest.raises(ValueError, match="no labels"):
+        trainer.compute_loss(model, {key: value for key, value in inputs.items() if key != "labels"})
     for count in (None, torch.tensor(17)):
         loss = trainer.compute_loss(model, inputs, num_items_in_batch=count)
         loss.backward()
@@ -323,3 +328,201 @@ def test_gkd_run_with_the_drop_in_lowers_the_loss(models, tmp_path):
     assert jsd() < 0.9 * before
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert len(losses) == 6
+
+
+# ----------------------------------------------------------------------------------------------
+# What the integrations refuse or keep apart (issue 20)
+# ----------------------------------------------------------------------------------------------
+
+def lora(model, target_modules):
+    peft = pytest.importorskip("peft")
+    return peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=target_modules))
+
+
+@pytest.mark.parametrize("which", ["student", "teacher"])
+def test_hf_refuses_a_lora_adapter_on_the_lm_head(models, which):
+    """An adapter on the output layer changes its output, which lm_head.weight does not show: refused by name."""
+    student, teacher = models
+    if which == "student":
+        student = lora(student, ["q_proj", "lm_head"])
+    else:
+        teacher = lora(teacher, ["lm_head"])
+    with pytest.raises(ValueError, match="LoRA.*lm_head|lm_head.*LoRA"):
+        hf_integration.distillation_loss(student, teacher, make_batch(), objective="fkl")
+
+
+def test_hf_lora_away_from_the_lm_head_trains_its_adapters(models):
+    """LoRA on the attention only: the loss is the full logits' loss and the gradient reaches lora_A/lora_B."""
+    student, teacher = lora(models[0], ["q_proj", "v_proj"]), models[1]
+    for name, parameter in student.named_parameters():
+        if "lora_B" in name:   # B = 0 at init would hide the adapter from the loss
+            torch.nn.init.normal_(parameter, std=0.2)
+    inputs = make_batch()
+    loss = hf_integration.distillation_loss(student, teacher, inputs, objective="jsd", beta=0.3)
+    loss.backward()
+    ours = student_grads(student)
+    zero_grads(student)
+    with torch.no_grad():
+        teacher_logits = full_logits(teacher, inputs)
+    reference = hpd_kernels.generalized_jsd_loss(full_logits(student, inputs)[:, :-1], teacher_logits[:, :-1],
+                                                 inputs["labels"][:, 1:], beta=0.3)
+    reference.backward()
+    torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-6)
+    names = [name for name, parameter in student.named_parameters() if parameter.grad is not None]
+    assert any("lora_A" in name for name in names) and any("lora_B" in name for name in names)
+    assert_grads_close(ours, student_grads(student))
+
+
+class ScaledHead(torch.nn.Linear):
+    def forward(self, hidden):
+        return 2.0 * super().forward(hidden)
+
+
+def test_hf_refuses_an_lm_head_that_is_not_a_plain_linear(models):
+    """Any head whose output is not F.linear(hidden, weight, bias) (another forward, a forward hook)."""
+    student, teacher = models
+    scaled = ScaledHead(32, VOCAB, bias=False)
+    scaled.weight = student.lm_head.weight
+    student.lm_head = scaled
+    with pytest.raises(ValueError, match="ScaledHead"):
+        hf_integration.distillation_loss(student, teacher, make_batch(), objective="fkl")
+    student, teacher = tiny_llama(), tiny_llama(hidden=48, seed=1)
+    hook = student.lm_head.register_forward_hook(lambda module, args, output: output / 2)
+    with pytest.raises(ValueError, match="forward hook"):
+        hf_integration.distillation_loss(student, teacher, make_batch(), objective="fkl")
+    hook.remove()
+    student.lm_head.forward = lambda hidden: torch.nn.functional.linear(hidden, student.lm_head.weight) / 2
+    with pytest.raises(ValueError, match="forward replaced"):
+        hf_integration.distillation_loss(student, teacher, make_batch(), objective="fkl")
+
+
+def test_hf_lm_head_placed_by_accelerate_is_served(models):
+    """accelerate's device placement (a device_map across devices) replaces the forward but computes the layer."""
+    hooks = pytest.importorskip("accelerate.hooks")
+    student, teacher = models
+    inputs = make_batch()
+    plain = hf_integration.distillation_loss(student, teacher, inputs, objective="rkl")
+    hooks.add_hook_to_module(student.lm_head, hooks.AlignDevicesHook(execution_device="cpu", io_same_device=True))
+    torch.testing.assert_close(hf_integration.distillation_loss(student, teacher, inputs, objective="rkl"), plain)
+
+
+def hpd_trainer(output_dir, data, seed, **arguments):
+    """A DistillationTrainer on fresh tiny models (the same weights every call), HPD, evaluation every 2 steps."""
+    student, teacher = tiny_llama(), tiny_llama(hidden=48, seed=1, sharpness=30.0)
+    args = transformers.TrainingArguments(
+        output_dir=str(output_dir), max_steps=4, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+        per_device_eval_batch_size=2, learning_rate=1e-2, report_to=[], use_cpu=True, seed=0, disable_tqdm=True,
+        dataloader_num_workers=0, eval_strategy="steps", eval_steps=2, save_strategy="steps", save_steps=2,
+        **arguments)
+    return hf_integration.DistillationTrainer(model=student, teacher_model=teacher, args=args,
+                                              train_dataset=Rows(data), eval_dataset=Rows(data), objective="hpd",
+                                              seed=seed)
+
+
+@pytest.mark.parametrize("seed", [0, None])
+def test_hf_trainer_resumed_with_evaluation_is_bit_identical(tmp_path, seed):
+    """Evaluation takes no draw from training's seeds or generator, so a resumed run is the uninterrupted one."""
+    data = teacher_samples(tiny_llama(hidden=48, seed=1, sharpness=30.0), batch=8)
+    whole = hpd_trainer(tmp_path / "whole", data, seed)
+    whole.train()
+    resumed = hpd_trainer(tmp_path / "resumed", data, seed)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "whole" / "checkpoint-2"))
+    assert whole.state.global_step == resumed.state.global_step == 4
+    for (name, ours), theirs in zip(whole.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(ours, theirs), name
+    # Each evaluation of the same weights is the same number (its draws are its own).
+    assert whole.evaluate()["eval_loss"] == whole.evaluate()["eval_loss"]
+
+
+def test_hf_evaluation_loss_builds_no_full_logits(models, tmp_path):
+    """evaluate() takes the fused path (the forward keeps one position's logits); predict() returns the logits."""
+    student, teacher = models
+    data = teacher_samples(teacher, batch=6)
+    kept = []
+    student.register_forward_hook(lambda module, args, output: kept.append(tuple(output.logits.shape)))
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), per_device_eval_batch_size=3, report_to=[],
+                                          use_cpu=True, disable_tqdm=True, dataloader_num_workers=0)
+    trainer = hf_integration.DistillationTrainer(model=student, teacher_model=teacher, args=args, objective="fkl")
+    evaluated = trainer.evaluate(eval_dataset=Rows(data))["eval_loss"]
+    assert kept == [(3, 1, VOCAB)] * 2
+    with torch.no_grad():
+        halves = [hf_integration.distillation_loss(student, teacher, {key: value[rows] for key, value in data.items()},
+                                                   objective="fkl") for rows in (slice(0, 3), slice(3, 6))]
+    assert evaluated == pytest.approx(sum(halves).item() / 2, rel=1e-5)
+
+    kept.clear()
+    predicted = trainer.predict(Rows(data))   # predictions asked for: the student's full logits
+    assert kept == [(3, 12, VOCAB)] * 2 and predicted.predictions.shape == (6, 12, VOCAB)
+    assert predicted.metrics["test_loss"] == pytest.approx(evaluated, rel=1e-5)
+    kept.clear()
+    trainer.args.prediction_loss_only = True
+    assert trainer.predict(Rows(data)).predictions is None and kept == [(3, 1, VOCAB)] * 2
+
+
+def trainer_with(models, tmp_path, **options):
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    return hf_integration.DistillationTrainer(model=models[0], teacher_model=models[1], args=args, **options)
+
+
+@pytest.mark.parametrize("options, error, message", [
+    (dict(objective="jsd", beta=1.5), ValueError, r"beta must be a number in \[0, 1\]"),
+    (dict(objective="skl", alpha=-0.1), ValueError, r"alpha must be a number in \[0, 1\]"),
+    (dict(objective="hpd", fkl_weight=float("nan")), ValueError, "fkl_weight must be a finite number"),
+    (dict(objective="hpd", seed=1.5), TypeError, "seed must be an int"),
+    (dict(objective="fkl", temperature=0.0), ValueError, "temperature must be a finite number > 0"),
+    (dict(objective="fkl", ce_weight=-1.0), ValueError, "ce_weight must be a finite number >= 0"),
+    (dict(objective="fkl", chunk_size=0), ValueError, "chunk_size must be a positive int"),
+    (dict(objective="fkl", backend="cuda"), ValueError, "backend must be one of"),
+    # A parameter the objective does not read.
+    (dict(objective="fkl", beta=0.3), ValueError, "beta is not an option of objective 'forward_kl'"),
+    (dict(objective="jsd", alpha=0.3), ValueError, "alpha is not an option of objective 'jsd'.*beta"),
+    (dict(objective="tvd", seed=0), ValueError, "seed is not an option of objective 'tvd'.*TrainingArguments.seed"),
+    (dict(objective="jsd", fkl_weight=1.0), ValueError, "fkl_weight is not an option of objective 'jsd'"),
+    (dict(objective="hpd", beta=0.5), ValueError, "beta is not an option of objective 'hpd'.*fkl_weight"),
+    # Liger's and TRL's names, with ours.
+    (dict(objective="jsd", jsd_beta=0.5), TypeError, "jsd_beta.*beta="),
+    (dict(objective="fkl", weight_hard_loss=0.5), TypeError, "weight_hard_loss.*ce_weight="),
+    (dict(objective="fkl", weight_soft_loss=0.5), TypeError, "weight_soft_loss.*ce_weight="),
+])
+def test_hf_trainer_checks_its_arguments_when_built(models, tmp_path, options, error, message):
+    with pytest.raises(error, match=message):
+        trainer_with(models, tmp_path, **options)
+
+
+def test_hf_trainer_takes_each_objectives_own_options(models, tmp_path):
+    for options in (dict(objective="jsd", beta=0.3), dict(objective="srkl", alpha=0.2),
+                    dict(objective="hpd", seed=3, fkl_weight=0.5, rkl_weight=2.0), dict(objective="tvd")):
+        trainer_with(models, tmp_path, **options)
+
+
+def test_hf_loss_refuses_options_and_a_batch_without_labels(models):
+    student, teacher = models
+    inputs = make_batch()
+    with pytest.raises(ValueError, match="beta is not an option of objective 'reverse_kl'"):
+        hf_integration.distillation_loss(student, teacher, inputs, objective="rkl", beta=0.5)
+    del inputs["labels"]
+    with pytest.raises(ValueError, match="labels.*input_ids"):
+        hf_integration.distillation_loss(student, teacher, inputs, objective="rkl")
+
+
+@pytest.mark.parametrize("objective", hpd_kernels.registry.OBJECTIVES)
+@pytest.mark.parametrize("count", [float("inf"), float("-inf"), float("nan"), 0, -3, torch.tensor(float("inf")),
+                                   torch.tensor(float("nan")), torch.tensor(0)], ids=repr)
+def test_num_items_in_batch_must_be_finite_and_positive(models, objective, count):
+    """The logits-level and fused-linear losses, and the trainer's loss, refuse it before anything runs."""
+    generator = torch.Generator().manual_seed(3)
+    student_logits, teacher_logits = (torch.randn(2, 5, 16, generator=generator) for _ in range(2))
+    hidden, weight = torch.randn(2, 5, 8, generator=generator), torch.randn(16, 8, generator=generator)
+    labels = torch.randint(0, 16, (2, 5), generator=generator)
+    if objective == "hpd":
+        by_logits, by_hidden = hpd_kernels.hybrid_kl_loss, hpd_kernels.fused_linear_hybrid_kl_loss
+    else:
+        by_logits = functools.partial(hpd_kernels.divergence_loss, divergence=objective)
+        by_hidden = functools.partial(hpd_kernels.fused_linear_divergence_loss, divergence=objective)
+    message = "num_items_in_batch must be > 0 and finite"
+    with pytest.raises(ValueError, match=message):
+        by_logits(student_logits, teacher_logits, labels, num_items_in_batch=count)
+    with pytest.raises(ValueError, match=message):
+        by_hidden(hidden, weight, hidden, weight, labels, num_items_in_batch=count)
+    with pytest.raises(ValueError, match=message):
+        hf_integration.distillation_loss(*models, make_batch(), objective=objective, num_items_in_batch=count)

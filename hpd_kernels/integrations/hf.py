@@ -10,15 +10,19 @@ last position only; models without that argument compute all of them, which work
 memory), so the call goes through the model's own forward (and so through DDP's hooks).
 `hidden_states[-1]` must be the lm_head's input (true of Llama, Qwen2, Mistral, ...: the final norm
 is applied to it): the first call on each model checks this against the kept logits and refuses a
-model where it is not, as it refuses models that transform their logits after the lm_head.
+model where it is not, as it refuses models that transform their logits after the lm_head. The lm_head
+itself must be a plain `nn.Linear` (its output `F.linear(hidden, weight, bias)`, which is what the
+losses compute from its weight): an adapter on it (PEFT's LoRA with `lm_head` in `target_modules`),
+another forward or a forward hook is refused by name, on every call.
 
 `DistillationTrainer(model, teacher_model=..., args=..., objective="hpd", ...)` is a `Trainer`
 whose `compute_loss` is that loss: `num_items_in_batch`, which the Trainer counts over the shifted
 labels of the whole accumulated (and, with `average_tokens_across_devices`, all-ranks) batch,
-divides the summed loss, and the Trainer's gradient accumulation then uses the loss as it is.
+divides the summed loss, and the Trainer's gradient accumulation then uses the loss as it is. Its
+arguments are checked when it is built. Evaluation takes the same fused path, with draws of its own.
 
 Not covered: FSDP or DeepSpeed ZeRO-3 (the lm_head weight is read outside the forward, where they
-keep it sharded), models whose logits are not `lm_head(hidden_states[-1])`, a hard-label term.
+keep it sharded), models whose logits are not `lm_head(hidden_states[-1])`, adapters on the lm_head.
 """
 
 from __future__ import annotations
@@ -30,13 +34,31 @@ import torch
 import transformers
 from torch import nn
 
+from ..checks import check_ce_weight, check_chunk_size, check_fraction, check_hpd_options, check_options
 from ..fused_linear import fused_linear_divergence_loss, fused_linear_hybrid_kl_loss
 from ..models.hf import _LOGIT_TRANSFORMS
-from ..registry import DIVERGENCES, HPD, OBJECTIVES, SHORT_NAMES
+from ..registry import HPD, MIXTURE_PARAMETER, OBJECTIVES, SHORT_NAMES
 
-__all__ = ["DistillationTrainer", "distillation_loss", "final_hidden_states", "lm_head_of"]
+__all__ = ["DistillationTrainer", "batch_labels", "distillation_loss", "final_hidden_states", "lm_head_of"]
 
 _CHECKED = weakref.WeakSet()   # models whose hidden_states[-1] was checked against their logits
+
+# The options only some objectives read (the others, temperature, ce_weight, ..., every objective
+# reads): a divergence's mixture parameter (registry.MIXTURE_PARAMETER), HPD's the arguments of
+# checks.check_hpd_options. An option an objective does not read is refused, never ignored.
+_HPD_OPTIONS = ("fkl_weight", "rkl_weight", "seed")
+_OBJECTIVE_OPTIONS = tuple(sorted(set(MIXTURE_PARAMETER.values()))) + _HPD_OPTIONS
+
+# Liger's and TRL's names for DistillationTrainer's arguments, with ours.
+_PEER_ARGUMENTS = {
+    "jsd_beta": "Liger's jsd_beta is beta= here, with objective='jsd' (the same convention: 0 forward KL, "
+                "1 reverse KL)",
+    **dict.fromkeys(("weight_hard_loss", "weight_soft_loss"),
+                    "Liger's loss is weight_hard_loss * CE + weight_soft_loss * distillation; here the distillation "
+                    "term has weight 1 and ce_weight= weighs the hard-label term: ce_weight=weight_hard_loss / "
+                    "weight_soft_loss gives Liger's loss divided by weight_soft_loss (the cross-entropy is taken at "
+                    "temperature=, Liger's at 1)"),
+}
 
 
 def _unwrap(model):
@@ -50,13 +72,48 @@ def _unwrap(model):
             return model
 
 
+def _moves_devices_only(head):
+    """Whether the head's replaced forward is accelerate's device placement (a `device_map` across
+    devices): it moves the input and output and computes the linear layer itself."""
+    try:
+        from accelerate.hooks import AlignDevicesHook
+    except ImportError:
+        return False
+    hook = getattr(head, "_hf_hook", None)
+    return isinstance(hook, AlignDevicesHook) and not hook.offload
+
+
+def _check_head_is_linear(model, head):
+    """The losses compute `F.linear(hidden, head.weight, head.bias)`: refuse a head whose output is
+    anything else. An adapter on the output layer adds its own term to the output, which the weight
+    alone would leave out of the loss (and the adapter untrained); exact paths for the adapter kinds
+    (dropout, DoRA, several adapters, ...) are not attempted."""
+    name = f"{type(model).__name__}.get_output_embeddings()"
+    kind = f"{type(head).__module__}.{type(head).__qualname__}"
+    if type(head).__module__.split(".")[0] == "peft":
+        raise ValueError(f"{name} is a PEFT layer ({kind}): an adapter (LoRA, ...) or modules_to_save on the output "
+                         f"layer changes its output, which the fused-linear losses, reading lm_head.weight, would "
+                         f"neither see nor train; leave lm_head out of target_modules and modules_to_save, or merge "
+                         f"the adapter first (merge_and_unload())")
+    if not isinstance(head, nn.Linear) or type(head).forward is not nn.Linear.forward:
+        raise ValueError(f"{name} is a {kind}, whose forward is not nn.Linear's: its output need not be "
+                         f"F.linear(hidden, weight, bias), which the fused-linear losses compute from its weight")
+    if head._forward_hooks or head._forward_pre_hooks:
+        raise ValueError(f"{name} has a forward hook, which may change its input or output: the fused-linear losses "
+                         f"compute F.linear(hidden, weight, bias) from its weight without running it")
+    if "forward" in vars(head) and not _moves_devices_only(head):
+        raise ValueError(f"{name} has its forward replaced on the instance: its output need not be "
+                         f"F.linear(hidden, weight, bias), which the fused-linear losses compute from its weight")
+
+
 def lm_head_of(model):
-    """`(weight, bias)` of the model's output embedding; refuses logit transforms after it."""
+    """`(weight, bias)` of the model's output embedding, a plain `nn.Linear`; refuses logit transforms after it."""
     model = _unwrap(model)
     head = model.get_output_embeddings()
     if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
         raise TypeError(f"{type(model).__name__} has no lm_head with a weight (get_output_embeddings() "
                         f"returned {type(head).__name__})")
+    _check_head_is_linear(model, head)
     config = getattr(model, "config", None)
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     for name in _LOGIT_TRANSFORMS:
@@ -64,7 +121,7 @@ def lm_head_of(model):
         if value not in (None, 1.0, 1):
             raise ValueError(f"{type(model).__name__} transforms its logits after the lm_head (config.{name}="
                              f"{value}); a fused-linear loss on lm_head(hidden) would not be its loss")
-    return head.weight, getattr(head, "bias", None)
+    return head.weight, head.bias
 
 
 def _logits_argument(model):
@@ -118,6 +175,48 @@ def _objective(objective):
     return name
 
 
+def _options_of(name):
+    """The options of `_OBJECTIVE_OPTIONS` that objective `name` reads."""
+    if name == HPD:
+        return _HPD_OPTIONS
+    return (MIXTURE_PARAMETER[name],) if name in MIXTURE_PARAMETER else ()
+
+
+def _loss_options(objective, *, temperature, ignore_index, reduction, chunk_size, backend, ce_weight, **own):
+    """`(name, options)`: the objective's library name and the keyword arguments of its fused-linear
+    loss, checked as the loss checks them (before any model runs). `own`: `_OBJECTIVE_OPTIONS`,
+    None where not given (the loss's default); one the objective does not read is refused."""
+    name = _objective(objective)
+    reads = _options_of(name)
+    given = {option: value for option, value in own.items() if value is not None}
+    for option in given:
+        if option not in reads:
+            also = " (the Trainer's own seed is TrainingArguments.seed)" if option == "seed" else ""
+            raise ValueError(f"{option} is not an option of objective {name!r}, which reads "
+                             f"{', '.join(reads) or 'none of ' + ', '.join(_OBJECTIVE_OPTIONS)}{also}")
+    check_options(temperature, reduction, backend, ignore_index)
+    check_ce_weight(ce_weight)
+    check_chunk_size(chunk_size)
+    if name == HPD:   # the options not given are checked at the loss's defaults
+        defaults = inspect.signature(fused_linear_hybrid_kl_loss).parameters
+        check_hpd_options(**{option: given.get(option, defaults[option].default) for option in _HPD_OPTIONS})
+    else:
+        for option, value in given.items():   # the divergence's mixture parameter
+            check_fraction(option, value)
+    return name, dict(given, temperature=temperature, ignore_index=ignore_index, reduction=reduction,
+                      chunk_size=chunk_size, backend=backend, ce_weight=ce_weight)
+
+
+def batch_labels(inputs):
+    """The batch's `labels`, with an error naming them where the batch has none."""
+    labels = inputs.get("labels")
+    if labels is None:
+        raise ValueError(f"the batch has no labels (its keys: {sorted(inputs)}): distillation needs labels, the token "
+                         f"ids with -100 where a position is not in the loss (DataCollatorForLanguageModeling("
+                         f"tokenizer, mlm=False) adds them)")
+    return labels
+
+
 def _num_items(num_items_in_batch):
     # Trainer's DataParallel path (n_gpu > 1) repeats the count in a vector.
     if isinstance(num_items_in_batch, torch.Tensor) and num_items_in_batch.numel() > 1:
@@ -125,21 +224,24 @@ def _num_items(num_items_in_batch):
     return num_items_in_batch
 
 
-def distillation_loss(model, teacher_model, inputs, *, objective="hpd", temperature=1.0, fkl_weight=1.0,
-                      rkl_weight=1.0, beta=0.5, alpha=0.1, seed=None, ignore_index=-100, num_items_in_batch=None,
+def distillation_loss(model, teacher_model, inputs, *, objective="hpd", temperature=1.0, fkl_weight=None,
+                      rkl_weight=None, beta=None, alpha=None, seed=None, ignore_index=-100, num_items_in_batch=None,
                       reduction="mean", chunk_size=None, backend="auto", ce_weight=0.0, return_outputs=False):
     """The distillation loss of a causal-LM batch (`inputs` with `labels`), without full logits.
 
     `objective`: `"hpd"` (options `fkl_weight`, `rkl_weight`, `seed`: None draws one from torch's
     generator) or a divergence (`forward_kl`, `reverse_kl`, `jsd` with `beta`, `skew_forward_kl` /
-    `skew_reverse_kl` with `alpha`, `tvd`; the short names `fkl`, `rkl`, ... too). The teacher runs
-    under `no_grad` and is put in eval mode. `num_items_in_batch` (with `reduction="mean"`) divides
-    the summed loss instead of this batch's active tokens. `ce_weight` adds the fused hard-label
-    term (`ce_weight` times the data's cross-entropy at `temperature`). `return_outputs=True` also returns the
-    student's outputs, with full logits (for evaluation).
+    `skew_reverse_kl` with `alpha`, `tvd`; the short names `fkl`, `rkl`, ... too). An option left
+    None is the loss function's default; one the objective does not read is an error. The teacher
+    runs under `no_grad` and is put in eval mode. `num_items_in_batch` (with `reduction="mean"`)
+    divides the summed loss instead of this batch's active tokens. `ce_weight` adds the fused
+    hard-label term (`ce_weight` times the data's cross-entropy at `temperature`).
+    `return_outputs=True` also returns the student's outputs, with full logits (for predictions).
     """
-    name = _objective(objective)
-    labels = inputs["labels"]
+    name, options = _loss_options(objective, temperature=temperature, ignore_index=ignore_index, reduction=reduction,
+                                  chunk_size=chunk_size, backend=backend, ce_weight=ce_weight, fkl_weight=fkl_weight,
+                                  rkl_weight=rkl_weight, beta=beta, alpha=alpha, seed=seed)
+    labels = batch_labels(inputs)
     model_inputs = {key: value for key, value in inputs.items() if key != "labels"}
     student_hidden, outputs = final_hidden_states(model, model_inputs, keep_logits=return_outputs)
     if teacher_model.training:
@@ -151,43 +253,61 @@ def distillation_loss(model, teacher_model, inputs, *, objective="hpd", temperat
     shifted = dict(student_hidden=student_hidden[:, :-1], student_weight=student_weight, student_bias=student_bias,
                    teacher_hidden=teacher_hidden[:, :-1], teacher_weight=teacher_weight,
                    teacher_bias=teacher_bias, labels=labels[:, 1:].to(student_hidden.device),
-                   temperature=temperature, ignore_index=ignore_index, reduction=reduction, chunk_size=chunk_size,
-                   backend=backend, num_items_in_batch=_num_items(num_items_in_batch), ce_weight=ce_weight)
+                   num_items_in_batch=_num_items(num_items_in_batch), **options)
     if name == HPD:
-        loss = fused_linear_hybrid_kl_loss(**shifted, seed=seed, fkl_weight=fkl_weight, rkl_weight=rkl_weight)
+        loss = fused_linear_hybrid_kl_loss(**shifted)
     else:
-        assert name in DIVERGENCES
-        loss = fused_linear_divergence_loss(**shifted, divergence=name, beta=beta, alpha=alpha)
+        loss = fused_linear_divergence_loss(**shifted, divergence=name)
     return (loss, outputs) if return_outputs else loss
 
 
 class DistillationTrainer(transformers.Trainer):
     """A `transformers.Trainer` that distils `teacher_model` into `model` (see `distillation_loss`).
 
-    The objective's options are keyword arguments; every other argument is `Trainer`'s. With an
-    int `seed`, HPD's draw of each micro-batch uses `seed + global_step * accumulation + i`
-    (reproducible, different every micro-batch); with `seed=None` it comes from torch's generator,
-    which the Trainer seeds from `args.seed`.
+    The objective's options are keyword arguments, checked here, when the trainer is built (an
+    option the objective does not read is an error, as are Liger's and TRL's names for ours); every
+    other argument is `Trainer`'s. With an int `seed`, HPD's draw of each training micro-batch uses
+    `seed + global_step * accumulation + i` (reproducible, different every micro-batch); with
+    `seed=None` it comes from torch's generator, which the Trainer seeds from `args.seed`.
+
+    Evaluation (`evaluate()`, and `predict()` with `prediction_loss_only`) computes the loss through
+    the same fused path, without `[tokens, vocab]` logits. Its HPD draws are its own: batch `i` of
+    every evaluation uses `seed + i` (`args.seed + i` with `seed=None`), so evaluating never moves
+    training's seeds or generator (a run resumed from a checkpoint is the uninterrupted one) and the
+    same weights always get the same evaluation loss. The student's full logits are built only where
+    predictions are asked for: `predict()` (unless `args.prediction_loss_only`) and `evaluate()` with
+    `compute_metrics`, which receive them as `[examples, seq, vocab]` predictions.
     """
 
     def __init__(self, model=None, teacher_model=None, args=None, *trainer_args, objective="hpd", temperature=1.0,
-                 fkl_weight=1.0, rkl_weight=1.0, beta=0.5, alpha=0.1, seed=None, chunk_size=None, backend="auto",
+                 fkl_weight=None, rkl_weight=None, beta=None, alpha=None, seed=None, chunk_size=None, backend="auto",
                  ce_weight=0.0, **trainer_kwargs):
+        for name in trainer_kwargs.keys() & _PEER_ARGUMENTS.keys():
+            raise TypeError(f"DistillationTrainer got an unexpected keyword argument {name!r}: "
+                            f"{_PEER_ARGUMENTS[name]}")
         if teacher_model is None:
             raise ValueError("DistillationTrainer needs a teacher_model")
-        self.objective = _objective(objective)
-        self.objective_options = dict(temperature=temperature, fkl_weight=fkl_weight, rkl_weight=rkl_weight,
-                                      beta=beta, alpha=alpha, chunk_size=chunk_size, backend=backend,
-                                      ce_weight=ce_weight)
-        self.seed = seed
+        self.objective, self.loss_options = _loss_options(
+            objective, temperature=temperature, ignore_index=-100, reduction="mean", chunk_size=chunk_size,
+            backend=backend, ce_weight=ce_weight, fkl_weight=fkl_weight, rkl_weight=rkl_weight, beta=beta, alpha=alpha,
+            seed=seed)
+        self.seed = self.loss_options.pop("seed", None)   # per micro-batch, from _hpd_seed
         super().__init__(model, args, *trainer_args, **trainer_kwargs)
         teacher_model.requires_grad_(False)
         self.teacher_model = self.accelerator.prepare_model(teacher_model, evaluation_mode=True) \
             if hasattr(self.accelerator, "prepare_model") else teacher_model.to(self.args.device)
         self.teacher_model.eval()
-        self._micro_step = (-1, 0)   # (global_step, micro-batches seen in it)
+        self._micro_step = (-1, 0)        # training: (global_step, micro-batches seen in it)
+        self._evaluation_batches = 0      # batches of the evaluation under way
+        self._return_logits = True        # False in a prediction_step that returns the loss only
 
-    def _next_seed(self):
+    def _hpd_seed(self, training):
+        """HPD's seed of this micro-batch (None: drawn from torch's generator); None for a divergence."""
+        if self.objective != HPD:
+            return None
+        if not training:
+            self._evaluation_batches += 1
+            return (self.args.seed if self.seed is None else int(self.seed)) + self._evaluation_batches - 1
         if self.seed is None:
             return None
         step, micro = self._micro_step
@@ -195,12 +315,25 @@ class DistillationTrainer(transformers.Trainer):
         self._micro_step = (self.state.global_step, micro)
         return int(self.seed) + self.state.global_step * max(self.args.gradient_accumulation_steps, 1) + micro
 
+    def evaluation_loop(self, *args, **kwargs):
+        self._evaluation_batches = 0   # every evaluation draws the same seeds, whenever it runs
+        return super().evaluation_loop(*args, **kwargs)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        # Trainer's step asks compute_loss for the outputs even when it returns the loss only: the
+        # student's logits are built only when they are returned.
+        self._return_logits = not prediction_loss_only
+        try:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+        finally:
+            self._return_logits = True
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        keep_logits = return_outputs and self._return_logits
         result = distillation_loss(model, self.teacher_model, inputs, objective=self.objective,
-                                   seed=self._next_seed() if self.objective == HPD else None,
-                                   num_items_in_batch=num_items_in_batch, return_outputs=return_outputs,
-                                   **self.objective_options)
-        loss, outputs = result if return_outputs else (result, None)
+                                   seed=self._hpd_seed(model.training), num_items_in_batch=num_items_in_batch,
+                                   return_outputs=keep_logits, **self.loss_options)
+        loss, outputs = result if keep_logits else (result, None)
         # As Trainer.compute_loss: `num_items_in_batch` counts every rank's tokens while DDP averages
         # the gradients over the ranks, so the sum is scaled back up.
         if num_items_in_batch is not None and self.args.average_tokens_across_devices:
@@ -208,5 +341,7 @@ class DistillationTrainer(transformers.Trainer):
             loss = loss * (self.accelerator.num_processes // tp_size if self.args.n_gpu <= 1 else self.args.n_gpu)
         # Divided by the accumulated batch's token count: the Trainer must not divide it again.
         self.loss_is_scaled_for_ga = num_items_in_batch is not None
-        # Evaluation's predictions: the student's logits (not its tuple of hidden states).
-        return (loss, {"logits": outputs.logits}) if return_outputs else loss
+        if not return_outputs:
+            return loss
+        # Predictions: the student's logits (not its tuple of hidden states); none for the loss alone.
+        return loss, ({"logits": outputs.logits} if keep_logits else {})

@@ -35,7 +35,7 @@ import torch
 
 from .. import losses
 from ..fused_linear import fused_linear_jsd_loss
-from .hf import final_hidden_states, lm_head_of
+from .hf import batch_labels, final_hidden_states, lm_head_of
 
 try:
     from trl.experimental.gkd import GKDTrainer as _TRLGKDTrainer
@@ -93,6 +93,7 @@ class GKDTrainer(_TRLGKDTrainer):
         if return_outputs or not self.fused_linear:
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
+        labels = batch_labels(inputs)
         model_inputs = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
         student_hidden, _ = final_hidden_states(model, model_inputs)
         self.teacher_model.eval()
@@ -101,7 +102,7 @@ class GKDTrainer(_TRLGKDTrainer):
         student_weight, student_bias = lm_head_of(model)
         teacher_weight, teacher_bias = lm_head_of(self.teacher_model)
         # TRL's causal shift: position i predicts token i + 1; its mask drops the -100 labels.
-        kept, kernel_labels = _mask_labels(inputs["labels"][:, 1:])
+        kept, kernel_labels = _mask_labels(labels[:, 1:])
         total = fused_linear_jsd_loss(student_hidden[:, :-1], student_weight, teacher_hidden[:, :-1], teacher_weight,
                                       kernel_labels, beta=self.beta, student_bias=student_bias,
                                       teacher_bias=teacher_bias, reduction="sum")
