@@ -1,6 +1,6 @@
 """`python -m hpd_kernels`: a one-minute demonstration on random logits.
 
-`python -m hpd_kernels distill|experiment|bench ...` is the `hpd` command (so that
+`python -m hpd_kernels distill|experiment ...` is the `hpd` command (so that
 `torchrun --nproc-per-node 2 -m hpd_kernels distill` runs it on every rank).
 
 Computes HPD and every divergence with the library (torch backend on the CPU, Triton on a GPU)
@@ -18,7 +18,7 @@ from hpd_kernels import reference
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] and argv[0] in ("distill", "experiment", "bench"):
+    if argv[:1] and not argv[0].startswith("-"):  # a command (the demonstration takes flags only)
         from .cli import main as hpd
 
         return hpd(argv)

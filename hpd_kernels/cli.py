@@ -1,5 +1,6 @@
-"""The `hpd` command: `hpd distill` (teacher, then student with HPD, end to end), `hpd experiment`
-(objectives against each other over seeds) and `hpd bench`."""
+"""The `hpd` command: `hpd distill` (teacher, then student with HPD, end to end) and `hpd experiment`
+(objectives against each other over seeds). The benchmark suite is not one of its commands: `bench/`
+is not installed with the package, so it runs from a checkout of the repository, `python -m bench`."""
 
 from __future__ import annotations
 
@@ -38,8 +39,8 @@ by section, for example
    "device": "auto"}
 Responses are scored by exact match (stripped) on the evaluation data.
 
-Every key and flag is checked (type, range, choices, paths) before anything is written; an empty
-FILE is refused (run without --config for the default).
+Every key and flag is checked (type, range with an upper bound for every integer, choices, paths)
+before anything is written; an empty FILE is refused (run without --config for the default).
 
 Everything is written under --out (metrics.jsonl, safetensors checkpoints, results.md/json,
 distill.png). Running again with the same --out and config resumes where it stopped; a directory
@@ -139,7 +140,8 @@ continues the unfinished runs from their checkpoints, never redoing a finished o
    "teacher_data": {"seed": 0, "temperature": 1.0},
    "eval": {"max_new_tokens": 48, "temperature": 1.0, "top_p": 0.7, "seed": 0, "samples": 4},
    "primary": {"metric": "top_p_accuracy", "treatment": "hpd", "control": "fkl"},
-   "base": {...}}   the task or data, teacher and student, as in `hpd distill --config`
+   "base": {...}}   the task or data, teacher and student, as in `hpd distill --config` (its distill,
+                    eval and device are the keys above: refused in base)
 """.replace("<OBJECTIVES>", " ".join(TRAINING_OBJECTIVES))
 
 
@@ -183,23 +185,6 @@ def _run_experiment(args):
     return 0
 
 
-def _bench_parser(subparsers):
-    parser = subparsers.add_parser("bench", help="run the benchmark suite (python -m bench)", add_help=False,
-                                   description="Runs the benchmark suite; `hpd bench --help` lists its options.")
-    parser.add_argument("bench_args", nargs=argparse.REMAINDER)
-    parser.set_defaults(run=_run_bench)
-
-
-def _run_bench(args):
-    try:
-        from bench.__main__ import main as bench_main
-    except ImportError as error:
-        print(f"hpd bench: the benchmark suite is not importable ({error}); install the package from its "
-              f"source tree (pip install -e .)", file=sys.stderr)
-        return 2
-    return bench_main(args.bench_args) or 0
-
-
 class _Parser(argparse.ArgumentParser):
     """argparse with the project's error style: one line and exit code 2 (`--help` has the usage)."""
 
@@ -208,22 +193,18 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser():
-    parser = _Parser(prog="hpd", description="hpd-kernels: fused distillation losses, a trainer "
-                                                             "that uses them, and their benchmarks.")
-    subparsers = parser.add_subparsers(dest="command", required=True, metavar="{distill,experiment,bench}")
+    parser = _Parser(prog="hpd", description="hpd-kernels: fused distillation losses, and a trainer that uses them.",
+                     epilog="The benchmark suite runs from a checkout of the repository (bench/ is not installed): "
+                            "python -m bench --help.")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="{distill,experiment}")
     _distill_parser(subparsers)
     _experiment_parser(subparsers)
-    _bench_parser(subparsers)
     return parser
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser()
-    if argv[:1] == ["bench"]:  # everything after `bench` (--help included) belongs to the suite's parser
-        args = argparse.Namespace(command="bench", bench_args=argv[1:], run=_run_bench)
-    else:
-        args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         return args.run(args)
     except (DataError, CheckpointError, WriteError, LockedError, KeyError, ValueError,

@@ -36,19 +36,50 @@ def _snapshot(folder):
             for root, _, names in os.walk(folder) for name in names}
 
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
 def test_help_of_every_command_explains_its_options():
-    for command, needles in ((["--help"], ["distill", "experiment", "bench"]),
+    for command, needles in ((["--help"], ["distill", "experiment", "python -m bench"]),
                              (["experiment", "--help"], ["--config", "--out", "--cache-dir", "--device", "--max-runs",
                                                          "objectives", "seeds", "sweep", "fkl_weight", "samples"]),
                              (["distill", "--help"], ["--config", "--out", "--cache-dir", "--objective", "--steps",
                                                       "--on-policy-fraction", "--seed", "--device", "on_policy_fraction",
-                                                      "fkl_weight", "precision"]),
-                             (["bench", "--help"], ["--device", "--quick", "--out"])):
+                                                      "fkl_weight", "precision"])):
         result = subprocess.run([sys.executable, "-m", "hpd_kernels.cli", *command], capture_output=True, text=True,
                                 timeout=120)
         assert result.returncode == 0, result.stderr
         for needle in needles:
             assert needle in result.stdout, (command, needle)
+
+
+def test_hpd_offers_only_commands_that_run_from_an_installed_package(tmp_path):
+    """Every command `hpd` lists runs outside the repository too (where an installed `hpd` runs);
+    the benchmark suite (bench/, not packaged) is not one of them: its entry is `python -m bench`,
+    from a checkout."""
+    from hpd_kernels.cli import build_parser
+
+    commands = next(action.choices for action in build_parser()._actions if action.dest == "command")
+    assert sorted(commands) == ["distill", "experiment"]
+    for command in commands:
+        result = subprocess.run([sys.executable, "-m", "hpd_kernels.cli", command, "--help"], capture_output=True,
+                                text=True, timeout=120, cwd=tmp_path)  # bench/ is not importable from here
+        assert result.returncode == 0, (command, result.stderr)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--help"])
+    assert exit_info.value.code == 2
+    # python -m hpd_kernels forwards the same commands.
+    result = subprocess.run([sys.executable, "-m", "hpd_kernels", "bench"], capture_output=True, text=True,
+                            timeout=120, cwd=tmp_path)
+    assert result.returncode == 2 and "bench" in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_the_benchmark_runs_from_a_checkout_as_python_m_bench():
+    result = subprocess.run([sys.executable, "-m", "bench", "--help"], capture_output=True, text=True, timeout=120,
+                            cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    for needle in ("--device", "--quick", "--out"):
+        assert needle in result.stdout, needle
 
 
 def test_tiny_distill_end_to_end_then_resume_without_retraining(tmp_path, capsys):

@@ -31,10 +31,12 @@ TASK_BASE = {"task": {"train_problems": 20, "eval_problems": 4},
              "student": {"decoder": DECODER, "warmup": {"objective": "sft", "steps": 1, "batch_size": 2}},
              "distill": {"steps": 1, "batch_size": 2}, "eval": {"max_new_tokens": 4}}
 DATA_BASE = {key: value for key, value in TASK_BASE.items() if key != "task"} | {"data": "train.jsonl"}
+# An experiment's base is hpd distill's config less what the experiment sets itself (distill, eval, device).
 EXPERIMENT_BASE = {"objectives": ["sft", "hpd"], "seeds": [0], "distill": {"steps": 1, "batch_size": 2},
                    "sweep": {"fkl_weight": [2.0], "rkl_weight": [1.0], "on_policy_fraction": [0.5]},
                    "primary": {"treatment": "hpd", "control": "seqkd"},
-                   "eval": {"max_new_tokens": 4, "samples": 1}, "base": TASK_BASE}
+                   "eval": {"max_new_tokens": 4, "samples": 1},
+                   "base": {key: value for key, value in TASK_BASE.items() if key not in ("distill", "eval")}}
 NO_GPU = not torch.cuda.is_available()
 
 
@@ -83,8 +85,8 @@ def _bad_values(spec):
                ([] if spec.empty else [("empty", [])])
     if isinstance(spec, schema.Section):
         return [("number", 3), ("list", []), ("unknown key", {"bogus_key": 1})]
-    if isinstance(spec, schema.Anything):
-        return []
+    if isinstance(spec, (schema.Anything, schema.Refused)):
+        return []  # Anything: checked later; Refused: every value, tested by name below
     raise AssertionError(f"no bad values for {spec!r}")
 
 
@@ -217,8 +219,9 @@ def test_bad_flags_name_the_flag(workdir, capsys, argv, key):
     (_set(DATA_BASE, ("eval_fraction",), 1.5), "eval_fraction must be a number in (0, 1)"),
     (_set(TASK_BASE, ("distill", "lr"), -1), "cfg.json: distill.lr must be a finite number > 0, got -1"),
     (_set(TASK_BASE, ("distill", "seed"), 2**70), "distill.seed must be an integer in [0, 2**63)"),
-    (_set(TASK_BASE, ("distill", "steps"), 2.5), "distill.steps must be an integer >= 1, got 2.5"),
-    (_set(TASK_BASE, ("eval", "max_new_tokens"), "x"), 'eval.max_new_tokens must be an integer >= 1, got "x"'),
+    (_set(TASK_BASE, ("distill", "steps"), 2.5), "distill.steps must be an integer in [1, 10**7), got 2.5"),
+    (_set(TASK_BASE, ("eval", "max_new_tokens"), "x"),
+     'eval.max_new_tokens must be an integer in [1, 2**20), got "x"'),
     ({**DATA_BASE, "task": {"seed": 1}}, "give either 'task' (the built-in task) or 'data', not both"),
 ])
 def test_rules_between_keys_and_the_issue_examples(workdir, capsys, config, needle):
@@ -328,7 +331,8 @@ def test_train_config_checks_through_the_schema():
         TrainConfig(lr=-1)
     with pytest.raises(ConfigError, match=r"TrainConfig: unknown training option 'stepz'"):
         TrainConfig.from_dict({"stepz": 1})
-    with pytest.raises(ConfigError, match=r"my\.json: distill\.steps must be an integer >= 1, got true"):
+    with pytest.raises(ConfigError,
+                       match=r"my\.json: distill\.steps must be an integer in \[1, 10\*\*7\), got true"):
         TrainConfig.from_dict({"steps": True}, "my.json", "distill")
 
 
@@ -344,3 +348,89 @@ def test_flags_argparse_refuses_are_one_line_too(workdir, capsys, argv, needle):
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and "\n" not in err and needle in err, err
     assert _tree(str(workdir)) == before
+
+
+# ---------------------------------------------------------------- issue 20, items 7 and 8
+
+
+@pytest.mark.parametrize("key,value,where", [
+    ("distill", {"lr": -1}, "'distill'"),   # the issue's example: it used to start a run
+    ("distill", {"steps": 5}, "'distill'"),  # a valid value is refused too: it would not be used
+    ("eval", {"max_new_tokens": 4}, "'eval'"),
+    ("device", "cpu", "'device'"),
+])
+def test_an_experiment_refuses_the_base_keys_it_sets_itself(workdir, capsys, key, value, where):
+    """`base.distill`, `base.eval` and `base.device` are `hpd distill`'s keys that an experiment sets
+    itself (its own `distill`, `eval` and `device`): given in `base`, they were silently dropped."""
+    err = _run_config("experiment", _set(EXPERIMENT_BASE, ("base", key), value), workdir, capsys)
+    assert f"cfg.json: base.{key} is not used: an experiment" in err and f"its own {where}" in err, err
+
+
+def _integer_specs():
+    """Every integer spec of the schema, with its key: the config sections and the flags."""
+    for name, spec in (("distill", schema.DISTILL), ("experiment", schema.EXPERIMENT)):
+        for path, child in _keys(spec):
+            child = child.spec if isinstance(child, schema.Optional) else child
+            if isinstance(child, schema.ListOf):
+                child = child.item
+            if isinstance(child, schema.Int):
+                yield f"{name}: {'.'.join(path)}", child
+    for flag, spec in schema.FLAGS.items():
+        yield flag, spec
+
+
+def test_every_integer_key_has_an_upper_bound():
+    specs = dict(_integer_specs())
+    assert len(specs) > 30, sorted(specs)
+    unbounded = sorted(key for key, spec in specs.items() if spec.high is None)
+    assert not unbounded, unbounded
+    assert schema.TRAIN.fields["steps"].high == 10**7 and schema.TRAIN.fields["seed"].high == 2**63
+
+
+HUGE = 10**30  # an integer in JSON and on the command line, not a float
+
+
+@pytest.mark.parametrize("kind,path,needle", [
+    ("distill", ("distill", "steps"), "distill.steps must be an integer in [1, 10**7), got " + str(HUGE)),
+    ("distill", ("teacher", "train", "batch_size"), "teacher.train.batch_size must be an integer in [1, 65536)"),
+    ("distill", ("student", "warmup", "grad_accum"), "student.warmup.grad_accum must be an integer in [1, 65536)"),
+    ("distill", ("distill", "eval_every"), "distill.eval_every must be an integer in [0, 10**7)"),
+    ("distill", ("distill", "max_new_tokens"), "distill.max_new_tokens must be an integer in [0, 2**20)"),
+    ("distill", ("student", "decoder", "num_layers"), "student.decoder.num_layers must be an integer in [1, 1024)"),
+    ("distill", ("teacher", "decoder", "max_positions"), "teacher.decoder.max_positions must be an integer in"),
+    ("distill", ("task", "train_problems"), "task.train_problems must be an integer in [1, 10**7)"),
+    ("distill", ("eval", "limit"), "eval.limit must be an integer in [1, 10**7)"),
+    ("distill", ("task", "seed"), "task.seed must be an integer in [0, 2**63)"),
+    ("experiment", ("tuning", "validation_problems"), "tuning.validation_problems must be an integer in [1, 10**7)"),
+    ("experiment", ("tuning", "extend"), "tuning.extend must be an integer in [0, 16)"),
+    ("experiment", ("eval", "samples"), "eval.samples must be an integer in [1, 1024)"),
+    ("experiment", ("distill", "steps"), "distill.steps must be an integer in [1, 10**7)"),
+])
+def test_a_huge_integer_is_refused_naming_the_key_and_its_bound(workdir, capsys, kind, path, needle):
+    base = TASK_BASE if kind == "distill" else EXPERIMENT_BASE
+    err = _run_config(kind, _set(base, path, HUGE), workdir, capsys)
+    assert f"cfg.json: {needle}" in err, err
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["distill", "--steps", str(HUGE)], "the command line: --steps must be an integer in [1, 10**7), got " + str(HUGE)),
+    (["distill", "--steps", str(10**7)], "the command line: --steps must be an integer in [1, 10**7)"),
+    (["experiment", "--workers", str(HUGE)], "the command line: --workers must be an integer in [1, 1024)"),
+    (["experiment", "--max-runs", str(HUGE)], "the command line: --max-runs must be an integer in [1, 10**6)"),
+])
+def test_a_huge_integer_flag_is_refused_naming_the_flag_and_its_bound(workdir, capsys, argv, needle):
+    err = _refused(argv, capsys, workdir)
+    assert needle in err, err
+
+
+def test_steps_1e30_on_the_command_line_is_one_line_and_exit_2(workdir, capsys):
+    before = _tree(str(workdir))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["distill", "--steps", "1e30", "--out", str(workdir / "out")])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and "\n" not in err and "argument --steps: invalid int value: '1e30'" in err
+    assert _tree(str(workdir)) == before
+
+
+def test_the_largest_step_count_is_accepted():
+    assert TrainConfig(steps=10**7 - 1, warmup_steps=10**7 - 1, eval_every=10**7 - 1).steps == 10**7 - 1

@@ -1,7 +1,8 @@
 """Runs survive kills, damaged checkpoints, changed data, full disks and a second run on one --out.
 
 - metrics after a kill before the first checkpoint (or mid-write) are exactly an uninterrupted run's;
-- a checkpoint file whose bytes differ from the sha256 recorded when it was published is refused;
+- a checkpoint file whose bytes differ from the sha256 recorded when it was published is refused, and
+  so are metrics that end before the checkpoint's step (a half-written last line resumes as a kill);
 - data changed under the same path is refused, not continued as the same run;
 - a write that fails with ENOSPC is a one-line error;
 - one process at a time per output directory (flock): the second is refused with the holder named,
@@ -180,6 +181,75 @@ def test_hpd_distill_refuses_changed_data_and_a_damaged_checkpoint_in_one_line(t
     err = capsys.readouterr().err
     assert f"{model} does not match the sha256 checksum recorded when it was written" in err
     assert err.count("\n") == 1, err
+
+
+# ---------------------------------------------------------------- metrics cut short (issue 20, item 9)
+
+
+@pytest.mark.parametrize("cut", ["to_its_first_line", "emptied", "deleted", "a_step_removed"])
+def test_metrics_that_end_before_the_checkpoint_are_refused_naming_the_file(tmp_path, cut):
+    """A resume continues from the checkpoint's step: metrics that end before it would leave those
+    steps out of the run's record for good (the run used to finish, exit 0, without a word)."""
+    run_dir = str(tmp_path / "run")
+    config = TrainConfig(objective="sft", steps=4, batch_size=4, save_every=2, seed=1)
+    train(config, _model(8, 0), None, _examples(), run_dir=run_dir, progress=False, log=None, stop_after=3)
+    path = os.path.join(run_dir, "metrics.jsonl")
+    lines = open(path).read().splitlines(keepends=True)
+    assert len(lines) == 3 and json.load(open(os.path.join(run_dir, "latest.json")))["step"] == 2
+    if cut == "deleted":
+        os.remove(path)
+    else:
+        kept = {"to_its_first_line": lines[:1], "emptied": [], "a_step_removed": [lines[0], lines[2]]}[cut]
+        open(path, "w").write("".join(kept))
+    before = _snapshot(run_dir)
+    with pytest.raises(CheckpointError) as caught:
+        train(config, _model(8, 0), None, _examples(), run_dir=run_dir, progress=False, log=None)
+    message = str(caught.value)
+    assert message.startswith(f"{path} ") and "\n" not in message, message
+    assert "the checkpoint at step 2" in message and "nothing there was changed" in message, message
+    assert _snapshot(run_dir) == before
+
+
+def test_a_damaged_line_in_the_metrics_is_refused_naming_the_file_and_line(tmp_path):
+    run_dir = str(tmp_path / "run")
+    config = TrainConfig(objective="sft", steps=4, batch_size=4, save_every=2, seed=1)
+    train(config, _model(8, 0), None, _examples(), run_dir=run_dir, progress=False, log=None, stop_after=3)
+    path = os.path.join(run_dir, "metrics.jsonl")
+    lines = open(path).read().splitlines(keepends=True)
+    open(path, "w").write(lines[0] + '{"step": 2, "lo\n' + lines[2])
+    with pytest.raises(ValueError, match=rf"^{path} line 2: not valid JSON \(.*\): the file was damaged or edited$"):
+        train(config, _model(8, 0), None, _examples(), run_dir=run_dir, progress=False, log=None)
+
+
+def test_a_half_written_line_after_the_checkpoint_still_resumes(tmp_path):
+    """A kill mid-write leaves an unterminated last line after the checkpoint's step: that is an
+    interruption, not lost metrics, and resuming replays it as before."""
+    config = TrainConfig(objective="sft", steps=4, batch_size=4, save_every=2, seed=1)
+    whole = train(config, _model(8, 0), None, _examples(), run_dir=str(tmp_path / "whole"), progress=False, log=None)
+    run_dir = str(tmp_path / "run")
+    train(config, _model(8, 0), None, _examples(), run_dir=run_dir, progress=False, log=None, stop_after=3)
+    with open(os.path.join(run_dir, "metrics.jsonl"), "a") as handle:
+        handle.write('{"step": 4, "loss": 0.')
+    resumed = train(config, _model(8, 0), None, _examples(), run_dir=run_dir, progress=False, log=None)
+    assert [record["step"] for record in _metrics(run_dir)] == [1, 2, 3, 4]
+    assert _without_timing(resumed) == _without_timing(whole)
+
+
+def test_hpd_distill_refuses_metrics_cut_short_in_one_line(tmp_path, capsys):
+    argv = ["distill", "--config", _user_data_config(tmp_path, {"objective": "fkl", "steps": 4, "batch_size": 4,
+                                                                 "save_every": 2}),
+            "--out", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "cache")]
+    assert main(argv) == 0
+    capsys.readouterr()
+    metrics = tmp_path / "run" / "distill" / "metrics.jsonl"
+    metrics.write_text(metrics.read_text().splitlines(keepends=True)[0])
+    before = _snapshot(tmp_path / "run")
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"hpd distill: error: {metrics} ") and err.count("\n") == 1, err
+    assert "holds the metrics of 1 of the 4 steps up to the checkpoint at step 4 (they end at step 1:" in err, err
+    assert "resuming would leave 3 steps out of the run's metrics" in err, err
+    assert _snapshot(tmp_path / "run") == before
 
 
 # ---------------------------------------------------------------- full disks

@@ -36,7 +36,7 @@ def _distill(tmp_path, capsys, teacher, student, cache_dir=None, **extra):
 @pytest.mark.parametrize("student, message", [
     ({"gguf": "missing.gguf"}, "student.gguf: GGUF file missing.gguf does not exist"),
     ({"gguf": ""}, "student.gguf must be the path of a .gguf file, or a packaged model's name (smollm2)"),
-    ({"gguf": "smollm2", "num_layers": 0}, "student.num_layers must be an integer >= 1, got 0"),
+    ({"gguf": "smollm2", "num_layers": 0}, "student.num_layers must be an integer in [1, 1024), got 0"),
     ({"decoder": {"hidden_size": 8, "num_layers": 1, "num_heads": 2}, "num_layers": 1},
      "student.num_layers truncates an 'hf' or 'gguf' model"),
     ({"gguf": "smollm2", "hf": "x"}, "student needs exactly one of 'hf'"),

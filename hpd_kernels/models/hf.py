@@ -7,16 +7,43 @@ are exactly `lm_head(hidden)` (Llama, Qwen2, Mistral, ...): it runs the base mod
 fused-linear losses see hidden states and the `[tokens, vocab]` logits are never built.
 Models that transform the logits after the lm_head (soft-capping, logit scaling) are refused,
 since a loss on `lm_head(hidden)` would not be their loss.
+
+Weights are read from safetensors files only, never from pickles (`pytorch_model.bin`, written by
+`torch.save`): unpickling a file runs whatever code it names, and a model folder or hub repository
+is not code one has read. A local folder whose weights are pickles only is refused with the file
+named (`check_no_pickles`); a hub id is fetched with `use_safetensors=True`.
 """
 
 from __future__ import annotations
 
 import inspect
+import os
 
 import torch
 from torch import nn
 
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale", "logits_scaling")
+# The weight files transformers looks for in safetensors, and the endings of files that torch.save
+# (pickle) writes: PyTorch's pytorch_model.bin and its shards, and the other usual names.
+SAFETENSORS_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+PICKLE_ENDINGS = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+def check_no_pickles(path):
+    """Refuse (`ValueError`, one line naming the file) a local model folder `path` whose weights are
+    pickles only. A hub id (no such folder) passes: its download is restricted to safetensors."""
+    if not os.path.isdir(path):
+        return
+    names = os.listdir(path)
+    if any(name in SAFETENSORS_WEIGHTS for name in names):
+        return
+    pickles = sorted((name for name in names if name.endswith(PICKLE_ENDINGS)),
+                     key=lambda name: (name != "pytorch_model.bin", name))
+    if pickles:
+        raise ValueError(f"{os.path.join(path, pickles[0])} holds pickled weights (torch.save), and unpickling a file "
+                         f"runs whatever code it names: models are loaded from safetensors only, and {path} has no "
+                         f"model.safetensors; convert it once where the file is trusted: "
+                         f"AutoModelForCausalLM.from_pretrained(folder).save_pretrained(folder) writes one")
 
 
 class HFCache:
@@ -50,7 +77,12 @@ class HFCausalLM(nn.Module):
         """The model in `path` (a folder or hub id); `num_layers` keeps its first N decoder layers
         only (the embeddings, final norm and lm_head, tied or not as the model has them, are kept):
         a smaller student that shares the teacher's tokenizer. The other layers' weights are not
-        loaded."""
+        loaded. Weights come from safetensors files only (see the module's docstring)."""
+        if kwargs.get("use_safetensors", True) is not True:
+            raise ValueError(f"use_safetensors={kwargs['use_safetensors']!r}: models are loaded from safetensors "
+                             f"only (unpickling a file runs whatever code it names)")
+        check_no_pickles(path)
+        kwargs["use_safetensors"] = True
         try:
             from transformers import AutoConfig, AutoModelForCausalLM
         except ImportError as error:

@@ -83,7 +83,9 @@ DEFAULT_EXPERIMENT = {
     "eval": {"max_new_tokens": 48, "temperature": 1.0, "top_p": 0.7, "seed": 0, "samples": 4},
     # Pre-registered: the metric and the paired comparison that the experiment reports first.
     "primary": {"metric": "top_p_accuracy", "treatment": "hpd", "control": "fkl"},
-    "base": {},          # over EXPERIMENT_BASE, over `hpd distill`'s default config
+    # Over EXPERIMENT_BASE, over `hpd distill`'s default config; its distill, eval and device are the
+    # experiment's own keys above (schema.BASE_SET_BY_THE_EXPERIMENT refuses them in base).
+    "base": {},
 }
 
 EXPERIMENT_KEYS = schema.EXPERIMENT.fields  # every key, its type and range: see schema.py
@@ -207,7 +209,7 @@ def _merged_base(experiment, base_dir, source):
     base = merge_config(merge_config(DEFAULT_CONFIG, EXPERIMENT_BASE, ASSETS, "the default experiment",
                                      prefix="base."), experiment["base"], base_dir, source, prefix="base.")
     base["eval"] = {key: value for key, value in experiment["eval"].items() if key != "samples"}
-    base["distill"] = {}
+    base["distill"] = {}  # every run's options: the experiment's `distill`, merged per run by `_options`
     validate_config(base, source, "base")
     return base
 

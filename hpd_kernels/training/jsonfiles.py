@@ -64,7 +64,8 @@ def write_text_atomic(path, text):
 
 def read_metrics(path):
     """The records of a `metrics.jsonl`: one dict per optimiser step, in order. A last line cut
-    short by a kill mid-write (no newline, not valid JSON) is not a record."""
+    short by a kill mid-write (no newline, not valid JSON) is not a record; any other line that is
+    not JSON is a `ValueError` naming the file and line."""
     with open(path) as handle:
         lines = handle.read().split("\n")
     records = []
@@ -73,10 +74,11 @@ def read_metrics(path):
             continue
         try:
             records.append(json.loads(line))
-        except json.JSONDecodeError:
+        except json.JSONDecodeError as error:
             if number == len(lines) - 1:  # the unterminated tail of an interrupted write
                 break
-            raise
+            raise ValueError(f"{path} line {number + 1}: not valid JSON ({error.msg}): the file was damaged or "
+                             f"edited") from None
     return records
 
 

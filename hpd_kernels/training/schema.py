@@ -60,24 +60,58 @@ class Anything(Spec):
         pass
 
 
-class Int(Spec):
-    """An integer (not a bool) in [low, high)."""
+class Refused(Spec):
+    """A key that this section does not use, whatever its value: `reason` says where it belongs
+    (a key that is neither used nor refused would be silently dropped)."""
 
-    def __init__(self, low=None, high=None):
-        self.low, self.high = low, high
-        if high is not None:
-            self.expected = f"an integer in [{low}, {'2**63' if high == SEED_LIMIT else high})"
-        else:
-            self.expected = "an integer" + (f" >= {low}" if low is not None else "")
+    expected = "absent"
+
+    def __init__(self, reason):
+        self.reason = reason
 
     def check(self, value, source, key):
-        if isinstance(value, bool) or not isinstance(value, int):
-            fail(source, key, self.expected, value)
-        if (self.low is not None and value < self.low) or (self.high is not None and value >= self.high):
+        raise ConfigError(f"{source}: {key} is not used: {self.reason}")
+
+
+def _bound(value):
+    """A bound as a reader counts it: 10**7, 2**63, 65536."""
+    for base in (10, 2):
+        exponent = round(math.log(value, base)) if value > 1 else 0
+        if value >= 10**6 and base**exponent == value:
+            return f"{base}**{exponent}"
+    return str(value)
+
+
+class Int(Spec):
+    """An integer (not a bool) in [low, high). Both ends are required: an integer without an upper
+    bound lets a typo (10**30 steps) start a run that never ends, or overflow far from its key."""
+
+    def __init__(self, low, high):
+        self.low, self.high = low, high
+        self.expected = f"an integer in [{low}, {_bound(high)})"
+
+    def check(self, value, source, key):
+        if isinstance(value, bool) or not isinstance(value, int) or not self.low <= value < self.high:
             fail(source, key, self.expected, value)
 
 
+# The (exclusive) upper bounds of the integer keys: far above any run of this trainer, so that a run
+# can reach each of them given the time and memory, yet a value with digits to spare is refused
+# before anything starts.
 SEED = Int(0, SEED_LIMIT)
+MAX_STEPS = 10**7      # optimiser steps; warmup_steps, eval_every and save_every count steps too
+MAX_BATCH = 2**16      # sequences per micro-batch; micro-batches per optimiser step
+MAX_TOKENS = 2**20     # tokens of one sequence: a decoder's max_positions, max_new_tokens
+MAX_VOCAB = 2**24      # a built-in decoder's vocabulary (the largest public ones are ~2**18)
+MAX_WIDTH = 2**16      # a built-in decoder's hidden_size
+MAX_LAYERS = 2**10     # decoder layers (a Hugging Face model's too, when truncated); attention heads
+MAX_PROBLEMS = 10**7   # problems made or scored: the task's, eval.limit, tuning.validation_problems
+MAX_TERMS = 2**10      # terms of one addition problem
+MAX_VALUE = 10**9      # the largest term of an addition problem
+MAX_SAMPLES = 2**10    # sampled generations scored per problem (an experiment's eval.samples)
+MAX_EXTEND = 16        # rates an arm's tuning grid may grow by (each is one more tuning run)
+MAX_RUNS = 10**6       # --max-runs
+MAX_WORKERS = 2**10    # --workers: processes at once
 
 
 class Number(Spec):
@@ -166,16 +200,23 @@ HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 
 class HFModel(Spec):
-    """A local directory holding a Hugging Face model, or a hub id (`name` or `owner/name`)."""
+    """A local directory holding a Hugging Face model (its weights in safetensors, never pickles
+    only), or a hub id (`name` or `owner/name`)."""
 
     expected = "a directory holding a Hugging Face model, or a hub id such as Qwen/Qwen2.5-0.5B"
 
     def check(self, value, source, key):
+        from ..models.hf import check_no_pickles
+
         if not isinstance(value, str) or not value:
             fail(source, key, self.expected, value)
         if os.path.exists(value):
             if not os.path.isdir(value):
                 fail(source, key, self.expected, value, "a file, not a directory")
+            try:
+                check_no_pickles(value)
+            except ValueError as error:
+                raise ConfigError(f"{source}: {key}: {error}") from None
         elif os.path.isabs(value) or value.startswith(".") or not HUB_ID.fullmatch(value):
             fail(source, key, self.expected, value, "no such directory")
 
@@ -248,30 +289,33 @@ NON_NEGATIVE = Number(0)
 # `TrainConfig`'s fields (training/trainer.py holds their defaults and meaning).
 TRAIN = Section({
     "objective": Choice(*TRAINING_OBJECTIVES),
-    "steps": Int(1), "batch_size": Int(1), "grad_accum": Int(1),
-    "lr": POSITIVE, "min_lr_ratio": FRACTION, "warmup_steps": Int(0), "weight_decay": NON_NEGATIVE,
+    "steps": Int(1, MAX_STEPS), "batch_size": Int(1, MAX_BATCH), "grad_accum": Int(1, MAX_BATCH),
+    "lr": POSITIVE, "min_lr_ratio": FRACTION, "warmup_steps": Int(0, MAX_STEPS), "weight_decay": NON_NEGATIVE,
     "max_grad_norm": NON_NEGATIVE, "temperature": POSITIVE,
     "fkl_weight": NON_NEGATIVE, "rkl_weight": NON_NEGATIVE, "beta": FRACTION, "alpha": FRACTION,
     "ce_weight": NON_NEGATIVE, "on_policy_fraction": FRACTION,
     "rollout_temperature": POSITIVE, "rollout_top_p": Number(0, 1, low_open=True),
-    "max_new_tokens": Int(0), "precision": Choice("auto", "fp32", "bf16"),
-    "eval_every": Int(0), "save_every": Int(0), "strategy": Choice("ddp", "fsdp"),
+    "max_new_tokens": Int(0, MAX_TOKENS), "precision": Choice("auto", "fp32", "bf16"),
+    "eval_every": Int(0, MAX_STEPS), "save_every": Int(0, MAX_STEPS), "strategy": Choice("ddp", "fsdp"),
     "seed": SEED, "backend": Choice(*BACKENDS),
 }, options="training option")
 
 # `DecoderConfig`'s fields (models/decoder.py); hidden_size splitting into heads is checked there.
 DECODER = Section({
-    "vocab_size": Int(1), "hidden_size": Int(1), "num_layers": Int(1), "num_heads": Int(1),
-    "mlp_ratio": POSITIVE, "max_positions": Int(1), "rope_base": POSITIVE, "tie_embeddings": Bool(),
+    "vocab_size": Int(1, MAX_VOCAB), "hidden_size": Int(1, MAX_WIDTH), "num_layers": Int(1, MAX_LAYERS),
+    "num_heads": Int(1, MAX_LAYERS), "mlp_ratio": POSITIVE, "max_positions": Int(1, MAX_TOKENS),
+    "rope_base": POSITIVE, "tie_embeddings": Bool(),
 })
 
 TASK = Section({
-    "name": Choice("addition"), "train_problems": Int(1), "eval_problems": Int(1), "min_terms": Int(1),
-    "max_terms": Int(1), "max_value": Int(1), "seed": SEED, "orders": Choice("two", "any"),
+    "name": Choice("addition"), "train_problems": Int(1, MAX_PROBLEMS), "eval_problems": Int(1, MAX_PROBLEMS),
+    "min_terms": Int(1, MAX_TERMS), "max_terms": Int(1, MAX_TERMS), "max_value": Int(1, MAX_VALUE), "seed": SEED,
+    "orders": Choice("two", "any"),
 })
 
 # top_p: also score sampling from the nucleus of mass top_p at `temperature` ("top_p_accuracy").
-EVAL_FIELDS = {"max_new_tokens": Int(1), "temperature": POSITIVE, "seed": SEED, "limit": Optional(Int(1)),
+EVAL_FIELDS = {"max_new_tokens": Int(1, MAX_TOKENS), "temperature": POSITIVE, "seed": SEED,
+               "limit": Optional(Int(1, MAX_PROBLEMS)),
                "top_p": Optional(Number(0, 1, low_open=True))}
 EVAL = Section(EVAL_FIELDS)
 # What `evaluation.evaluate_model` scores a model's generations by (top-p: with `eval.top_p`).
@@ -281,7 +325,7 @@ DEVICE = Device()
 
 def _model(extra):
     # num_layers: a Hugging Face (hf or gguf) model truncated to its first N decoder layers.
-    return Section({"hf": HFModel(), "gguf": GGUFModel(), "num_layers": Int(1), "decoder": DECODER,
+    return Section({"hf": HFModel(), "gguf": GGUFModel(), "num_layers": Int(1, MAX_LAYERS), "decoder": DECODER,
                     "checkpoint": File("checkpoint file"), extra: TRAIN})
 
 
@@ -292,28 +336,39 @@ DISTILL = Section({
     "teacher": _model("train"), "student": _model("warmup"), "distill": TRAIN, "eval": EVAL,
 })
 
+# `hpd distill`'s keys that an experiment sets itself, for every run alike: in its `base`, they are
+# refused (they would not be used).
+BASE_SET_BY_THE_EXPERIMENT = {
+    "distill": Refused("an experiment's runs take their options from its own 'distill' (shared by every run; "
+                       "objective and seed are set per run, lr by the tuning): give them there"),
+    "eval": Refused("an experiment scores every model by its own 'eval': give the options there"),
+    "device": Refused("an experiment runs on its own 'device' (or --device): give it there"),
+}
+
 # `hpd experiment --config`; its `base` is checked as `DISTILL` once merged.
 EXPERIMENT = Section({
     "data": Choice("teacher", "gold"), "oracle": Bool(),
     "objectives": ListOf(Choice(*TRAINING_OBJECTIVES), "objective"), "seeds": ListOf(SEED, "seed"),
     "distill": Section({name: spec for name, spec in TRAIN.fields.items() if name not in ("objective", "seed")},
                        options="training option"),
-    "tuning": Section({"lr": ListOf(POSITIVE, "learning rate"), "seed": SEED, "validation_problems": Int(1),
-                       "extend": Int(0)}),
+    "tuning": Section({"lr": ListOf(POSITIVE, "learning rate"), "seed": SEED,
+                       "validation_problems": Int(1, MAX_PROBLEMS), "extend": Int(0, MAX_EXTEND)}),
     "sweep": Section({"fkl_weight": ListOf(NON_NEGATIVE, "weight", empty=True),  # []: no sweep
                       "rkl_weight": ListOf(NON_NEGATIVE, "weight", empty=True),
                       "on_policy_fraction": ListOf(FRACTION, "fraction", empty=True)}),
     "teacher_data": Section({"seed": SEED, "temperature": POSITIVE}),
-    "eval": Section({**EVAL_FIELDS, "samples": Int(1)}),
+    "eval": Section({**EVAL_FIELDS, "samples": Int(1, MAX_SAMPLES)}),
     "primary": Section({"metric": Choice(*ACCURACIES),
                         "treatment": Anything(), "control": Anything()}),  # arms: checked once planned
-    "base": Section({name: Anything() for name in DISTILL.fields}),  # its values: checked once merged
+    # Its values: checked once merged. The keys an experiment sets itself are refused by name.
+    "base": Section({**{name: Anything() for name in DISTILL.fields}, **BASE_SET_BY_THE_EXPERIMENT}),
     "device": DEVICE,
 })
 
 # The command line's flags besides paths (`--out`, `--cache-dir`: `check_writable_dir`) and the
 # `distill` options (`--steps`, `--seed`, ...: checked as `TRAIN`'s fields, named by their flag).
-FLAGS = {"--max-runs": Int(1), "--workers": Int(1)}  # --device: DEVICE, by load_config and load_experiment
+# --device: DEVICE, by load_config and load_experiment.
+FLAGS = {"--max-runs": Int(1, MAX_RUNS), "--workers": Int(1, MAX_WORKERS)}
 COMMAND_LINE = "the command line"
 
 

@@ -272,6 +272,8 @@ def train(config: TrainConfig, student, teacher, examples, *, pad_id=0, eos_id=N
             else:
                 load_checkpoint(checkpoint, student, optimizer)
             start_step = state["step"]
+            # Every rank checks (each reads the same file), so that none waits for a refused rank 0.
+            _check_metrics_reach(metrics_path, start_step)
             if log and main:
                 log(f"resumed {run_dir} at step {start_step}/{config.steps}")
         # The metrics are exactly those of the steps up to the checkpoint: the steps after it (or
@@ -351,6 +353,9 @@ def train(config: TrainConfig, student, teacher, examples, *, pad_id=0, eos_id=N
                     metrics_file.write(json.dumps(record) + "\n")
                     metrics_file.flush()
             if run_dir and (last or (config.save_every and (step + 1) % config.save_every == 0)):
+                if metrics_file:  # on disk before the checkpoint they must cover (see _check_metrics_reach)
+                    with writing(metrics_path):
+                        os.fsync(metrics_file.fileno())
                 trainer_state = {"config": config.to_dict(), "examples_sha256": data_sha256}
                 if strategy == "fsdp":
                     from .fsdp import save_sharded
@@ -369,6 +374,28 @@ def train(config: TrainConfig, student, teacher, examples, *, pad_id=0, eos_id=N
             except OSError:
                 pass  # a failed flush of a full disk: the error already on its way says so
     return history
+
+
+def _check_metrics_reach(path, step):
+    """Refuse to resume from a checkpoint at `step` when the metrics at `path` lack some step up to
+    it: resuming continues after `step`, so the missing steps would be missing from the run's record
+    for good. A record is written (and, before a checkpoint, synced) before the checkpoint that
+    covers it, so only a file cut short or edited lacks one; a half-written last line comes after
+    the checkpoint's step and is dropped by `read_metrics` as before."""
+    if not os.path.isfile(path):
+        found = f"does not exist, but the checkpoint at step {step} needs the metrics of its {step} steps"
+        missing = step
+    else:
+        present = {record.get("step") for record in read_metrics(path) if isinstance(record, dict)}
+        missing = sum(number not in present for number in range(1, step + 1))
+        if not missing:
+            return
+        last = max((number for number in present if isinstance(number, int) and number <= step), default=0)
+        found = (f"holds the metrics of {step - missing} of the {step} steps up to the checkpoint at step {step} "
+                 f"({f'they end at step {last}' if last < step else 'some in between are gone'}: the file was cut "
+                 f"short or edited)")
+    raise CheckpointError(f"{path} {found}; resuming would leave {missing} steps out of the run's metrics: restore "
+                          f"the file, or start over in another output directory (nothing there was changed)")
 
 
 def examples_sha256(examples):
