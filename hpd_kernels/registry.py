@@ -39,8 +39,9 @@ TRAINING_OBJECTIVES = (SFT,) + tuple(SHORT_NAMES)
 # `STAT_TOP_S` is a column (exact as a float below 2^24) or -1 for none: the backward writes that
 # column as minus the sum of the others (a softmax gradient sums to 0), which avoids the
 # cancellation of `w - q W` where q is near 1. The divergences take the student's first argmax
-# (the torch backend only where q there exceeds 1/2, the one place it can cancel); HPD, whose
-# weights sit on y and y_hat only, whichever of the two has q > 1/2.
+# where q there exceeds 1/2, the one place it can cancel (elsewhere minus the others' sum would put
+# the rounding of ~V terms into a small q); HPD, whose weights sit on y and y_hat only, whichever
+# of the two has q > 1/2. Both backends follow the same rule.
 STAT_MAX_S, STAT_LOG_SUM_S, STAT_TOP_S = 0, 1, 2
 STAT_MAX_T, STAT_LOG_SUM_T, STAT_ROW_WEIGHT = 3, 4, 5   # divergences
 STAT_W_LABEL, STAT_W_SAMPLE = 3, 4                        # HPD: w_y, w_hat

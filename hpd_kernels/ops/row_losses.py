@@ -17,7 +17,7 @@ the vocabulary. In the unified view it is `ce_weight` more weight on `y` (and on
 
 A row where either side has no distribution (all logits `-inf`: `log_sum = -inf` in the stats; HPD
 marks a teacher's so) contributes 0 with its hard-label part, and gets no gradient.
-A row whose stats name no top column (`STAT_TOP_S = -1`: the torch backend where q(top) <= 1/2)
+A row whose stats name no top column (`STAT_TOP_S = -1`: every backend where q(top) <= 1/2)
 gets only the `+c` at `y`: its top column kept the kernel's `w - q (W + ce_weight)`.
 """
 

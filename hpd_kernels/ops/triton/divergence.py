@@ -188,7 +188,11 @@ if HAS_TRITON:
         stats = stats_ptr + rows * _STATS
         tl.store(stats + _MAX_S, max_s, mask=active)
         tl.store(stats + _LOG_SUM_S, log_sum_s, mask=active)
-        tl.store(stats + _TOP_S, top_s.to(acc_dtype), mask=active)
+        # The top column only where q there exceeds 1/2 (q(top) = 2^-log_sum_s), the one place its
+        # `w - q W` can cancel; elsewhere its own formula is as accurate as every other column's,
+        # while minus the others' sum would carry their absolute rounding error (~V float32 terms)
+        # into a small q. -1 names no column (`registry.STAT_TOP_S`).
+        tl.store(stats + _TOP_S, tl.where(log_sum_s < 1.0, top_s, -1).to(acc_dtype), mask=active)
         tl.store(stats + _MAX_T, max_t, mask=active)
         tl.store(stats + _LOG_SUM_T, log_sum_t, mask=active)
         tl.store(stats + _ROW_WEIGHT, row_sum, mask=active)
@@ -210,7 +214,7 @@ if HAS_TRITON:
         stats = stats_ptr + rows * _STATS
         max_s = tl.load(stats + _MAX_S, mask=scaled, other=0.0).to(acc_dtype)
         log_sum_s = tl.load(stats + _LOG_SUM_S, mask=scaled, other=0.0).to(acc_dtype)
-        top_s = tl.load(stats + _TOP_S, mask=scaled, other=0.0).to(tl.int32)
+        top_s = tl.load(stats + _TOP_S, mask=scaled, other=-1.0).to(tl.int32)
         max_t = tl.load(stats + _MAX_T, mask=scaled, other=0.0).to(acc_dtype)
         log_sum_t = tl.load(stats + _LOG_SUM_T, mask=scaled, other=0.0).to(acc_dtype)
         row_sum = tl.load(stats + _ROW_WEIGHT, mask=scaled, other=0.0).to(acc_dtype)
@@ -233,16 +237,17 @@ if HAS_TRITON:
             grad = _zero_unless(mask, coefficient[:, None] * (weight - tl.exp2(log2_q) * row_sum[:, None]))
             other_columns, store_mask = top_column_step(other_columns, grad, cols, top_s, in_range, student_vocab)
             tl.store(grad_rows + cols[None, :], grad.to(grad_ptr.dtype.element_ty), mask=store_mask)
-        # The top column by the formula, once per row (it was left unwritten, so an in-place
-        # gradient still holds its logit).
-        top_active = active[:, None]
+        # The top column, once per row that names one: the loop left it unwritten, so an in-place
+        # gradient still holds its logit (a row without a distribution writes 0 there).
+        pivoted = in_range & (top_s >= 0)
+        top_active = (active & pivoted)[:, None]
         s = tl.load(student_rows + top_s[:, None], mask=top_active, other=0.0).to(acc_dtype)
         t = tl.load(teacher_rows + top_s[:, None], mask=top_active, other=0.0).to(acc_dtype)
         log2_q = log2_softmax(s, scale, scale_low, max_s[:, None], log_sum_s[:, None])
         _, weight = divergence_terms(log2_q, log2_softmax(t, scale, scale_low, max_t[:, None], log_sum_t[:, None]),
                                      mix_p, mix_q, log2_mix_p, log2_mix_q, DIVERGENCE)
         top_formula = tl.where(top_active, coefficient[:, None] * (weight - tl.exp2(log2_q) * row_sum[:, None]), 0.0)
-        store_top_column(grad_rows, top_s, other_columns, top_formula, in_range)
+        store_top_column(grad_rows, top_s, other_columns, top_formula, pivoted)
 
 
 def kernel_scalars(values, acc_dtype, device):

@@ -128,7 +128,8 @@ if HAS_TRITON:
     @triton.jit
     def store_top_column(grad_rows, top, other_columns, top_formula, in_range):
         """The top column's gradient is minus the sum of the others' (a softmax gradient sums to 0):
-        a difference of small terms, where `w - q W` at q near 1 would cancel large ones. Where that
+        a difference of small terms, where `w - q W` at q near 1 would cancel large ones. Only rows
+        whose stats name a top column (q there > 1/2, `registry.STAT_TOP_S`) pass `in_range`. Where that
         sum is not finite (an infinite divergence) the column keeps `top_formula`, its `w - q W`
         value `[BLOCK_N, 1]`, so non-finite rows read as they always did."""
         top_grad = 0.0 - tl.sum(other_columns, axis=1)[:, None]
