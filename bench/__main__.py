@@ -53,6 +53,13 @@ QUICK = dict(tokens=[128, 256], vocab=4096, student_hidden=64, teacher_hidden=12
              objectives=["hpd", "jsd"], retries=0, quiet_wait_s=0)
 
 
+def _prompt_fraction(text):
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -77,6 +84,9 @@ def parse_args(argv=None):
     parser.add_argument("--quiet-wait", type=float,
                         help=f"CPU: seconds to wait for other processes to quieten before each measurement "
                              f"(default {QUIET_WAIT_S})")
+    parser.add_argument("--prompt-fraction", type=_prompt_fraction, default=workloads.PROMPT_FRACTION,
+                        help="share of rows outside the loss (prompt tokens), in [0, 1) (default 1/8; 0: every "
+                        "row in the loss, where the library has no prompt rows to skip)")
     parser.add_argument("--note", help="a line for the results (e.g. that the machine was shared)")
     parser.add_argument("--quick", action="store_true", help="tiny shapes, one repeat, HPD and JSD, no waiting for "
                         "a quiet CPU: a smoke run")
@@ -101,6 +111,7 @@ def resolve_settings(args) -> dict:
         settings["student_hidden"], settings["teacher_hidden"] = args.hidden
     settings.setdefault("objectives", list(workloads.OBJECTIVES))
     settings["tokens"] = sorted(set(settings["tokens"]))
+    settings["prompt_fraction"] = args.prompt_fraction
     settings["device"] = device
     settings["variants"] = args.variants or list(workloads.VARIANTS)
     settings["compile_objectives"] = args.compile_objectives or list(settings["objectives"])
@@ -139,7 +150,7 @@ def plan(settings):
                     student_hidden=settings["student_hidden"], teacher_hidden=settings["teacher_hidden"],
                     dtype=settings["dtype"], device=settings["device"],
                     warmup=settings["warmup"] + (1 if variant == workloads.COMPILED else 0),
-                    repeats=settings["repeats"]))
+                    repeats=settings["repeats"], prompt_fraction=settings["prompt_fraction"]))
     # Run objective by objective, token count by token count, every variant side by side; torch.compile
     # last of each group: its compile (10-60 s) is what most likely runs past a time limit, and the
     # measurements before it are written by then.

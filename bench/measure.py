@@ -55,6 +55,7 @@ class Job:
     device: str
     warmup: int
     repeats: int
+    prompt_fraction: float
 
 
 def _short_error(error: BaseException) -> str:
@@ -149,7 +150,7 @@ def _setup(job: Job):
     from bench import workloads
 
     shape = workloads.Shape(job.tokens, job.vocab, job.student_hidden, job.teacher_hidden,
-                            getattr(torch, job.dtype), job.device)
+                            getattr(torch, job.dtype), job.device, job.prompt_fraction)
     inputs = workloads.make_inputs(workloads.VARIANTS[job.variant].level, shape)
     return inputs, workloads.build_step(job.variant, job.objective, inputs)
 

