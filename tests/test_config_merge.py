@@ -51,7 +51,7 @@ def test_experiment_device_follows_torchrun(monkeypatch, tmp_path):
 
     monkeypatch.setattr(distributed, "launched_by_torchrun", lambda: True)
     monkeypatch.setattr(distributed, "setup_from_env", lambda: rank_device)
-    monkeypatch.setattr(experiment, "build_model", fake_build_model)
+    monkeypatch.setattr(experiment.context, "build_model", fake_build_model)
     plan = load_experiment()
     plan["base"]["task"]["train_problems"] = 10
     with pytest.raises(Stop):

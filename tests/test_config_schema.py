@@ -18,7 +18,7 @@ import torch
 
 from hpd_kernels.cli import main
 from hpd_kernels.models.decoder import DecoderConfig
-from hpd_kernels.training import experiment as experiment_module
+from hpd_kernels.training.experiment import context as experiment_context
 from hpd_kernels.training import pipeline, schema
 from hpd_kernels.training.config import load_config
 from hpd_kernels.training.data import read_jsonl
@@ -48,7 +48,7 @@ class Trap:
 @pytest.fixture(autouse=True)
 def no_workload(monkeypatch):
     monkeypatch.setattr(pipeline, "Workload", Trap)
-    monkeypatch.setattr(experiment_module, "Workload", Trap)
+    monkeypatch.setattr(experiment_context, "Workload", Trap)
 
 
 def _bad_values(spec):

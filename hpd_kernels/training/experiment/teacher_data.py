@@ -17,9 +17,9 @@ from contextlib import contextmanager
 
 import torch
 
-from ..sampling import generate
-from .jsonfiles import write_json_atomic
-from .locks import lock_directory
+from ...sampling import generate
+from ..jsonfiles import write_json_atomic
+from ..locks import lock_directory
 
 BATCH = 500  # prompts per generation batch: part of what fixes the draws
 

@@ -1,0 +1,37 @@
+"""What every run of one experiment shares in one process: data, teacher and its samples."""
+
+from __future__ import annotations
+
+from ..pipeline import choose_device
+from ..rundir import prepare_teacher
+from ..workload import Workload, build_model
+from .grid import arms, tuned
+from .teacher_data import teacher_data
+
+
+class Context:
+    """What every run of one experiment shares in one process: data, teacher and its samples."""
+
+    def __init__(self, experiment, cache_dir, log=None):
+        base = experiment["base"]
+        self.experiment, self.cache_dir = experiment, cache_dir
+        self.device = choose_device(experiment.get("device", "auto"))
+        validation = experiment["tuning"]["validation_problems"] if tuned(experiment) else 0
+        self.workload = Workload(base, cache_dir, log, validation=validation)
+        self.teacher = build_model(base["teacher"], self.workload.tokenizer, "teacher", self.device,
+                                   cache_dir=cache_dir, log=log)
+        self.teacher_samples, self.teacher_data_info = None, None
+        self.samples = experiment["eval"]["samples"]
+        self.common = self.workload.train_options(log or (lambda *_: None))
+
+    def prepare(self, log):
+        """The teacher (trained and cached if the config says so) and its samples."""
+        self.teacher, _ = prepare_teacher(self.teacher, self.experiment["base"], self.workload, self.cache_dir, log)
+        if any(arm.data == "teacher" for arm in arms(self.experiment)):
+            settings = self.experiment["teacher_data"]
+            self.teacher_samples, self.teacher_data_info = teacher_data(
+                self.teacher, self.workload, self.cache_dir, seed=settings["seed"],
+                temperature=settings["temperature"], max_new_tokens=self.experiment["eval"]["max_new_tokens"], log=log)
+
+    def examples(self, data):
+        return self.teacher_samples if data == "teacher" else self.workload.examples
