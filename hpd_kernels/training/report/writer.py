@@ -1,0 +1,51 @@
+"""`write_report`: the report of an experiment, rebuilt from the finished runs on disk."""
+
+from __future__ import annotations
+
+import os
+
+from ..jsonfiles import write_json_atomic, write_text_atomic
+from .analysis import analysis
+from .plots import plot_experiment
+from .summaries import read_json, read_summary
+from .tables import analysis_markdown, group_statistics, results_markdown
+
+
+def write_report(experiment, runs, out_dir, selection=None):
+    """Table (mean ± std over seeds), comparisons, raw JSON and plots from the summaries of the
+    finished runs among `runs` (the experiment's tuning and main runs, in their order); `selection`
+    is the learning-rate tuning's outcome."""
+    metric = experiment["primary"]["metric"]
+    teacher = read_json(os.path.join(out_dir, "teacher_evaluation.json"), {})
+    warm = {}
+    for seed in sorted({run.seed for run in runs}):
+        evaluation = read_json(os.path.join(out_dir, f"warmup-seed{seed}", "evaluation.json"), None)
+        if evaluation is not None:
+            warm[seed] = evaluation
+    summaries, tuning, groups = [], [], {}
+    for run in runs:
+        start = warm.get(run.seed, {}).get("validation" if run.tuning else "test", {}).get(metric)
+        summary = read_summary(out_dir, run.name, metric, start)
+        if summary is None:
+            continue
+        if run.tuning:
+            tuning.append(summary)
+        else:
+            summaries.append(summary)
+            groups.setdefault(run.group, []).append(summary)
+    befores = [warm[seed]["test"] for seed in sorted(warm) if seed in experiment["seeds"]]
+    result = analysis(experiment, groups)
+    markdown = results_markdown(teacher, befores, groups) + "\n\n" + analysis_markdown(experiment, result, selection)
+    write_text_atomic(os.path.join(out_dir, "results.md"), markdown + "\n")
+    table = {group: {**{label: list(value) for label, value in group_statistics(members).items()},
+                     "seeds": len(members)} for group, members in groups.items()}
+    report = {"experiment": {key: value for key, value in experiment.items() if key != "base"},
+              "base": experiment["base"], "teacher": teacher, "teacher_data": read_json(
+                  os.path.join(out_dir, "teacher_data.json"), None),
+              "student_before": befores, "table": table, "analysis": result, "lr_selection": selection,
+              "runs": summaries, "tuning_runs": tuning, "planned": len(runs), "finished": len(summaries) + len(tuning),
+              "commits": sorted({summary.get("commit") or "unknown" for summary in summaries + tuning})}
+    write_json_atomic(os.path.join(out_dir, "results.json"), report)
+    plot_experiment(experiment, out_dir, groups, teacher)
+    report["markdown"] = markdown
+    return report
