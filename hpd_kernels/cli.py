@@ -131,7 +131,7 @@ continues the unfinished runs from their checkpoints, never redoing a finished o
 
 --config FILE overrides the default experiment key by key (JSON):
   {"data": "teacher",   or "gold" (the task's worked solutions)
-   "objectives": ["sft", "fkl", "rkl", "jsd", "skl", "hpd"],   any of <OBJECTIVES>
+   "objectives": ["sft", "fkl", "rkl", "jsd", "skl", "hpd"],   any of <TRAINING_OBJECTIVES>
    "oracle": true,   also sft on the gold solutions
    "seeds": [0, 1, 2, 3, 4],
    "distill": {"steps": 800, "batch_size": 32, ...},   shared by every run
@@ -142,7 +142,7 @@ continues the unfinished runs from their checkpoints, never redoing a finished o
    "primary": {"metric": "top_p_accuracy", "treatment": "hpd", "control": "fkl"},
    "base": {...}}   the task or data, teacher and student, as in `hpd distill --config` (its distill,
                     eval and device are the keys above: refused in base)
-""".replace("<OBJECTIVES>", " ".join(TRAINING_OBJECTIVES))
+""".replace("<TRAINING_OBJECTIVES>", " ".join(TRAINING_OBJECTIVES))
 
 
 def _experiment_parser(subparsers):

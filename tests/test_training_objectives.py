@@ -6,7 +6,7 @@ import torch
 import hpd_kernels
 from hpd_kernels import reference
 from hpd_kernels.models import DecoderConfig, DecoderLM
-from hpd_kernels.training import OBJECTIVES, distillation_loss, shifted_labels
+from hpd_kernels.training import TRAINING_OBJECTIVES, distillation_loss, shifted_labels
 
 
 def test_shifted_labels_mask_prompt_and_predict_the_next_token():
@@ -15,7 +15,7 @@ def test_shifted_labels_mask_prompt_and_predict_the_next_token():
     assert shifted_labels(ids, mask).tolist() == [[-100, 7, 8, -100, -100]]
 
 
-@pytest.mark.parametrize("objective", OBJECTIVES)
+@pytest.mark.parametrize("objective", TRAINING_OBJECTIVES)
 def test_objective_equals_reference_on_the_same_batch(objective):
     torch.manual_seed(0)
     student = DecoderLM(DecoderConfig(vocab_size=11, hidden_size=8, num_layers=1, num_heads=2)).double()

@@ -12,7 +12,7 @@ import torch
 import torch.utils.checkpoint
 
 import hpd_kernels
-from ..registry import HPD, SFT, SHORT_NAMES, TRAINING_OBJECTIVES as OBJECTIVES, accumulation_dtype
+from ..registry import HPD, SFT, SHORT_NAMES, TRAINING_OBJECTIVES, accumulation_dtype
 
 
 def shifted_labels(input_ids, loss_mask, ignore_index=-100):
@@ -60,7 +60,7 @@ def distillation_loss(objective, student_hidden, student_weight, teacher_hidden,
             fkl_weight=fkl_weight, rkl_weight=rkl_weight, backend=backend, return_details=True,
             num_items_in_batch=num_items_in_batch, ce_weight=ce_weight)
     if objective not in SHORT_NAMES:
-        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+        raise ValueError(f"objective must be one of {TRAINING_OBJECTIVES}, got {objective!r}")
     loss = hpd_kernels.fused_linear_divergence_loss(
         student_hidden, student_weight, teacher_hidden, teacher_weight, labels, divergence=SHORT_NAMES[objective],
         beta=beta, alpha=alpha, temperature=temperature, backend=backend, num_items_in_batch=num_items_in_batch,
