@@ -66,7 +66,7 @@ def parse_args(argv=None):
                                      epilog="Defaults per device: " + json.dumps(DEFAULTS))
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="auto: cuda when a GPU is visible, else cpu")
-    parser.add_argument("--objectives", nargs="+", choices=workloads.OBJECTIVES, help="default: all")
+    parser.add_argument("--objectives", nargs="+", choices=workloads.BENCHMARKED_OBJECTIVES, help="default: all")
     parser.add_argument("--tokens", nargs="+", type=int, help="rows of logits per step")
     parser.add_argument("--vocab", type=int)
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
@@ -76,7 +76,7 @@ def parse_args(argv=None):
                         "short, for about 1 s of timing); the median is reported")
     parser.add_argument("--warmup", type=int, help="untimed calls first (torch.compile gets one more)")
     parser.add_argument("--variants", nargs="+", choices=list(workloads.VARIANTS), help="default: all that apply")
-    parser.add_argument("--compile-objectives", nargs="+", choices=workloads.OBJECTIVES,
+    parser.add_argument("--compile-objectives", nargs="+", choices=workloads.BENCHMARKED_OBJECTIVES,
                         help="objectives that get the torch.compile variant (default: all; compiling takes "
                              "10-60 s per objective)")
     parser.add_argument("--out", help="output folder (default bench/results; with --quick a temporary folder)")
@@ -109,7 +109,7 @@ def resolve_settings(args) -> dict:
     settings.update({key: value for key, value in given.items() if value is not None})
     if args.hidden:
         settings["student_hidden"], settings["teacher_hidden"] = args.hidden
-    settings.setdefault("objectives", list(workloads.OBJECTIVES))
+    settings.setdefault("objectives", list(workloads.BENCHMARKED_OBJECTIVES))
     settings["tokens"] = sorted(set(settings["tokens"]))
     settings["prompt_fraction"] = args.prompt_fraction
     settings["device"] = device

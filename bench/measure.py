@@ -282,7 +282,8 @@ class FreshProcessRunner:
 
     def __init__(self):
         self.context = multiprocessing.get_context("forkserver")
-        self.context.set_forkserver_preload(["torch", "hpd_kernels", "reference", "bench.workloads", "bench.measure"])
+        self.context.set_forkserver_preload(["torch", "hpd_kernels", "hpd_kernels.reference", "bench.workloads",
+                                             "bench.measure"])
 
     def run(self, job: Job) -> dict:
         receiver, sender = self.context.Pipe(duplex=False)

@@ -47,8 +47,8 @@ KL_TARGET = 1e-3       # report when KL(p||q) first falls below this
 N_CHECKPOINTS = 160
 AVERAGE_FRACTION = 0.02   # the final state is the mean student over the last 2% of the time
 
-# (label, objective, parameters); the parameters are the library's defaults.
-OBJECTIVES = (
+# The objectives studied, each (label, objective, parameters); the parameters are the library's defaults.
+LABELLED_OBJECTIVES = (
     ("SFT", "sft", {}),
     ("forward KL", "forward_kl", {}),
     ("reverse KL", "reverse_kl", {}),
@@ -203,7 +203,7 @@ def run(out, *, t_end=T_END):
     rng = np.random.default_rng(0)
     # Cross-check the closed forms against the reference's enumeration at the start and at a random state.
     check = 0.0
-    for _, objective, params in OBJECTIVES:
+    for _, objective, params in LABELLED_OBJECTIVES:
         for d in regimes.values():
             for s in (np.zeros(K), rng.normal(size=K)):
                 diff = expected_gradient(objective, s, p, d, **params) - reference_expected_gradient(objective, s, p, d, **params)
@@ -213,21 +213,21 @@ def run(out, *, t_end=T_END):
     results = {}
     for regime, d in regimes.items():
         results[regime] = {}
-        for label, objective, params in OBJECTIVES:
+        for label, objective, params in LABELLED_OBJECTIVES:
             if objective in ("sft", "hpd") or regime == "deterministic":
                 results[regime][label] = simulate(objective, p, d, params, t_end=t_end)
             else:   # the divergences do not see the data token: the same trajectory in both regimes
                 results[regime][label] = results["deterministic"][label]
     # HPD's weights switch discontinuously (under/over), so its discrete trajectory chatters: rerun it
     # at half the step to show which of its final numbers are the flow's and which are the step's.
-    step_check = {regime: simulate("hpd", p, d, dict(OBJECTIVES[-1][2]), eta=ETA / 2, t_end=t_end,
+    step_check = {regime: simulate("hpd", p, d, dict(LABELLED_OBJECTIVES[-1][2]), eta=ETA / 2, t_end=t_end,
                                    n_checkpoints=2)["final"] for regime, d in regimes.items()}
     far = np.argsort(p)[:FAR_TAIL]
     summary = {
         "setup": {"K": K, "teacher": p.tolist(), "mode": MODE, "far_tail_tokens": sorted(far.tolist()),
                   "teacher_far_tail_mass": float(p[far].sum()), "teacher_entropy": _entropy(p),
                   "initial_student": "uniform", "eta": ETA, "t_end": t_end, "kl_target": KL_TARGET,
-                  "objectives": [{"label": lab, "objective": obj, **par} for lab, obj, par in OBJECTIVES],
+                  "objectives": [{"label": lab, "objective": obj, **par} for lab, obj, par in LABELLED_OBJECTIVES],
                   "max_abs_diff_closed_form_vs_reference": check},
         "results": results,
         "hpd_at_half_step": step_check,
@@ -286,7 +286,7 @@ def plot(summary, path):
 
     regimes = list(summary["results"])
     fig, axes = plt.subplots(2, len(regimes), figsize=(11, 7.5), sharex=True, sharey="row")
-    colors = dict(zip([lab for lab, _, _ in OBJECTIVES], plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    colors = dict(zip([lab for lab, _, _ in LABELLED_OBJECTIVES], plt.rcParams["axes.prop_cycle"].by_key()["color"]))
     for col, regime in enumerate(regimes):
         for label, sim in summary["results"][regime].items():
             t = [c["t"] for c in sim["curve"]][1:]

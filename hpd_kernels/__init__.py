@@ -3,11 +3,11 @@
 Hybrid Policy Distillation (`hybrid_kl_loss`) and the full-vocabulary divergences, each an
 autograd Function over Triton kernels (CUDA, or the CPU through `TRITON_INTERPRET=1`) with a
 chunked pure-PyTorch twin for every other device. The math of record is the spec in
-`docs/objectives.md`; `reference/` is its naive executable form.
+`docs/objectives.md`; `reference/` is its naive executable form (installed as `hpd_kernels.reference`).
 """
 
 from .losses import (
-    DIVERGENCES,
+    DIVERGENCE_LOSSES,
     HybridDetails,
     LossParts,
     divergence_loss,
@@ -43,7 +43,7 @@ from .modules import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "DIVERGENCES", "HybridDetails", "LossParts", "divergence_loss", "forward_kl_loss", "generalized_jsd_loss", "hpd_token_weights",
+    "DIVERGENCE_LOSSES", "HybridDetails", "LossParts", "divergence_loss", "forward_kl_loss", "generalized_jsd_loss", "hpd_token_weights",
     "hybrid_kl_loss", "reverse_kl_loss", "skew_forward_kl_loss", "skew_reverse_kl_loss", "tvd_loss",
     "ForwardKLLoss", "GeneralizedJSDLoss", "HybridKLLoss", "ReverseKLLoss", "SkewForwardKLLoss",
     "SkewReverseKLLoss", "TVDLoss", "fused_linear_divergence_loss", "fused_linear_forward_kl_loss",

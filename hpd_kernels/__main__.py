@@ -42,7 +42,7 @@ def main(argv=None):
     print(f"{'objective':<18}{'hpd_kernels':>14}{'reference (fp64)':>20}")
     print(f"{'hpd':<18}{loss.item():>14.6f}{expected.item():>20.6f}")
     references = reference.DIVERGENCE_LOSSES
-    for name, fn in hpd_kernels.DIVERGENCES.items():
+    for name, fn in hpd_kernels.DIVERGENCE_LOSSES.items():
         value = fn(student.detach(), teacher, labels).item()
         print(f"{name:<18}{value:>14.6f}{references[name](student.detach().double(), teacher.double(), labels).item():>20.6f}")
     print(f"HPD: y_hat != y on {details.mismatch_rate.item():.1%} of active rows; "

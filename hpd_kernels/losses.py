@@ -12,10 +12,9 @@ import torch
 from .calls import HybridDetails, LossParts, resolve
 from .checks import (check_ce_weight, check_divergence, check_fraction, check_hpd_options, check_labels,
                      check_logit_pair, check_num_items, check_options, check_reduction)
-from .registry import DIVERGENCES as DIVERGENCE_NAMES
-from .registry import HPD
+from .registry import DIVERGENCES, HPD
 
-__all__ = ["HybridDetails", "LossParts", "DIVERGENCES", "forward_kl_loss", "reverse_kl_loss", "generalized_jsd_loss",
+__all__ = ["HybridDetails", "LossParts", "DIVERGENCE_LOSSES", "forward_kl_loss", "reverse_kl_loss", "generalized_jsd_loss",
            "skew_forward_kl_loss", "skew_reverse_kl_loss", "tvd_loss", "hybrid_kl_loss", "hpd_token_weights"]
 
 
@@ -171,6 +170,10 @@ def hpd_token_weights(student_logits, teacher_logits, labels, *, sampled_ids=Non
     return details
 
 
-# The divergences by their registry names.
-DIVERGENCES = dict(zip(DIVERGENCE_NAMES, (forward_kl_loss, reverse_kl_loss, generalized_jsd_loss, skew_forward_kl_loss,
-                                          skew_reverse_kl_loss, tvd_loss)))
+# The divergences by their registry names (`registry.DIVERGENCES`): each function under its own name, in the
+# registry's order (checked, never assumed).
+DIVERGENCE_LOSSES = {"forward_kl": forward_kl_loss, "reverse_kl": reverse_kl_loss, "jsd": generalized_jsd_loss,
+                     "skew_forward_kl": skew_forward_kl_loss, "skew_reverse_kl": skew_reverse_kl_loss,
+                     "tvd": tvd_loss}
+if tuple(DIVERGENCE_LOSSES) != DIVERGENCES:
+    raise ImportError(f"DIVERGENCE_LOSSES names {tuple(DIVERGENCE_LOSSES)}, registry.DIVERGENCES {DIVERGENCES}")

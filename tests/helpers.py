@@ -73,7 +73,7 @@ def library_loss(case, student, backend):
     kwargs = dict(case.kwargs(), backend=backend)
     if case.objective == "hpd":
         return hpd_kernels.hybrid_kl_loss(student, case.teacher, case.labels, **kwargs)
-    return hpd_kernels.DIVERGENCES[case.objective](student, case.teacher, case.labels, **kwargs)
+    return hpd_kernels.DIVERGENCE_LOSSES[case.objective](student, case.teacher, case.labels, **kwargs)
 
 
 def reference_loss(case, student):

@@ -14,7 +14,7 @@ import hpd_kernels
 from hpd_kernels import reference
 
 BACKENDS = ("torch", "triton")
-ALL_LOSSES = [(name, fn) for name, fn in hpd_kernels.DIVERGENCES.items()] + [("hpd", hpd_kernels.hybrid_kl_loss)]
+ALL_LOSSES = [(name, fn) for name, fn in hpd_kernels.DIVERGENCE_LOSSES.items()] + [("hpd", hpd_kernels.hybrid_kl_loss)]
 
 
 def _inputs(n=6, vocab=11, dtype=torch.float32):
@@ -166,6 +166,17 @@ def test_criterion_modules_match_functions():
     assert "fkl_weight=0.5" in repr(hpd)
 
 
+def test_divergence_losses_map_each_name_to_its_own_function():
+    """`DIVERGENCE_LOSSES` (library and reference) holds every registry divergence, in the registry's
+    order, each under its own name: the function computes `divergence_loss(divergence=name)`."""
+    student, teacher, labels = _inputs()
+    assert tuple(hpd_kernels.DIVERGENCE_LOSSES) == tuple(reference.DIVERGENCE_LOSSES) == hpd_kernels.registry.DIVERGENCES
+    for name, fn in hpd_kernels.DIVERGENCE_LOSSES.items():
+        assert torch.equal(fn(student, teacher, labels, backend="torch"),
+                           hpd_kernels.divergence_loss(student, teacher, labels, divergence=name, backend="torch"))
+        assert reference.DIVERGENCE_LOSSES[name].__name__ == fn.__name__
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_skew_kl_weight_survives_student_underflow(backend):
     """At alpha = 0 skew forward KL is forward KL, whose weight is p. Where q underflows to 0 in
@@ -191,7 +202,7 @@ def test_log_probabilities_as_the_readme_says(objective, backend):
     student = (torch.randn(5, 23, generator=generator, dtype=torch.float64) * 2).requires_grad_(True)
     teacher = torch.randn(5, 23, generator=generator, dtype=torch.float64) * 2
     labels = torch.tensor([1, 2, -100, 4, 5])
-    loss_fn, temperature = hpd_kernels.DIVERGENCES[objective], 2.5
+    loss_fn, temperature = hpd_kernels.DIVERGENCE_LOSSES[objective], 2.5
     expected = loss_fn(student, teacher, labels, temperature=temperature, backend=backend)
     (expected_grad,) = torch.autograd.grad(expected, student)
     stored = loss_fn(student, torch.log_softmax(teacher, -1), labels, temperature=temperature, backend=backend)

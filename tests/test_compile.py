@@ -37,8 +37,8 @@ def test_logits_losses_compile_without_graph_breaks_and_match_eager(name):
     if name == "hpd":
         function = lambda s, t, y: hpd_kernels.hybrid_kl_loss(s, t, y, seed=7, temperature=1.3, backend="torch")  # noqa
     else:
-        function = lambda s, t, y: hpd_kernels.DIVERGENCES[name](s, t, y, temperature=1.3, backend="torch",  # noqa
-                                                                 **OPTIONS[name])
+        function = lambda s, t, y: hpd_kernels.DIVERGENCE_LOSSES[name](s, t, y, temperature=1.3, backend="torch",  # noqa
+                                                                       **OPTIONS[name])
     (eager, eager_grad), (compiled, compiled_grad) = _both(function, student, teacher, labels)
     torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
     torch.testing.assert_close(compiled_grad, eager_grad, rtol=0, atol=0)

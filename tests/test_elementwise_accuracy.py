@@ -53,8 +53,8 @@ def _losses(objective, teacher, labels, sampled, temperature, backend):
                 lambda s: hpd_kernels.hybrid_kl_loss(s, teacher, labels, sampled_ids=sampled, temperature=temperature,
                                                      ignore_index=IGNORE, reduction="sum", backend=backend))
     return (lambda s, t: REFERENCE_LOSSES[objective](s, t, None, temperature=temperature, reduction="sum"),
-            lambda s: hpd_kernels.DIVERGENCES[objective](s, teacher, None, temperature=temperature, reduction="sum",
-                                                         backend=backend))
+            lambda s: hpd_kernels.DIVERGENCE_LOSSES[objective](s, teacher, None, temperature=temperature,
+                                                               reduction="sum", backend=backend))
 
 
 def _errors(objective, student, teacher, labels, sampled, temperature, backend):

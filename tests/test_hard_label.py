@@ -46,7 +46,7 @@ def hard_case(draw):
 def _library(objective, student, teacher, labels, sampled, options):
     if objective == "hpd":
         return hpd_kernels.hybrid_kl_loss(student, teacher, labels, sampled_ids=sampled, **options)
-    return hpd_kernels.DIVERGENCES[objective](student, teacher, labels, **options)
+    return hpd_kernels.DIVERGENCE_LOSSES[objective](student, teacher, labels, **options)
 
 
 def _reference(objective, student, teacher, labels, sampled, temperature, reduction):

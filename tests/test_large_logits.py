@@ -47,7 +47,7 @@ def _loss(objective, student, teacher, labels, sampled, temperature, backend=Non
         return REFERENCE_LOSSES[objective](student, teacher, labels, **options)
     if objective == "hpd":
         return hpd_kernels.hybrid_kl_loss(student, teacher, labels, sampled_ids=sampled, backend=backend, **options)
-    return hpd_kernels.DIVERGENCES[objective](student, teacher, labels, backend=backend, **options)
+    return hpd_kernels.DIVERGENCE_LOSSES[objective](student, teacher, labels, backend=backend, **options)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

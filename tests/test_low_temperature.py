@@ -70,8 +70,8 @@ def test_low_temperature_gradients_as_accurate_as_float32_log_softmax(objective,
                                                             temperature=temperature, backend=backend)
     else:
         reference_loss = lambda s, t: REFERENCE_LOSSES[objective](s, t, labels, temperature=temperature, reduction="sum")
-        library_loss = lambda s: hpd_kernels.DIVERGENCES[objective](s, teacher, labels, temperature=temperature,
-                                                                    reduction="sum", backend=backend)
+        library_loss = lambda s: hpd_kernels.DIVERGENCE_LOSSES[objective](s, teacher, labels, temperature=temperature,
+                                                                          reduction="sum", backend=backend)
     exact = _gradient(lambda s: reference_loss(s, teacher.double()), student.double())
     float32_error = _error(_gradient(lambda s: reference_loss(s, teacher), student), exact)
     library_error = _error(_gradient(library_loss, student), exact)

@@ -43,7 +43,7 @@ def _library(objective, student, teacher, labels, sampled, temperature, backend,
     options = dict(temperature=temperature, reduction=reduction, backend=backend)
     if objective == "hpd":
         return hpd_kernels.hybrid_kl_loss(student, teacher, labels, sampled_ids=sampled, **options)
-    return hpd_kernels.DIVERGENCES[objective](student, teacher, labels, **options)
+    return hpd_kernels.DIVERGENCE_LOSSES[objective](student, teacher, labels, **options)
 
 
 def _reference_without(objective, student, teacher, labels, sampled, temperature, masked):

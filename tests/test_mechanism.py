@@ -12,7 +12,8 @@ REGIMES = mechanism.data_distributions(P)
 
 
 @pytest.mark.parametrize("regime", sorted(REGIMES))
-@pytest.mark.parametrize("label, objective, params", mechanism.OBJECTIVES, ids=[o[1] for o in mechanism.OBJECTIVES])
+@pytest.mark.parametrize("label, objective, params", mechanism.LABELLED_OBJECTIVES,
+                         ids=[o[1] for o in mechanism.LABELLED_OBJECTIVES])
 def test_closed_form_is_the_exact_expectation_of_reference_gradients(label, objective, params, regime):
     """Every (y, y_hat) enumerated through the reference, weighted by its probability: an exact check."""
     rng = np.random.default_rng(1)
@@ -44,7 +45,7 @@ def test_teacher_is_a_fixed_point_of_every_distillation_objective():
     """Including HPD under deterministic data: at q = p every HPD weight is 0 (r = 0: neither under
     nor over). TVD is left out: its sign(p - q) sees the rounding of softmax(log p)."""
     for regime, d in REGIMES.items():
-        for _, objective, params in mechanism.OBJECTIVES[1:]:
+        for _, objective, params in mechanism.LABELLED_OBJECTIVES[1:]:
             if objective == "tvd":
                 continue
             grad = mechanism.expected_gradient(objective, np.log(P), P, d, **params)

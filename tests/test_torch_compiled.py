@@ -19,9 +19,8 @@ import torch
 import hpd_kernels
 from hpd_kernels import reference
 from hpd_kernels.ops import torch_backend
-from hpd_kernels.registry import DIVERGENCES
+from hpd_kernels.registry import DIVERGENCES, OBJECTIVES
 
-OBJECTIVES = ("hpd",) + DIVERGENCES
 IGNORE = -100
 
 
@@ -42,8 +41,8 @@ def _loss(objective, student, teacher, labels, **options):
         loss, details = hpd_kernels.hybrid_kl_loss(student, teacher, labels, seed=3, temperature=1.5,
                                                    backend="torch", return_details=True, **options)
         return loss, details.sampled_ids
-    return hpd_kernels.DIVERGENCES[objective](student, teacher, labels, temperature=1.5, backend="torch",
-                                              **options), None
+    return hpd_kernels.DIVERGENCE_LOSSES[objective](student, teacher, labels, temperature=1.5, backend="torch",
+                                                    **options), None
 
 
 def _run(objective, dtype, setting, monkeypatch):
@@ -222,8 +221,8 @@ def test_runs_of_rows_outside_the_loss_are_skipped_and_get_zero_gradient(objecti
     student, teacher, labels = _prompted_rows(5)
     assert torch_backend.SKIP_MIN_ROWS <= 17
     _nan_filled_empty_like(monkeypatch)
-    ours = hpd_kernels.DIVERGENCES[objective](student, teacher, labels, temperature=1.5, backend="torch",
-                                              ce_weight=0.3)
+    ours = hpd_kernels.DIVERGENCE_LOSSES[objective](student, teacher, labels, temperature=1.5, backend="torch",
+                                                    ce_weight=0.3)
     ours_grad = torch.autograd.grad(ours, student)[0]
     ref = reference.DIVERGENCE_LOSSES[objective](student, teacher, labels, temperature=1.5, ignore_index=IGNORE)
     ref = ref + 0.3 * reference.sft_loss(student, labels, temperature=1.5, ignore_index=IGNORE)

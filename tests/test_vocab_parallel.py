@@ -17,8 +17,8 @@ from hpd_kernels import registry
 WORLD, VOCAB, SPLIT, ROWS = 2, 37, 20, 13
 MASKED = [5, 9]
 MIXTURE_VALUES = {"beta": 0.3, "alpha": 0.2}
-DIVERGENCES = {name: {parameter: MIXTURE_VALUES[parameter]} if parameter else {}
-               for name in registry.DIVERGENCES for parameter in [registry.MIXTURE_PARAMETER.get(name)]}
+DIVERGENCE_OPTIONS = {name: {parameter: MIXTURE_VALUES[parameter]} if parameter else {}
+                      for name in registry.DIVERGENCES for parameter in [registry.MIXTURE_PARAMETER.get(name)]}
 
 
 def _finish():
@@ -57,15 +57,16 @@ def _logits_worker(rank, init_file):
     student, teacher, labels = _inputs()
     part = _slice(rank)
     for temperature in (1.0, 1.7):
-        for name, options in DIVERGENCES.items():
+        for name, options in DIVERGENCE_OPTIONS.items():
             for reduction in ("mean", "none"):
                 full = student.clone().requires_grad_(True)
-                expected = hpd_kernels.DIVERGENCES[name](full, teacher, labels, temperature=temperature,
-                                                         reduction=reduction, backend="torch", **options)
+                expected = hpd_kernels.DIVERGENCE_LOSSES[name](full, teacher, labels, temperature=temperature,
+                                                               reduction=reduction, backend="torch", **options)
                 expected.sum().backward()
                 local = student[:, part].clone().requires_grad_(True)
-                loss = hpd_kernels.DIVERGENCES[name](local, teacher[:, part], labels, temperature=temperature,
-                                                     reduction=reduction, process_group=dist.group.WORLD, **options)
+                loss = hpd_kernels.DIVERGENCE_LOSSES[name](local, teacher[:, part], labels, temperature=temperature,
+                                                           reduction=reduction, process_group=dist.group.WORLD,
+                                                           **options)
                 loss.sum().backward()
                 _close(loss, expected.detach(), f"{name} T={temperature} {reduction} loss")
                 _close(local.grad, full.grad[:, part], f"{name} T={temperature} {reduction} grad")

@@ -17,9 +17,12 @@ import math
 
 import torch
 
+# Installed as `hpd_kernels.reference` (the package-dir mapping of pyproject.toml): `..registry` is
+# hpd_kernels.registry, and this folder has no top-level name of its own.
 from ..registry import DIVERGENCES, HPD, SFT
 
-OBJECTIVES = (SFT,) + DIVERGENCES + (HPD,)
+# The name of every loss defined here: `sft_loss`, the divergences (`DIVERGENCE_LOSSES`), `hybrid_kl_loss`.
+LOSS_NAMES = (SFT,) + DIVERGENCES + (HPD,)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -282,9 +285,13 @@ def hybrid_kl_loss(student_logits, teacher_logits, labels, sampled_ids, *, fkl_w
     return out.reshape(student_logits.shape[:-1]) if reduction == "none" else out
 
 
-# The divergences by their registry names, as `hpd_kernels.DIVERGENCES` has them.
-DIVERGENCE_LOSSES = dict(zip(DIVERGENCES, (forward_kl_loss, reverse_kl_loss, generalized_jsd_loss,
-                                           skew_forward_kl_loss, skew_reverse_kl_loss, tvd_loss)))
+# The divergences by their registry names, as `hpd_kernels.DIVERGENCE_LOSSES` has them: each function under
+# its own name, in the registry's order (checked, never assumed).
+DIVERGENCE_LOSSES = {"forward_kl": forward_kl_loss, "reverse_kl": reverse_kl_loss, "jsd": generalized_jsd_loss,
+                     "skew_forward_kl": skew_forward_kl_loss, "skew_reverse_kl": skew_reverse_kl_loss,
+                     "tvd": tvd_loss}
+if tuple(DIVERGENCE_LOSSES) != DIVERGENCES:
+    raise ImportError(f"DIVERGENCE_LOSSES names {tuple(DIVERGENCE_LOSSES)}, registry.DIVERGENCES {DIVERGENCES}")
 
 
 def sample_student(student_logits, *, temperature=1.0, generator=None):

@@ -1,8 +1,11 @@
-"""Naive pure-PyTorch implementations of every objective: the executable spec the kernels are tested against."""
+"""Naive pure-PyTorch implementations of every objective: the executable spec the kernels are tested against.
+
+It lives in `reference/` at the top of the checkout and is installed as `hpd_kernels.reference`
+(`from hpd_kernels import reference`), under no top-level name of its own."""
 
 from .objectives import (  # noqa: F401
     DIVERGENCE_LOSSES,
-    OBJECTIVES,
+    LOSS_NAMES,
     divergence_weights,
     forward_kl_loss,
     generalized_jsd_loss,
