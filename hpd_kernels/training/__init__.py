@@ -1,9 +1,9 @@
 """Distillation training on top of the library's losses, and the `hpd distill` and `hpd experiment`
 commands built on it.
 
-- `trainer/`: the run loop (`TrainConfig`, `train`), one job a module (see its `__init__`); with
-  `criteria` (each objective as a call of the fused-linear losses), `checkpoint` (safetensors
-  checkpoints), `distributed` (torchrun and DDP) and `fsdp` (FSDP2).
+- `trainer/`: the run loop (`TrainConfig`, `train`), one job a module (see its `__init__`), on top
+  of `criteria` (each objective as a call of the fused-linear losses), `checkpoint` (safetensors
+  models and checkpoints) and `distributed` (torchrun and DDP).
 - `experiment/`: `hpd experiment`, its settings, grid of runs and runner (see its `__init__`;
   `assets/`: its pinned teacher).
 - `report/`: the experiment's report: table, comparisons, JSON and plots (see its `__init__`).

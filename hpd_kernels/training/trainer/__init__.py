@@ -12,7 +12,8 @@ replays exactly the numbers of an uninterrupted one.
 
 `options`: `TrainConfig`; `loop`: the run loop (`train`); `step`: one optimiser step and the
 learning-rate schedule; `batches`: a step's micro-batches; `loss`: a micro-batch's loss and
-metrics; `checkpointing`: resuming and saving a run directory; `progress`: the progress bar.
+metrics; `checkpointing`: resuming and saving a run directory; `fsdp`: the FSDP2 strategy (its
+sharding and sharded checkpoints); `progress`: the progress bar.
 """
 
 from .batches import collate  # noqa: F401

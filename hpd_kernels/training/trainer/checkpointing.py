@@ -31,7 +31,7 @@ def resume(run, run_dir, metrics_path, data_sha256, log):
     if checkpoint is not None:
         _check_same_run(state, config, run_dir, data_sha256)
         if run.strategy == "fsdp":
-            from ..fsdp import load_sharded
+            from .fsdp import load_sharded
 
             load_sharded(checkpoint, run.student, run.optimizer)
         else:
@@ -72,7 +72,7 @@ def save(run, run_dir, steps_done, data_sha256, metrics_file, metrics_path):
             os.fsync(metrics_file.fileno())
     trainer_state = {"config": run.config.to_dict(), "examples_sha256": data_sha256}
     if run.strategy == "fsdp":
-        from ..fsdp import save_sharded
+        from .fsdp import save_sharded
 
         save_sharded(run_dir, steps_done, run.student, run.optimizer, trainer_state)
     elif run.rank == 0:

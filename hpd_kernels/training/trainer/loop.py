@@ -23,7 +23,7 @@ def _wrap(config, student, world, device):
     if config.strategy == "fsdp":
         from torch.distributed.fsdp import FSDPModule
 
-        from ..fsdp import shard_student
+        from .fsdp import shard_student
 
         # A student sharded by an earlier run (a warm-up, say) is sharded already.
         return (student if isinstance(student, FSDPModule) else shard_student(student)), "fsdp"

@@ -18,8 +18,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.fsdp import fully_shard
 
-from .checkpoint import CheckpointError, publish_checkpoint
-from .jsonfiles import writing
+from ..checkpoint import CheckpointError, publish_checkpoint
+from ..jsonfiles import writing
 
 MODEL, OPTIMIZER = "model.", "optimizer."
 
