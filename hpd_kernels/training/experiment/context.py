@@ -1,4 +1,5 @@
-"""What every run of one experiment shares in one process: data, teacher and its samples."""
+"""`Context`: the data, the teacher and its samples, built once per process and shared by the runs
+of one experiment there."""
 
 from __future__ import annotations
 

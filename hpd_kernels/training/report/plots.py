@@ -30,27 +30,10 @@ def plot_experiment(experiment, out_dir, groups, teacher):
         figure, axes = plt.subplots(1, 2, figsize=(13, 4.8))
         for axis, (key, title) in zip(axes, metrics):
             for group in main_groups + sweep_groups:
-                curves = [metric_curve(run_metrics(out_dir, member["name"]), key, smooth if key == "entropy" else 1)
-                          for member in groups[group]]
-                length = min(len(curve) for curve in curves)
-                if not length:
-                    continue
-                steps = [step for step, _ in curves[0][:length]]
-                values = [[curve[index][1] for curve in curves] for index in range(length)]
-                mean = [statistics.fmean(column) for column in values]
-                style = "-" if group in main_groups else ":"
-                line, = axis.plot(steps, mean, style, label=f"{group} (n={len(curves)})",
-                                  marker="o" if length < 30 else None, markersize=3)
-                axis.fill_between(steps, [min(column) for column in values], [max(column) for column in values],
-                                  color=line.get_color(), alpha=0.15)
-            if key == "entropy":
-                teacher_curve = [metric_curve(run_metrics(out_dir, member["name"]), "teacher_entropy", smooth)
-                                 for group in main_groups for member in groups[group]
-                                 if member["config"]["objective"] != "sft"][:1]
-                if teacher_curve and teacher_curve[0]:
-                    axis.plot(*zip(*teacher_curve[0]), "k--", label="teacher")
-            if key.startswith("eval_") and key.removeprefix("eval_") in teacher:
-                axis.axhline(teacher[key.removeprefix("eval_")], color="k", linestyle="--", label="teacher")
+                _plot_group(axis, out_dir, group, groups[group], key, smooth if key == "entropy" else 1,
+                            "-" if group in main_groups else ":")
+            _plot_teacher(axis, out_dir, key, smooth, [member for group in main_groups for member in groups[group]],
+                          teacher)
             axis.set_title(title, fontsize=10)
             axis.set_xlabel("step")
             axis.grid(alpha=0.3)
@@ -61,3 +44,30 @@ def plot_experiment(experiment, out_dir, groups, teacher):
         with writing(os.path.join(out_dir, filename)):
             figure.savefig(os.path.join(out_dir, filename), dpi=110)
         plt.close(figure)
+
+
+def _plot_group(axis, out_dir, group, members, key, smooth, style):
+    """One group's curve of `key`: the mean over its runs, with a min-max band."""
+    curves = [metric_curve(run_metrics(out_dir, member["name"]), key, smooth) for member in members]
+    length = min(len(curve) for curve in curves)
+    if not length:
+        return
+    steps = [step for step, _ in curves[0][:length]]
+    values = [[curve[index][1] for curve in curves] for index in range(length)]
+    mean = [statistics.fmean(column) for column in values]
+    line, = axis.plot(steps, mean, style, label=f"{group} (n={len(curves)})",
+                      marker="o" if length < 30 else None, markersize=3)
+    axis.fill_between(steps, [min(column) for column in values], [max(column) for column in values],
+                      color=line.get_color(), alpha=0.15)
+
+
+def _plot_teacher(axis, out_dir, key, smooth, main_members, teacher):
+    """The teacher's reference on the panel of `key`: its entropy on the first distilling run's
+    batches, or its own evaluation."""
+    if key == "entropy":
+        teacher_curve = [metric_curve(run_metrics(out_dir, member["name"]), "teacher_entropy", smooth)
+                         for member in main_members if member["config"]["objective"] != "sft"][:1]
+        if teacher_curve and teacher_curve[0]:
+            axis.plot(*zip(*teacher_curve[0]), "k--", label="teacher")
+    if key.startswith("eval_") and key.removeprefix("eval_") in teacher:
+        axis.axhline(teacher[key.removeprefix("eval_")], color="k", linestyle="--", label="teacher")
