@@ -40,8 +40,7 @@ import torch
 
 import hpd_kernels
 from hpd_kernels import reference
-from bench.workloads import (BENCHMARKED_OBJECTIVES, IGNORE_INDEX, REFERENCE_DIVERGENCES, has_fused_linear,
-                             mixture_kwargs)
+from bench.workloads import BENCHMARKED_OBJECTIVES, IGNORE_INDEX, has_fused_linear, mixture_kwargs
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -120,7 +119,7 @@ def _reference_loss(objective, student, teacher, labels, temperature, sampled_id
     kwargs = dict(temperature=temperature, ignore_index=IGNORE_INDEX)
     if objective == "hpd":
         return reference.hybrid_kl_loss(student, teacher, labels, sampled_ids, **kwargs)
-    return REFERENCE_DIVERGENCES[objective](student, teacher, labels, **kwargs, **mixture_kwargs(objective))
+    return reference.DIVERGENCE_LOSSES[objective](student, teacher, labels, **kwargs, **mixture_kwargs(objective))
 
 
 def _library_loss(objective, student, teacher, labels, temperature, backend, sampled_ids=None, seed=None):

@@ -40,8 +40,6 @@ IGNORE_INDEX = -100
 PROMPT_FRACTION = 1 / 8    # default share of prompt tokens: rows that are not in the loss, as in real SFT/KD batches
 HPD_SEED = 0
 
-REFERENCE_DIVERGENCES = reference.DIVERGENCE_LOSSES
-
 
 def mixture_kwargs(objective: str) -> dict:
     """The objective's own parameter (JSD's beta, skew KL's alpha), identical for every variant."""
@@ -176,8 +174,8 @@ def recipe_reference_loss(objective, student_logits, teacher_logits, labels):
     if objective == "hpd":
         sampled_ids = torch.multinomial(torch.softmax(student32.detach(), dim=-1), 1)[:, 0]
         return reference.hybrid_kl_loss(student32, teacher32, labels, sampled_ids, ignore_index=IGNORE_INDEX)
-    return REFERENCE_DIVERGENCES[objective](student32, teacher32, labels, ignore_index=IGNORE_INDEX,
-                                            **mixture_kwargs(objective))
+    return reference.DIVERGENCE_LOSSES[objective](student32, teacher32, labels, ignore_index=IGNORE_INDEX,
+                                                  **mixture_kwargs(objective))
 
 
 def library_loss(objective, student_logits, teacher_logits, labels, backend="auto"):
