@@ -18,6 +18,7 @@ import torch
 
 from .checks import check_sampled_ids, compiling
 from .ops import backends, custom_ops
+from .ops.backend_contract import Backend
 from .ops.chunked_linear import FusedLinearDistillation, LinearInputs
 from .ops.common import active_rows
 from .ops.row_losses import RowLosses, hybrid_details
@@ -64,7 +65,7 @@ def _shared_seed(process_group):
     return int(drawn.item())
 
 
-def _vocab_parallel(process_group, vocab_offset, widths, names, backend):
+def _vocab_parallel(process_group, vocab_offset, widths, names, backend) -> Optional[Backend]:
     """The vocabulary-parallel backend for this rank's slice, or None without a group."""
     if process_group is not None and compiling():
         raise ValueError("vocabulary-parallel losses (process_group) are not supported under torch.compile")
@@ -92,7 +93,7 @@ def _vocab_parallel(process_group, vocab_offset, widths, names, backend):
 @dataclass
 class LossCall:
     objective: Objective
-    backend: object                  # ops.triton, ops.torch_backend or a VocabParallel slice
+    backend: Backend                 # Triton, torch or a VocabParallel slice
     labels: Optional[torch.Tensor]   # [N] int64, or None (divergences without labels)
     active: torch.Tensor             # [N] bool: the rows in the loss
     sampled_ids: Optional[torch.Tensor]
@@ -189,9 +190,6 @@ def resolve(objective_name, *, labels, leading, n_rows, device, widths, names, t
             return_parts=False) -> LossCall:
     """The `LossCall` of checked arguments. `widths` are the student's and the teacher's vocabularies
     (of this rank's slice with a `process_group`), `names` the arguments they came from."""
-    if process_group is not None and (ce_weight or return_parts):
-        raise ValueError("ce_weight and return_parts are not supported with process_group (vocabulary-parallel) yet; "
-                         "add the cross-entropy term with a separate loss there")
     if (ce_weight or return_parts) and labels is None:
         raise ValueError("ce_weight and return_parts need labels: the hard-label term is the cross-entropy of y")
     parallel = _vocab_parallel(process_group, vocab_offset, widths, names, backend)

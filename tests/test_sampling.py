@@ -13,7 +13,8 @@ from scipy import stats
 import hpd_kernels
 from hpd_kernels.ops import gumbel
 from hpd_kernels.ops.triton import utils as triton_utils
-from hpd_kernels.ops.gumbel import GUMBEL2_MAX, gumbel2_from_bits
+from hpd_kernels.ops.gumbel import GUMBEL2_MAX
+from hpd_kernels.ops.triton.gumbel import gumbel2_from_bits
 
 
 @triton.jit

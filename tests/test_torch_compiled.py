@@ -18,7 +18,7 @@ import torch
 
 import hpd_kernels
 from hpd_kernels import reference
-from hpd_kernels.ops import torch_backend
+from hpd_kernels.ops.torch_backend import TORCH, compile_policy, row_spans
 from hpd_kernels.registry import DIVERGENCES, OBJECTIVES
 
 IGNORE = -100
@@ -46,7 +46,7 @@ def _loss(objective, student, teacher, labels, **options):
 
 
 def _run(objective, dtype, setting, monkeypatch):
-    monkeypatch.setenv(torch_backend.COMPILE_ENV, setting)
+    monkeypatch.setenv(compile_policy.COMPILE_ENV, setting)
     student, teacher, labels = _problem(dtype)
     student.requires_grad_(True)
     loss, drawn = _loss(objective, student, teacher, labels)
@@ -69,7 +69,7 @@ def test_compiled_matches_eager(objective, dtype, monkeypatch):
 
 @pytest.mark.parametrize("objective", DIVERGENCES)
 def test_compiled_float64_matches_reference(objective, monkeypatch):
-    monkeypatch.setenv(torch_backend.COMPILE_ENV, "1")
+    monkeypatch.setenv(compile_policy.COMPILE_ENV, "1")
     student, teacher, labels = _problem(torch.float64)
     keep = torch.ones(student.shape[0], dtype=torch.bool)
     keep[[5, 9]] = False  # the reference has no rule for fully -inf rows; shared masks: drop both
@@ -93,7 +93,7 @@ def test_compiled_fused_linear_matches_eager(objective, monkeypatch):
     labels[:10] = IGNORE
     results = []
     for setting in ("1", "0"):
-        monkeypatch.setenv(torch_backend.COMPILE_ENV, setting)
+        monkeypatch.setenv(compile_policy.COMPILE_ENV, setting)
         leaves = (hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True))
         if objective == "hpd":
             loss = hpd_kernels.fused_linear_hybrid_kl_loss(*leaves, teacher_hidden, teacher_weight, labels, seed=1,
@@ -107,7 +107,7 @@ def test_compiled_fused_linear_matches_eager(objective, monkeypatch):
 
 
 def test_failed_compile_falls_back_to_eager_once(monkeypatch):
-    monkeypatch.setenv(torch_backend.COMPILE_ENV, "1")
+    monkeypatch.setenv(compile_policy.COMPILE_ENV, "1")
     student, teacher, labels = _problem(torch.float32)
     expected = hpd_kernels.forward_kl_loss(student, teacher, labels, backend="torch")
 
@@ -115,8 +115,8 @@ def test_failed_compile_falls_back_to_eager_once(monkeypatch):
         raise RuntimeError("no C++ compiler")
 
     monkeypatch.setattr(torch, "compile", broken)
-    monkeypatch.setattr(torch_backend._Compiled, "failed", False)
-    compiled_fns = [value for value in vars(torch_backend).values() if isinstance(value, torch_backend._Compiled)]
+    monkeypatch.setattr(compile_policy.CompiledChunkMath, "failed", False)
+    compiled_fns = compile_policy.CompiledChunkMath.every
     for fn in compiled_fns:
         monkeypatch.setattr(fn, "compiled", None)
     with pytest.warns(RuntimeWarning, match="torch.compile of the torch backend"):
@@ -124,7 +124,7 @@ def test_failed_compile_falls_back_to_eager_once(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no second warning
         second = hpd_kernels.forward_kl_loss(student, teacher, labels, backend="torch")
-    assert torch_backend._Compiled.failed
+    assert compile_policy.CompiledChunkMath.failed
     torch.testing.assert_close(first, expected)
     torch.testing.assert_close(second, expected)
 
@@ -132,13 +132,13 @@ def test_failed_compile_falls_back_to_eager_once(monkeypatch):
 def test_auto_runs_eagerly_first_then_compiles(monkeypatch):
     """"auto": compile-sized problems run eagerly until `COMPILE_AFTER_ELEMENTS` of them have, then
     through `torch.compile`; the switch point is counted in logits, so it is the same on every run."""
-    monkeypatch.setenv(torch_backend.COMPILE_ENV, "auto")
+    monkeypatch.setenv(compile_policy.COMPILE_ENV, "auto")
     student, teacher, labels = _problem(torch.float32)
     elements = student.shape[0] * student.shape[1]
-    monkeypatch.setattr(torch_backend, "COMPILE_MIN_ELEMENTS", elements)
-    monkeypatch.setattr(torch_backend, "COMPILE_AFTER_ELEMENTS", 3 * elements)  # a forward and a backward: one step
-    monkeypatch.setattr(torch_backend._EagerWork, "elements", 0)
-    monkeypatch.setattr(torch_backend._Compiled, "failed", False)
+    monkeypatch.setattr(compile_policy, "COMPILE_MIN_ELEMENTS", elements)
+    monkeypatch.setattr(compile_policy, "COMPILE_AFTER_ELEMENTS", 3 * elements)  # a forward and a backward: one step
+    monkeypatch.setattr(compile_policy._EagerWork, "elements", 0)
+    monkeypatch.setattr(compile_policy.CompiledChunkMath, "failed", False)
     compiled_calls = []
 
     def spy_compile(fn, **options):  # the policy, not inductor: record each compiled call, run it eagerly
@@ -148,7 +148,7 @@ def test_auto_runs_eagerly_first_then_compiles(monkeypatch):
         return run
 
     monkeypatch.setattr(torch, "compile", spy_compile)
-    for fn in [value for value in vars(torch_backend).values() if isinstance(value, torch_backend._Compiled)]:
+    for fn in compile_policy.CompiledChunkMath.every:
         monkeypatch.setattr(fn, "compiled", None)
 
     def step():
@@ -156,27 +156,27 @@ def test_auto_runs_eagerly_first_then_compiles(monkeypatch):
         loss = hpd_kernels.forward_kl_loss(leaf, teacher, labels, backend="torch")
         return loss.detach(), torch.autograd.grad(loss, leaf)[0]
 
-    assert not torch_backend.eager_phase_over()
+    assert not compile_policy.eager_phase_over()
     first = step()
-    assert compiled_calls == [] and torch_backend.eager_elements() == 2 * elements
-    assert not torch_backend.eager_phase_over()
+    assert compiled_calls == [] and compile_policy.eager_elements() == 2 * elements
+    assert not compile_policy.eager_phase_over()
     second = step()  # its forward still eager (2 < 3), which ends the phase; its backward compiled
-    assert compiled_calls == ["_divergence_chunk_backward"] and torch_backend.eager_phase_over()
+    assert compiled_calls == ["_divergence_chunk_backward"] and compile_policy.eager_phase_over()
     third = step()
     assert compiled_calls[1:] == ["_divergence_chunk_forward", "_divergence_chunk_backward"]
-    assert torch_backend.eager_elements() == 3 * elements
+    assert compile_policy.eager_elements() == 3 * elements
     for result in (second, third):  # the spy runs the same functions: identical numbers
         torch.testing.assert_close(result, first, rtol=0, atol=0)
     # Problems below the compile size never count and never compile.
     small = hpd_kernels.forward_kl_loss(student[:4], teacher[:4], labels[:4], backend="torch")
-    assert torch.isfinite(small) and len(compiled_calls) == 3 and torch_backend.eager_elements() == 3 * elements
+    assert torch.isfinite(small) and len(compiled_calls) == 3 and compile_policy.eager_elements() == 3 * elements
 
 
 @pytest.mark.parametrize("setting", ["0", "1"])
 def test_top_column_only_where_it_can_cancel(setting, monkeypatch):
     """The torch backend names a top column (`STAT_TOP_S`) only where q there exceeds 1/2: the
     student's first argmax of `s / T`, in a tie too; elsewhere -1, and no sums in the backward."""
-    monkeypatch.setenv(torch_backend.COMPILE_ENV, setting)
+    monkeypatch.setenv(compile_policy.COMPILE_ENV, setting)
     student = torch.randn(6, 50, generator=torch.Generator().manual_seed(1))
     student[1, 7] = student[1, 30] = 40.0    # q(top) near 1/2 each: a tie, neither above 1/2
     student[2, 9] = student[2, 44] = 40.0
@@ -184,7 +184,7 @@ def test_top_column_only_where_it_can_cancel(setting, monkeypatch):
     student[3, 12] = 25.0                    # q(12) near 1
     student[4, 3] = 2.0 * math.log(50.0)     # q(3) near 1/2 at T = 2: the boundary, decided by q itself
     teacher = torch.randn(6, 50, generator=torch.Generator().manual_seed(2))
-    _, stats = torch_backend.divergence_forward(student, teacher, None, divergence="forward_kl", temperature=2.0,
+    _, stats = TORCH.divergence_forward(student, teacher, None, divergence="forward_kl", temperature=2.0,
                                                 log_mix_p=0.0, log_mix_q=0.0, ignore_index=IGNORE)
     q = torch.softmax(student.double() / 2.0, dim=-1)
     expected = torch.where(q.max(dim=-1).values > 0.5, (student / 2.0).argmax(dim=-1).double(), -1.0)
@@ -217,9 +217,9 @@ def test_runs_of_rows_outside_the_loss_are_skipped_and_get_zero_gradient(objecti
     """Prompt-like runs of ignored rows (at least `SKIP_MIN_ROWS`) are left out of the chunks, as the
     kernels leave them out; the gradient buffer there (uninitialised) must still come back 0, and
     the loss, its hard-label part and the gradient elsewhere are the reference's."""
-    monkeypatch.setenv(torch_backend.COMPILE_ENV, setting)
+    monkeypatch.setenv(compile_policy.COMPILE_ENV, setting)
     student, teacher, labels = _prompted_rows(5)
-    assert torch_backend.SKIP_MIN_ROWS <= 17
+    assert row_spans.SKIP_MIN_ROWS <= 17
     _nan_filled_empty_like(monkeypatch)
     ours = hpd_kernels.DIVERGENCE_LOSSES[objective](student, teacher, labels, temperature=1.5, backend="torch",
                                                     ce_weight=0.3)
@@ -230,7 +230,7 @@ def test_runs_of_rows_outside_the_loss_are_skipped_and_get_zero_gradient(objecti
     torch.testing.assert_close(ours.detach(), ref.detach(), rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(ours_grad, ref_grad, rtol=1e-9, atol=1e-12)
     assert torch.all(ours_grad[:20] == 0) and torch.all(ours_grad[40:57] == 0)
-    assert torch_backend._live_spans(labels != IGNORE) == [(20, 40), (57, 90)]
+    assert row_spans.live_spans(labels != IGNORE) == [(20, 40), (57, 90)]
 
 
 @pytest.mark.parametrize("setting", ["0", "1"])
@@ -239,7 +239,7 @@ def test_hpd_skips_runs_of_rows_outside_the_loss_as_the_divergences_do(setting, 
     """HPD's forward and backward leave out the same prompt-like runs: the draws (keyed by row),
     the loss and the gradient are those of a pass over every row, and the skipped gradient rows of
     an uninitialised (NaN-filled) buffer come back 0."""
-    monkeypatch.setenv(torch_backend.COMPILE_ENV, setting)
+    monkeypatch.setenv(compile_policy.COMPILE_ENV, setting)
     student, teacher, labels = _prompted_rows(6)
     rows = student.shape[0]
     options = dict(temperature=1.5, seed=11, backend="torch", ce_weight=ce_weight, return_details=True)
@@ -249,8 +249,8 @@ def test_hpd_skips_runs_of_rows_outside_the_loss_as_the_divergences_do(setting, 
         return loss.detach(), details.sampled_ids, torch.autograd.grad(loss, student)[0]
 
     with monkeypatch.context() as patch:
-        patch.setattr(torch_backend, "SKIP_MIN_ROWS", rows + 1)  # nothing skipped
-        assert torch_backend._live_spans(labels != IGNORE) == [(20, 90)]
+        patch.setattr(row_spans, "SKIP_MIN_ROWS", rows + 1)  # nothing skipped
+        assert row_spans.live_spans(labels != IGNORE) == [(20, 90)]
         expected = loss_and_grad()
     _nan_filled_empty_like(monkeypatch)
     ours = loss_and_grad()

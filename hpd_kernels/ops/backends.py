@@ -1,8 +1,6 @@
-"""The backend of a call, chosen once: the Triton kernels or their torch twin.
-
-Both expose the same four entry points (`divergence_forward`, `divergence_backward`,
-`hybrid_forward`, `hybrid_backward`) and a `NAME`; so does `VocabParallel`, which the entry layer
-uses instead on a vocabulary slice. The custom ops of `torch.compile` must carry a string in their
+"""The backend of a call, chosen once: the Triton kernels or their torch twin, each an implementation
+of `ops.backend_contract.Backend` (so is `ops.vocab_parallel.VocabParallel`, which the entry layer
+uses instead on a vocabulary slice). The custom ops of `torch.compile` must carry a string in their
 schema, so they hold `backend.NAME` and turn it back into the backend with `by_name`.
 """
 
@@ -10,23 +8,24 @@ from __future__ import annotations
 
 import torch
 
-from . import torch_backend
-from .triton import backend as triton_backend
+from .backend_contract import Backend
+from .torch_backend import TORCH
+from .triton.backend import TRITON
 from .triton.utils import HAS_TRITON, interpreter_enabled, triton_usable_on
 
 CHOICES = ("auto", "triton", "torch")
 
 
-def by_name(name: str):
-    return triton_backend if name == triton_backend.NAME else torch_backend
+def by_name(name: str) -> Backend:
+    return TRITON if name == TRITON.NAME else TORCH
 
 
-def choose(choice: str, device: torch.device):
+def choose(choice: str, device: torch.device) -> Backend:
     """'auto' takes Triton on CUDA and torch elsewhere; 'triton' where it cannot run is an error."""
     if choice == "torch":
-        return torch_backend
+        return TORCH
     if choice == "auto":
-        return triton_backend if device.type == "cuda" and HAS_TRITON else torch_backend
+        return TRITON if device.type == "cuda" and HAS_TRITON else TORCH
     if not HAS_TRITON:
         raise RuntimeError("backend='triton' needs the triton package, which is not installed; use backend='torch'")
     if not triton_usable_on(device):
@@ -34,4 +33,4 @@ def choose(choice: str, device: torch.device):
                 "through Triton's interpreter" if device.type == "cpu" and not interpreter_enabled() else
                 "Triton kernels run on CUDA devices")
         raise RuntimeError(f"backend='triton' cannot run on {device}: {hint}; or use backend='torch'")
-    return triton_backend
+    return TRITON

@@ -28,6 +28,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from ..registry import Objective, accumulation_dtype
+from .backend_contract import Backend
 from .row_losses import backward_rows, forward_rows, hybrid_details
 
 
@@ -100,7 +101,7 @@ def _linear(hidden, weight, bias):
 class _Chunks:
     """One pass over the rows: per-row losses, and gradients when `row_scale` is given."""
 
-    def __init__(self, inputs: LinearInputs, objective: Objective, backend, chunk_size: int):
+    def __init__(self, inputs: LinearInputs, objective: Objective, backend: Backend, chunk_size: int):
         self.inputs, self.objective, self.backend, self.chunk_size = inputs, objective, backend, chunk_size
 
     def teacher_chunk(self, rows):
@@ -154,14 +155,14 @@ class _Chunks:
                 accumulate_mm(grad_weight, grad_logits.t(), hidden[rows])
             if grad_bias is not None:
                 grad_bias += grad_logits.sum(0, dtype=acc_dtype)
-        if grad_hidden is not None and hasattr(self.backend, "reduce_hidden_grad"):
+        if grad_hidden is not None:
             self.backend.reduce_hidden_grad(grad_hidden)  # vocabulary-parallel: sum over the slices
         details = (drawn, label_weight, sample_weight) if hpd else None
         parts = (distillation, cross_entropy) if cross_entropy is not None else None
         return per_row, details, parts, (grad_hidden, grad_weight, grad_bias)
 
 
-def scalar_pass(inputs: LinearInputs, active, objective, backend, chunk_size, reduction, want):
+def scalar_pass(inputs: LinearInputs, active, objective: Objective, backend: Backend, chunk_size, reduction, want):
     """`(loss, details, parts, grads)` of a scalar reduction ("mean" over the `active` rows, or "sum")
     in one pass: the gradients the `want` flags ask for are computed while each chunk's logits exist.
     `parts` (per-row distillation and cross-entropy, when asked) are left unreduced."""
@@ -185,7 +186,7 @@ class FusedLinearDistillation(torch.autograd.Function):
     `LinearInputs` (autograd sees each tensor, so they travel unpacked and are rebuilt by name)."""
 
     @staticmethod
-    def forward(ctx, active, objective, reduction, chunk_size, backend, *tensors):
+    def forward(ctx, active, objective: Objective, reduction, chunk_size, backend: Backend, *tensors):
         inputs = LinearInputs(*tensors)
         needs = dict(zip(LinearInputs._fields, ctx.needs_input_grad[5:]))
         want = (needs["student_hidden"], needs["student_weight"],

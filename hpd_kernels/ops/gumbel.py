@@ -1,4 +1,5 @@
-"""Counter-based Gumbel noise, the same bits in Triton and in PyTorch.
+"""Counter-based Gumbel noise, the same bits in Triton and in PyTorch: the definition and the torch
+half here, the Triton half in `ops/triton/gumbel.py`.
 
 `y_hat = argmax_v (s_v / T + g(seed, row, v))` with `g` standard Gumbel is an exact draw from
 `softmax(s / T)` that needs no softmax in memory, so it folds into the streaming log-sum-exp pass.
@@ -38,8 +39,8 @@ _ONE_MINUS_HALF_ULP = 1.0 - 2.0**-24   # exact in float32
 # The largest g2: u = 1 - 2^-24 (with a margin for the float32 rounding of both logs).
 GUMBEL2_MAX = 23.5
 # -log2(1 - v) = sum_k v^k / (k ln 2): the series' coefficients (float32), used from u = 15/16 up.
-_SERIES_FROM = 0.9375
-_SERIES = [float(np.float32(1.0 / (k * 0.6931471805599453))) for k in range(1, 7)]
+LOG2_SERIES_FROM = 0.9375
+LOG2_SERIES = [float(np.float32(1.0 / (k * 0.6931471805599453))) for k in range(1, 7)]
 
 
 def seed_key(seed: int) -> int:
@@ -145,22 +146,22 @@ def _gumbel2_numpy(row_keys: torch.Tensor, columns: torch.Tensor) -> torch.Tenso
 
 def _series(v):
     """`-log2(1 - v)` for `0 < v <= 1/16`, Horner in the kernel's order (NumPy or torch, float32)."""
-    series = v * _SERIES[5] + _SERIES[4]
-    for coefficient in (_SERIES[3], _SERIES[2], _SERIES[1], _SERIES[0]):
+    series = v * LOG2_SERIES[5] + LOG2_SERIES[4]
+    for coefficient in (LOG2_SERIES[3], LOG2_SERIES[2], LOG2_SERIES[1], LOG2_SERIES[0]):
         series = series * v + coefficient
     return series * v
 
 
 def gumbel2_from_bits_numpy(bits: np.ndarray) -> np.ndarray:
     uniform = ((bits >> 9) | np.uint32(0x3F800000)).view(np.float32) - np.float32(_ONE_MINUS_HALF_ULP)
-    exponential = np.where(uniform >= np.float32(_SERIES_FROM), _series(np.float32(1.0) - uniform), -np.log2(uniform))
+    exponential = np.where(uniform >= np.float32(LOG2_SERIES_FROM), _series(np.float32(1.0) - uniform), -np.log2(uniform))
     return -np.log2(exponential)
 
 
 def gumbel2_from_bits_torch(bits: torch.Tensor) -> torch.Tensor:
     """`bits`: int32 holding uint32 values (see `_lowbias32_int32_`)."""
     uniform = (((bits >> 9) & 0x7FFFFF) | 0x3F800000).view(torch.float32) - _ONE_MINUS_HALF_ULP
-    exponential = torch.where(uniform >= _SERIES_FROM, _series(1.0 - uniform), -torch.log2(uniform))
+    exponential = torch.where(uniform >= LOG2_SERIES_FROM, _series(1.0 - uniform), -torch.log2(uniform))
     return -torch.log2(exponential)
 
 
@@ -172,52 +173,3 @@ def gumbel2_torch(row_keys: torch.Tensor, columns: torch.Tensor) -> torch.Tensor
     column_bits = to_int32((columns.to(torch.int64) * _COLUMN_MUL) & _MASK32)
     bits = _lowbias32_int32_(to_int32(row_keys)[:, None] ^ column_bits[None, :])
     return gumbel2_from_bits_torch(bits)
-
-
-try:  # Triton is optional: the torch backend needs none of this.
-    import triton
-    import triton.language as tl
-
-    from .triton.utils import fast_log2
-
-    # The series' coefficients and threshold, as the constexprs a kernel may read.
-    _S1, _S2, _S3, _S4, _S5, _S6 = (tl.constexpr(coefficient) for coefficient in _SERIES)
-    _FROM = tl.constexpr(_SERIES_FROM)
-
-    @triton.jit
-    def _lowbias32(h):
-        h = h ^ (h >> 16)
-        h = h * 0x7FEB352D
-        h = h ^ (h >> 15)
-        h = h * 0x846CA68B
-        h = h ^ (h >> 16)
-        return h
-
-    @triton.jit
-    def row_keys_triton(key, rows):
-        """`rows` int64 -> uint32 keys; `key` is `seed_key(seed)` (a scalar, i32 or i64)."""
-        lo = (rows & 0xFFFFFFFF).to(tl.uint32)
-        hi = (rows >> 32).to(tl.uint32)
-        return _lowbias32(_lowbias32(key.to(tl.uint32) ^ lo) ^ hi)
-
-    @triton.jit
-    def gumbel2_triton(row_keys, columns):
-        """`row_keys` uint32 [R], `columns` int32 [C] -> float32 base-2 Gumbel noise [R, C]."""
-        column_bits = columns.to(tl.uint32) * 0x9E3779B9
-        return gumbel2_from_bits(_lowbias32(row_keys[:, None] ^ column_bits[None, :]))
-
-    @triton.jit
-    def gumbel2_from_bits(bits):
-        uniform = ((bits >> 9) | 0x3F800000).to(tl.float32, bitcast=True) - 0.99999994039535522
-        v = 1.0 - uniform
-        series = v * _S6 + _S5
-        series = series * v + _S4
-        series = series * v + _S3
-        series = series * v + _S2
-        series = series * v + _S1
-        exponential = tl.where(uniform >= _FROM, series * v, -fast_log2(uniform))
-        return -fast_log2(exponential)
-
-except ImportError:  # pragma: no cover - exercised only where triton is absent
-    triton = None
-    gumbel2_triton = row_keys_triton = gumbel2_from_bits = None

@@ -30,6 +30,7 @@ import torch
 
 from ..registry import (STAT_LOG_SUM_S, STAT_LOG_SUM_T, STAT_ROW_WEIGHT, STAT_TOP_S, STAT_W_LABEL, STAT_W_SAMPLE,
                         Objective)
+from .backend_contract import Backend
 
 
 class Rows(NamedTuple):
@@ -55,7 +56,7 @@ def _labelled(labels, vocab):
     return (labels >= 0) & (labels < vocab)
 
 
-def forward_rows(backend, student, teacher, labels, sampled_ids, objective: Objective, row_offset=0) -> Rows:
+def forward_rows(backend: Backend, student, teacher, labels, sampled_ids, objective: Objective, row_offset=0) -> Rows:
     """The per-row losses in the accumulation dtype. HPD draws `y_hat` when `sampled_ids` is None,
     with the noise of rows `row_offset + i`."""
     if objective.is_hybrid:
@@ -78,7 +79,7 @@ def forward_rows(backend, student, teacher, labels, sampled_ids, objective: Obje
     return Rows(total, loss, cross_entropy, stats, drawn)
 
 
-def backward_rows(backend, student, teacher, labels, sampled_ids, stats, row_scale, grad, objective: Objective,
+def backward_rows(backend: Backend, student, teacher, labels, sampled_ids, stats, row_scale, grad, objective: Objective,
                   vocab: int):
     """Write `dL/ds` of rows scaled by `row_scale` into `grad` (it may be `student` itself). HPD needs
     only the student (its weights sit on `y` and `y_hat`, within the shared `vocab`), the
@@ -127,14 +128,14 @@ class RowLosses(torch.autograd.Function):
     `cross_entropy` (empty unless asked), and HPD's `y_hat`, `w_y`, `w_hat` (empty for the
     divergences); the gradient is recomputed in backward.
 
-    `backend` is the Triton backend, the torch backend or a `VocabParallel` slice. `active` marks
+    `backend` is any `Backend`: Triton, torch or a `VocabParallel` slice. `active` marks
     the rows in the loss (the caller's, which knows the vocabulary the labels index). The reduction
     is left to autograd outside (a sum or a mean over `[N]`), whose incoming per-row gradient
     becomes the kernel's `row_scale`.
     """
 
     @staticmethod
-    def forward(ctx, student, teacher, labels, active, sampled_ids, objective, backend):
+    def forward(ctx, student, teacher, labels, active, sampled_ids, objective: Objective, backend: Backend):
         rows = forward_rows(backend, student, teacher, labels, sampled_ids, objective)
         # HPD's backward needs no teacher: do not keep it alive until then.
         ctx.save_for_backward(student, None if objective.is_hybrid else teacher, labels, rows.sampled_ids, rows.stats,

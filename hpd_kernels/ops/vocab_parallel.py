@@ -1,12 +1,10 @@
 """Vocabulary-parallel losses: each rank of a process group holds a contiguous slice of the vocabulary.
 
-`VocabParallel(group, vocab_offset, global_vocab)` has the entry points of `torch_backend` (per-row
-loss and stats forward, gradient into a caller's buffer backward) and runs the torch backend's own
-passes, with their row reductions (`torch_backend.WholeVocabulary`) made collective: so
-it is a backend like the other two, and `RowLosses` and the fused-linear Function run unchanged on
-a slice.
-What crosses ranks is per-row scalars (and, fused-linear, the `[tokens, hidden]` gradient of the
-hidden states), never a `[tokens, vocab]` tensor:
+`VocabParallel(group, vocab_offset, global_vocab)` is the torch backend (`ops.torch_backend`) over a
+`VocabularySlice`: its passes unchanged, their row reductions made collective. So it is a backend
+like the other two (`ops.backend_contract.Backend`), and `RowLosses` and the fused-linear Function
+run unchanged on a slice. What crosses ranks is per-row scalars (and, fused-linear, the
+`[tokens, hidden]` gradient of the hidden states), never a `[tokens, vocab]` tensor:
 
 - log-sum-exps: a MAX all-reduce of the slice maxima, then a SUM all-reduce of the rescaled sums;
 - divergences: the per-token terms need only the global log-sum-exps, so the row loss and the row
@@ -23,25 +21,28 @@ double counted. Labels and sampled ids are global token ids.
 
 from __future__ import annotations
 
-
 import torch
 import torch.distributed as dist
 
-from . import torch_backend
 from .gumbel import row_keys_torch
+from .torch_backend import TorchBackend, gumbel_scores
+from .torch_backend.row_math import logsumexp_parts
+
+# What `label_log_probs` refuses: the hard-label term's gradient would scatter global label ids
+# into a slice's columns.
+HARD_LABEL_REFUSAL = ("ce_weight and return_parts are not supported with process_group (vocabulary-parallel) yet; "
+                      "add the cross-entropy term with a separate loss there")
 
 
-class VocabParallel(torch_backend.WholeVocabulary):
-    """The torch backend's passes on one slice, with its row reductions made collective."""
+class VocabularySlice:
+    """The row reductions of the torch backend's passes over one rank's slice of the vocabulary
+    (`ops.torch_backend.vocabulary.Vocabulary`): collectives on per-row scalars."""
 
-    NAME = torch_backend.NAME
     local_rows = False  # every row reduction is a collective: the compiled math covers only what lies between
 
     def __init__(self, group, vocab_offset, global_vocab):
         self.group, self.offset, self.global_vocab = group, int(vocab_offset), int(global_vocab)
-        self._width = 0
 
-    # -- collectives on per-row scalars -----------------------------------------------------------
     def _reduce(self, tensor, op):
         dist.all_reduce(tensor, op=op, group=self.group)
         return tensor
@@ -54,7 +55,7 @@ class VocabParallel(torch_backend.WholeVocabulary):
 
     def logsumexp(self, scaled):
         """Global row `(max, log_sum)` of a slice `[rows, V_local]`; `+inf` gives NaN as in the kernels."""
-        return torch_backend.logsumexp_parts(
+        return logsumexp_parts(
             scaled, row_sums=self.row_sums, row_max=lambda local_max: self._reduce(local_max.clone(), dist.ReduceOp.MAX))
 
     def top_column(self, student, log_sum_s, inv_temperature):
@@ -69,49 +70,62 @@ class VocabParallel(torch_backend.WholeVocabulary):
         device = student.device
         row_ids = torch.arange(first_row, first_row + student.shape[0], device=device)
         columns = torch.arange(self.offset, self.offset + student.shape[1], device=device)
-        best, where = torch_backend.gumbel_scores(student, scale, row_keys_torch(key, row_ids), columns).max(dim=-1)
+        best, where = gumbel_scores(student, scale, row_keys_torch(key, row_ids), columns).max(dim=-1)
         global_best = self._reduce(best.clone(), dist.ReduceOp.MAX)
         candidate = torch.where(best == global_best, where + self.offset, torch.full_like(where, 2**62))
         return self._reduce(candidate, dist.ReduceOp.MIN)
 
     def gather(self, logits, rows, ids, acc_dtype, inv_temperature):
         """`logits[row, id] / T` read by the rank that owns `id`, summed over ranks (zeros elsewhere)."""
-        owned, local = self._local(ids)
+        owned, local = self.local_columns(ids, logits.shape[1])
         values = logits[rows].gather(1, local[:, None])[:, 0].to(acc_dtype) * inv_temperature
         return self.row_sums(torch.where(owned, values, torch.zeros_like(values)))
 
+    def local_columns(self, ids, width):
+        """`(owned, local column)` of global token ids in this slice of `width` columns."""
+        local = ids - self.offset
+        return (ids >= self.offset) & (local < width), local.clamp(0, max(0, width - 1))
+
+
+class VocabParallel(TorchBackend):
+    """The torch backend on one slice of the vocabulary."""
+
+    def __init__(self, group, vocab_offset, global_vocab):
+        super().__init__(VocabularySlice(group, vocab_offset, global_vocab))
+        self.global_vocab = self.vocabulary.global_vocab
+
+    def divergence_forward(self, student, teacher, labels, *, divergence, temperature, log_mix_p, log_mix_q,
+                           ignore_index):
+        _check_widths(student, teacher)
+        return super().divergence_forward(student, teacher, labels, divergence=divergence, temperature=temperature,
+                                          log_mix_p=log_mix_p, log_mix_q=log_mix_q, ignore_index=ignore_index)
+
+    def divergence_backward(self, student, teacher, stats, row_scale, grad, *, divergence, temperature, log_mix_p,
+                            log_mix_q):
+        _check_widths(student, teacher)
+        return super().divergence_backward(student, teacher, stats, row_scale, grad, divergence=divergence,
+                                           temperature=temperature, log_mix_p=log_mix_p, log_mix_q=log_mix_q)
+
+    def hybrid_forward(self, student, teacher, labels, sampled_ids, *, seed, temperature, fkl_weight, rkl_weight,
+                       ignore_index, row_offset=0):
+        _check_widths(student, teacher)
+        return super().hybrid_forward(student, teacher, labels, sampled_ids, seed=seed, temperature=temperature,
+                                      fkl_weight=fkl_weight, rkl_weight=rkl_weight, ignore_index=ignore_index,
+                                      row_offset=row_offset)
+
+    def label_log_probs(self, student, labels, stats, temperature):
+        """Refused (`HARD_LABEL_REFUSAL`): only the hard-label term reads it."""
+        raise ValueError(HARD_LABEL_REFUSAL)
+
     def reduce_hidden_grad(self, grad_hidden):
         """dL/dh sums the contributions of every vocabulary slice (fused-linear)."""
-        return self.row_sums(grad_hidden)
+        return self.vocabulary.row_sums(grad_hidden)
 
-    def _local(self, ids):
-        """`(owned, local column)` of global token ids."""
-        local = ids - self.offset
-        return (ids >= self.offset) & (local < self._width), local.clamp(0, max(0, self._width - 1))
 
-    # -- the implementation interface of DivergenceFunction, HybridFunction and fused-linear --------
-    def divergence_forward(self, student, teacher, labels, **options):
-        self._check_widths(student, teacher)
-        return torch_backend.divergence_forward(student, teacher, labels, vocabulary=self, **options)
-
-    def divergence_backward(self, student, teacher, stats, row_scale, grad, **options):
-        self._check_widths(student, teacher)
-        return torch_backend.divergence_backward(student, teacher, stats, row_scale, grad, **options)
-
-    def hybrid_forward(self, student, teacher, labels, sampled_ids, **options):
-        self._check_widths(student, teacher)
-        return torch_backend.hybrid_forward(student, teacher, labels, sampled_ids, vocabulary=self, **options)
-
-    def hybrid_backward(self, student, labels, sampled_ids, stats, row_scale, grad, *, vocab, temperature):
-        self._width = student.shape[1]
-        return torch_backend.hybrid_backward(student, labels, sampled_ids, stats, row_scale, grad,
-                                             vocab=self._width, temperature=temperature, to_local=self._local)
-
-    def _check_widths(self, student, teacher):
-        if student.shape[1] != teacher.shape[1]:
-            raise ValueError(f"vocabulary-parallel losses need the student and teacher slices to cover the same "
-                             f"columns; got widths {student.shape[1]} and {teacher.shape[1]}")
-        self._width = student.shape[1]
+def _check_widths(student, teacher):
+    if student.shape[1] != teacher.shape[1]:
+        raise ValueError(f"vocabulary-parallel losses need the student and teacher slices to cover the same "
+                         f"columns; got widths {student.shape[1]} and {teacher.shape[1]}")
 
 
 def slice_layout(group, local_vocab, vocab_offset=None):

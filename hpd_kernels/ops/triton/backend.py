@@ -1,21 +1,35 @@
-"""The Triton backend's entry points, the same four as its peer `ops.torch_backend`, so a backend is
-chosen once per call (`ops.backends.choose`) and the autograd Functions take either."""
+"""The Triton backend: the kernels' wrappers as the entry points of `ops.backend_contract.Backend`,
+so a backend is chosen once per call (`ops.backends.choose`) and the autograd Functions take any."""
 
 import math
 
 import torch
 
 from ...registry import STAT_LOG_SUM_S, STAT_MAX_S
-from .divergence import divergence_backward, divergence_forward  # noqa: F401
-from .hybrid import hybrid_backward, hybrid_forward  # noqa: F401
-
-NAME = "triton"
+from .divergence import divergence_backward, divergence_forward
+from .hybrid import hybrid_backward, hybrid_forward
 
 
-def label_log_probs(student, labels, stats, temperature):
-    """`log q(y)` per row (natural units) from a forward's stats, whose log-sum-exps are the kernels'
-    (the max of the unscaled logits, the base-2 log of the sum): one gather, no vocabulary pass.
-    Rows with `labels` outside `[0, V_s)` read column 0 (the caller masks them)."""
-    safe = torch.where((labels >= 0) & (labels < student.shape[1]), labels, 0)
-    logits = student.gather(1, safe[:, None])[:, 0].to(stats.dtype)
-    return (logits - stats[:, STAT_MAX_S]) / temperature - math.log(2) * stats[:, STAT_LOG_SUM_S]
+class TritonBackend:
+    """The streaming kernels of `divergence.py` and `hybrid.py` over the whole vocabulary."""
+
+    NAME = "triton"
+    divergence_forward = staticmethod(divergence_forward)
+    divergence_backward = staticmethod(divergence_backward)
+    hybrid_forward = staticmethod(hybrid_forward)
+    hybrid_backward = staticmethod(hybrid_backward)
+
+    @staticmethod
+    def label_log_probs(student, labels, stats, temperature):
+        """`log q(y)` from the kernels' stats (the max of the unscaled logits, the base-2 log of the
+        sum): one gather, no vocabulary pass."""
+        safe = torch.where((labels >= 0) & (labels < student.shape[1]), labels, 0)
+        logits = student.gather(1, safe[:, None])[:, 0].to(stats.dtype)
+        return (logits - stats[:, STAT_MAX_S]) / temperature - math.log(2) * stats[:, STAT_LOG_SUM_S]
+
+    @staticmethod
+    def reduce_hidden_grad(grad_hidden):
+        return grad_hidden  # the whole vocabulary: nothing to add
+
+
+TRITON = TritonBackend()

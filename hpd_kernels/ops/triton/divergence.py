@@ -25,10 +25,11 @@ import torch
 
 from ...registry import (DIVERGENCE_CODES, DIVERGENCE_STATS, STAT_LOG_SUM_S, STAT_LOG_SUM_T, STAT_MAX_S, STAT_MAX_T,
                         STAT_ROW_WEIGHT, STAT_TOP_S, accumulation_dtype)
+from ..backend_contract import DivergenceForward
 from ..common import temperature_scalars
-from .utils import (HAS_TRITON, LN2, LOG2E, fast_log2, finish_logsumexp, first_argmax, lane_argmax_step,
-                    launch_shape, log2_softmax, online_logsumexp_step, row_reference, store_top_column, tl,
-                    top_column_step, triton)
+from .utils import (HAS_TRITON, LN2, LOG2E, fast_log2, finish_logsumexp, first_argmax, kernel_scalars,
+                    lane_argmax_step, launch_shape, log2_softmax, online_logsumexp_step, row_reference,
+                    store_top_column, tl, top_column_step, triton)
 
 # The kernels' DIVERGENCE constexpr, one named constant per registry code (constexpr objects are
 # the only globals a kernel may read).
@@ -250,12 +251,6 @@ if HAS_TRITON:
         store_top_column(grad_rows, top_s, other_columns, top_formula, pivoted)
 
 
-def kernel_scalars(values, acc_dtype, device):
-    """Float parameters travel in a tensor, not as kernel arguments: Triton passes Python floats
-    as fp32, which would cap the float64 path's accuracy at ~1e-7."""
-    return torch.tensor(values, dtype=acc_dtype, device=device)
-
-
 def divergence_scalars(temperature, log_mix_p, log_mix_q, acc_dtype, device):
     """`[scale, scale_low, 1 / T, mix_p, mix_q, log2 mix_p, log2 mix_q]`: `temperature_scalars` and the
     mixture `m = mix_p p + mix_q q`."""
@@ -271,7 +266,7 @@ def divergence_forward(student, teacher, labels, *, divergence, temperature, log
     loss = torch.empty(n_rows, dtype=acc_dtype, device=student.device)
     stats = torch.empty(n_rows, DIVERGENCE_STATS, dtype=acc_dtype, device=student.device)
     if n_rows == 0:
-        return loss, stats
+        return DivergenceForward(loss, stats)
     shape = launch_shape(n_rows, vocab, student.device, acc_dtype == torch.float64)
     grid = (triton.cdiv(n_rows, shape["BLOCK_N"]),)
     _divergence_forward_kernel[grid](
@@ -280,7 +275,7 @@ def divergence_forward(student, teacher, labels, *, divergence, temperature, log
         DIVERGENCE=DIVERGENCE_CODES[divergence], HAS_LABELS=labels is not None,
         FP64=acc_dtype == torch.float64, **shape,
     )
-    return loss, stats
+    return DivergenceForward(loss, stats)
 
 
 def divergence_backward(student, teacher, stats, row_scale, grad, *, divergence, temperature, log_mix_p, log_mix_q):

@@ -13,11 +13,12 @@ from __future__ import annotations
 import torch
 
 from ...registry import HYBRID_STATS, STAT_LOG_SUM_S, STAT_MAX_S, STAT_TOP_S, STAT_W_LABEL, STAT_W_SAMPLE, accumulation_dtype
+from ..backend_contract import HybridForward
 from ..common import temperature_scalars
-from ..gumbel import GUMBEL2_MAX, gumbel2_triton, row_keys_triton, seed_key
-from .divergence import kernel_scalars
-from .utils import (HAS_TRITON, LN2, finish_logsumexp, launch_shape, log2_softmax,
-                           online_logsumexp_step, store_top_column, tl, top_column_step, triton)
+from ..gumbel import GUMBEL2_MAX, seed_key
+from .gumbel import gumbel2_triton, row_keys_triton
+from .utils import (HAS_TRITON, LN2, finish_logsumexp, kernel_scalars, launch_shape, log2_softmax,
+                    online_logsumexp_step, store_top_column, tl, top_column_step, triton)
 
 # The registry's stats columns, as constexprs a kernel may read.
 _MAX_S, _LOG_SUM_S, _TOP_S, _W_LABEL, _W_SAMPLE, _STATS = (
@@ -187,7 +188,7 @@ if HAS_TRITON:
 
 def hybrid_forward(student, teacher, labels, sampled_ids, *, seed, temperature, fkl_weight, rkl_weight, ignore_index,
                    row_offset=0):
-    """Per-row loss `[N]`, stats `[N, 4]` (`registry.STAT_*`) and `y_hat` `[N]` (int64).
+    """Per-row loss `[N]`, stats `[N, HYBRID_STATS]` (`registry.STAT_*`, base 2) and `y_hat` `[N]` (int64).
 
     `sampled_ids=None` draws `y_hat` in the kernel from `seed`, with the noise of rows
     `row_offset + i`; inactive rows report `ignore_index`.
@@ -200,7 +201,7 @@ def hybrid_forward(student, teacher, labels, sampled_ids, *, seed, temperature, 
     if sample:
         sampled_ids = torch.empty(n_rows, dtype=torch.int64, device=student.device)
     if n_rows == 0:
-        return loss, stats, sampled_ids
+        return HybridForward(loss, stats, sampled_ids)
     scalars = kernel_scalars(temperature_scalars(temperature, acc_dtype) + [fkl_weight, rkl_weight], acc_dtype,
                              student.device)
     shape = launch_shape(n_rows, vocab, student.device, acc_dtype == torch.float64)
@@ -210,7 +211,7 @@ def hybrid_forward(student, teacher, labels, sampled_ids, *, seed, temperature, 
         n_rows, vocab, student.stride(0), teacher.stride(0), ignore_index, seed_key(seed or 0), row_offset,
         SAMPLE=sample, FP64=acc_dtype == torch.float64, **shape,
     )
-    return loss, stats, sampled_ids
+    return HybridForward(loss, stats, sampled_ids)
 
 
 def hybrid_backward(student, labels, sampled_ids, stats, row_scale, grad, *, vocab, temperature):

@@ -54,6 +54,12 @@ def launch_shape(n_rows: int, vocab: int, device: torch.device, fp64: bool = Fal
     return {"BLOCK_N": 1, "BLOCK_V": block_v, "num_warps": 8 if block_v >= 2048 else 4}
 
 
+def kernel_scalars(values, acc_dtype, device):
+    """Float parameters travel in a tensor, not as kernel arguments: Triton passes Python floats
+    as fp32, which would cap the float64 path's accuracy at ~1e-7."""
+    return torch.tensor(values, dtype=acc_dtype, device=device)
+
+
 # Base-2 arithmetic: the kernels scale logits by log2(e) / T once, so every exponential is one
 # `ex2` of the special-function unit (`tl.exp` adds a multiply and denormal fix-ups) and every
 # logarithm in the vocabulary loop one `lg2` (`tl.log` is a ~25-instruction polynomial).

@@ -1,0 +1,22 @@
+"""HPD's `y_hat` in the torch backend: the Gumbel-max draw of the Triton kernel, rounded as it rounds
+it (always eager), so that both backends draw the same tokens from one seed."""
+
+from __future__ import annotations
+
+import torch
+
+from ..gumbel import gumbel2_torch, row_keys_torch
+
+
+def gumbel_scores(student, scale, row_keys, columns):
+    """The kernel's Gumbel-max scores in base 2, `s log2(e) / T + g2` (float32), rounded as it rounds them."""
+    return gumbel2_torch(row_keys, columns).add_((student.to(scale.dtype) * scale).float())
+
+
+def sample_gumbel_max(student, first_row, key, scale):
+    """y_hat for rows `first_row...` of unscaled logits; `scale` is log2(e) / T as a tensor of the
+    accumulation dtype (the kernel's)."""
+    device = student.device
+    row_ids = torch.arange(first_row, first_row + student.shape[0], device=device)
+    scores = gumbel_scores(student, scale, row_keys_torch(key, row_ids), torch.arange(student.shape[1], device=device))
+    return torch.argmax(scores, dim=-1)
