@@ -4,9 +4,9 @@ and finished.
 `resolve` turns what the public function was given into a `LossCall`: the `Objective`, the backend
 (chosen once: Triton, torch, or a vocabulary-parallel slice), flat labels, the active rows, HPD's
 given `y_hat` or seed, the leading shape and the reduction. `LossCall.rows` (logits) and
-`LossCall.linear` (hidden states + lm_head) run it, eagerly through the autograd Functions or, under
-`torch.compile`, through the custom ops; `LossCall.finish` turns the result into the requested
-reduction and `LossCall.details` into HPD's `HybridDetails`.
+`LossCall.linear` (hidden states + lm_head) run it into a `LossResult`, eagerly through the
+autograd Functions or, under `torch.compile`, through the custom ops; `LossCall.finish` turns the
+result into the requested reduction and `LossCall.details` into HPD's `HybridDetails`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 from .checks import check_sampled_ids, compiling
 from .ops import backends, custom_ops
 from .ops.backend_contract import Backend
-from .ops.chunked_linear import FusedLinearDistillation, LinearInputs
+from .ops.chunked_linear import FusedLinearDistillation, LinearInputs, StudentGrads
 from .ops.common import active_rows
 from .ops.row_losses import RowLosses, hybrid_details
 from .registry import HPD, Objective
@@ -46,6 +46,19 @@ class LossParts(NamedTuple):
 
     distillation: torch.Tensor
     cross_entropy: torch.Tensor
+
+
+class LossResult(NamedTuple):
+    """What `LossCall.rows` and `LossCall.linear` computed, before `LossCall.outputs` finishes it: the
+    loss (per row, or reduced to `inner_reduction`), its parts per row (empty unless asked for) and
+    HPD's details per row (empty, or None under `torch.compile`, for the divergences)."""
+
+    loss: torch.Tensor
+    distillation: torch.Tensor
+    cross_entropy: torch.Tensor
+    sampled_ids: Optional[torch.Tensor]
+    label_weight: Optional[torch.Tensor]
+    sample_weight: Optional[torch.Tensor]
 
 
 def _draw_seed():
@@ -110,18 +123,18 @@ class LossCall:
 
     # -- running ---------------------------------------------------------------------------------
 
-    def rows(self, student, teacher):
-        """`(per_row [N], distillation, cross_entropy, y_hat, w_y, w_hat)` of `[N, V]` logits: the
-        per-row parts (empty unless asked) and HPD's details (empty for the divergences)."""
+    def rows(self, student, teacher) -> LossResult:
+        """The `LossResult` of `[N, V]` logits, per row."""
         if compiling():  # the custom op: opaque to the compiler, same implementation
-            per_row, distillation, hard, stats, drawn = custom_ops.row_losses(
-                student, teacher.detach(), self.labels, self.active, self.sampled_ids,
-                *custom_ops.objective_fields(self.objective), self.backend.NAME)
-            details = hybrid_details(stats, drawn) if self.objective.is_hybrid else (drawn, None, None)
-            return (per_row, distillation.detach(), hard.detach(),
-                    *(None if detail is None else detail.detach() for detail in details))
-        return RowLosses.apply(student, teacher.detach(), self.labels, self.active, self.sampled_ids, self.objective,
-                               self.backend)
+            computed = custom_ops.run_row_losses(student, teacher.detach(), self.labels, self.active, self.sampled_ids,
+                                                 self.objective, self.backend)
+            if self.objective.is_hybrid:
+                details = [detail.detach() for detail in hybrid_details(computed.stats, computed.sampled_ids)]
+            else:
+                details = (computed.sampled_ids.detach(), None, None)
+            return LossResult(computed.loss, computed.distillation.detach(), computed.cross_entropy.detach(), *details)
+        return LossResult(*RowLosses.apply(student, teacher.detach(), self.labels, self.active, self.sampled_ids,
+                                           self.objective, self.backend))
 
     def agree_chunk_size(self, chunk_size):
         """Vocabulary-parallel: the collectives run once per chunk, so every rank must cut the rows alike."""
@@ -133,21 +146,21 @@ class LossCall:
         dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=self.process_group)
         return int(agreed)
 
-    def linear(self, inputs: LinearInputs, chunk_size):
-        """`(loss, distillation, cross_entropy, y_hat, w_y, w_hat)` from hidden states; `loss` reduced to
-        `inner_reduction`, the parts per row (empty unless asked)."""
+    def linear(self, inputs: LinearInputs, chunk_size) -> LossResult:
+        """The `LossResult` of hidden states, its loss reduced to `inner_reduction`."""
         inputs = inputs._replace(labels=self.labels, sampled_ids=self.sampled_ids)
         if compiling():
             if self.reduction == "none":
                 raise ValueError("under torch.compile the fused-linear losses support reduction='mean' or 'sum'")
-            outputs = custom_ops.fused_linear(
-                *inputs, self.active, *custom_ops.objective_fields(self.objective), self.inner_reduction,
-                chunk_size, self.backend.NAME, inputs.student_hidden.requires_grad,
-                inputs.student_weight.requires_grad,
-                inputs.student_bias is not None and inputs.student_bias.requires_grad)
-            return outputs[:6]
-        return FusedLinearDistillation.apply(self.active, self.objective, self.inner_reduction, chunk_size,
-                                             self.backend, *inputs)
+            bias = inputs.student_bias
+            wanted = StudentGrads(inputs.student_hidden.requires_grad, inputs.student_weight.requires_grad,
+                                  bias is not None and bias.requires_grad)
+            computed = custom_ops.run_fused_linear(inputs, self.active, self.objective, self.inner_reduction,
+                                                   chunk_size, self.backend, wanted)
+            return LossResult(computed.loss, computed.distillation, computed.cross_entropy, computed.sampled_ids,
+                              computed.label_weight, computed.sample_weight)
+        return LossResult(*FusedLinearDistillation.apply(self.active, self.objective, self.inner_reduction, chunk_size,
+                                                         self.backend, *inputs))
 
     # -- finishing -------------------------------------------------------------------------------
 
@@ -166,10 +179,11 @@ class LossCall:
             return value / torch.as_tensor(self.num_items_in_batch, device=value.device).to(value.dtype)
         return value
 
-    def outputs(self, loss, distillation, cross_entropy, *details, return_details=False):
-        """The public return value from what `rows` or `linear` gave: the finished loss, then
+    def outputs(self, loss, distillation, cross_entropy, sampled_ids, label_weight, sample_weight, *,
+                return_details=False):
+        """The public return value from the fields of a `LossResult`: the finished loss, then
         `HybridDetails` (HPD, when asked) and `LossParts` (when asked), in that order."""
-        extra = ((self.details(*details),) if return_details else ()) + (
+        extra = ((self.details(sampled_ids, label_weight, sample_weight),) if return_details else ()) + (
             (self.parts(distillation, cross_entropy),) if self.return_parts else ())
         loss = self.finish(loss)
         return (loss, *extra) if extra else loss

@@ -30,8 +30,7 @@ def _autocast_dtype(device):
 def _run(objective_name, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
          teacher_logits, labels, *, labels_required, temperature, ignore_index, reduction, chunk_size, backend,
          num_items_in_batch, process_group, vocab_offset, **options):
-    """Check the tensors, resolve the call and run it: `(call, loss, distillation, cross_entropy, y_hat,
-    w_y, w_hat)` (`LossCall.linear`)."""
+    """Check the tensors, resolve the call and run it: `(call, LossResult)` (`LossCall.linear`)."""
     device = getattr(student_hidden, "device", None)
     autocast = _autocast_dtype(device)
     check_linear("student", student_hidden, student_weight, student_bias, device, autocast is not None)
@@ -61,16 +60,17 @@ def _run(objective_name, student_hidden, student_weight, student_bias, teacher_h
         tensor = tensor.detach() if detach else tensor
         return tensor if autocast is None else tensor.to(autocast)
 
-    def rows(tensor, detach=True):
+    def flat_operand(tensor, detach=True):  # [..., H] -> [N, H]
         return None if tensor is None else gemm_operand(tensor.reshape(-1, tensor.shape[-1]), detach)
 
-    inputs = LinearInputs(rows(student_hidden, detach=False), gemm_operand(student_weight, detach=False),
-                          gemm_operand(student_bias, detach=False), rows(teacher_hidden), gemm_operand(teacher_weight),
+    inputs = LinearInputs(flat_operand(student_hidden, detach=False), gemm_operand(student_weight, detach=False),
+                          gemm_operand(student_bias, detach=False), flat_operand(teacher_hidden),
+                          gemm_operand(teacher_weight),
                           gemm_operand(teacher_bias),
                           None if teacher_logits is None else teacher_logits.reshape(-1, teacher_logits.shape[-1]).detach())
     # Inside, every op runs in the dtypes just chosen (autocast would recast the chunk GEMMs).
     with torch.autocast(device.type, enabled=False) if autocast is not None else contextlib.nullcontext():
-        return call, *call.linear(inputs, chunk_size)
+        return call, call.linear(inputs, chunk_size)
 
 
 def fused_linear_divergence_loss(student_hidden, student_weight, teacher_hidden=None, teacher_weight=None, labels=None,
@@ -88,13 +88,13 @@ def fused_linear_divergence_loss(student_hidden, student_weight, teacher_hidden=
     check_fraction("alpha", alpha)
     check_num_items(num_items_in_batch, reduction)
     check_ce_weight(ce_weight)
-    call, *outputs = _run(
+    call, result = _run(
         divergence, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
         teacher_logits, labels, labels_required=False, temperature=temperature, ignore_index=ignore_index,
         reduction=reduction, chunk_size=chunk_size, backend=backend, num_items_in_batch=num_items_in_batch,
         process_group=process_group, vocab_offset=vocab_offset, beta=beta, alpha=alpha, ce_weight=ce_weight,
         return_parts=return_parts)
-    return call.outputs(*outputs)
+    return call.outputs(*result)
 
 
 def fused_linear_hybrid_kl_loss(student_hidden, student_weight, teacher_hidden=None, teacher_weight=None, labels=None,
@@ -108,13 +108,13 @@ def fused_linear_hybrid_kl_loss(student_hidden, student_weight, teacher_hidden=N
     check_num_items(num_items_in_batch, reduction)
     check_hpd_options(fkl_weight, rkl_weight, seed)
     check_ce_weight(ce_weight)
-    call, *outputs = _run(
+    call, result = _run(
         HPD, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
         teacher_logits, labels, labels_required=True, temperature=temperature, ignore_index=ignore_index,
         reduction=reduction, chunk_size=chunk_size, backend=backend, num_items_in_batch=num_items_in_batch,
         process_group=process_group, vocab_offset=vocab_offset, sampled_ids=sampled_ids, seed=seed,
         fkl_weight=fkl_weight, rkl_weight=rkl_weight, ce_weight=ce_weight, return_parts=return_parts)
-    return call.outputs(*outputs, return_details=return_details)
+    return call.outputs(*result, return_details=return_details)
 
 
 # One function per divergence, with its own signature (so `help()` shows every argument).

@@ -23,13 +23,13 @@ GPU (whole GEMM tiles). The budget is 32 MiB on the CPU and 1/32 of the free GPU
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 
 from ..registry import Objective, accumulation_dtype
 from .backend_contract import Backend
-from .row_losses import backward_rows, forward_rows, hybrid_details
+from .row_losses import HpdDetails, RowParts, backward_rows, forward_rows, hybrid_details, no_details
 
 
 CPU_CHUNK_BUDGET = 32 * 2**20
@@ -49,6 +49,28 @@ class LinearInputs(NamedTuple):
     teacher_logits: Optional[torch.Tensor] = None
     labels: Optional[torch.Tensor] = None
     sampled_ids: Optional[torch.Tensor] = None
+
+
+class StudentGrads(NamedTuple):
+    """One thing per student tensor that takes a gradient: whether it is wanted (bools), or the
+    gradient itself (None where not wanted)."""
+
+    hidden: Any
+    weight: Any
+    bias: Any
+
+
+NO_GRADS = StudentGrads(False, False, False)
+
+
+class LinearPass(NamedTuple):
+    """What a pass over the rows computed: the loss (per row, or reduced by `scalar_pass`), HPD's
+    details and the two parts per row (None unless computed) and the gradients asked for."""
+
+    loss: torch.Tensor
+    details: Optional[HpdDetails]
+    parts: Optional[RowParts]
+    grads: StudentGrads
 
 
 def rows_per_chunk(n_rows: int, student_vocab: int, teacher_vocab: int, itemsize: int, device: torch.device) -> int:
@@ -110,7 +132,7 @@ class _Chunks:
             return inputs.teacher_logits[rows]
         return _linear(inputs.teacher_hidden[rows], inputs.teacher_weight, inputs.teacher_bias)
 
-    def run(self, row_scale=None, want_grads=(False, False, False)):
+    def run(self, row_scale=None, wanted: StudentGrads = NO_GRADS) -> LinearPass:
         inputs, objective = self.inputs, self.objective
         hidden, weight, bias = inputs.student_hidden, inputs.student_weight, inputs.student_bias
         n_rows, device = hidden.shape[0], hidden.device
@@ -123,9 +145,9 @@ class _Chunks:
         drawn = torch.full((n_rows,), objective.ignore_index, dtype=torch.int64, device=device) if hpd else None
         label_weight = torch.zeros(n_rows, dtype=acc_dtype, device=device) if hpd else None
         sample_weight = torch.zeros_like(label_weight) if hpd else None
-        grad_hidden = torch.empty_like(hidden) if want_grads[0] else None
-        grad_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if want_grads[1] else None
-        grad_bias = torch.zeros(bias.shape, dtype=acc_dtype, device=bias.device) if want_grads[2] else None
+        grad_hidden = torch.empty_like(hidden) if wanted.hidden else None
+        grad_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if wanted.weight else None
+        grad_bias = torch.zeros(bias.shape, dtype=acc_dtype, device=bias.device) if wanted.bias else None
 
         for start in range(0, n_rows, self.chunk_size):
             rows = slice(start, min(start + self.chunk_size, n_rows))
@@ -157,23 +179,24 @@ class _Chunks:
                 grad_bias += grad_logits.sum(0, dtype=acc_dtype)
         if grad_hidden is not None:
             self.backend.reduce_hidden_grad(grad_hidden)  # vocabulary-parallel: sum over the slices
-        details = (drawn, label_weight, sample_weight) if hpd else None
-        parts = (distillation, cross_entropy) if cross_entropy is not None else None
-        return per_row, details, parts, (grad_hidden, grad_weight, grad_bias)
+        details = HpdDetails(drawn, label_weight, sample_weight) if hpd else None
+        parts = RowParts(distillation, cross_entropy) if cross_entropy is not None else None
+        return LinearPass(per_row, details, parts, StudentGrads(grad_hidden, grad_weight, grad_bias))
 
 
-def scalar_pass(inputs: LinearInputs, active, objective: Objective, backend: Backend, chunk_size, reduction, want):
-    """`(loss, details, parts, grads)` of a scalar reduction ("mean" over the `active` rows, or "sum")
-    in one pass: the gradients the `want` flags ask for are computed while each chunk's logits exist.
-    `parts` (per-row distillation and cross-entropy, when asked) are left unreduced."""
+def scalar_pass(inputs: LinearInputs, active, objective: Objective, backend: Backend, chunk_size, reduction,
+                wanted: StudentGrads) -> LinearPass:
+    """A scalar reduction ("mean" over the `active` rows, or "sum") in one pass: the gradients
+    `wanted` are computed while each chunk's logits exist. The parts (per-row distillation and
+    cross-entropy, when asked) are left unreduced."""
     acc_dtype = accumulation_dtype(inputs.student_hidden.dtype)
     denominator = active.sum().clamp(min=1).to(acc_dtype)
     row_scale = None
-    if any(want):
+    if any(wanted):
         row_scale = active.to(acc_dtype) / denominator if reduction == "mean" else active.to(acc_dtype)
-    per_row, details, parts, grads = _Chunks(inputs, objective, backend, chunk_size).run(row_scale, want)
-    loss = per_row.sum() / denominator if reduction == "mean" else per_row.sum()
-    return loss, details, parts, grads
+    computed = _Chunks(inputs, objective, backend, chunk_size).run(row_scale, wanted)
+    per_row = computed.loss
+    return computed._replace(loss=per_row.sum() / denominator if reduction == "mean" else per_row.sum())
 
 
 class FusedLinearDistillation(torch.autograd.Function):
@@ -188,29 +211,30 @@ class FusedLinearDistillation(torch.autograd.Function):
     @staticmethod
     def forward(ctx, active, objective: Objective, reduction, chunk_size, backend: Backend, *tensors):
         inputs = LinearInputs(*tensors)
-        needs = dict(zip(LinearInputs._fields, ctx.needs_input_grad[5:]))
-        want = (needs["student_hidden"], needs["student_weight"],
-                inputs.student_bias is not None and needs["student_bias"])
-        eager = reduction != "none" and any(want)
+        needs = LinearInputs(*ctx.needs_input_grad[5:])
+        wanted = StudentGrads(needs.student_hidden, needs.student_weight,
+                              inputs.student_bias is not None and needs.student_bias)
+        eager = reduction != "none" and any(wanted)
         if reduction == "none":
             loss, details, parts, grads = _Chunks(inputs, objective, backend, chunk_size).run()
         else:
             loss, details, parts, grads = scalar_pass(inputs, active, objective, backend, chunk_size, reduction,
-                                                      want)
+                                                      wanted)
 
-        ctx.objective, ctx.backend, ctx.chunk_size, ctx.want, ctx.eager = objective, backend, chunk_size, want, eager
+        ctx.objective, ctx.backend, ctx.chunk_size = objective, backend, chunk_size
+        ctx.wanted, ctx.eager = wanted, eager
         ctx.param_dtypes = (inputs.student_weight.dtype,
                             None if inputs.student_bias is None else inputs.student_bias.dtype)
         if eager:
             ctx.grads = grads
         else:  # "none": backward rebuilds the logits with the per-row incoming gradient
-            used_ids = details[0] if details is not None else inputs.sampled_ids
+            used_ids = details.sampled_ids if details is not None else inputs.sampled_ids
             ctx.save_for_backward(active, *inputs._replace(sampled_ids=used_ids))
         empty = torch.empty(0, device=inputs.student_hidden.device)
         if details is None:
-            details = (empty.long(), empty.clone(), empty.clone())
+            details = no_details(empty)
         if parts is None:
-            parts = (empty.clone(), empty.clone())
+            parts = RowParts(empty.clone(), empty.clone())
         ctx.mark_non_differentiable(*parts, *details)
         return (loss, *parts, *details)
 
@@ -225,8 +249,8 @@ class FusedLinearDistillation(torch.autograd.Function):
             inputs = LinearInputs(*tensors)
             acc_dtype = accumulation_dtype(inputs.student_hidden.dtype)
             row_scale = torch.where(active, grad_loss.to(acc_dtype), 0.0)
-            *_, (grad_hidden, grad_weight, grad_bias) = _Chunks(inputs, ctx.objective, ctx.backend,
-                                                                 ctx.chunk_size).run(row_scale, ctx.want)
+            grad_hidden, grad_weight, grad_bias = _Chunks(inputs, ctx.objective, ctx.backend,
+                                                          ctx.chunk_size).run(row_scale, ctx.wanted).grads
         weight_dtype, bias_dtype = ctx.param_dtypes
         grads = dict(student_hidden=grad_hidden,
                      student_weight=None if grad_weight is None else grad_weight.to(weight_dtype),

@@ -33,7 +33,23 @@ from ..registry import (STAT_LOG_SUM_S, STAT_LOG_SUM_T, STAT_ROW_WEIGHT, STAT_TO
 from .backend_contract import Backend
 
 
-class Rows(NamedTuple):
+class HpdDetails(NamedTuple):
+    """HPD's `y_hat`, `w_y` and `w_hat` per row (empty tensors for the divergences where a result
+    must hold tensors)."""
+
+    sampled_ids: torch.Tensor
+    label_weight: torch.Tensor
+    sample_weight: torch.Tensor
+
+
+class RowParts(NamedTuple):
+    """The two parts of a loss with a hard-label term, per row (empty tensors unless asked for)."""
+
+    distillation: torch.Tensor
+    cross_entropy: torch.Tensor
+
+
+class RowForward(NamedTuple):
     """What a forward computed per row: the loss (`distillation + ce_weight * cross_entropy`), its two
     parts (`cross_entropy` None unless `objective.cross_entropy`), the stats, and HPD's `y_hat`."""
 
@@ -56,7 +72,8 @@ def _labelled(labels, vocab):
     return (labels >= 0) & (labels < vocab)
 
 
-def forward_rows(backend: Backend, student, teacher, labels, sampled_ids, objective: Objective, row_offset=0) -> Rows:
+def forward_rows(backend: Backend, student, teacher, labels, sampled_ids, objective: Objective,
+                 row_offset=0) -> RowForward:
     """The per-row losses in the accumulation dtype. HPD draws `y_hat` when `sampled_ids` is None,
     with the noise of rows `row_offset + i`."""
     if objective.is_hybrid:
@@ -70,13 +87,13 @@ def forward_rows(backend: Backend, student, teacher, labels, sampled_ids, object
             log_mix_p=objective.log_mix_p, log_mix_q=objective.log_mix_q, ignore_index=objective.ignore_index)
         drawn = None
     if not objective.cross_entropy or labels is None:
-        return Rows(loss, loss, None, stats, drawn)
+        return RowForward(loss, loss, None, stats, drawn)
     vocab = min(student.shape[1], teacher.shape[1])
     counted = _labelled(labels, vocab) & (labels != objective.ignore_index) & _defined(stats, objective)
     log_q_y = backend.label_log_probs(student, labels, stats, objective.temperature)
     cross_entropy = torch.where(counted, -log_q_y, 0.0)
     total = loss + objective.ce_weight * cross_entropy if objective.ce_weight else loss
-    return Rows(total, loss, cross_entropy, stats, drawn)
+    return RowForward(total, loss, cross_entropy, stats, drawn)
 
 
 def backward_rows(backend: Backend, student, teacher, labels, sampled_ids, stats, row_scale, grad, objective: Objective,
@@ -108,19 +125,24 @@ def backward_rows(backend: Backend, student, teacher, labels, sampled_ids, stats
     return grad
 
 
-def row_parts(rows: Rows, empty):
-    """`(distillation, cross_entropy)` per row when they were asked for (`rows.cross_entropy`), else two
-    empty tensors: nothing is copied for a call that does not report them. Outputs may not alias the
-    loss, which is the distillation part itself when `ce_weight` is 0."""
-    if rows.cross_entropy is None:
-        return empty.clone(), empty.clone()
-    distillation = rows.distillation.clone() if rows.distillation is rows.loss else rows.distillation
-    return distillation, rows.cross_entropy
+def row_parts(forward: RowForward, empty) -> RowParts:
+    """The per-row parts when they were asked for (`forward.cross_entropy`), else two empty tensors:
+    nothing is copied for a call that does not report them. Outputs may not alias the loss, which is
+    the distillation part itself when `ce_weight` is 0."""
+    if forward.cross_entropy is None:
+        return RowParts(empty.clone(), empty.clone())
+    distillation = forward.distillation.clone() if forward.distillation is forward.loss else forward.distillation
+    return RowParts(distillation, forward.cross_entropy)
 
 
-def hybrid_details(stats, sampled_ids):
-    """HPD's `(y_hat, w_y, w_hat)` from a forward's stats, detached copies."""
-    return sampled_ids, stats[:, STAT_W_LABEL].clone(), stats[:, STAT_W_SAMPLE].clone()
+def hybrid_details(stats, sampled_ids) -> HpdDetails:
+    """HPD's details from a forward's stats, detached copies."""
+    return HpdDetails(sampled_ids, stats[:, STAT_W_LABEL].clone(), stats[:, STAT_W_SAMPLE].clone())
+
+
+def no_details(empty) -> HpdDetails:
+    """The divergences' place-holder for HPD's details: empty tensors, none aliasing another."""
+    return HpdDetails(empty.long(), empty.clone(), empty.clone())
 
 
 class RowLosses(torch.autograd.Function):
@@ -136,20 +158,17 @@ class RowLosses(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student, teacher, labels, active, sampled_ids, objective: Objective, backend: Backend):
-        rows = forward_rows(backend, student, teacher, labels, sampled_ids, objective)
+        forward = forward_rows(backend, student, teacher, labels, sampled_ids, objective)
         # HPD's backward needs no teacher: do not keep it alive until then.
-        ctx.save_for_backward(student, None if objective.is_hybrid else teacher, labels, rows.sampled_ids, rows.stats,
-                              active)
+        ctx.save_for_backward(student, None if objective.is_hybrid else teacher, labels, forward.sampled_ids,
+                              forward.stats, active)
         ctx.objective, ctx.backend = objective, backend
         ctx.vocab = min(student.shape[1], teacher.shape[1])
-        empty = student.new_empty((0,), dtype=rows.stats.dtype)
-        if objective.is_hybrid:
-            details = hybrid_details(rows.stats, rows.sampled_ids)
-        else:
-            details = (empty.long(), empty, empty.clone())
-        parts = row_parts(rows, empty)
+        empty = student.new_empty((0,), dtype=forward.stats.dtype)
+        details = hybrid_details(forward.stats, forward.sampled_ids) if objective.is_hybrid else no_details(empty)
+        parts = row_parts(forward, empty)
         ctx.mark_non_differentiable(*parts, *details)
-        return (rows.loss, *parts, *details)
+        return (forward.loss, *parts, *details)
 
     @staticmethod
     def backward(ctx, grad_per_row, *_):
