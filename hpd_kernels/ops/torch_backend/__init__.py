@@ -11,9 +11,6 @@ Functions do not care which runs. One file per job:
 - `row_math`: the log-sum-exps, log-softmaxes and gradient pieces both objectives share;
 - `row_spans`: which rows a pass computes (runs outside the loss left out), in which chunks;
 - `compile_policy`: when the chunk math runs through `torch.compile`.
-
-Rows are processed in chunks whose temporaries stay under a fixed budget, so no `[N, V]` float32
-tensor exists here either; float64 inputs are computed in float64.
 """
 
 from .backend import TORCH, TorchBackend  # noqa: F401
