@@ -59,3 +59,15 @@ def test_whole_vocabulary_backends_leave_the_hidden_gradient_alone():
     grad = torch.randn(3, 4)
     for backend in (TRITON, TORCH):
         assert backend.reduce_hidden_grad(grad) is grad
+
+
+def test_both_vocabulary_strategies_implement_theirs():
+    """The torch backend's passes ask the same of the whole vocabulary and of a slice."""
+    from hpd_kernels.ops.torch_backend.vocabulary import WHOLE, Vocabulary
+    from hpd_kernels.ops.vocab_parallel import VocabularySlice
+
+    methods = sorted(name for name, member in vars(Vocabulary).items() if callable(member) and not name.startswith("_"))
+    for vocabulary in (WHOLE, VocabularySlice(group=None, vocab_offset=0, global_vocab=10)):
+        assert isinstance(vocabulary.local_rows, bool)
+        for method in methods:
+            assert _parameters(getattr(vocabulary, method)) == _parameters(getattr(Vocabulary, method)), method
