@@ -1,5 +1,8 @@
 """Fused lm_head + distillation loss: the logits exist only one chunk of rows at a time.
 
+Only the rows in the loss are chunked: rows outside it (prompt, padding, ignored labels), wherever
+they lie, cost no GEMM and no backend call, and keep zero losses and gradients (`_loss_row_chunks`).
+
 Per chunk of tokens: `student_logits = h_s W_s^T (+ b_s)` and the teacher's logits are computed in
 the input dtype, the loss kernels (Triton or torch, the same ones the logits-level losses use)
 reduce them to per-row values, the backward kernel overwrites the student's chunk logits with their
@@ -29,7 +32,7 @@ import torch
 
 from ..registry import Objective, accumulation_dtype
 from .backend_contract import Backend
-from .row_losses import HpdDetails, RowParts, backward_rows, forward_rows, hybrid_details, no_details
+from .row_losses import HpdDetails, RowForward, RowParts, backward_rows, forward_rows, hybrid_details, no_details
 
 
 CPU_CHUNK_BUDGET = 32 * 2**20
@@ -120,11 +123,47 @@ def _linear(hidden, weight, bias):
     return torch.addmm(bias, hidden, weight.t()) if bias is not None else hidden @ weight.t()
 
 
-class _Chunks:
-    """One pass over the rows: per-row losses, and gradients when `row_scale` is given."""
+def _loss_row_chunks(active, chunk_size):
+    """The rows in the loss, `chunk_size` at a time: slices where every row is (nothing to gather),
+    else their original indices. Rows outside it (prompt, padding, ignored labels) are never
+    projected, wherever they lie. Finding them waits for the device once per call; under
+    vocabulary parallelism every rank holds the same labels, so all cut the same chunks."""
+    n_rows = active.shape[0]
+    loss_rows = torch.nonzero(active)[:, 0]
+    if loss_rows.numel() == n_rows:
+        return [slice(start, min(start + chunk_size, n_rows)) for start in range(0, n_rows, chunk_size)]
+    return list(loss_rows.split(chunk_size)) if loss_rows.numel() else []
 
-    def __init__(self, inputs: LinearInputs, objective: Objective, backend: Backend, chunk_size: int):
-        self.inputs, self.objective, self.backend, self.chunk_size = inputs, objective, backend, chunk_size
+
+def _noise_runs(rows):
+    """`(begin, end, first_row)` per run of consecutive original rows in a chunk: HPD's noise is keyed
+    by a row's original index (`row_offset + i`), so a gathered chunk is drawn one run at a time."""
+    if isinstance(rows, slice):
+        return [(0, rows.stop - rows.start, rows.start)]
+    original = rows.tolist()
+    breaks = [i for i in range(1, len(original)) if original[i] != original[i - 1] + 1]
+    begins, ends = [0] + breaks, breaks + [len(original)]
+    return [(begin, end, original[begin]) for begin, end in zip(begins, ends)]
+
+
+def _forward_chunk(backend, student_logits, teacher_logits, labels, given, objective, rows) -> RowForward:
+    """`forward_rows` of one chunk, each row drawn with the noise of its original index."""
+    if not objective.is_hybrid or given is not None:
+        return forward_rows(backend, student_logits, teacher_logits, labels, given, objective)
+    runs = [forward_rows(backend, student_logits[begin:end], teacher_logits[begin:end], labels[begin:end], None,
+                         objective, row_offset=first_row) for begin, end, first_row in _noise_runs(rows)]
+    if len(runs) == 1:
+        return runs[0]
+    return RowForward(*(None if fields[0] is None else torch.cat(fields) for fields in zip(*runs)))
+
+
+class _Chunks:
+    """One pass over the rows in the loss (`active`): per-row losses, and gradients when `row_scale`
+    is given; rows outside the loss keep zero losses and gradients (and `ignore_index` ids)."""
+
+    def __init__(self, inputs: LinearInputs, active, objective: Objective, backend: Backend, chunk_size: int):
+        self.inputs, self.active, self.objective = inputs, active, objective
+        self.backend, self.chunk_size = backend, chunk_size
 
     def teacher_chunk(self, rows):
         inputs = self.inputs
@@ -145,18 +184,17 @@ class _Chunks:
         drawn = torch.full((n_rows,), objective.ignore_index, dtype=torch.int64, device=device) if hpd else None
         label_weight = torch.zeros(n_rows, dtype=acc_dtype, device=device) if hpd else None
         sample_weight = torch.zeros_like(label_weight) if hpd else None
-        grad_hidden = torch.empty_like(hidden) if wanted.hidden else None
+        grad_hidden = torch.zeros_like(hidden) if wanted.hidden else None
         grad_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if wanted.weight else None
         grad_bias = torch.zeros(bias.shape, dtype=acc_dtype, device=bias.device) if wanted.bias else None
 
-        for start in range(0, n_rows, self.chunk_size):
-            rows = slice(start, min(start + self.chunk_size, n_rows))
-            student_logits = _linear(hidden[rows], weight, bias)
+        for rows in _loss_row_chunks(self.active, self.chunk_size):
+            chunk_hidden = hidden[rows]
+            student_logits = _linear(chunk_hidden, weight, bias)
             teacher_logits = self.teacher_chunk(rows)
             labels = None if inputs.labels is None else inputs.labels[rows]
             given = None if inputs.sampled_ids is None else inputs.sampled_ids[rows]
-            chunk = forward_rows(self.backend, student_logits, teacher_logits, labels, given, objective,
-                                 row_offset=start)
+            chunk = _forward_chunk(self.backend, student_logits, teacher_logits, labels, given, objective, rows)
             stats, ids = chunk.stats, chunk.sampled_ids
             if hpd:
                 drawn[rows], label_weight[rows], sample_weight[rows] = hybrid_details(stats, ids)
@@ -172,9 +210,9 @@ class _Chunks:
                           row_scale[rows].contiguous(), student_logits, objective, vocab)
             grad_logits = student_logits
             if grad_hidden is not None:
-                torch.mm(grad_logits, weight, out=grad_hidden[rows])
+                grad_hidden[rows] = torch.mm(grad_logits, weight)
             if grad_weight is not None:
-                accumulate_mm(grad_weight, grad_logits.t(), hidden[rows])
+                accumulate_mm(grad_weight, grad_logits.t(), chunk_hidden)
             if grad_bias is not None:
                 grad_bias += grad_logits.sum(0, dtype=acc_dtype)
         if grad_hidden is not None:
@@ -194,7 +232,7 @@ def scalar_pass(inputs: LinearInputs, active, objective: Objective, backend: Bac
     row_scale = None
     if any(wanted):
         row_scale = active.to(acc_dtype) / denominator if reduction == "mean" else active.to(acc_dtype)
-    computed = _Chunks(inputs, objective, backend, chunk_size).run(row_scale, wanted)
+    computed = _Chunks(inputs, active, objective, backend, chunk_size).run(row_scale, wanted)
     per_row = computed.loss
     return computed._replace(loss=per_row.sum() / denominator if reduction == "mean" else per_row.sum())
 
@@ -216,7 +254,7 @@ class FusedLinearDistillation(torch.autograd.Function):
                               inputs.student_bias is not None and needs.student_bias)
         eager = reduction != "none" and any(wanted)
         if reduction == "none":
-            loss, details, parts, grads = _Chunks(inputs, objective, backend, chunk_size).run()
+            loss, details, parts, grads = _Chunks(inputs, active, objective, backend, chunk_size).run()
         else:
             loss, details, parts, grads = scalar_pass(inputs, active, objective, backend, chunk_size, reduction,
                                                       wanted)
@@ -249,7 +287,7 @@ class FusedLinearDistillation(torch.autograd.Function):
             inputs = LinearInputs(*tensors)
             acc_dtype = accumulation_dtype(inputs.student_hidden.dtype)
             row_scale = torch.where(active, grad_loss.to(acc_dtype), 0.0)
-            grad_hidden, grad_weight, grad_bias = _Chunks(inputs, ctx.objective, ctx.backend,
+            grad_hidden, grad_weight, grad_bias = _Chunks(inputs, active, ctx.objective, ctx.backend,
                                                           ctx.chunk_size).run(row_scale, ctx.wanted).grads
         weight_dtype, bias_dtype = ctx.param_dtypes
         grads = dict(student_hidden=grad_hidden,
