@@ -59,6 +59,7 @@ def test_rows_outside_the_loss_are_never_projected(objective, backend, reduction
     passes = 2 if reduction == "none" else 1  # "none" rebuilds the logits in backward
     assert sum(projected) == 2 * passes * in_loss  # the student's and the teacher's GEMMs
     assert sum(computed) == passes * in_loss
+    assert len(computed) == passes * -(-in_loss // 4)  # one backend call per chunk of 4 rows in the loss
     assert max(projected) <= 4
 
 

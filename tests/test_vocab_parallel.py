@@ -133,7 +133,7 @@ def _global_mean_worker(rank, init_file):
     total = local_count.clone()
     dist.all_reduce(total)
     assert int(total) == global_count and int(local_count) != global_count // 2
-    # The rows keep their global index (row_offset is not a public argument): draw with given ids.
+    # The rows keep their global index (row_ids is not a public argument): draw with given ids.
     sampled = hpd_kernels.hpd_token_weights(student, teacher, labels, seed=3, backend="torch").sampled_ids
     loss = hpd_kernels.hybrid_kl_loss(mine, teacher[rows], labels[rows], sampled_ids=sampled[rows],
                                       num_items_in_batch=total, backend="torch")

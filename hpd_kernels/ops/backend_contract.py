@@ -62,9 +62,10 @@ class Backend(Protocol):
     def hybrid_forward(self, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor,
                        sampled_ids: Optional[torch.Tensor], *, seed: Optional[int], temperature: float,
                        fkl_weight: float, rkl_weight: float, ignore_index: int,
-                       row_offset: int = 0) -> HybridForward:
-        """HPD per row; `sampled_ids=None` draws `y_hat` from `seed` with the noise of rows
-        `row_offset + i` (so a chunk draws what the whole call would)."""
+                       row_ids: Optional[torch.Tensor] = None) -> HybridForward:
+        """HPD per row; `sampled_ids=None` draws `y_hat` from `seed` with the noise of each row's index
+        in the whole batch, `row_ids` (int64 `[N]`; None: `0..N-1`), so a chunk, or a gather of rows,
+        draws what the whole call would."""
         ...
 
     def hybrid_backward(self, student: torch.Tensor, labels: torch.Tensor, sampled_ids: torch.Tensor,

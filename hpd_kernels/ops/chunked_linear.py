@@ -32,7 +32,7 @@ import torch
 
 from ..registry import Objective, accumulation_dtype
 from .backend_contract import Backend
-from .row_losses import HpdDetails, RowForward, RowParts, backward_rows, forward_rows, hybrid_details, no_details
+from .row_losses import HpdDetails, RowParts, backward_rows, forward_rows, hybrid_details, no_details
 
 
 CPU_CHUNK_BUDGET = 32 * 2**20
@@ -135,26 +135,10 @@ def _loss_row_chunks(active, chunk_size):
     return list(loss_rows.split(chunk_size)) if loss_rows.numel() else []
 
 
-def _noise_runs(rows):
-    """`(begin, end, first_row)` per run of consecutive original rows in a chunk: HPD's noise is keyed
-    by a row's original index (`row_offset + i`), so a gathered chunk is drawn one run at a time."""
-    if isinstance(rows, slice):
-        return [(0, rows.stop - rows.start, rows.start)]
-    original = rows.tolist()
-    breaks = [i for i in range(1, len(original)) if original[i] != original[i - 1] + 1]
-    begins, ends = [0] + breaks, breaks + [len(original)]
-    return [(begin, end, original[begin]) for begin, end in zip(begins, ends)]
-
-
-def _forward_chunk(backend, student_logits, teacher_logits, labels, given, objective, rows) -> RowForward:
-    """`forward_rows` of one chunk, each row drawn with the noise of its original index."""
-    if not objective.is_hybrid or given is not None:
-        return forward_rows(backend, student_logits, teacher_logits, labels, given, objective)
-    runs = [forward_rows(backend, student_logits[begin:end], teacher_logits[begin:end], labels[begin:end], None,
-                         objective, row_offset=first_row) for begin, end, first_row in _noise_runs(rows)]
-    if len(runs) == 1:
-        return runs[0]
-    return RowForward(*(None if fields[0] is None else torch.cat(fields) for fields in zip(*runs)))
+def _row_ids(rows, device):
+    """The original indices of a chunk's rows: HPD's noise is keyed by them, so a row draws the same
+    `y_hat` whichever rows are left out around it."""
+    return torch.arange(rows.start, rows.stop, device=device) if isinstance(rows, slice) else rows
 
 
 class _Chunks:
@@ -194,7 +178,8 @@ class _Chunks:
             teacher_logits = self.teacher_chunk(rows)
             labels = None if inputs.labels is None else inputs.labels[rows]
             given = None if inputs.sampled_ids is None else inputs.sampled_ids[rows]
-            chunk = _forward_chunk(self.backend, student_logits, teacher_logits, labels, given, objective, rows)
+            chunk = forward_rows(self.backend, student_logits, teacher_logits, labels, given, objective,
+                                 row_ids=_row_ids(rows, device) if hpd and given is None else None)
             stats, ids = chunk.stats, chunk.sampled_ids
             if hpd:
                 drawn[rows], label_weight[rows], sample_weight[rows] = hybrid_details(stats, ids)

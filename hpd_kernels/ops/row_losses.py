@@ -73,14 +73,14 @@ def _labelled(labels, vocab):
 
 
 def forward_rows(backend: Backend, student, teacher, labels, sampled_ids, objective: Objective,
-                 row_offset=0) -> RowForward:
+                 row_ids=None) -> RowForward:
     """The per-row losses in the accumulation dtype. HPD draws `y_hat` when `sampled_ids` is None,
-    with the noise of rows `row_offset + i`."""
+    with the noise of each row's index in the batch, `row_ids` (None: `0..N-1`)."""
     if objective.is_hybrid:
         loss, stats, drawn = backend.hybrid_forward(
             student, teacher, labels, sampled_ids, seed=objective.seed, temperature=objective.temperature,
             fkl_weight=objective.fkl_weight, rkl_weight=objective.rkl_weight, ignore_index=objective.ignore_index,
-            row_offset=row_offset)
+            row_ids=row_ids)
     else:
         loss, stats = backend.divergence_forward(
             student, teacher, labels, divergence=objective.name, temperature=objective.temperature,

@@ -65,10 +65,9 @@ class VocabularySlice:
     def hpd_pivot(self, log_q_y, log_q_hat, labels, sampled_ids):
         return torch.full_like(labels, -1)
 
-    def sample(self, student, first_row, key, scale):
+    def sample(self, student, row_ids, key, scale):
         """Global Gumbel-max: the slice's best (score, global column), then the best over ranks."""
         device = student.device
-        row_ids = torch.arange(first_row, first_row + student.shape[0], device=device)
         columns = torch.arange(self.offset, self.offset + student.shape[1], device=device)
         best, where = gumbel_scores(student, scale, row_keys_torch(key, row_ids), columns).max(dim=-1)
         global_best = self._reduce(best.clone(), dist.ReduceOp.MAX)
@@ -107,11 +106,11 @@ class VocabParallel(TorchBackend):
                                            temperature=temperature, log_mix_p=log_mix_p, log_mix_q=log_mix_q)
 
     def hybrid_forward(self, student, teacher, labels, sampled_ids, *, seed, temperature, fkl_weight, rkl_weight,
-                       ignore_index, row_offset=0):
+                       ignore_index, row_ids=None):
         _check_widths(student, teacher)
         return super().hybrid_forward(student, teacher, labels, sampled_ids, seed=seed, temperature=temperature,
                                       fkl_weight=fkl_weight, rkl_weight=rkl_weight, ignore_index=ignore_index,
-                                      row_offset=row_offset)
+                                      row_ids=row_ids)
 
     def label_log_probs(self, student, labels, stats, temperature):
         """Refused (`HARD_LABEL_REFUSAL`): only the hard-label term reads it."""

@@ -33,10 +33,10 @@ class TorchBackend:
             log_mix_p=log_mix_p, log_mix_q=log_mix_q)
 
     def hybrid_forward(self, student, teacher, labels, sampled_ids, *, seed, temperature, fkl_weight, rkl_weight,
-                       ignore_index, row_offset=0):
+                       ignore_index, row_ids=None):
         return hybrid_passes.hybrid_forward(
             student, teacher, labels, sampled_ids, seed=seed, temperature=temperature, fkl_weight=fkl_weight,
-            rkl_weight=rkl_weight, ignore_index=ignore_index, row_offset=row_offset, vocabulary=self.vocabulary)
+            rkl_weight=rkl_weight, ignore_index=ignore_index, row_ids=row_ids, vocabulary=self.vocabulary)
 
     def hybrid_backward(self, student, labels, sampled_ids, stats, row_scale, grad, *, vocab, temperature):
         return hybrid_passes.hybrid_backward(student, labels, sampled_ids, stats, row_scale, grad, vocab=vocab,

@@ -88,13 +88,15 @@ def hpd_row_terms(log_q_y, log_p_y, log_q_hat, log_p_hat, label_ids, sampled_ids
 
 
 def hybrid_forward(student, teacher, labels, sampled_ids, *, seed, temperature, fkl_weight, rkl_weight, ignore_index,
-                   row_offset=0, vocabulary: Vocabulary) -> HybridForward:
+                   row_ids=None, vocabulary: Vocabulary) -> HybridForward:
     n_rows, vocab = student.shape[0], min(student.shape[1], teacher.shape[1])
     acc_dtype = accumulation_dtype(student.dtype)
     inv_temperature = 1.0 / temperature
     label_vocab = vocabulary.label_vocab(vocab)
     active = active_rows(labels, n_rows, label_vocab, ignore_index, student.device)
     sample = sampled_ids is None
+    if sample and row_ids is None:
+        row_ids = torch.arange(n_rows, device=student.device)
     key = seed_key(seed or 0)
     out_ids = torch.full((n_rows,), ignore_index, dtype=torch.int64, device=student.device)
     loss = torch.zeros(n_rows, dtype=acc_dtype, device=student.device)
@@ -118,7 +120,7 @@ def hybrid_forward(student, teacher, labels, sampled_ids, *, seed, temperature, 
             max_s, log_sum_s = vocabulary.logsumexp(scaled_rows(student, rows, vocab, acc_dtype, inv_temperature))
             max_t, log_sum_t = vocabulary.logsumexp(scaled_rows(teacher, rows, vocab, acc_dtype, inv_temperature))
         if sample:
-            chunk_ids = vocabulary.sample(student[rows, :vocab], row_offset + rows.start, key, scale)
+            chunk_ids = vocabulary.sample(student[rows, :vocab], row_ids[rows], key, scale)
         else:
             chunk_ids = sampled_ids[rows]
         safe_y = torch.where(live, labels[rows], 0)

@@ -13,10 +13,9 @@ def gumbel_scores(student, scale, row_keys, columns):
     return gumbel2_torch(row_keys, columns).add_((student.to(scale.dtype) * scale).float())
 
 
-def sample_gumbel_max(student, first_row, key, scale):
-    """y_hat for rows `first_row...` of unscaled logits; `scale` is log2(e) / T as a tensor of the
-    accumulation dtype (the kernel's)."""
+def sample_gumbel_max(student, row_ids, key, scale):
+    """y_hat for the rows of unscaled logits whose indices in the batch are `row_ids` (the noise's
+    keys); `scale` is log2(e) / T as a tensor of the accumulation dtype (the kernel's)."""
     device = student.device
-    row_ids = torch.arange(first_row, first_row + student.shape[0], device=device)
     scores = gumbel_scores(student, scale, row_keys_torch(key, row_ids), torch.arange(student.shape[1], device=device))
     return torch.argmax(scores, dim=-1)

@@ -40,8 +40,8 @@ class Vocabulary(Protocol):
         """HPD's `registry.STAT_TOP_S` column per row, or -1."""
         ...
 
-    def sample(self, student: torch.Tensor, first_row: int, key: int, scale: torch.Tensor) -> torch.Tensor:
-        """HPD's `y_hat` (token ids) of rows `first_row...`."""
+    def sample(self, student: torch.Tensor, row_ids: torch.Tensor, key: int, scale: torch.Tensor) -> torch.Tensor:
+        """HPD's `y_hat` (token ids) of the rows whose indices in the batch are `row_ids`."""
         ...
 
     def gather(self, logits, rows, ids, acc_dtype, inv_temperature) -> torch.Tensor:
@@ -87,8 +87,8 @@ class WholeVocabulary:
     def row_sums(self, sums):
         return sums
 
-    def sample(self, student, first_row, key, scale):
-        return sample_gumbel_max(student, first_row, key, scale)
+    def sample(self, student, row_ids, key, scale):
+        return sample_gumbel_max(student, row_ids, key, scale)
 
     def gather(self, logits, rows, ids, acc_dtype, inv_temperature):
         return logits[rows].gather(1, ids[:, None])[:, 0].to(acc_dtype) * inv_temperature

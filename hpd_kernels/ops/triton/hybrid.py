@@ -53,13 +53,13 @@ if HAS_TRITON:
     def _weighted(weight, log_q):
         return tl.where(weight == 0, 0.0, weight * log_q)
 
-    @triton.jit(do_not_specialize=["seed", "row_offset"])
+    @triton.jit(do_not_specialize=["seed"])
     def _hybrid_forward_kernel(
-        student_ptr, teacher_ptr, labels_ptr, sampled_ptr, loss_ptr, stats_ptr, scalars_ptr,
-        n_rows, vocab, stride_student, stride_teacher, ignore_index, seed, row_offset,
+        student_ptr, teacher_ptr, labels_ptr, sampled_ptr, loss_ptr, stats_ptr, scalars_ptr, row_ids_ptr,
+        n_rows, vocab, stride_student, stride_teacher, ignore_index, seed,
         SAMPLE: tl.constexpr, FP64: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
     ):
-        # `seed` and `row_offset` are never specialised: the JIT would turn a value of 1 into a
+        # `seed` is never specialised: the JIT would turn a value of 1 into a
         # constant, on which the uint32 casts below do not compile.
         acc_dtype = tl.float64 if FP64 else tl.float32
         scale = tl.load(scalars_ptr + 0)  # log2(e) / T
@@ -80,7 +80,7 @@ if HAS_TRITON:
         if SAMPLE:
             # Noise is keyed by the row's index in the whole batch, so a chunked call draws the
             # same tokens as an unchunked one.
-            keys = row_keys_triton(seed, rows + row_offset)
+            keys = row_keys_triton(seed, tl.load(row_ids_ptr + rows, mask=in_range, other=0))
             best_score = tl.full([BLOCK_N], float("-inf"), tl.float32)
             best_id = tl.zeros([BLOCK_N], tl.int32)
         for start in range(0, vocab, BLOCK_V):
@@ -187,11 +187,11 @@ if HAS_TRITON:
 
 
 def hybrid_forward(student, teacher, labels, sampled_ids, *, seed, temperature, fkl_weight, rkl_weight, ignore_index,
-                   row_offset=0):
+                   row_ids=None):
     """Per-row loss `[N]`, stats `[N, HYBRID_STATS]` (`registry.STAT_*`, base 2) and `y_hat` `[N]` (int64).
 
-    `sampled_ids=None` draws `y_hat` in the kernel from `seed`, with the noise of rows
-    `row_offset + i`; inactive rows report `ignore_index`.
+    `sampled_ids=None` draws `y_hat` in the kernel from `seed`, with the noise of each row's index in
+    the batch, `row_ids` (None: `0..N-1`); inactive rows report `ignore_index`.
     """
     n_rows, vocab = student.shape[0], min(student.shape[1], teacher.shape[1])
     acc_dtype = accumulation_dtype(student.dtype)
@@ -200,6 +200,7 @@ def hybrid_forward(student, teacher, labels, sampled_ids, *, seed, temperature, 
     sample = sampled_ids is None
     if sample:
         sampled_ids = torch.empty(n_rows, dtype=torch.int64, device=student.device)
+        row_ids = torch.arange(n_rows, device=student.device) if row_ids is None else row_ids
     if n_rows == 0:
         return HybridForward(loss, stats, sampled_ids)
     scalars = kernel_scalars(temperature_scalars(temperature, acc_dtype) + [fkl_weight, rkl_weight], acc_dtype,
@@ -207,8 +208,8 @@ def hybrid_forward(student, teacher, labels, sampled_ids, *, seed, temperature, 
     shape = launch_shape(n_rows, vocab, student.device, acc_dtype == torch.float64)
     grid = (triton.cdiv(n_rows, shape["BLOCK_N"]),)
     _hybrid_forward_kernel[grid](
-        student, teacher, labels, sampled_ids, loss, stats, scalars,
-        n_rows, vocab, student.stride(0), teacher.stride(0), ignore_index, seed_key(seed or 0), row_offset,
+        student, teacher, labels, sampled_ids, loss, stats, scalars, row_ids if sample else labels,  # unread unless SAMPLE
+        n_rows, vocab, student.stride(0), teacher.stride(0), ignore_index, seed_key(seed or 0),
         SAMPLE=sample, FP64=acc_dtype == torch.float64, **shape,
     )
     return HybridForward(loss, stats, sampled_ids)
