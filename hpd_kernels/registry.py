@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -72,6 +73,34 @@ def mixture_logs(divergence: str, beta: float, alpha: float) -> tuple[str, float
     return divergence, 0.0, 0.0
 
 
+class LogitMaps(NamedTuple):
+    """What each side's logits go through before the temperature: `z -> softcap * tanh(scale * z / softcap)`
+    (Gemma's `final_logit_softcapping`, after a Cohere/Granite-style `logit_scale`), or `scale * z`
+    where `softcap` is 0 (none). A `-inf` logit stays `-inf` (a masked column stays masked). The
+    backends apply it as they read each logit and chain their gradient through it; nothing of size
+    `[N, V]` holds the mapped logits."""
+
+    student_scale: float = 1.0
+    student_softcap: float = 0.0
+    teacher_scale: float = 1.0
+    teacher_softcap: float = 0.0
+
+    @property
+    def is_identity(self) -> bool:
+        return self == IDENTITY_MAPS
+
+    @property
+    def student_is_identity(self) -> bool:
+        return self.student_scale == 1.0 and self.student_softcap == 0.0
+
+    @property
+    def teacher_is_identity(self) -> bool:
+        return self.teacher_scale == 1.0 and self.teacher_softcap == 0.0
+
+
+IDENTITY_MAPS = LogitMaps()
+
+
 @dataclass(frozen=True)
 class Objective:
     """What to compute per row: HPD or one (resolved) divergence, with its parameters. Built by
@@ -90,19 +119,31 @@ class Objective:
     # `ce_weight` on y); `cross_entropy`: compute the per-row CE (for the term, or to report it).
     ce_weight: float = 0.0
     cross_entropy: bool = False
+    # `LogitMaps`' fields, flat (the custom ops' schemas hold scalars only).
+    student_scale: float = 1.0
+    student_softcap: float = 0.0
+    teacher_scale: float = 1.0
+    teacher_softcap: float = 0.0
+    # The student's entropy per row (nats, of the q the loss uses), computed in the forward's own pass.
+    entropy: bool = False
 
     @classmethod
     def divergence(cls, divergence, *, temperature, ignore_index, beta=0.5, alpha=0.1, ce_weight=0.0,
-                   cross_entropy=False):
+                   cross_entropy=False, logit_maps=IDENTITY_MAPS, entropy=False):
         name, log_mix_p, log_mix_q = mixture_logs(divergence, beta, alpha)
         return cls(name, float(temperature), int(ignore_index), log_mix_p, log_mix_q, ce_weight=float(ce_weight),
-                   cross_entropy=bool(cross_entropy or ce_weight))
+                   cross_entropy=bool(cross_entropy or ce_weight), **_map_fields(logit_maps), entropy=bool(entropy))
 
     @classmethod
-    def hybrid(cls, *, temperature, ignore_index, seed, fkl_weight, rkl_weight, ce_weight=0.0, cross_entropy=False):
+    def hybrid(cls, *, temperature, ignore_index, seed, fkl_weight, rkl_weight, ce_weight=0.0, cross_entropy=False,
+               logit_maps=IDENTITY_MAPS, entropy=False):
         return cls(HPD, float(temperature), int(ignore_index), seed=int(seed or 0), fkl_weight=float(fkl_weight),
                    rkl_weight=float(rkl_weight), ce_weight=float(ce_weight),
-                   cross_entropy=bool(cross_entropy or ce_weight))
+                   cross_entropy=bool(cross_entropy or ce_weight), **_map_fields(logit_maps), entropy=bool(entropy))
+
+    @property
+    def logit_maps(self) -> LogitMaps:
+        return LogitMaps(self.student_scale, self.student_softcap, self.teacher_scale, self.teacher_softcap)
 
     @property
     def is_hybrid(self) -> bool:
@@ -111,3 +152,7 @@ class Objective:
     @property
     def stats_columns(self) -> int:
         return HYBRID_STATS if self.is_hybrid else DIVERGENCE_STATS
+
+
+def _map_fields(logit_maps: LogitMaps) -> dict:
+    return {name: float(value) for name, value in logit_maps._asdict().items()}

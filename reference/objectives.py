@@ -43,6 +43,25 @@ def _rows(student_logits, teacher_logits, labels, ignore_index):
     return student, teacher, labels, active
 
 
+def mapped_logits(logits, *, scale=1.0, softcap=None):
+    """A model's logit post-processing, before the temperature: `softcap * tanh(scale * z / softcap)`
+    (Gemma's final soft-capping after a Cohere-style `logit_scale`), or `scale * z` without a cap.
+    A `-inf` logit stays `-inf`: a masked column stays masked. Call a loss on the mapped logits;
+    autograd carries the gradient through the `tanh`."""
+    scaled = scale * logits
+    if softcap is None:
+        return scaled
+    return torch.where(logits == -math.inf, logits.detach(), softcap * torch.tanh(scaled / softcap))
+
+
+def student_entropy(student_logits, teacher_logits, *, temperature=1.0):
+    """`-sum_v q log q` per row (nats) of the student's `q = softmax(s / T)` over the shared vocabulary."""
+    vocab = min(student_logits.shape[-1], teacher_logits.shape[-1])
+    log_q = torch.log_softmax(student_logits[..., :vocab] / temperature, dim=-1)
+    q = log_q.exp()
+    return -(q * _unless_absent(q, log_q)).sum(-1)
+
+
 def _log_softmaxes(student, teacher, temperature):
     return torch.log_softmax(student / temperature, dim=-1), torch.log_softmax(teacher / temperature, dim=-1)
 

@@ -18,6 +18,23 @@ def temperature_scalars(temperature, acc_dtype):
     return [rounded.item(), scale - rounded.item(), 1.0 / temperature]
 
 
+def map_logits(logits, scale: float, softcap: float):
+    """`registry.LogitMaps`' map of one side, in the dtype given: `softcap * tanh(scale * z / softcap)`,
+    or `scale * z` where `softcap` is 0; `-inf` stays `-inf`."""
+    if softcap == 0.0:
+        return logits if scale == 1.0 else logits * scale
+    capped = softcap * torch.tanh(logits * (scale / softcap))
+    return torch.where(logits == float("-inf"), logits, capped)
+
+
+def map_slope(logits, scale: float, softcap: float):
+    """`d map / dz` at the raw `logits`: `scale * (1 - tanh^2)`, 0 at `-inf`."""
+    if softcap == 0.0:
+        return torch.full_like(logits, scale)
+    tanh = torch.tanh(logits * (scale / softcap))
+    return scale * ((1.0 - tanh) * (1.0 + tanh))
+
+
 def active_rows(labels, n_rows, vocab, ignore_index, device):
     """Rows whose label is a real token of the shared vocabulary (every row when there are no labels)."""
     if labels is None:
