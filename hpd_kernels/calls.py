@@ -22,7 +22,7 @@ from .ops.backend_contract import Backend
 from .ops.chunked_linear import FusedLinearDistillation, LinearInputs, StudentGrads
 from .ops.common import active_rows
 from .ops.row_losses import RowLosses, hybrid_details
-from .registry import HPD, Objective
+from .registry import HPD, IDENTITY_MAPS, Objective
 
 
 class HybridDetails(NamedTuple):
@@ -51,7 +51,8 @@ class LossParts(NamedTuple):
 class LossResult(NamedTuple):
     """What `LossCall.rows` and `LossCall.linear` computed, before `LossCall.outputs` finishes it: the
     loss (per row, or reduced to `inner_reduction`), its parts per row (empty unless asked for) and
-    HPD's details per row (empty, or None under `torch.compile`, for the divergences)."""
+    HPD's details per row (empty, or None under `torch.compile`, for the divergences) and the student's
+    entropy per row (empty unless asked for)."""
 
     loss: torch.Tensor
     distillation: torch.Tensor
@@ -59,6 +60,7 @@ class LossResult(NamedTuple):
     sampled_ids: Optional[torch.Tensor]
     label_weight: Optional[torch.Tensor]
     sample_weight: Optional[torch.Tensor]
+    entropy: torch.Tensor
 
 
 def _draw_seed():
@@ -132,7 +134,8 @@ class LossCall:
                 details = [detail.detach() for detail in hybrid_details(computed.stats, computed.sampled_ids)]
             else:
                 details = (computed.sampled_ids.detach(), None, None)
-            return LossResult(computed.loss, computed.distillation.detach(), computed.cross_entropy.detach(), *details)
+            return LossResult(computed.loss, computed.distillation.detach(), computed.cross_entropy.detach(), *details,
+                              computed.entropy.detach())
         return LossResult(*RowLosses.apply(student, teacher.detach(), self.labels, self.active, self.sampled_ids,
                                            self.objective, self.backend))
 
@@ -158,7 +161,7 @@ class LossCall:
             computed = custom_ops.run_fused_linear(inputs, self.active, self.objective, self.inner_reduction,
                                                    chunk_size, self.backend, wanted)
             return LossResult(computed.loss, computed.distillation, computed.cross_entropy, computed.sampled_ids,
-                              computed.label_weight, computed.sample_weight)
+                              computed.label_weight, computed.sample_weight, computed.entropy)
         return LossResult(*FusedLinearDistillation.apply(self.active, self.objective, self.inner_reduction, chunk_size,
                                                          self.backend, *inputs))
 
@@ -179,12 +182,14 @@ class LossCall:
             return value / torch.as_tensor(self.num_items_in_batch, device=value.device).to(value.dtype)
         return value
 
-    def outputs(self, loss, distillation, cross_entropy, sampled_ids, label_weight, sample_weight, *,
+    def outputs(self, loss, distillation, cross_entropy, sampled_ids, label_weight, sample_weight, entropy, *,
                 return_details=False):
         """The public return value from the fields of a `LossResult`: the finished loss, then
-        `HybridDetails` (HPD, when asked) and `LossParts` (when asked), in that order."""
+        `HybridDetails` (HPD, when asked), `LossParts` (when asked) and the student's entropy per row
+        (shape of the leading dimensions, 0 outside the loss, when asked), in that order."""
         extra = ((self.details(sampled_ids, label_weight, sample_weight),) if return_details else ()) + (
-            (self.parts(distillation, cross_entropy),) if self.return_parts else ())
+            (self.parts(distillation, cross_entropy),) if self.return_parts else ()) + (
+            (entropy.detach().reshape(self.leading),) if self.objective.entropy else ())
         loss = self.finish(loss)
         return (loss, *extra) if extra else loss
 
@@ -201,7 +206,7 @@ class LossCall:
 def resolve(objective_name, *, labels, leading, n_rows, device, widths, names, temperature, ignore_index, reduction,
             backend, num_items_in_batch=None, process_group=None, vocab_offset=None, beta=0.5, alpha=0.1,
             sampled_ids=None, seed=None, fkl_weight=1.0, rkl_weight=1.0, ce_weight=0.0,
-            return_parts=False) -> LossCall:
+            return_parts=False, logit_maps=IDENTITY_MAPS, return_entropy=False) -> LossCall:
     """The `LossCall` of checked arguments. `widths` are the student's and the teacher's vocabularies
     (of this rank's slice with a `process_group`), `names` the arguments they came from."""
     if (ce_weight or return_parts) and labels is None:
@@ -219,9 +224,10 @@ def resolve(objective_name, *, labels, leading, n_rows, device, widths, names, t
             seed = _draw_seed() if process_group is None else _shared_seed(process_group)
         objective = Objective.hybrid(temperature=temperature, ignore_index=ignore_index, seed=seed,
                                      fkl_weight=fkl_weight, rkl_weight=rkl_weight, ce_weight=ce_weight,
-                                     cross_entropy=return_parts)
+                                     cross_entropy=return_parts, logit_maps=logit_maps, entropy=return_entropy)
     else:
         objective = Objective.divergence(objective_name, temperature=temperature, ignore_index=ignore_index,
-                                         beta=beta, alpha=alpha, ce_weight=ce_weight, cross_entropy=return_parts)
+                                         beta=beta, alpha=alpha, ce_weight=ce_weight, cross_entropy=return_parts,
+                                         logit_maps=logit_maps, entropy=return_entropy)
     return LossCall(objective, chosen, flat_labels, active, sampled_ids, leading, reduction, num_items_in_batch,
                     process_group, return_parts)

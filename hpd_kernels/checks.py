@@ -10,7 +10,7 @@ import numbers
 import torch
 
 from .ops.backends import CHOICES as BACKENDS
-from .registry import DIVERGENCES
+from .registry import DIVERGENCES, LogitMaps
 
 REDUCTIONS = ("mean", "sum", "none")
 FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -172,6 +172,26 @@ def check_hpd_options(fkl_weight, rkl_weight, seed):
             raise ValueError(f"{name} must be a finite number, got {value!r}")
     if seed is not None and not is_integer(seed):
         raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+
+
+def check_logit_maps(student_logit_scale, teacher_logit_scale, student_softcap, teacher_softcap) -> LogitMaps:
+    """The `LogitMaps` of the public keywords: scales positive finite numbers, caps None (no cap) or
+    positive finite numbers."""
+    for name, value in (("student_logit_scale", student_logit_scale), ("teacher_logit_scale", teacher_logit_scale)):
+        if not is_real(value) or not math.isfinite(value) or value <= 0:
+            raise ValueError(f"{name} must be a finite number > 0 (the logits' multiplier), got {value!r}")
+    for name, value in (("student_softcap", student_softcap), ("teacher_softcap", teacher_softcap)):
+        if value is not None and (not is_real(value) or not math.isfinite(value) or value <= 0):
+            raise ValueError(f"{name} must be None (no soft cap) or a finite number > 0 (softcap * tanh(z / "
+                             f"softcap)), got {value!r}")
+    return LogitMaps(float(student_logit_scale), float(student_softcap or 0.0), float(teacher_logit_scale),
+                     float(teacher_softcap or 0.0))
+
+
+def check_flag(name, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value
 
 
 def check_ce_weight(ce_weight):

@@ -14,8 +14,9 @@ import contextlib
 import torch
 
 from .calls import resolve
-from .checks import (check_ce_weight, check_chunk_size, check_divergence, check_fraction, check_hpd_options,
-                     check_labels, check_linear, check_linear_teacher, check_num_items, check_options)
+from .checks import (check_ce_weight, check_chunk_size, check_divergence, check_flag, check_fraction,
+                     check_hpd_options, check_labels, check_linear, check_linear_teacher, check_logit_maps,
+                     check_num_items, check_options)
 from .ops.chunked_linear import LinearInputs, rows_per_chunk
 from .registry import HPD
 
@@ -77,12 +78,15 @@ def fused_linear_divergence_loss(student_hidden, student_weight, teacher_hidden=
                                  *, divergence="forward_kl", beta=0.5, alpha=0.1, student_bias=None,
                                  teacher_bias=None, teacher_logits=None, temperature=1.0, ignore_index=-100,
                                  reduction="mean", chunk_size=None, backend="auto", num_items_in_batch=None,
-                                 process_group=None, vocab_offset=None, ce_weight=0.0, return_parts=False):
+                                 process_group=None, vocab_offset=None, ce_weight=0.0, return_parts=False,
+                                 student_logit_scale=1.0, teacher_logit_scale=1.0, student_softcap=None, teacher_softcap=None,
+                                 return_entropy=False):
     """A full-vocabulary divergence (`forward_kl`, `reverse_kl`, `jsd`, `skew_forward_kl`,
     `skew_reverse_kl`, `tvd`) from hidden states: `logits = hidden @ weight.T + bias`, chunked.
     `num_items_in_batch`, `process_group`, `vocab_offset`: as in `hybrid_kl_loss` (with a
     group, the weights and bias are this rank's vocabulary slice); `ce_weight`, `return_parts`:
-    the hard-label term, as in `divergence_loss`."""
+    the hard-label term, and the logit scales, soft caps and `return_entropy`, as in
+    `divergence_loss` (applied to each chunk's logits inside the kernels' passes)."""
     check_divergence(divergence)
     check_fraction("beta", beta)
     check_fraction("alpha", alpha)
@@ -93,7 +97,10 @@ def fused_linear_divergence_loss(student_hidden, student_weight, teacher_hidden=
         teacher_logits, labels, labels_required=False, temperature=temperature, ignore_index=ignore_index,
         reduction=reduction, chunk_size=chunk_size, backend=backend, num_items_in_batch=num_items_in_batch,
         process_group=process_group, vocab_offset=vocab_offset, beta=beta, alpha=alpha, ce_weight=ce_weight,
-        return_parts=return_parts)
+        return_parts=return_parts,
+        logit_maps=check_logit_maps(student_logit_scale, teacher_logit_scale, student_softcap,
+                                    teacher_softcap),
+        return_entropy=check_flag("return_entropy", return_entropy))
     return call.outputs(*result)
 
 
@@ -102,7 +109,9 @@ def fused_linear_hybrid_kl_loss(student_hidden, student_weight, teacher_hidden=N
                                 seed=None, fkl_weight=1.0, rkl_weight=1.0, temperature=1.0, ignore_index=-100,
                                 reduction="mean", chunk_size=None, backend="auto", return_details=False,
                                 num_items_in_batch=None, process_group=None, vocab_offset=None, ce_weight=0.0,
-                                return_parts=False):
+                                return_parts=False,
+                                student_logit_scale=1.0, teacher_logit_scale=1.0, student_softcap=None, teacher_softcap=None,
+                                return_entropy=False):
     """HPD from hidden states and lm_head weights (see `hybrid_kl_loss`); `y_hat` is drawn in the
     kernel per chunk with the noise of each row's global index, so chunking never changes it."""
     check_num_items(num_items_in_batch, reduction)
@@ -113,7 +122,10 @@ def fused_linear_hybrid_kl_loss(student_hidden, student_weight, teacher_hidden=N
         teacher_logits, labels, labels_required=True, temperature=temperature, ignore_index=ignore_index,
         reduction=reduction, chunk_size=chunk_size, backend=backend, num_items_in_batch=num_items_in_batch,
         process_group=process_group, vocab_offset=vocab_offset, sampled_ids=sampled_ids, seed=seed,
-        fkl_weight=fkl_weight, rkl_weight=rkl_weight, ce_weight=ce_weight, return_parts=return_parts)
+        fkl_weight=fkl_weight, rkl_weight=rkl_weight, ce_weight=ce_weight, return_parts=return_parts,
+        logit_maps=check_logit_maps(student_logit_scale, teacher_logit_scale, student_softcap,
+                                    teacher_softcap),
+        return_entropy=check_flag("return_entropy", return_entropy))
     return call.outputs(*result, return_details=return_details)
 
 
@@ -122,76 +134,100 @@ def fused_linear_hybrid_kl_loss(student_hidden, student_weight, teacher_hidden=N
 def fused_linear_forward_kl_loss(student_hidden, student_weight, teacher_hidden=None, teacher_weight=None, labels=None, *,
                                  student_bias=None, teacher_bias=None, teacher_logits=None, temperature=1.0,
                                  ignore_index=-100, reduction="mean", chunk_size=None, backend="auto", num_items_in_batch=None,
-                                 process_group=None, vocab_offset=None, ce_weight=0.0, return_parts=False):
+                                 process_group=None, vocab_offset=None, ce_weight=0.0, return_parts=False,
+                                 student_logit_scale=1.0, teacher_logit_scale=1.0, student_softcap=None, teacher_softcap=None,
+                                 return_entropy=False):
     """Forward KL(p || q) from hidden states (see `fused_linear_divergence_loss`)."""
     return fused_linear_divergence_loss(
         student_hidden, student_weight, teacher_hidden, teacher_weight, labels, divergence="forward_kl",
         student_bias=student_bias, teacher_bias=teacher_bias, teacher_logits=teacher_logits, temperature=temperature,
         ignore_index=ignore_index, reduction=reduction, chunk_size=chunk_size, backend=backend,
         num_items_in_batch=num_items_in_batch, process_group=process_group, vocab_offset=vocab_offset,
-        ce_weight=ce_weight, return_parts=return_parts)
+        ce_weight=ce_weight, return_parts=return_parts,
+        student_logit_scale=student_logit_scale, teacher_logit_scale=teacher_logit_scale,
+        student_softcap=student_softcap, teacher_softcap=teacher_softcap, return_entropy=return_entropy)
 
 
 def fused_linear_reverse_kl_loss(student_hidden, student_weight, teacher_hidden=None, teacher_weight=None, labels=None, *,
                                  student_bias=None, teacher_bias=None, teacher_logits=None, temperature=1.0,
                                  ignore_index=-100, reduction="mean", chunk_size=None, backend="auto", num_items_in_batch=None,
-                                 process_group=None, vocab_offset=None, ce_weight=0.0, return_parts=False):
+                                 process_group=None, vocab_offset=None, ce_weight=0.0, return_parts=False,
+                                 student_logit_scale=1.0, teacher_logit_scale=1.0, student_softcap=None, teacher_softcap=None,
+                                 return_entropy=False):
     """Reverse KL(q || p) from hidden states (see `fused_linear_divergence_loss`)."""
     return fused_linear_divergence_loss(
         student_hidden, student_weight, teacher_hidden, teacher_weight, labels, divergence="reverse_kl",
         student_bias=student_bias, teacher_bias=teacher_bias, teacher_logits=teacher_logits, temperature=temperature,
         ignore_index=ignore_index, reduction=reduction, chunk_size=chunk_size, backend=backend,
         num_items_in_batch=num_items_in_batch, process_group=process_group, vocab_offset=vocab_offset,
-        ce_weight=ce_weight, return_parts=return_parts)
+        ce_weight=ce_weight, return_parts=return_parts,
+        student_logit_scale=student_logit_scale, teacher_logit_scale=teacher_logit_scale,
+        student_softcap=student_softcap, teacher_softcap=teacher_softcap, return_entropy=return_entropy)
 
 
 def fused_linear_jsd_loss(student_hidden, student_weight, teacher_hidden=None, teacher_weight=None, labels=None, *,
                           beta=0.5, student_bias=None, teacher_bias=None, teacher_logits=None, temperature=1.0,
                           ignore_index=-100, reduction="mean", chunk_size=None, backend="auto", num_items_in_batch=None,
-                          process_group=None, vocab_offset=None, ce_weight=0.0, return_parts=False):
+                          process_group=None, vocab_offset=None, ce_weight=0.0, return_parts=False,
+                          student_logit_scale=1.0, teacher_logit_scale=1.0, student_softcap=None, teacher_softcap=None,
+                          return_entropy=False):
     """Generalized JSD with mixture weight `beta` from hidden states (see `fused_linear_divergence_loss`)."""
     return fused_linear_divergence_loss(
         student_hidden, student_weight, teacher_hidden, teacher_weight, labels, divergence="jsd", beta=beta,
         student_bias=student_bias, teacher_bias=teacher_bias, teacher_logits=teacher_logits, temperature=temperature,
         ignore_index=ignore_index, reduction=reduction, chunk_size=chunk_size, backend=backend,
         num_items_in_batch=num_items_in_batch, process_group=process_group, vocab_offset=vocab_offset,
-        ce_weight=ce_weight, return_parts=return_parts)
+        ce_weight=ce_weight, return_parts=return_parts,
+        student_logit_scale=student_logit_scale, teacher_logit_scale=teacher_logit_scale,
+        student_softcap=student_softcap, teacher_softcap=teacher_softcap, return_entropy=return_entropy)
 
 
 def fused_linear_skew_forward_kl_loss(student_hidden, student_weight, teacher_hidden=None, teacher_weight=None, labels=None, *,
                                       alpha=0.1, student_bias=None, teacher_bias=None, teacher_logits=None, temperature=1.0,
                                       ignore_index=-100, reduction="mean", chunk_size=None, backend="auto", num_items_in_batch=None,
-                                      process_group=None, vocab_offset=None, ce_weight=0.0, return_parts=False):
+                                      process_group=None, vocab_offset=None, ce_weight=0.0, return_parts=False,
+                                      student_logit_scale=1.0, teacher_logit_scale=1.0, student_softcap=None, teacher_softcap=None,
+                                      return_entropy=False):
     """Skew forward KL with mixture weight `alpha` from hidden states (see `fused_linear_divergence_loss`)."""
     return fused_linear_divergence_loss(
         student_hidden, student_weight, teacher_hidden, teacher_weight, labels, divergence="skew_forward_kl", alpha=alpha,
         student_bias=student_bias, teacher_bias=teacher_bias, teacher_logits=teacher_logits, temperature=temperature,
         ignore_index=ignore_index, reduction=reduction, chunk_size=chunk_size, backend=backend,
         num_items_in_batch=num_items_in_batch, process_group=process_group, vocab_offset=vocab_offset,
-        ce_weight=ce_weight, return_parts=return_parts)
+        ce_weight=ce_weight, return_parts=return_parts,
+        student_logit_scale=student_logit_scale, teacher_logit_scale=teacher_logit_scale,
+        student_softcap=student_softcap, teacher_softcap=teacher_softcap, return_entropy=return_entropy)
 
 
 def fused_linear_skew_reverse_kl_loss(student_hidden, student_weight, teacher_hidden=None, teacher_weight=None, labels=None, *,
                                       alpha=0.1, student_bias=None, teacher_bias=None, teacher_logits=None, temperature=1.0,
                                       ignore_index=-100, reduction="mean", chunk_size=None, backend="auto", num_items_in_batch=None,
-                                      process_group=None, vocab_offset=None, ce_weight=0.0, return_parts=False):
+                                      process_group=None, vocab_offset=None, ce_weight=0.0, return_parts=False,
+                                      student_logit_scale=1.0, teacher_logit_scale=1.0, student_softcap=None, teacher_softcap=None,
+                                      return_entropy=False):
     """Skew reverse KL with mixture weight `alpha` from hidden states (see `fused_linear_divergence_loss`)."""
     return fused_linear_divergence_loss(
         student_hidden, student_weight, teacher_hidden, teacher_weight, labels, divergence="skew_reverse_kl", alpha=alpha,
         student_bias=student_bias, teacher_bias=teacher_bias, teacher_logits=teacher_logits, temperature=temperature,
         ignore_index=ignore_index, reduction=reduction, chunk_size=chunk_size, backend=backend,
         num_items_in_batch=num_items_in_batch, process_group=process_group, vocab_offset=vocab_offset,
-        ce_weight=ce_weight, return_parts=return_parts)
+        ce_weight=ce_weight, return_parts=return_parts,
+        student_logit_scale=student_logit_scale, teacher_logit_scale=teacher_logit_scale,
+        student_softcap=student_softcap, teacher_softcap=teacher_softcap, return_entropy=return_entropy)
 
 
 def fused_linear_tvd_loss(student_hidden, student_weight, teacher_hidden=None, teacher_weight=None, labels=None, *,
                           student_bias=None, teacher_bias=None, teacher_logits=None, temperature=1.0,
                           ignore_index=-100, reduction="mean", chunk_size=None, backend="auto", num_items_in_batch=None,
-                          process_group=None, vocab_offset=None, ce_weight=0.0, return_parts=False):
+                          process_group=None, vocab_offset=None, ce_weight=0.0, return_parts=False,
+                          student_logit_scale=1.0, teacher_logit_scale=1.0, student_softcap=None, teacher_softcap=None,
+                          return_entropy=False):
     """Total variation distance from hidden states (see `fused_linear_divergence_loss`)."""
     return fused_linear_divergence_loss(
         student_hidden, student_weight, teacher_hidden, teacher_weight, labels, divergence="tvd",
         student_bias=student_bias, teacher_bias=teacher_bias, teacher_logits=teacher_logits, temperature=temperature,
         ignore_index=ignore_index, reduction=reduction, chunk_size=chunk_size, backend=backend,
         num_items_in_batch=num_items_in_batch, process_group=process_group, vocab_offset=vocab_offset,
-        ce_weight=ce_weight, return_parts=return_parts)
+        ce_weight=ce_weight, return_parts=return_parts,
+        student_logit_scale=student_logit_scale, teacher_logit_scale=teacher_logit_scale,
+        student_softcap=student_softcap, teacher_softcap=teacher_softcap, return_entropy=return_entropy)

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 
 from .calls import HybridDetails, LossParts, resolve
-from .checks import (check_ce_weight, check_divergence, check_fraction, check_hpd_options, check_labels,
-                     check_logit_pair, check_num_items, check_options, check_reduction)
+from .checks import (check_ce_weight, check_divergence, check_flag, check_fraction, check_hpd_options, check_labels,
+                     check_logit_maps, check_logit_pair, check_num_items, check_options, check_reduction)
 from .registry import DIVERGENCES, HPD
 
 __all__ = ["HybridDetails", "LossParts", "DIVERGENCE_LOSSES", "forward_kl_loss", "reverse_kl_loss", "generalized_jsd_loss",
@@ -43,13 +43,22 @@ def _rows(logits):
 
 def divergence_loss(student_logits, teacher_logits, labels=None, *, divergence="forward_kl", beta=0.5, alpha=0.1,
                     temperature=1.0, ignore_index=-100, reduction="mean", backend="auto", num_items_in_batch=None,
-                    process_group=None, vocab_offset=None, ce_weight=0.0, return_parts=False):
+                    process_group=None, vocab_offset=None, ce_weight=0.0, return_parts=False,
+                    student_logit_scale=1.0, teacher_logit_scale=1.0, student_softcap=None, teacher_softcap=None,
+                    return_entropy=False):
     """Any full-vocabulary divergence by name (`registry.DIVERGENCES`); the named functions below
     are this with `divergence=` fixed.
 
     `ce_weight` adds the hard-label term `ce_weight * CE(y)` (the cross-entropy of
     `softmax(s / T)` at the labels) at no extra pass over the vocabulary; `return_parts=True`
-    returns `(loss, LossParts(distillation, cross_entropy))`, each reduced as the loss is."""
+    returns `(loss, LossParts(distillation, cross_entropy))`, each reduced as the loss is.
+
+    `student_logit_scale`, `student_softcap` (and the teacher's): each model's logit
+    post-processing, `softcap * tanh(scale * z / softcap)` (Gemma's `final_logit_softcapping`
+    after a `logit_scale`), or `scale * z` without a cap, applied to the given logits before the
+    temperature inside the kernels' own passes, with the gradient through the `tanh`; a `-inf`
+    logit stays `-inf`. `return_entropy=True` appends the student's entropy per row (nats, of the
+    `q` the loss uses, 0 outside the loss, no gradient), computed in the forward's own pass."""
     check_divergence(divergence)
     check_fraction("beta", beta)
     check_fraction("alpha", alpha)
@@ -58,70 +67,97 @@ def divergence_loss(student_logits, teacher_logits, labels=None, *, divergence="
     call = _resolve(divergence, student_logits, teacher_logits, labels, labels_required=False,
                     temperature=temperature, ignore_index=ignore_index, reduction=reduction, backend=backend,
                     num_items_in_batch=num_items_in_batch, process_group=process_group, vocab_offset=vocab_offset,
-                    beta=beta, alpha=alpha, ce_weight=ce_weight, return_parts=return_parts)
+                    beta=beta, alpha=alpha, ce_weight=ce_weight, return_parts=return_parts,
+                    logit_maps=check_logit_maps(student_logit_scale, teacher_logit_scale, student_softcap,
+                                                teacher_softcap),
+                    return_entropy=check_flag("return_entropy", return_entropy))
     return call.outputs(*call.rows(_rows(student_logits), _rows(teacher_logits)))
 
 
 def forward_kl_loss(student_logits, teacher_logits, labels=None, *, temperature=1.0, ignore_index=-100,
                     reduction="mean", backend="auto", num_items_in_batch=None,
-                    process_group=None, vocab_offset=None, ce_weight=0.0, return_parts=False):
+                    process_group=None, vocab_offset=None, ce_weight=0.0, return_parts=False,
+                    student_logit_scale=1.0, teacher_logit_scale=1.0, student_softcap=None, teacher_softcap=None,
+                    return_entropy=False):
     """KL(p || q), the mode-covering divergence. Gradient weights `w = p`."""
     return divergence_loss(student_logits, teacher_logits, labels, divergence="forward_kl", temperature=temperature,
                            ignore_index=ignore_index, reduction=reduction, backend=backend,
                            num_items_in_batch=num_items_in_batch, process_group=process_group,
-                           vocab_offset=vocab_offset, ce_weight=ce_weight, return_parts=return_parts)
+                           vocab_offset=vocab_offset, ce_weight=ce_weight, return_parts=return_parts,
+                           student_logit_scale=student_logit_scale, teacher_logit_scale=teacher_logit_scale,
+                           student_softcap=student_softcap, teacher_softcap=teacher_softcap, return_entropy=return_entropy)
 
 
 def reverse_kl_loss(student_logits, teacher_logits, labels=None, *, temperature=1.0, ignore_index=-100,
                     reduction="mean", backend="auto", num_items_in_batch=None,
-                    process_group=None, vocab_offset=None, ce_weight=0.0, return_parts=False):
+                    process_group=None, vocab_offset=None, ce_weight=0.0, return_parts=False,
+                    student_logit_scale=1.0, teacher_logit_scale=1.0, student_softcap=None, teacher_softcap=None,
+                    return_entropy=False):
     """KL(q || p), the mode-seeking divergence. Weights `w = q (log p - log q)`."""
     return divergence_loss(student_logits, teacher_logits, labels, divergence="reverse_kl", temperature=temperature,
                            ignore_index=ignore_index, reduction=reduction, backend=backend,
                            num_items_in_batch=num_items_in_batch, process_group=process_group,
-                           vocab_offset=vocab_offset, ce_weight=ce_weight, return_parts=return_parts)
+                           vocab_offset=vocab_offset, ce_weight=ce_weight, return_parts=return_parts,
+                           student_logit_scale=student_logit_scale, teacher_logit_scale=teacher_logit_scale,
+                           student_softcap=student_softcap, teacher_softcap=teacher_softcap, return_entropy=return_entropy)
 
 
 def generalized_jsd_loss(student_logits, teacher_logits, labels=None, *, beta=0.5, temperature=1.0,
                          ignore_index=-100, reduction="mean", backend="auto", num_items_in_batch=None,
-                         process_group=None, vocab_offset=None, ce_weight=0.0, return_parts=False):
+                         process_group=None, vocab_offset=None, ce_weight=0.0, return_parts=False,
+                         student_logit_scale=1.0, teacher_logit_scale=1.0, student_softcap=None, teacher_softcap=None,
+                         return_entropy=False):
     """beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q; beta=0 is forward KL, 1 reverse KL."""
     return divergence_loss(student_logits, teacher_logits, labels, divergence="jsd", temperature=temperature,
                            ignore_index=ignore_index, reduction=reduction, backend=backend,
                            num_items_in_batch=num_items_in_batch, process_group=process_group,
-                           vocab_offset=vocab_offset, beta=beta, ce_weight=ce_weight, return_parts=return_parts)
+                           vocab_offset=vocab_offset, beta=beta, ce_weight=ce_weight, return_parts=return_parts,
+                           student_logit_scale=student_logit_scale, teacher_logit_scale=teacher_logit_scale,
+                           student_softcap=student_softcap, teacher_softcap=teacher_softcap, return_entropy=return_entropy)
 
 
 def skew_forward_kl_loss(student_logits, teacher_logits, labels=None, *, alpha=0.1, temperature=1.0,
                          ignore_index=-100, reduction="mean", backend="auto", num_items_in_batch=None,
-                         process_group=None, vocab_offset=None, ce_weight=0.0, return_parts=False):
+                         process_group=None, vocab_offset=None, ce_weight=0.0, return_parts=False,
+                         student_logit_scale=1.0, teacher_logit_scale=1.0, student_softcap=None, teacher_softcap=None,
+                         return_entropy=False):
     """KL(p || alpha p + (1 - alpha) q) (DistiLLM's skew KL)."""
     return divergence_loss(student_logits, teacher_logits, labels, divergence="skew_forward_kl", temperature=temperature,
                            ignore_index=ignore_index, reduction=reduction, backend=backend,
                            num_items_in_batch=num_items_in_batch, process_group=process_group,
                            vocab_offset=vocab_offset, alpha=alpha, ce_weight=ce_weight,
-                           return_parts=return_parts)
+                           return_parts=return_parts,
+                           student_logit_scale=student_logit_scale, teacher_logit_scale=teacher_logit_scale,
+                           student_softcap=student_softcap, teacher_softcap=teacher_softcap, return_entropy=return_entropy)
 
 
 def skew_reverse_kl_loss(student_logits, teacher_logits, labels=None, *, alpha=0.1, temperature=1.0,
                          ignore_index=-100, reduction="mean", backend="auto", num_items_in_batch=None,
-                         process_group=None, vocab_offset=None, ce_weight=0.0, return_parts=False):
+                         process_group=None, vocab_offset=None, ce_weight=0.0, return_parts=False,
+                         student_logit_scale=1.0, teacher_logit_scale=1.0, student_softcap=None, teacher_softcap=None,
+                         return_entropy=False):
     """KL(q || alpha q + (1 - alpha) p) (DistiLLM's skew reverse KL)."""
     return divergence_loss(student_logits, teacher_logits, labels, divergence="skew_reverse_kl", temperature=temperature,
                            ignore_index=ignore_index, reduction=reduction, backend=backend,
                            num_items_in_batch=num_items_in_batch, process_group=process_group,
                            vocab_offset=vocab_offset, alpha=alpha, ce_weight=ce_weight,
-                           return_parts=return_parts)
+                           return_parts=return_parts,
+                           student_logit_scale=student_logit_scale, teacher_logit_scale=teacher_logit_scale,
+                           student_softcap=student_softcap, teacher_softcap=teacher_softcap, return_entropy=return_entropy)
 
 
 def tvd_loss(student_logits, teacher_logits, labels=None, *, temperature=1.0, ignore_index=-100,
              reduction="mean", backend="auto", num_items_in_batch=None,
-             process_group=None, vocab_offset=None, ce_weight=0.0, return_parts=False):
+             process_group=None, vocab_offset=None, ce_weight=0.0, return_parts=False,
+             student_logit_scale=1.0, teacher_logit_scale=1.0, student_softcap=None, teacher_softcap=None,
+             return_entropy=False):
     """Total variation distance 1/2 sum |p - q|."""
     return divergence_loss(student_logits, teacher_logits, labels, divergence="tvd", temperature=temperature,
                            ignore_index=ignore_index, reduction=reduction, backend=backend,
                            num_items_in_batch=num_items_in_batch, process_group=process_group,
-                           vocab_offset=vocab_offset, ce_weight=ce_weight, return_parts=return_parts)
+                           vocab_offset=vocab_offset, ce_weight=ce_weight, return_parts=return_parts,
+                           student_logit_scale=student_logit_scale, teacher_logit_scale=teacher_logit_scale,
+                           student_softcap=student_softcap, teacher_softcap=teacher_softcap, return_entropy=return_entropy)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -131,7 +167,9 @@ def tvd_loss(student_logits, teacher_logits, labels=None, *, temperature=1.0, ig
 def hybrid_kl_loss(student_logits, teacher_logits, labels, *, sampled_ids=None, seed=None, fkl_weight=1.0,
                    rkl_weight=1.0, temperature=1.0, ignore_index=-100, reduction="mean", backend="auto",
                    return_details=False, num_items_in_batch=None, process_group=None, vocab_offset=None,
-                   ce_weight=0.0, return_parts=False):
+                   ce_weight=0.0, return_parts=False,
+                   student_logit_scale=1.0, teacher_logit_scale=1.0, student_softcap=None, teacher_softcap=None,
+                   return_entropy=False):
     """Hybrid Policy Distillation loss (spec: forward-KL signal on `y`, reverse-KL signal on `y_hat ~ q`).
 
     `sampled_ids` gives `y_hat` (shape of `labels`); when None the kernel draws it by Gumbel-max,
@@ -154,7 +192,10 @@ def hybrid_kl_loss(student_logits, teacher_logits, labels, *, sampled_ids=None, 
                     ignore_index=ignore_index, reduction=reduction, backend=backend,
                     num_items_in_batch=num_items_in_batch, process_group=process_group, vocab_offset=vocab_offset,
                     sampled_ids=sampled_ids, seed=seed, fkl_weight=fkl_weight, rkl_weight=rkl_weight,
-                    ce_weight=ce_weight, return_parts=return_parts)
+                    ce_weight=ce_weight, return_parts=return_parts,
+                    logit_maps=check_logit_maps(student_logit_scale, teacher_logit_scale, student_softcap,
+                                                teacher_softcap),
+                    return_entropy=check_flag("return_entropy", return_entropy))
     return call.outputs(*call.rows(_rows(student_logits), _rows(teacher_logits)), return_details=return_details)
 
 

@@ -10,7 +10,9 @@ last position only; models without that argument compute all of them, which work
 memory), so the call goes through the model's own forward (and so through DDP's hooks).
 `hidden_states[-1]` must be the lm_head's input (true of Llama, Qwen2, Mistral, ...: the final norm
 is applied to it): the first call on each model checks this against the kept logits and refuses a
-model where it is not, as it refuses models that transform their logits after the lm_head. The lm_head
+model where it is not. What a model does to its logits after the lm_head (Gemma's
+`final_logit_softcapping`, a `logit_scale`, ...: `models.hf.logit_post_processing`, read as TRL
+reads it) is passed to the losses, which apply it in their own passes. The lm_head
 itself must be a plain `nn.Linear` (its output `F.linear(hidden, weight, bias)`, which is what the
 losses compute from its weight): an adapter on it (PEFT's LoRA with `lm_head` in `target_modules`),
 another forward or a forward hook is refused by name, on every call.
@@ -22,7 +24,7 @@ divides the summed loss, and the Trainer's gradient accumulation then uses the l
 arguments are checked when it is built. Evaluation takes the same fused path, with draws of its own.
 
 Not covered: FSDP or DeepSpeed ZeRO-3 (the lm_head weight is read outside the forward, where they
-keep it sharded), models whose logits are not `lm_head(hidden_states[-1])`, adapters on the lm_head.
+keep it sharded), models whose logits are not those maps of `lm_head(hidden_states[-1])`, adapters on the lm_head.
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ from torch import nn
 
 from ..checks import check_ce_weight, check_chunk_size, check_fraction, check_hpd_options, check_options
 from ..fused_linear import fused_linear_divergence_loss, fused_linear_hybrid_kl_loss
-from ..models.hf import _LOGIT_TRANSFORMS
+from ..models.hf import logit_map_arguments, logit_post_processing
+from ..ops.common import map_logits
 from ..registry import HPD, MIXTURE_PARAMETER, OBJECTIVES, SHORT_NAMES
 
 __all__ = ["DistillationTrainer", "batch_labels", "distillation_loss", "final_hidden_states", "lm_head_of"]
@@ -107,20 +110,14 @@ def _check_head_is_linear(model, head):
 
 
 def lm_head_of(model):
-    """`(weight, bias)` of the model's output embedding, a plain `nn.Linear`; refuses logit transforms after it."""
+    """`(weight, bias)` of the model's output embedding, a plain `nn.Linear` (what the model does to its
+    output after it, `models.hf.logit_post_processing`, goes to the loss as logit maps)."""
     model = _unwrap(model)
     head = model.get_output_embeddings()
     if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
         raise TypeError(f"{type(model).__name__} has no lm_head with a weight (get_output_embeddings() "
                         f"returned {type(head).__name__})")
     _check_head_is_linear(model, head)
-    config = getattr(model, "config", None)
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    for name in _LOGIT_TRANSFORMS:
-        value = getattr(text_config, name, None)
-        if value not in (None, 1.0, 1):
-            raise ValueError(f"{type(model).__name__} transforms its logits after the lm_head (config.{name}="
-                             f"{value}); a fused-linear loss on lm_head(hidden) would not be its loss")
     return head.weight, head.bias
 
 
@@ -159,6 +156,8 @@ def _check_hidden_is_head_input(model, hidden, logits):
     weight, bias = lm_head_of(model)
     last = hidden[:, -1].to(weight.dtype)
     ours = torch.nn.functional.linear(last, weight, None if bias is None else bias.to(weight.dtype)).float()
+    scale, softcap = logit_post_processing(model.config)
+    ours = map_logits(ours, scale, softcap or 0.0)   # what the model does after its lm_head
     theirs = logits[:, -1, :ours.shape[-1]].float()
     # Loose enough for a forward run under autocast (bf16 logits: ~0.4% error), far below what a
     # missing final norm or projection changes.
@@ -253,7 +252,8 @@ def distillation_loss(model, teacher_model, inputs, *, objective="hpd", temperat
     shifted = dict(student_hidden=student_hidden[:, :-1], student_weight=student_weight, student_bias=student_bias,
                    teacher_hidden=teacher_hidden[:, :-1], teacher_weight=teacher_weight,
                    teacher_bias=teacher_bias, labels=labels[:, 1:].to(student_hidden.device),
-                   num_items_in_batch=_num_items(num_items_in_batch), **options)
+                   num_items_in_batch=_num_items(num_items_in_batch), **options,
+                   **logit_map_arguments(_unwrap(model).config, _unwrap(teacher_model).config))
     if name == HPD:
         loss = fused_linear_hybrid_kl_loss(**shifted)
     else:

@@ -5,8 +5,9 @@ cache=)` returning the final hidden states, `model.lm_head` (an `nn.Linear` with
 `model.new_cache(batch, max_length)`. `HFCausalLM` wraps any `AutoModelForCausalLM` whose logits
 are exactly `lm_head(hidden)` (Llama, Qwen2, Mistral, ...): it runs the base model only, so the
 fused-linear losses see hidden states and the `[tokens, vocab]` logits are never built.
-Models that transform the logits after the lm_head (soft-capping, logit scaling) are refused,
-since a loss on `lm_head(hidden)` would not be their loss.
+Models that transform the logits after the lm_head (soft-capping, logit scaling:
+`logit_post_processing`) are refused here, since the sampler and the evaluation read
+`lm_head(hidden)` as the logits; the losses and the Trainer integrations take them.
 
 Weights are read from safetensors files only, never from pickles (`pytorch_model.bin`, written by
 `torch.save`): unpickling a file runs whatever code it names, and a model folder or hub repository
@@ -17,12 +18,54 @@ named (`check_no_pickles`); a hub id is fetched with `use_safetensors=True`.
 from __future__ import annotations
 
 import inspect
+import math
 import os
 
 import torch
 from torch import nn
 
-_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale", "logits_scaling")
+# Where configs keep a multiplier of the logits, in the order TRL's DistillationTrainer reads them:
+# Cohere's `logit_scale`, Muse Glimmer's `output_multiplier`, Falcon-H1's `lm_head_multiplier`, and
+# `logits_scaling`, which Granite and MiniCPM3 divide by and HyperCLOVA X multiplies by.
+_LOGIT_MULTIPLIERS = ("logit_scale", "output_multiplier", "lm_head_multiplier")
+
+
+def _config_number(config, name, value, what):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{type(config).__name__}.{name}={value!r}: {what} must be a finite number > 0 to be "
+                         f"applied to the logits")
+    return float(value)
+
+
+def logit_post_processing(config):
+    """`(scale, softcap)`: what a model does to `lm_head(hidden)` before its softmax, read from its
+    (text) config as TRL's DistillationTrainer reads it: `softcap * tanh(scale * z / softcap)`, softcap
+    None where the model does not cap. Pass them to a loss as `student_logit_scale` /
+    `student_softcap` (or the teacher's). A value that cannot be applied is a one-line error."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    scale = 1.0
+    for name in _LOGIT_MULTIPLIERS:
+        value = getattr(config, name, None)
+        if value is not None:
+            scale = _config_number(config, name, value, "a logit multiplier")
+            break
+    else:
+        value = getattr(config, "logits_scaling", None)
+        if value is not None:
+            value = _config_number(config, "logits_scaling", value, "a logit scaling")
+            scale = value if getattr(config, "model_type", None) == "hyperclovax" else 1.0 / value
+    softcap = getattr(config, "final_logit_softcapping", None)
+    if softcap is not None:
+        softcap = _config_number(config, "final_logit_softcapping", softcap, "a soft cap")
+    return scale, softcap
+
+
+def logit_map_arguments(student_config, teacher_config) -> dict:
+    """The loss keywords of both models' `logit_post_processing`."""
+    student_scale, student_softcap = logit_post_processing(student_config)
+    teacher_scale, teacher_softcap = logit_post_processing(teacher_config)
+    return dict(student_logit_scale=student_scale, student_softcap=student_softcap,
+                teacher_logit_scale=teacher_scale, teacher_softcap=teacher_softcap)
 # The weight files transformers looks for in safetensors, and the endings of files that torch.save
 # (pickle) writes: PyTorch's pytorch_model.bin and its shards, and the other usual names.
 SAFETENSORS_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
@@ -63,11 +106,12 @@ class HFCausalLM(nn.Module):
                             f"expected an nn.Linear lm_head")
         if lm_head.bias is not None:
             raise ValueError(f"{type(model).__name__}: an lm_head with a bias is not supported")
-        for name in _LOGIT_TRANSFORMS:
-            if getattr(model.config, name, None) not in (None, 1.0, 1):
-                raise ValueError(f"{type(model).__name__} transforms its logits after the lm_head "
-                                 f"(config.{name}={getattr(model.config, name)}); the fused-linear losses "
-                                 f"would not match its outputs")
+        if logit_post_processing(model.config) != (1.0, None):
+            scale, softcap = logit_post_processing(model.config)
+            raise ValueError(f"{type(model).__name__} transforms its logits after the lm_head (logit scale {scale}, "
+                             f"final_logit_softcapping={softcap}): the losses take these (student_softcap=, ...), "
+                             f"but hpd distill's sampler and evaluation read lm_head(hidden) as the logits; such "
+                             f"models are not supported here yet (the Trainer integrations support them)")
         self.model = model
         self.config = model.config
         self.lm_head = lm_head

@@ -68,12 +68,14 @@ NO_GRADS = StudentGrads(False, False, False)
 
 class LinearPass(NamedTuple):
     """What a pass over the rows computed: the loss (per row, or reduced by `scalar_pass`), HPD's
-    details and the two parts per row (None unless computed) and the gradients asked for."""
+    details and the two parts per row (None unless computed), the gradients asked for and the
+    student's entropy per row (None unless asked for)."""
 
     loss: torch.Tensor
     details: Optional[HpdDetails]
     parts: Optional[RowParts]
     grads: StudentGrads
+    entropy: Optional[torch.Tensor] = None
 
 
 def rows_per_chunk(n_rows: int, student_vocab: int, teacher_vocab: int, itemsize: int, device: torch.device) -> int:
@@ -168,11 +170,17 @@ class _Chunks:
         drawn = torch.full((n_rows,), objective.ignore_index, dtype=torch.int64, device=device) if hpd else None
         label_weight = torch.zeros(n_rows, dtype=acc_dtype, device=device) if hpd else None
         sample_weight = torch.zeros_like(label_weight) if hpd else None
-        grad_hidden = torch.zeros_like(hidden) if wanted.hidden else None
+        entropy = torch.zeros_like(per_row) if objective.entropy else None
+        loss_row_chunks = _loss_row_chunks(self.active, self.chunk_size)
+        every_row = all(isinstance(rows, slice) for rows in loss_row_chunks)
+        # Every row in a chunk: each is written once (below), so nothing needs zeroing first.
+        grad_hidden = None
+        if wanted.hidden:
+            grad_hidden = torch.empty_like(hidden) if every_row and row_scale is not None else torch.zeros_like(hidden)
         grad_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if wanted.weight else None
         grad_bias = torch.zeros(bias.shape, dtype=acc_dtype, device=bias.device) if wanted.bias else None
 
-        for rows in _loss_row_chunks(self.active, self.chunk_size):
+        for rows in loss_row_chunks:
             chunk_hidden = hidden[rows]
             student_logits = _linear(chunk_hidden, weight, bias)
             teacher_logits = self.teacher_chunk(rows)
@@ -184,6 +192,8 @@ class _Chunks:
             if hpd:
                 drawn[rows], label_weight[rows], sample_weight[rows] = hybrid_details(stats, ids)
             per_row[rows] = chunk.loss
+            if entropy is not None:
+                entropy[rows] = chunk.entropy
             if cross_entropy is not None and chunk.cross_entropy is not None:
                 distillation[rows], cross_entropy[rows] = chunk.distillation, chunk.cross_entropy
             if row_scale is None:
@@ -194,7 +204,9 @@ class _Chunks:
             backward_rows(self.backend, student_logits, teacher_logits, labels, ids, stats,
                           row_scale[rows].contiguous(), student_logits, objective, vocab)
             grad_logits = student_logits
-            if grad_hidden is not None:
+            if grad_hidden is not None and isinstance(rows, slice):
+                torch.mm(grad_logits, weight, out=grad_hidden[rows])  # a view: no temporary
+            elif grad_hidden is not None:
                 grad_hidden[rows] = torch.mm(grad_logits, weight)
             if grad_weight is not None:
                 accumulate_mm(grad_weight, grad_logits.t(), chunk_hidden)
@@ -204,7 +216,7 @@ class _Chunks:
             self.backend.reduce_hidden_grad(grad_hidden)  # vocabulary-parallel: sum over the slices
         details = HpdDetails(drawn, label_weight, sample_weight) if hpd else None
         parts = RowParts(distillation, cross_entropy) if cross_entropy is not None else None
-        return LinearPass(per_row, details, parts, StudentGrads(grad_hidden, grad_weight, grad_bias))
+        return LinearPass(per_row, details, parts, StudentGrads(grad_hidden, grad_weight, grad_bias), entropy)
 
 
 def scalar_pass(inputs: LinearInputs, active, objective: Objective, backend: Backend, chunk_size, reduction,
@@ -224,8 +236,9 @@ def scalar_pass(inputs: LinearInputs, active, objective: Objective, backend: Bac
 
 class FusedLinearDistillation(torch.autograd.Function):
     """Loss from hidden states and lm_head weights: `(loss, distillation, cross_entropy, sampled_ids,
-    w_y, w_hat)`; the last five have no gradient: the per-row parts (empty unless
-    `objective.cross_entropy`) and HPD's details (empty for the divergences). Gradients reach the
+    w_y, w_hat, entropy)`; the last six have no gradient: the per-row parts (empty unless
+    `objective.cross_entropy`), HPD's details (empty for the divergences) and the student's entropy
+    per row (empty unless `objective.entropy`). Gradients reach the
     student's hidden states, weight and bias; never the teacher.
 
     Called as `apply(active, objective, reduction, chunk_size, backend, *inputs)` with `inputs` a
@@ -239,10 +252,10 @@ class FusedLinearDistillation(torch.autograd.Function):
                               inputs.student_bias is not None and needs.student_bias)
         eager = reduction != "none" and any(wanted)
         if reduction == "none":
-            loss, details, parts, grads = _Chunks(inputs, active, objective, backend, chunk_size).run()
+            loss, details, parts, grads, entropy = _Chunks(inputs, active, objective, backend, chunk_size).run()
         else:
-            loss, details, parts, grads = scalar_pass(inputs, active, objective, backend, chunk_size, reduction,
-                                                      wanted)
+            loss, details, parts, grads, entropy = scalar_pass(inputs, active, objective, backend, chunk_size,
+                                                               reduction, wanted)
 
         ctx.objective, ctx.backend, ctx.chunk_size = objective, backend, chunk_size
         ctx.wanted, ctx.eager = wanted, eager
@@ -258,8 +271,10 @@ class FusedLinearDistillation(torch.autograd.Function):
             details = no_details(empty)
         if parts is None:
             parts = RowParts(empty.clone(), empty.clone())
-        ctx.mark_non_differentiable(*parts, *details)
-        return (loss, *parts, *details)
+        if entropy is None:
+            entropy = empty.clone()
+        ctx.mark_non_differentiable(*parts, *details, entropy)
+        return (loss, *parts, *details, entropy)
 
     @staticmethod
     def backward(ctx, grad_loss, *_):

@@ -43,6 +43,7 @@ class RowLossesOutputs(NamedTuple):
     cross_entropy: Tensor
     stats: Tensor
     sampled_ids: Tensor
+    entropy: Tensor
 
 
 class FusedLinearOutputs(NamedTuple):
@@ -55,6 +56,7 @@ class FusedLinearOutputs(NamedTuple):
     sampled_ids: Tensor
     label_weight: Tensor
     sample_weight: Tensor
+    entropy: Tensor
     grad_hidden: Tensor
     grad_weight: Tensor
     grad_bias: Tensor
@@ -62,7 +64,8 @@ class FusedLinearOutputs(NamedTuple):
 
 def objective_fields(objective: Objective) -> tuple:
     """The op arguments `objective, temperature, ignore_index, log_mix_p, log_mix_q, seed, fkl_weight,
-    rkl_weight, ce_weight, cross_entropy`, in the order of `Objective`'s fields."""
+    rkl_weight, ce_weight, cross_entropy, student_scale, student_softcap, teacher_scale,
+    teacher_softcap, entropy`, in the order of `Objective`'s fields."""
     return astuple(objective)
 
 
@@ -87,7 +90,9 @@ def _named(op_arguments, inputs):
 def _row_losses(student: Tensor, teacher: Tensor, labels: Optional[Tensor], active: Tensor,
                 sampled_ids: Optional[Tensor], objective: str, temperature: float, ignore_index: int, log_mix_p: float,
                 log_mix_q: float, seed: int, fkl_weight: float, rkl_weight: float, ce_weight: float,
-                cross_entropy: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                cross_entropy: bool, student_scale: float, student_softcap: float, teacher_scale: float,
+                teacher_softcap: float, entropy: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor,
+                                                                               Tensor]:
     """`RowLossesOutputs`."""
     forward = forward_rows(by_name(backend), student, teacher, labels, sampled_ids, _objective(locals()))
     drawn = forward.sampled_ids
@@ -96,7 +101,9 @@ def _row_losses(student: Tensor, teacher: Tensor, labels: Optional[Tensor], acti
     elif sampled_ids is not None:
         drawn = drawn.clone()  # outputs may not alias inputs (nor one another)
     parts = row_parts(forward, forward.loss.new_empty((0,)))
-    return tuple(RowLossesOutputs(forward.loss, parts.distillation, parts.cross_entropy, forward.stats, drawn))
+    computed_entropy = forward.entropy if forward.entropy is not None else forward.loss.new_empty((0,))
+    return tuple(RowLossesOutputs(forward.loss, parts.distillation, parts.cross_entropy, forward.stats, drawn,
+                                  computed_entropy))
 
 
 row_losses = torch.library.custom_op("hpd_kernels::row_losses", _row_losses, mutates_args=())
@@ -114,13 +121,15 @@ def _(*inputs):
             else lambda: student.new_empty((0,), dtype=acc_dtype))  # noqa: E731
     return tuple(RowLossesOutputs(
         per_row(), part(), part(), student.new_empty((rows, objective.stats_columns), dtype=acc_dtype),
-        student.new_empty((rows,) if objective.is_hybrid else (0,), dtype=torch.int64)))
+        student.new_empty((rows,) if objective.is_hybrid else (0,), dtype=torch.int64),
+        student.new_empty((rows,) if objective.entropy else (0,), dtype=acc_dtype)))
 
 
 def _row_losses_backward(student: Tensor, teacher: Tensor, labels: Optional[Tensor], sampled_ids: Tensor,
                          stats: Tensor, row_scale: Tensor, objective: str, temperature: float, ignore_index: int,
                          log_mix_p: float, log_mix_q: float, seed: int, fkl_weight: float, rkl_weight: float,
-                         ce_weight: float, cross_entropy: bool, backend: str) -> Tensor:
+                         ce_weight: float, cross_entropy: bool, student_scale: float, student_softcap: float,
+                         teacher_scale: float, teacher_softcap: float, entropy: bool, backend: str) -> Tensor:
     spec = _objective(locals())
     grad = torch.empty_like(student, memory_format=torch.contiguous_format)
     vocab = min(student.shape[1], teacher.shape[1])
@@ -175,16 +184,18 @@ def _fused_linear(student_hidden: Tensor, student_weight: Tensor, student_bias: 
                   teacher_logits: Optional[Tensor], labels: Optional[Tensor], sampled_ids: Optional[Tensor],
                   active: Tensor, objective: str, temperature: float, ignore_index: int, log_mix_p: float,
                   log_mix_q: float, seed: int, fkl_weight: float, rkl_weight: float, ce_weight: float,
-                  cross_entropy: bool, reduction: str, chunk_size: int, backend: str, want_hidden: bool,
-                  want_weight: bool, want_bias: bool
-                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                  cross_entropy: bool, student_scale: float, student_softcap: float, teacher_scale: float,
+                  teacher_softcap: float, entropy: bool, reduction: str, chunk_size: int, backend: str,
+                  want_hidden: bool, want_weight: bool, want_bias: bool
+                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """`FusedLinearOutputs`."""
     named = dict(locals())
     inputs = LinearInputs(**{name: named[name] for name in LinearInputs._fields})
     spec = _objective(named)
     acc_dtype = accumulation_dtype(student_hidden.dtype)
     wanted = StudentGrads(want_hidden, want_weight, want_bias and student_bias is not None)
-    loss, details, parts, grads = scalar_pass(inputs, active, spec, by_name(backend), chunk_size, reduction, wanted)
+    loss, details, parts, grads, per_row_entropy = scalar_pass(inputs, active, spec, by_name(backend), chunk_size,
+                                                               reduction, wanted)
 
     def empty(dtype=student_hidden.dtype):  # a fresh tensor each: outputs may not alias one another
         return student_hidden.new_empty((0,), dtype=dtype)
@@ -197,6 +208,7 @@ def _fused_linear(student_hidden: Tensor, student_weight: Tensor, student_bias: 
     distillation, hard = parts if parts is not None else (empty(acc_dtype), empty(acc_dtype))
     return tuple(FusedLinearOutputs(
         loss, distillation, hard, drawn, w_label, w_sample,
+        per_row_entropy if per_row_entropy is not None else empty(acc_dtype),
         grads.hidden if grads.hidden is not None else empty(),
         grads.weight.to(student_weight.dtype) if grads.weight is not None else empty(),
         grads.bias.to(student_bias.dtype) if grads.bias is not None else empty()))
@@ -220,6 +232,7 @@ def _(*inputs):
         hidden.new_empty((rows,), dtype=torch.int64) if hpd else empty.long(),
         hidden.new_empty((rows,), dtype=acc_dtype) if hpd else empty.to(acc_dtype),
         hidden.new_empty((rows,), dtype=acc_dtype) if hpd else empty.to(acc_dtype),
+        hidden.new_empty((rows,) if named["entropy"] else (0,), dtype=acc_dtype),
         torch.empty_like(hidden) if named["want_hidden"] else empty,
         torch.empty_like(weight) if named["want_weight"] else empty,
         torch.empty_like(bias) if named["want_bias"] and bias is not None else empty))

@@ -31,6 +31,7 @@ import torch
 from ..registry import (STAT_LOG_SUM_S, STAT_LOG_SUM_T, STAT_ROW_WEIGHT, STAT_TOP_S, STAT_W_LABEL, STAT_W_SAMPLE,
                         Objective)
 from .backend_contract import Backend
+from .common import map_slope
 
 
 class HpdDetails(NamedTuple):
@@ -51,13 +52,15 @@ class RowParts(NamedTuple):
 
 class RowForward(NamedTuple):
     """What a forward computed per row: the loss (`distillation + ce_weight * cross_entropy`), its two
-    parts (`cross_entropy` None unless `objective.cross_entropy`), the stats, and HPD's `y_hat`."""
+    parts (`cross_entropy` None unless `objective.cross_entropy`), the stats, HPD's `y_hat`, and the
+    student's entropy (None unless `objective.entropy`)."""
 
     loss: torch.Tensor
     distillation: torch.Tensor
     cross_entropy: Optional[torch.Tensor]
     stats: torch.Tensor
     sampled_ids: Optional[torch.Tensor]
+    entropy: Optional[torch.Tensor]
 
 
 def _defined(stats, objective):
@@ -76,31 +79,47 @@ def forward_rows(backend: Backend, student, teacher, labels, sampled_ids, object
                  row_ids=None) -> RowForward:
     """The per-row losses in the accumulation dtype. HPD draws `y_hat` when `sampled_ids` is None,
     with the noise of each row's index in the batch, `row_ids` (None: `0..N-1`)."""
+    maps = objective.logit_maps
     if objective.is_hybrid:
-        loss, stats, drawn = backend.hybrid_forward(
+        computed = backend.hybrid_forward(
             student, teacher, labels, sampled_ids, seed=objective.seed, temperature=objective.temperature,
             fkl_weight=objective.fkl_weight, rkl_weight=objective.rkl_weight, ignore_index=objective.ignore_index,
-            row_ids=row_ids)
+            row_ids=row_ids, logit_maps=maps, with_entropy=objective.entropy)
+        drawn = computed.sampled_ids
     else:
-        loss, stats = backend.divergence_forward(
+        computed = backend.divergence_forward(
             student, teacher, labels, divergence=objective.name, temperature=objective.temperature,
-            log_mix_p=objective.log_mix_p, log_mix_q=objective.log_mix_q, ignore_index=objective.ignore_index)
+            log_mix_p=objective.log_mix_p, log_mix_q=objective.log_mix_q, ignore_index=objective.ignore_index,
+            logit_maps=maps, with_entropy=objective.entropy)
         drawn = None
+    loss, stats, entropy = computed.loss, computed.stats, computed.entropy
     if not objective.cross_entropy or labels is None:
-        return RowForward(loss, loss, None, stats, drawn)
+        return RowForward(loss, loss, None, stats, drawn, entropy)
     vocab = min(student.shape[1], teacher.shape[1])
     counted = _labelled(labels, vocab) & (labels != objective.ignore_index) & _defined(stats, objective)
-    log_q_y = backend.label_log_probs(student, labels, stats, objective.temperature)
+    log_q_y = backend.label_log_probs(student, labels, stats, objective.temperature, logit_maps=maps)
     cross_entropy = torch.where(counted, -log_q_y, 0.0)
     total = loss + objective.ce_weight * cross_entropy if objective.ce_weight else loss
-    return RowForward(total, loss, cross_entropy, stats, drawn)
+    return RowForward(total, loss, cross_entropy, stats, drawn, entropy)
+
+
+def _slopes_at(student, rows, columns, objective, dtype):
+    """The student map's slope at `columns` of `rows` (1 without a map), read before a backward that
+    may overwrite `student` with its gradient."""
+    maps = objective.logit_maps
+    if maps.student_is_identity:
+        return None
+    return map_slope(student[rows, columns].to(dtype), maps.student_scale, maps.student_softcap)
 
 
 def backward_rows(backend: Backend, student, teacher, labels, sampled_ids, stats, row_scale, grad, objective: Objective,
                   vocab: int):
     """Write `dL/ds` of rows scaled by `row_scale` into `grad` (it may be `student` itself). HPD needs
     only the student (its weights sit on `y` and `y_hat`, within the shared `vocab`), the
-    divergences the teacher too."""
+    divergences the teacher too. With a student map, the two scatters of the hard-label term are in
+    the mapped logits' units and take the map's slope at their columns (read before the backend
+    overwrites an in-place `grad`)."""
+    maps = objective.logit_maps
     hard = objective.ce_weight != 0 and labels is not None
     if hard:  # `ce_weight` more on y and on W, on the rows that have a distribution
         extra = (_defined(stats, objective) & _labelled(labels, vocab)).to(stats.dtype) * objective.ce_weight
@@ -108,20 +127,25 @@ def backward_rows(backend: Backend, student, teacher, labels, sampled_ids, stats
         stats[:, STAT_W_LABEL if objective.is_hybrid else STAT_ROW_WEIGHT] += extra
     if objective.is_hybrid:
         return backend.hybrid_backward(student, labels, sampled_ids, stats, row_scale, grad, vocab=vocab,
-                                       temperature=objective.temperature)
-    backend.divergence_backward(student, teacher, stats, row_scale, grad, divergence=objective.name,
-                                temperature=objective.temperature, log_mix_p=objective.log_mix_p,
-                                log_mix_q=objective.log_mix_q)
+                                       temperature=objective.temperature, logit_maps=maps)
     if hard:
         rows = torch.nonzero((row_scale != 0) & (extra != 0))[:, 0]
         c = -row_scale[rows] / objective.temperature * extra[rows]
+        with_top = stats[rows, STAT_TOP_S] >= 0
+        top_rows = rows[with_top]
+        top = stats[top_rows, STAT_TOP_S].long()
+        slope_y = _slopes_at(student, rows, labels[rows], objective, c.dtype)
+        slope_top = _slopes_at(student, top_rows, top, objective, c.dtype)
+    backend.divergence_backward(student, teacher, stats, row_scale, grad, divergence=objective.name,
+                                temperature=objective.temperature, log_mix_p=objective.log_mix_p,
+                                log_mix_q=objective.log_mix_q, logit_maps=maps)
+    if hard:
         # Each entry read and written in the accumulation dtype: one rounding. The top column only
         # where the kernel wrote one from the others (a backend may name none: -1).
-        grad[rows, labels[rows]] = (grad[rows, labels[rows]].to(c.dtype) + c).to(grad.dtype)
-        with_top = stats[rows, STAT_TOP_S] >= 0
-        rows, c = rows[with_top], c[with_top]
-        top = stats[rows, STAT_TOP_S].long()
-        grad[rows, top] = (grad[rows, top].to(c.dtype) - c).to(grad.dtype)
+        c_y = c if slope_y is None else c * slope_y
+        grad[rows, labels[rows]] = (grad[rows, labels[rows]].to(c.dtype) + c_y).to(grad.dtype)
+        c_top = c[with_top] if slope_top is None else c[with_top] * slope_top
+        grad[top_rows, top] = (grad[top_rows, top].to(c.dtype) - c_top).to(grad.dtype)
     return grad
 
 
@@ -147,8 +171,9 @@ def no_details(empty) -> HpdDetails:
 
 class RowLosses(torch.autograd.Function):
     """Per-row losses `[N]` of flattened logits, plus (no gradient) the two parts, `distillation` and
-    `cross_entropy` (empty unless asked), and HPD's `y_hat`, `w_y`, `w_hat` (empty for the
-    divergences); the gradient is recomputed in backward.
+    `cross_entropy` (empty unless asked), HPD's `y_hat`, `w_y`, `w_hat` (empty for the
+    divergences) and the student's entropy (empty unless asked); the gradient is recomputed in
+    backward.
 
     `backend` is any `Backend`: Triton, torch or a `VocabParallel` slice. `active` marks
     the rows in the loss (the caller's, which knows the vocabulary the labels index). The reduction
@@ -167,8 +192,9 @@ class RowLosses(torch.autograd.Function):
         empty = student.new_empty((0,), dtype=forward.stats.dtype)
         details = hybrid_details(forward.stats, forward.sampled_ids) if objective.is_hybrid else no_details(empty)
         parts = row_parts(forward, empty)
-        ctx.mark_non_differentiable(*parts, *details)
-        return (forward.loss, *parts, *details)
+        entropy = empty.clone() if forward.entropy is None else forward.entropy
+        ctx.mark_non_differentiable(*parts, *details, entropy)
+        return (forward.loss, *parts, *details, entropy)
 
     @staticmethod
     def backward(ctx, grad_per_row, *_):
