@@ -145,13 +145,69 @@ def test_hf_teacher_with_a_padded_vocabulary():
     torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-6)
 
 
-def test_hf_refuses_logit_transforms_and_unknown_objectives(models):
+def test_hf_refuses_unknown_objectives_and_unreadable_caps(models):
     student, teacher = models
     with pytest.raises(ValueError, match="objective"):
         hf_integration.distillation_loss(student, teacher, make_batch(), objective="kl")
-    teacher.config.final_logit_softcapping = 30.0
-    with pytest.raises(ValueError, match="final_logit_softcapping"):
+    teacher.config.final_logit_softcapping = "30"
+    with pytest.raises(ValueError, match="final_logit_softcapping='30'"):
         hf_integration.distillation_loss(student, teacher, make_batch(), objective="fkl")
+    teacher.config.final_logit_softcapping = None
+    student.config.logit_scale = 0.0
+    with pytest.raises(ValueError, match="logit_scale=0.0"):
+        hf_integration.distillation_loss(student, teacher, make_batch(), objective="fkl")
+
+
+def tiny_gemma2(hidden, seed, softcap, sharpness=1.0):
+    """A random Gemma 2, whose logits are `softcap * tanh(lm_head(hidden) / softcap)`."""
+    torch.manual_seed(seed)
+    config = transformers.Gemma2Config(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden,
+                                       num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                       head_dim=16, max_position_embeddings=64, final_logit_softcapping=softcap,
+                                       pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    model = transformers.Gemma2ForCausalLM(config)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(sharpness)
+    return model
+
+
+@pytest.mark.parametrize("objective", ["fkl", "jsd", "hpd"])
+def test_hf_soft_capped_models_equal_their_own_logits(objective):
+    """Gemma 2's final soft-capping, read from each config (caps 3 and 30), applied inside the loss:
+    the value and the student's gradients equal the loss of the models' own soft-capped logits."""
+    student, teacher = tiny_gemma2(32, 0, softcap=3.0, sharpness=40.0), tiny_gemma2(48, 1, softcap=30.0,
+                                                                                       sharpness=60.0)
+    inputs = make_batch()
+    options = dict(seed=3) if objective == "hpd" else {}
+    loss = hf_integration.distillation_loss(student, teacher, inputs, objective=objective, **options)
+    loss.backward()
+    ours = student_grads(student)
+    student.zero_grad()
+    logits = full_logits(student, inputs)[:, :-1]
+    assert logits.abs().max() < 3.0   # the model's own logits are capped
+    with torch.no_grad():
+        teacher_logits = full_logits(teacher, inputs)[:, :-1]
+    labels = inputs["labels"][:, 1:]
+    if objective == "hpd":
+        # The same draw: y_hat from the same seed on the same (mapped) student distribution.
+        _, details = hpd_kernels.fused_linear_hybrid_kl_loss(
+            *_hidden_and_head(student, inputs), *_hidden_and_head(teacher, inputs), labels, seed=3,
+            student_softcap=3.0, teacher_softcap=30.0, return_details=True)
+        expected = hpd_kernels.hybrid_kl_loss(logits, teacher_logits, labels, sampled_ids=details.sampled_ids)
+    else:
+        name = {"fkl": "forward_kl", "jsd": "jsd"}[objective]
+        expected = hpd_kernels.DIVERGENCE_LOSSES[name](logits, teacher_logits, labels)
+    expected.backward()
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    for got, want in zip(ours, student_grads(student)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def _hidden_and_head(model, inputs):
+    with torch.no_grad():
+        hidden, _ = hf_integration.final_hidden_states(model, {key: value for key, value in inputs.items()
+                                                               if key != "labels"})
+    return hidden[:, :-1], hf_integration.lm_head_of(model)[0]
 
 
 def test_hf_forward_keeps_one_position_of_logits(models):

@@ -23,8 +23,8 @@ def test_objective_equals_reference_on_the_same_batch(objective):
     ids = torch.randint(0, 11, (2, 6))
     labels = shifted_labels(ids, torch.tensor([[0, 0, 1, 1, 1, 1], [0, 1, 1, 1, 1, 0]]))
     hidden, teacher_hidden = student(ids), teacher(ids).detach()
-    loss, details = distillation_loss(objective, hidden, student.lm_head.weight, teacher_hidden,
-                                      teacher.lm_head.weight, labels, seed=3, backend="torch")
+    loss, details, *_ = distillation_loss(objective, hidden, student.lm_head.weight, teacher_hidden,
+                                          teacher.lm_head.weight, labels, seed=3, backend="torch")
     student_logits, teacher_logits = student.lm_head(hidden), teacher.lm_head(teacher_hidden)
     expected = {
         "sft": lambda: reference.sft_loss(student_logits, labels),

@@ -8,6 +8,8 @@ losses take its final hidden states and lm_head weight.
 
 from __future__ import annotations
 
+from typing import NamedTuple, Optional
+
 import torch
 import torch.utils.checkpoint
 
@@ -45,27 +47,46 @@ def cross_entropy_from_hidden(hidden, weight, labels, ignore_index=-100, chunk_r
     return total / (flat != ignore_index).sum().clamp(min=1)
 
 
+class ObjectiveLoss(NamedTuple):
+    """One objective's loss and what it reports from its own passes: HPD's `HybridDetails` (sampled
+    ids, `y_hat != y` rate; None for the other objectives) and, with `report=True` (a distillation
+    objective), the student's entropy per row and the data's cross-entropy (`LossParts`' part,
+    reduced as the loss is), both at the loss's temperature."""
+
+    loss: torch.Tensor
+    details: Optional[object] = None
+    entropy: Optional[torch.Tensor] = None
+    cross_entropy: Optional[torch.Tensor] = None
+
+
 def distillation_loss(objective, student_hidden, student_weight, teacher_hidden, teacher_weight, labels, *,
                       seed=None, temperature=1.0, fkl_weight=1.0, rkl_weight=1.0, beta=0.5, alpha=0.1,
-                      backend="auto", num_items_in_batch=None, ce_weight=0.0):
-    """`(loss, details)` for one objective; `details` holds HPD's sampled ids and `y_hat != y` rate.
-    `num_items_in_batch`: divide the sum by the global batch's active tokens instead of the mean.
-    `ce_weight`: the losses' fused hard-label term (the cross-entropy at `temperature`)."""
+                      backend="auto", num_items_in_batch=None, ce_weight=0.0, report=False) -> ObjectiveLoss:
+    """One objective's `ObjectiveLoss`. `num_items_in_batch`: divide the sum by the global batch's
+    active tokens instead of the mean. `ce_weight`: the losses' fused hard-label term (the
+    cross-entropy at `temperature`). `report`: also the entropy and cross-entropy, at no extra pass
+    (not for SFT, whose loss is the cross-entropy)."""
     if objective == SFT:
-        return cross_entropy_from_hidden(student_hidden, student_weight, labels,
-                                         num_items_in_batch=num_items_in_batch), None
+        return ObjectiveLoss(cross_entropy_from_hidden(student_hidden, student_weight, labels,
+                                                       num_items_in_batch=num_items_in_batch))
+    reported = dict(return_entropy=True, return_parts=True) if report else {}
     if SHORT_NAMES.get(objective) == HPD:
-        return hpd_kernels.fused_linear_hybrid_kl_loss(
+        loss, details, *rest = hpd_kernels.fused_linear_hybrid_kl_loss(
             student_hidden, student_weight, teacher_hidden, teacher_weight, labels, seed=seed, temperature=temperature,
             fkl_weight=fkl_weight, rkl_weight=rkl_weight, backend=backend, return_details=True,
-            num_items_in_batch=num_items_in_batch, ce_weight=ce_weight)
-    if objective not in SHORT_NAMES:
+            num_items_in_batch=num_items_in_batch, ce_weight=ce_weight, **reported)
+    elif objective in SHORT_NAMES:
+        loss, details = hpd_kernels.fused_linear_divergence_loss(
+            student_hidden, student_weight, teacher_hidden, teacher_weight, labels, divergence=SHORT_NAMES[objective],
+            beta=beta, alpha=alpha, temperature=temperature, backend=backend, num_items_in_batch=num_items_in_batch,
+            ce_weight=ce_weight, **reported), None
+        loss, *rest = loss if report else (loss,)
+    else:
         raise ValueError(f"objective must be one of {TRAINING_OBJECTIVES}, got {objective!r}")
-    loss = hpd_kernels.fused_linear_divergence_loss(
-        student_hidden, student_weight, teacher_hidden, teacher_weight, labels, divergence=SHORT_NAMES[objective],
-        beta=beta, alpha=alpha, temperature=temperature, backend=backend, num_items_in_batch=num_items_in_batch,
-        ce_weight=ce_weight)
-    return loss, None
+    if not report:
+        return ObjectiveLoss(loss, details)
+    parts, entropy = rest
+    return ObjectiveLoss(loss, details, entropy, parts.cross_entropy)
 
 
 @torch.no_grad()

@@ -33,30 +33,39 @@ def batch_loss(config, student, teacher, input_ids, loss_mask, pad_id, seed, num
         hidden, student_weight = hidden.to(torch.bfloat16), student_weight.to(torch.bfloat16)
     metrics = {}
     if config.objective == "sft":
-        loss, _ = distillation_loss("sft", hidden, student_weight, None, None, labels,
-                                    num_items_in_batch=num_items_in_batch)
+        loss = distillation_loss("sft", hidden, student_weight, None, None, labels,
+                                 num_items_in_batch=num_items_in_batch).loss
     else:
         # The losses fuse the hard-label term, as the cross-entropy at their temperature: at T = 1
-        # (the default) that is the data's cross-entropy, at no extra pass; otherwise it is its own pass.
-        fused_ce = config.ce_weight if config.temperature == 1.0 else 0.0
+        # (the default) that is the data's cross-entropy, and the loss reports it and the student's
+        # entropy from its own passes; otherwise the term and the metrics take a pass of their own.
+        at_one = config.temperature == 1.0
         with torch.no_grad():
             teacher_hidden = _forward(teacher, input_ids, attention, bf16)
             teacher_weight = teacher.lm_head.weight
             if bf16:
                 teacher_hidden, teacher_weight = teacher_hidden.to(torch.bfloat16), teacher_weight.to(torch.bfloat16)
             metrics["teacher_entropy"] = float(token_statistics(teacher_hidden, teacher_weight, labels)[0])
-        loss, details = distillation_loss(
+        computed = distillation_loss(
             config.objective, hidden, student_weight, teacher_hidden, teacher_weight, labels,
             seed=seed, temperature=config.temperature, fkl_weight=config.fkl_weight, rkl_weight=config.rkl_weight,
             beta=config.beta, alpha=config.alpha, backend=config.backend, num_items_in_batch=num_items_in_batch,
-            ce_weight=fused_ce)
-        if details is not None:
-            metrics["mismatch_rate"] = float(details.mismatch_rate)
+            ce_weight=config.ce_weight if at_one else 0.0, report=at_one)
+        loss = computed.loss
+        if computed.details is not None:
+            metrics["mismatch_rate"] = float(computed.details.mismatch_rate)
+        if at_one:
+            active = (labels != -100).sum().clamp(min=1)
+            # The part is reduced as the loss: over `num_items_in_batch` when given, else this batch's mean.
+            total = computed.cross_entropy * (num_items_in_batch if num_items_in_batch is not None else active)
+            metrics["cross_entropy"] = float(total / active)
+            metrics["entropy"] = float(computed.entropy.sum() / active)
+            return loss, metrics
     if config.ce_weight and config.objective != "sft" and config.temperature != 1.0:
-        extra, _ = distillation_loss("sft", hidden, student_weight, None, None, labels,
-                                     num_items_in_batch=num_items_in_batch)
+        extra = distillation_loss("sft", hidden, student_weight, None, None, labels,
+                                  num_items_in_batch=num_items_in_batch).loss
         loss = loss + config.ce_weight * extra
-    # What is reported, whatever the objective: this micro-batch's own means, from one pass.
+    # SFT, or a temperature other than 1: this micro-batch's own means, from one more pass.
     entropy, cross_entropy = token_statistics(hidden.detach(), student_weight.detach(), labels)
     metrics["cross_entropy"], metrics["entropy"] = float(cross_entropy), float(entropy)
     return loss, metrics
