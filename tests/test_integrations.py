@@ -269,6 +269,34 @@ def test_hf_trainer_run_lowers_the_distillation_loss(models, tmp_path, objective
     with torch.no_grad():
         expected = hf_integration.distillation_loss(student, teacher, first_rows, objective=objective, **seed)
     assert evaluated == pytest.approx(expected.item(), rel=1e-5)
+    # Each log holds the metrics the loss reported from its own passes, the evaluation's prefixed.
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert all(entry["entropy"] > 0 and entry["cross_entropy"] > 0 for entry in logged)
+    assert all(("mismatch_rate" in entry) == (objective == "hpd") for entry in logged)
+    report = {}
+    with torch.no_grad():
+        hf_integration.distillation_loss(student, teacher, first_rows, objective=objective, report=report, **seed)
+    evaluation = trainer.state.log_history[-1]
+    assert evaluation["eval_entropy"] == pytest.approx(report["entropy"].item(), rel=1e-5)
+    assert evaluation["eval_cross_entropy"] == pytest.approx(report["cross_entropy"].item(), rel=1e-5)
+
+
+def test_hf_reported_metrics_equal_their_definitions(models):
+    """`report`: the student's entropy and the data's cross-entropy, means over the tokens in the loss,
+    from the loss's own passes, equal to those of the full logits."""
+    student, teacher = models
+    inputs, report = make_batch(), {}
+    with torch.no_grad():
+        hf_integration.distillation_loss(student, teacher, inputs, objective="hpd", seed=1, report=report,
+                                         num_items_in_batch=100)
+        log_q = torch.log_softmax(full_logits(student, inputs)[:, :-1].double(), dim=-1)
+    labels = inputs["labels"][:, 1:]
+    active = labels != -100
+    entropy = -(log_q.exp() * log_q).sum(-1)[active].mean()
+    cross_entropy = -log_q.gather(-1, labels.clamp(min=0)[..., None])[..., 0][active].mean()
+    torch.testing.assert_close(report["entropy"].double(), entropy, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(report["cross_entropy"].double(), cross_entropy, rtol=1e-5, atol=1e-6)
+    assert 0 <= report["mismatch_rate"].item() <= 1
 
 
 # ----------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ keep it sharded), models whose logits are not those maps of `lm_head(hidden_stat
 
 from __future__ import annotations
 
+import collections
 import inspect
 import weakref
 
@@ -225,7 +226,8 @@ def _num_items(num_items_in_batch):
 
 def distillation_loss(model, teacher_model, inputs, *, objective="hpd", temperature=1.0, fkl_weight=None,
                       rkl_weight=None, beta=None, alpha=None, seed=None, ignore_index=-100, num_items_in_batch=None,
-                      reduction="mean", chunk_size=None, backend="auto", ce_weight=0.0, return_outputs=False):
+                      reduction="mean", chunk_size=None, backend="auto", ce_weight=0.0, return_outputs=False,
+                      report=None):
     """The distillation loss of a causal-LM batch (`inputs` with `labels`), without full logits.
 
     `objective`: `"hpd"` (options `fkl_weight`, `rkl_weight`, `seed`: None draws one from torch's
@@ -236,6 +238,9 @@ def distillation_loss(model, teacher_model, inputs, *, objective="hpd", temperat
     divides the summed loss instead of this batch's active tokens. `ce_weight` adds the fused
     hard-label term (`ce_weight` times the data's cross-entropy at `temperature`).
     `return_outputs=True` also returns the student's outputs, with full logits (for predictions).
+    `report`: a dict to fill with this batch's means over its tokens in the loss, from the loss's own
+    passes (detached 0-dim tensors): the student's `entropy` and the data's `cross_entropy` (both at
+    `temperature`), and HPD's `mismatch_rate` (`y_hat != y`).
     """
     name, options = _loss_options(objective, temperature=temperature, ignore_index=ignore_index, reduction=reduction,
                                   chunk_size=chunk_size, backend=backend, ce_weight=ce_weight, fkl_weight=fkl_weight,
@@ -254,11 +259,30 @@ def distillation_loss(model, teacher_model, inputs, *, objective="hpd", temperat
                    teacher_bias=teacher_bias, labels=labels[:, 1:].to(student_hidden.device),
                    num_items_in_batch=_num_items(num_items_in_batch), **options,
                    **logit_map_arguments(_unwrap(model).config, _unwrap(teacher_model).config))
-    if name == HPD:
-        loss = fused_linear_hybrid_kl_loss(**shifted)
+    if report is None:
+        loss = (fused_linear_hybrid_kl_loss(**shifted) if name == HPD
+                else fused_linear_divergence_loss(**shifted, divergence=name))
     else:
-        loss = fused_linear_divergence_loss(**shifted, divergence=name)
+        loss = _reported_loss(name, shifted, report)
     return (loss, outputs) if return_outputs else loss
+
+
+def _reported_loss(name, shifted, report):
+    """The loss, filling `report` (see `distillation_loss`) from the parts it returns."""
+    extra = dict(return_parts=True, return_entropy=True)
+    if name == HPD:
+        loss, details, parts, entropy = fused_linear_hybrid_kl_loss(**shifted, return_details=True, **extra)
+        report["mismatch_rate"] = details.mismatch_rate
+    else:
+        loss, parts, entropy = fused_linear_divergence_loss(**shifted, divergence=name, **extra)
+    vocab = min(shifted["student_weight"].shape[0], shifted["teacher_weight"].shape[0])
+    active = (shifted["labels"] != shifted["ignore_index"]) & (shifted["labels"] < vocab)
+    count = active.sum().clamp(min=1)
+    # The part is reduced as the loss: over `num_items_in_batch` when given, else this batch's mean.
+    divisor = shifted["num_items_in_batch"] if shifted["num_items_in_batch"] is not None else count
+    report["cross_entropy"] = parts.cross_entropy * torch.as_tensor(divisor, device=count.device) / count
+    report["entropy"] = entropy.sum() / count
+    return loss
 
 
 class DistillationTrainer(transformers.Trainer):
@@ -298,6 +322,8 @@ class DistillationTrainer(transformers.Trainer):
             if hasattr(self.accelerator, "prepare_model") else teacher_model.to(self.args.device)
         self.teacher_model.eval()
         self._micro_step = (-1, 0)        # training: (global_step, micro-batches seen in it)
+        # Per-batch metrics from the loss's own passes, averaged into each log (as TRL's trainers do).
+        self._reported = {"train": collections.defaultdict(list), "eval": collections.defaultdict(list)}
         self._evaluation_batches = 0      # batches of the evaluation under way
         self._return_logits = True        # False in a prediction_step that returns the loss only
 
@@ -328,12 +354,25 @@ class DistillationTrainer(transformers.Trainer):
         finally:
             self._return_logits = True
 
+    def log(self, logs, *args, **kwargs):
+        """Trainer's log, with the reported metrics' means since the last one (`eval_`-prefixed in
+        an evaluation's log)."""
+        mode = "eval" if any(key.startswith("eval_") for key in logs) else "train"
+        prefix = "eval_" if mode == "eval" else ""
+        logs.update({prefix + key: sum(values) / len(values) for key, values in self._reported[mode].items() if values})
+        self._reported[mode].clear()
+        return super().log(logs, *args, **kwargs)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         keep_logits = return_outputs and self._return_logits
+        report = {}
         result = distillation_loss(model, self.teacher_model, inputs, objective=self.objective,
                                    seed=self._hpd_seed(model.training), num_items_in_batch=num_items_in_batch,
-                                   return_outputs=keep_logits, **self.loss_options)
+                                   return_outputs=keep_logits, report=report, **self.loss_options)
         loss, outputs = result if keep_logits else (result, None)
+        reported = self._reported["train" if model.training else "eval"]
+        for key, value in report.items():
+            reported[key].append(self.accelerator.gather_for_metrics(value.detach().reshape(1)).mean().item())
         # As Trainer.compute_loss: `num_items_in_batch` counts every rank's tokens while DDP averages
         # the gradients over the ranks, so the sum is scaled back up.
         if num_items_in_batch is not None and self.args.average_tokens_across_devices:
