@@ -78,17 +78,22 @@ def loss_and_grads(compute, model, inputs, count):
     return loss.detach(), entropy_sum, n_valid, grads
 
 
-@pytest.mark.parametrize("beta, temperature", [(0.0, 1.0), (0.5, 0.7), (1.0, 1.0)])
-def test_compute_loss_equals_trls(tmp_path, beta, temperature):
-    """Our _compute_loss gives TRL's, loss and gradients (lm_head and a backbone weight), float32:
-    rtol 1e-5 / atol 1e-6 on the loss, rtol 1e-4 / atol 1e-6 on the gradients."""
+@pytest.mark.parametrize("beta, temperature, maps", [(0.0, 1.0, False), (0.5, 0.7, False), (1.0, 1.0, False),
+                                                     (0.5, 1.0, True)])
+def test_compute_loss_equals_trls(tmp_path, beta, temperature, maps):
+    """Our _compute_loss gives TRL's, loss, entropy and gradients (lm_head and a backbone weight),
+    float32: rtol 1e-5 / atol 1e-6 on the loss and entropy, rtol 1e-4 / atol 1e-6 on the gradients.
+    `maps`: a soft-capped student and a scaled teacher (configs both trainers read)."""
     trainer = make_trainer(tmp_path, beta=beta, temperature=temperature)
     assert trainer.objective == {0.0: "forward_kl", 1.0: "reverse_kl"}.get(beta, "jsd")
     model, inputs = trainer.model, make_inputs()
+    if maps:
+        model.config.final_logit_softcapping, trainer.teacher_model.config.logit_scale = 2.0, 0.5
     for count in (None, torch.tensor(23.0)):
         ours = loss_and_grads(trainer._compute_loss, model, inputs, count)
         theirs = loss_and_grads(lambda *a: trl.DistillationTrainer._compute_loss(trainer, *a), model, inputs, count)
         torch.testing.assert_close(ours[0], theirs[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ours[1], theirs[1], rtol=1e-5, atol=1e-6)
         assert ours[2].item() == theirs[2].item() == 11   # 15 completion tokens, 2 padded, 2 a tool's
         for mine, trls in zip(ours[3], theirs[3]):
             torch.testing.assert_close(mine, trls, rtol=1e-4, atol=1e-6)
@@ -102,13 +107,13 @@ def test_hpd_with_another_vocabulary_is_the_references(tmp_path, monkeypatch):
     details, hpd = [], trl_distillation.fused_linear_hybrid_kl_loss
 
     def keep_details(*args, **kwargs):
-        loss, found = hpd(*args, return_details=True, **kwargs)
+        loss, found, entropy = hpd(*args, return_details=True, **kwargs)
         details.append((found, kwargs["seed"]))
-        return loss
+        return loss, entropy
 
     monkeypatch.setattr(trl_distillation, "fused_linear_hybrid_kl_loss", keep_details)
     model, inputs = trainer.model, make_inputs()
-    loss, _, n_valid = trainer._compute_loss(model, inputs, None)
+    loss, entropy_sum, n_valid = trainer._compute_loss(model, inputs, None)
     assert loss.shape == () and math.isfinite(loss.item()) and n_valid.item() == 11
     (found, seed), = details
     assert seed == trainer.args.seed   # step 0, first micro-batch
@@ -126,6 +131,8 @@ def test_hpd_with_another_vocabulary_is_the_references(tmp_path, monkeypatch):
     expected = expected + 0.3 * torch.nn.functional.cross_entropy(
         student_logits[:, PROMPT - 1:-1].reshape(-1, VOCAB), labels.reshape(-1), reduction="sum")
     torch.testing.assert_close(loss, expected / 11, rtol=1e-5, atol=1e-6)
+    entropy = reference.student_entropy(student_logits[:, PROMPT - 1:-1], teacher_logits[:, PROMPT - 1:-1])
+    torch.testing.assert_close(entropy_sum, entropy[kept].sum(), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("loss", ["skew_forward_kl", "tvd"])
@@ -143,7 +150,7 @@ def test_train_steps_on_the_cpu(tmp_path):
     trainer.train()
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert len(logged) == 2
-    assert all(math.isfinite(entry["loss"]) and "entropy" in entry for entry in logged)
+    assert all(math.isfinite(entry["loss"]) and entry["entropy"] > 0 for entry in logged)
 
 
 @pytest.mark.parametrize("loss, options, message", [

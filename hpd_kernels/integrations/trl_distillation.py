@@ -23,7 +23,9 @@ prefixes, its seed `seed + global_step * accumulation + micro_batch` in training
 `hpd_kernels.integrations.hf.DistillationTrainer`, so a resumed run draws what the uninterrupted one
 did. The teacher may have a vocabulary of another size (TRL refuses it; the losses compare the
 shared ids). The loss is summed and divided as TRL divides (`num_items_in_batch`, else this
-micro-batch's valid tokens, at least 1).
+micro-batch's valid tokens, at least 1). Each model's logit scale and soft cap are read from its
+config as TRL reads them (`logit_post_processing`, from `hpd_kernels.models.hf`) and applied inside
+the kernels; the student's entropy that TRL logs comes from the loss's own pass.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import trl
 from trl.models import prepare_deepspeed
 
 from ..fused_linear import fused_linear_divergence_loss, fused_linear_hybrid_kl_loss
+from ..models.hf import logit_map_arguments, logit_post_processing
 from ..registry import HPD
 from .hf import _OBJECTIVE_OPTIONS, _loss_options
 from .hf import DistillationTrainer as _HFDistillationTrainer
@@ -44,35 +47,6 @@ LOSS_OPTIONS = _OBJECTIVE_OPTIONS + ("ce_weight", "chunk_size", "backend")
 # The inputs TRL's generation adds for vision-language models, passed on to the backbones.
 _MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spatial_shapes", "image_sizes",
                     "token_type_ids", "mm_token_type_ids", "image_position_ids")
-
-
-def logit_post_processing(config):
-    """`(scale, softcap)`: what the model does to `lm_head(hidden)` before its softmax, read as TRL
-    reads it: `logits = softcap * tanh(scale * z / softcap)` (`softcap` None: `scale * z`).
-
-    The scale is `logit_scale` (Cohere), else `output_multiplier`, else `lm_head_multiplier`
-    (Falcon-H1), else `1 / logits_scaling` (Granite, MiniCPM3; HyperCLOVA X multiplies by it),
-    else 1; a `logit_scale` of None means 1. The softcap is `final_logit_softcapping` (Gemma).
-    Read on `config.get_text_config()` (vision-language models keep them there)."""
-    if hasattr(config, "get_text_config"):
-        config = config.get_text_config()
-    scale = getattr(config, "logit_scale", None)
-    for name in ("output_multiplier", "lm_head_multiplier"):
-        scale = getattr(config, name, None) if scale is None else scale
-    scaling = getattr(config, "logits_scaling", None)
-    if scale is None and scaling is not None:
-        scale = scaling if getattr(config, "model_type", None) == "hyperclovax" else 1 / scaling
-    return (1.0 if scale is None else float(scale)), getattr(config, "final_logit_softcapping", None)
-
-
-def _map_keywords(student_config, teacher_config):
-    (student_scale, student_softcap), (teacher_scale, teacher_softcap) = map(
-        logit_post_processing, (student_config, teacher_config))
-    keywords = dict(student_logit_scale=student_scale, teacher_logit_scale=teacher_scale,
-                    student_softcap=student_softcap, teacher_softcap=teacher_softcap)
-    # TODO(issue 22): pass all four once the losses take them ("public keywords for logit maps and
-    # entropy"); until then a model that maps its logits fails on the unknown keyword, never silently.
-    return {key: value for key, value in keywords.items() if value not in (None, 1.0)}
 
 
 def _objective(loss, options, beta, temperature):
@@ -167,25 +141,25 @@ class DistillationTrainer(trl.DistillationTrainer):
         if self.objective != HPD and not self.loss_options["ce_weight"]:
             ids = torch.zeros_like(ids)
         labels = ids.masked_fill(~kept, _IGNORE)
-        loss = self._loss(student_hidden, _whole(student_head.weight, student_head.bias, student_hidden.dtype),
-                          teacher_hidden, _whole(teacher_head.weight, teacher_head.bias, teacher_hidden.dtype),
-                          labels, _map_keywords(unwrapped_student.config, teacher.config),
-                          self._hpd_seed(unwrapped_student.training))
+        # The models' logit scales and soft caps, read on their (text) configs as TRL reads them.
+        maps = logit_map_arguments(unwrapped_student.config, teacher.config)
+        loss, entropy = self._loss(student_hidden, _whole(student_head.weight, student_head.bias, student_hidden.dtype),
+                                   teacher_hidden, _whole(teacher_head.weight, teacher_head.bias, teacher_hidden.dtype),
+                                   labels, maps, self._hpd_seed(unwrapped_student.training))
         n_valid = kept.sum()
         if num_items_in_batch is None:
             loss = loss / n_valid.clamp(min=1)
         else:
             loss = loss / (num_items_in_batch.to(device) if isinstance(num_items_in_batch, torch.Tensor)
                            else num_items_in_batch)
-        # TODO(issue 22): the student's entropy (return_entropy=True) once the losses return it.
-        entropy_sum = torch.zeros((), device=device)
-        return loss, entropy_sum.detach(), n_valid
+        # TRL logs the student's mean entropy (of the q the loss uses) from the sum over kept rows.
+        return loss, entropy.sum().detach(), n_valid
 
     def _loss(self, student_hidden, student_head, teacher_hidden, teacher_head, labels, maps, seed):
-        """The summed loss of the kept rows (`reduction="sum"`)."""
+        """`(summed loss, student entropy per row)` of the kept rows (0 on the others)."""
         (student_weight, student_bias), (teacher_weight, teacher_bias) = student_head, teacher_head
         options = dict(self.loss_options, temperature=self.temperature, student_bias=student_bias,
-                       teacher_bias=teacher_bias, **maps)
+                       teacher_bias=teacher_bias, return_entropy=True, **maps)
         if self.objective == HPD:
             return fused_linear_hybrid_kl_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
                                                seed=seed, **options)
