@@ -144,6 +144,57 @@ def launches(rows: int = ROWS, vocab: int = VOCAB, dtypes=DTYPES):
     return found
 
 
+# The logit maps the variants below compile with: a soft-capped student and a scaled teacher, and
+# the other way round (each map kind on each side; the numbers are scalars, not constexprs).
+VARIANT_MAPS = (((0.7, 30.0, 1.3, 0.0), "student softcap, teacher scale"),
+                ((1.3, 0.0, 0.7, 30.0), "student scale, teacher softcap"))
+VARIANT_DTYPES = ("bfloat16", "float64")
+
+
+def map_launches(rows: int = ROWS, vocab: int = VOCAB, dtypes=VARIANT_DTYPES):
+    """The launches with logit maps (`registry.LogitMaps`) and the entropy on, which `launches` (the
+    identity maps, no entropy) leaves out: every kernel and divergence with the first of
+    `VARIANT_MAPS`, HPD's kernels and forward KL's with the second as well; a float32 and the float64
+    accumulation (each has its own tanh)."""
+    import torch
+
+    from ...registry import DIVERGENCE_STATS, DIVERGENCES, HYBRID_STATS, LogitMaps, accumulation_dtype, mixture_logs
+    from . import divergence, hybrid
+
+    meta = torch.device("meta")
+    found = []
+    with _captured(_kernels()) as calls:
+        for dtype_name in dtypes:
+            dtype = getattr(torch, dtype_name)
+            acc = accumulation_dtype(dtype)
+            student, teacher = (torch.empty(rows, vocab, dtype=dtype, device=meta) for _ in range(2))
+            labels = torch.empty(rows, dtype=torch.int64, device=meta)
+            row_scale = torch.empty(rows, dtype=acc, device=meta)
+            for index, (numbers, maps_name) in enumerate(VARIANT_MAPS):
+                maps = LogitMaps(*numbers)
+                for name in DIVERGENCES if index == 0 else ("forward_kl",):
+                    resolved, log_mix_p, log_mix_q = mixture_logs(name, 0.5, 0.1)
+                    mixture = dict(divergence=resolved, temperature=1.0, log_mix_p=log_mix_p, log_mix_q=log_mix_q,
+                                   logit_maps=maps)
+                    divergence.divergence_forward(student, teacher, labels, ignore_index=-100, with_entropy=True,
+                                                  **mixture)
+                    divergence.divergence_backward(student, teacher, torch.empty(rows, DIVERGENCE_STATS, dtype=acc,
+                                                   device=meta), row_scale, torch.empty_like(student), **mixture)
+                    found += [("divergence_forward", f"{name} {dtype_name} {maps_name} entropy"),
+                              ("divergence_backward", f"{name} {dtype_name} {maps_name}")]
+                for sample in (True, False):
+                    hybrid.hybrid_forward(student, teacher, labels, None if sample else labels, seed=0,
+                                          temperature=1.0, fkl_weight=1.0, rkl_weight=1.0, ignore_index=-100,
+                                          logit_maps=maps, with_entropy=True)
+                    found.append(("hybrid_forward", f"{dtype_name} sample={sample} {maps_name} entropy"))
+                hybrid.hybrid_backward(student, labels, labels, torch.empty(rows, HYBRID_STATS, dtype=acc, device=meta),
+                                       row_scale, torch.empty_like(student), vocab=vocab, temperature=1.0,
+                                       logit_maps=maps)
+                found.append(("hybrid_backward", f"{dtype_name} {maps_name}"))
+        assert [name for name, _, _ in calls] == [kernel for kernel, _ in found]
+        return [Launch(kernel, variant, args, kwargs) for (kernel, variant), (_, args, kwargs) in zip(found, calls)]
+
+
 def int_arguments(launch: Launch):
     """Names of the launch's plain integer arguments (each of which the JIT would fold if it were 1)."""
     kernel = _kernels()[launch.kernel]
@@ -247,6 +298,15 @@ def report(rows) -> str:
     return "\n".join(lines) + "\n"
 
 
+def variants_report(rows) -> str:
+    """The `map_launches` compiles, a list after the table (whose rows name the identity launches only)."""
+    lines = ["", "## With logit maps and the entropy", "",
+             "registers / spill stores / spill loads (B), per launch of `map_launches`:", ""]
+    lines += [f"- {row['kernel']}, {row['variant']}: {row['registers']} / {row['spill_stores']} / "
+              f"{row['spill_loads']}" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", help="write the markdown report here as well as to stdout")
@@ -262,7 +322,9 @@ def main(argv=None):
         for row in compile_all(args.jobs, items):
             print(f"compiled {row['kernel']} {row['variant']}")
         return
-    text = report(compile_all(args.jobs))
+    items = launches()
+    rows = compile_all(args.jobs, items + map_launches())
+    text = report(rows[:len(items)]) + variants_report(rows[len(items):])
     print(text)
     if args.out:
         with open(args.out, "w") as handle:

@@ -5,7 +5,8 @@ import math
 
 import torch
 
-from ...registry import STAT_LOG_SUM_S, STAT_MAX_S
+from ...registry import IDENTITY_MAPS, STAT_LOG_SUM_S, STAT_MAX_S
+from ..common import map_logits
 from .divergence import divergence_backward, divergence_forward
 from .hybrid import hybrid_backward, hybrid_forward
 
@@ -20,11 +21,13 @@ class TritonBackend:
     hybrid_backward = staticmethod(hybrid_backward)
 
     @staticmethod
-    def label_log_probs(student, labels, stats, temperature):
-        """`log q(y)` from the kernels' stats (the max of the unscaled logits, the base-2 log of the
-        sum): one gather, no vocabulary pass."""
+    def label_log_probs(student, labels, stats, temperature, logit_maps=IDENTITY_MAPS):
+        """`log q(y)` from the kernels' stats (the max of the unscaled, mapped logits, the base-2 log
+        of the sum): one gather, mapped as the kernels map it, no vocabulary pass."""
         safe = torch.where((labels >= 0) & (labels < student.shape[1]), labels, 0)
         logits = student.gather(1, safe[:, None])[:, 0].to(stats.dtype)
+        if not logit_maps.student_is_identity:
+            logits = map_logits(logits, logit_maps.student_scale, logit_maps.student_softcap)
         return (logits - stats[:, STAT_MAX_S]) / temperature - math.log(2) * stats[:, STAT_LOG_SUM_S]
 
     @staticmethod

@@ -23,11 +23,12 @@ import math
 
 import torch
 
-from ...registry import (DIVERGENCE_CODES, DIVERGENCE_STATS, STAT_LOG_SUM_S, STAT_LOG_SUM_T, STAT_MAX_S, STAT_MAX_T,
-                        STAT_ROW_WEIGHT, STAT_TOP_S, accumulation_dtype)
+from ...registry import (DIVERGENCE_CODES, DIVERGENCE_STATS, IDENTITY_MAPS, STAT_LOG_SUM_S, STAT_LOG_SUM_T, STAT_MAX_S,
+                        STAT_MAX_T, STAT_ROW_WEIGHT, STAT_TOP_S, accumulation_dtype)
 from ..backend_contract import DivergenceForward
 from ..common import temperature_scalars
-from .utils import (HAS_TRITON, LN2, LOG2E, fast_log2, finish_logsumexp, first_argmax, kernel_scalars,
+from .maps import load_map, map_codes, map_scalars, mapped, mapped_with_slope
+from .utils import (HAS_TRITON, LN2, LOG2E, entropy_step, fast_log2, finish_logsumexp, first_argmax, kernel_scalars,
                     lane_argmax_step, launch_shape, log2_softmax, online_logsumexp_step, row_reference,
                     store_top_column, tl, top_column_step, triton)
 
@@ -111,13 +112,16 @@ if HAS_TRITON:
 
     @triton.jit
     def _divergence_forward_kernel(
-        student_ptr, teacher_ptr, labels_ptr, loss_ptr, stats_ptr,
+        student_ptr, teacher_ptr, labels_ptr, loss_ptr, stats_ptr, entropy_ptr,
         scalars_ptr, n_rows, vocab, stride_student, stride_teacher, ignore_index,
         DIVERGENCE: tl.constexpr, HAS_LABELS: tl.constexpr, FP64: tl.constexpr,
+        STUDENT_MAP: tl.constexpr, TEACHER_MAP: tl.constexpr, ENTROPY: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
     ):
         acc_dtype = tl.float64 if FP64 else tl.float32
         scale, scale_low, inv_temperature, mix_p, mix_q, log2_mix_p, log2_mix_q = _load_scalars(scalars_ptr)
+        s_scale, s_cap, s_ratio = load_map(scalars_ptr + 7, STUDENT_MAP)
+        t_scale, t_cap, t_ratio = load_map(scalars_ptr + 10, TEACHER_MAP)
         rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
         active = rows < n_rows
         if HAS_LABELS:
@@ -136,16 +140,22 @@ if HAS_TRITON:
         # weighting side: every difference is taken against the running references, so a huge logit
         # never meets the log-sum-exps in a float32 cancellation (the references cancel exactly).
         online_value = tl.zeros([BLOCK_N], acc_dtype)
+        online_entropy = tl.zeros([BLOCK_N], acc_dtype)
         for start in range(0, vocab, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)
             mask = active[:, None] & (cols[None, :] < vocab)
             s = tl.load(student_rows + cols[None, :], mask=mask, other=float("-inf")).to(acc_dtype)
             t = tl.load(teacher_rows + cols[None, :], mask=mask, other=float("-inf")).to(acc_dtype)
+            s = mapped(s, s_scale, s_cap, s_ratio, STUDENT_MAP)
+            t = mapped(t, t_scale, t_cap, t_ratio, TEACHER_MAP)
             lane_max_s, lane_top_s = lane_argmax_step(lane_max_s, lane_top_s, s, cols)
             old_ref_s, old_ref_t, old_sum_s, old_sum_t = row_reference(max_s), row_reference(max_t), sum_s, sum_t
             max_s, sum_s, exps_s, rescale_s = online_logsumexp_step(max_s, sum_s, s, scale)
             max_t, sum_t, exps_t, rescale_t = online_logsumexp_step(max_t, sum_t, t, scale)
             ref_s, ref_t = row_reference(max_s), row_reference(max_t)
+            if ENTROPY:
+                online_entropy = entropy_step(online_entropy, old_sum_s, rescale_s, ref_s - old_ref_s, exps_s,
+                                               s - ref_s[:, None])
             if DIVERGENCE == FORWARD_KL:
                 online_value = _relative_value_step(online_value, old_sum_t, rescale_t, ref_t - old_ref_t,
                                                     ref_s - old_ref_s, exps_t, t - ref_t[:, None], s - ref_s[:, None])
@@ -173,6 +183,8 @@ if HAS_TRITON:
                 mask = active[:, None] & (cols[None, :] < vocab)
                 s = tl.load(student_rows + cols[None, :], mask=mask, other=float("-inf")).to(acc_dtype)
                 t = tl.load(teacher_rows + cols[None, :], mask=mask, other=float("-inf")).to(acc_dtype)
+                s = mapped(s, s_scale, s_cap, s_ratio, STUDENT_MAP)
+                t = mapped(t, t_scale, t_cap, t_ratio, TEACHER_MAP)
                 value, weight = divergence_terms(
                     log2_softmax(s, scale, scale_low, max_s[:, None], log_sum_s[:, None]),
                     log2_softmax(t, scale, scale_low, max_t[:, None], log_sum_t[:, None]),
@@ -186,6 +198,9 @@ if HAS_TRITON:
         # NaN from a +inf logit stays NaN) contributes 0 and gets no gradient (see the backward).
         defined = (log_sum_s != float("-inf")) & (log_sum_t != float("-inf"))
         tl.store(loss_ptr + rows, _zero_unless(active & defined, loss), mask=rows < n_rows)
+        if ENTROPY:  # -E_q[log q] = ln Z - E_q[s - ref] / T, both terms >= 0: no cancellation
+            entropy = LN2 * log_sum_s - inv_temperature * online_entropy / sum_s
+            tl.store(entropy_ptr + rows, _zero_unless(active & defined, entropy), mask=rows < n_rows)
         stats = stats_ptr + rows * _STATS
         tl.store(stats + _MAX_S, max_s, mask=active)
         tl.store(stats + _LOG_SUM_S, log_sum_s, mask=active)
@@ -202,10 +217,13 @@ if HAS_TRITON:
     def _divergence_backward_kernel(
         student_ptr, teacher_ptr, stats_ptr, row_scale_ptr, grad_ptr, scalars_ptr,
         n_rows, vocab, student_vocab, stride_student, stride_teacher, stride_grad,
-        DIVERGENCE: tl.constexpr, FP64: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+        DIVERGENCE: tl.constexpr, FP64: tl.constexpr, STUDENT_MAP: tl.constexpr, TEACHER_MAP: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
     ):
         acc_dtype = tl.float64 if FP64 else tl.float32
         scale, scale_low, inv_temperature, mix_p, mix_q, log2_mix_p, log2_mix_q = _load_scalars(scalars_ptr)
+        s_scale, s_cap, s_ratio = load_map(scalars_ptr + 7, STUDENT_MAP)
+        t_scale, t_cap, t_ratio = load_map(scalars_ptr + 10, TEACHER_MAP)
         rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
         in_range = rows < n_rows
         # row_scale is 0 on inactive rows (and on rows whose incoming gradient is 0): their
@@ -232,11 +250,16 @@ if HAS_TRITON:
             mask = active[:, None] & (cols[None, :] < vocab)
             s = tl.load(student_rows + cols[None, :], mask=mask, other=float("-inf")).to(acc_dtype)
             t = tl.load(teacher_rows + cols[None, :], mask=mask, other=float("-inf")).to(acc_dtype)
+            if STUDENT_MAP != 0:
+                s, slope = mapped_with_slope(s, s_scale, s_cap, s_ratio, STUDENT_MAP)
+            t = mapped(t, t_scale, t_cap, t_ratio, TEACHER_MAP)
             log2_q = log2_softmax(s, scale, scale_low, max_s[:, None], log_sum_s[:, None])
             _, weight = divergence_terms(log2_q, log2_softmax(t, scale, scale_low, max_t[:, None], log_sum_t[:, None]),
                                          mix_p, mix_q, log2_mix_p, log2_mix_q, DIVERGENCE)
             grad = _zero_unless(mask, coefficient[:, None] * (weight - tl.exp2(log2_q) * row_sum[:, None]))
             other_columns, store_mask = top_column_step(other_columns, grad, cols, top_s, in_range, student_vocab)
+            if STUDENT_MAP != 0:  # the sums above stay wrt the mapped logits (they sum to 0)
+                grad = grad * slope
             tl.store(grad_rows + cols[None, :], grad.to(grad_ptr.dtype.element_ty), mask=store_mask)
         # The top column, once per row that names one: the loop left it unwritten, so an in-place
         # gradient still holds its logit (a row without a distribution writes 0 there).
@@ -244,51 +267,61 @@ if HAS_TRITON:
         top_active = (active & pivoted)[:, None]
         s = tl.load(student_rows + top_s[:, None], mask=top_active, other=0.0).to(acc_dtype)
         t = tl.load(teacher_rows + top_s[:, None], mask=top_active, other=0.0).to(acc_dtype)
+        top_slope = 1.0
+        if STUDENT_MAP != 0:
+            s, top_slope = mapped_with_slope(s, s_scale, s_cap, s_ratio, STUDENT_MAP)
+        t = mapped(t, t_scale, t_cap, t_ratio, TEACHER_MAP)
         log2_q = log2_softmax(s, scale, scale_low, max_s[:, None], log_sum_s[:, None])
         _, weight = divergence_terms(log2_q, log2_softmax(t, scale, scale_low, max_t[:, None], log_sum_t[:, None]),
                                      mix_p, mix_q, log2_mix_p, log2_mix_q, DIVERGENCE)
         top_formula = tl.where(top_active, coefficient[:, None] * (weight - tl.exp2(log2_q) * row_sum[:, None]), 0.0)
-        store_top_column(grad_rows, top_s, other_columns, top_formula, pivoted)
+        store_top_column(grad_rows, top_s, other_columns, top_formula, pivoted, top_slope, STUDENT_MAP != 0)
 
 
-def divergence_scalars(temperature, log_mix_p, log_mix_q, acc_dtype, device):
+def divergence_scalars(temperature, log_mix_p, log_mix_q, acc_dtype, device, logit_maps=IDENTITY_MAPS):
     """`[scale, scale_low, 1 / T, mix_p, mix_q, log2 mix_p, log2 mix_q]`: `temperature_scalars` and the
-    mixture `m = mix_p p + mix_q q`."""
+    mixture `m = mix_p p + mix_q q`; then the maps' `maps.map_scalars` (at 7 and 10)."""
     return kernel_scalars(temperature_scalars(temperature, acc_dtype) + [
-        math.exp(log_mix_p), math.exp(log_mix_q), log_mix_p * LOG2E, log_mix_q * LOG2E], acc_dtype, device)
+        math.exp(log_mix_p), math.exp(log_mix_q), log_mix_p * LOG2E, log_mix_q * LOG2E] + map_scalars(logit_maps),
+        acc_dtype, device)
 
 
-def divergence_forward(student, teacher, labels, *, divergence, temperature, log_mix_p, log_mix_q, ignore_index):
-    """Per-row loss `[N]` and stats `[N, DIVERGENCE_STATS]` (`registry.STAT_*`, base 2) in the accumulation dtype."""
+def divergence_forward(student, teacher, labels, *, divergence, temperature, log_mix_p, log_mix_q, ignore_index,
+                       logit_maps=IDENTITY_MAPS, with_entropy=False):
+    """Per-row loss `[N]` and stats `[N, DIVERGENCE_STATS]` (`registry.STAT_*`, base 2) in the accumulation
+    dtype; with `with_entropy`, the student's entropy per row (nats) as well."""
     n_rows, vocab = student.shape[0], min(student.shape[1], teacher.shape[1])
     acc_dtype = accumulation_dtype(student.dtype)
-    scalars = divergence_scalars(temperature, log_mix_p, log_mix_q, acc_dtype, student.device)
+    scalars = divergence_scalars(temperature, log_mix_p, log_mix_q, acc_dtype, student.device, logit_maps)
     loss = torch.empty(n_rows, dtype=acc_dtype, device=student.device)
     stats = torch.empty(n_rows, DIVERGENCE_STATS, dtype=acc_dtype, device=student.device)
+    entropy = torch.empty(n_rows, dtype=acc_dtype, device=student.device) if with_entropy else None
     if n_rows == 0:
-        return DivergenceForward(loss, stats)
+        return DivergenceForward(loss, stats, entropy)
     shape = launch_shape(n_rows, vocab, student.device, acc_dtype == torch.float64)
     grid = (triton.cdiv(n_rows, shape["BLOCK_N"]),)
     _divergence_forward_kernel[grid](
         student, teacher, labels if labels is not None else student, loss, stats,
+        entropy if with_entropy else loss,  # unwritten unless ENTROPY
         scalars, n_rows, vocab, student.stride(0), teacher.stride(0), ignore_index,
         DIVERGENCE=DIVERGENCE_CODES[divergence], HAS_LABELS=labels is not None,
-        FP64=acc_dtype == torch.float64, **shape,
+        FP64=acc_dtype == torch.float64, ENTROPY=bool(with_entropy), **map_codes(logit_maps), **shape,
     )
-    return DivergenceForward(loss, stats)
+    return DivergenceForward(loss, stats, entropy)
 
 
-def divergence_backward(student, teacher, stats, row_scale, grad, *, divergence, temperature, log_mix_p, log_mix_q):
+def divergence_backward(student, teacher, stats, row_scale, grad, *, divergence, temperature, log_mix_p, log_mix_q,
+                        logit_maps=IDENTITY_MAPS):
     """Write dL/ds into `grad` ([N, V_s], any row stride; it may be `student` itself)."""
     n_rows, vocab = student.shape[0], min(student.shape[1], teacher.shape[1])
     if n_rows == 0:
         return grad
-    scalars = divergence_scalars(temperature, log_mix_p, log_mix_q, stats.dtype, student.device)
+    scalars = divergence_scalars(temperature, log_mix_p, log_mix_q, stats.dtype, student.device, logit_maps)
     shape = launch_shape(n_rows, student.shape[1], student.device, stats.dtype == torch.float64)
     grid = (triton.cdiv(n_rows, shape["BLOCK_N"]),)
     _divergence_backward_kernel[grid](
         student, teacher, stats, row_scale, grad, scalars,
         n_rows, vocab, student.shape[1], student.stride(0), teacher.stride(0), grad.stride(0),
-        DIVERGENCE=DIVERGENCE_CODES[divergence], FP64=stats.dtype == torch.float64, **shape,
+        DIVERGENCE=DIVERGENCE_CODES[divergence], FP64=stats.dtype == torch.float64, **map_codes(logit_maps), **shape,
     )
     return grad

@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import torch
 
-from ...registry import HYBRID_STATS, STAT_LOG_SUM_S, STAT_MAX_S, STAT_TOP_S, STAT_W_LABEL, STAT_W_SAMPLE, accumulation_dtype
+from ...registry import (HYBRID_STATS, IDENTITY_MAPS, STAT_LOG_SUM_S, STAT_MAX_S, STAT_TOP_S, STAT_W_LABEL,
+                        STAT_W_SAMPLE, accumulation_dtype)
 from ..backend_contract import HybridForward
 from ..common import temperature_scalars
 from ..gumbel import GUMBEL2_MAX, seed_key
 from .gumbel import gumbel2_triton, row_keys_triton
-from .utils import (HAS_TRITON, LN2, finish_logsumexp, kernel_scalars, launch_shape, log2_softmax,
-                    online_logsumexp_step, store_top_column, tl, top_column_step, triton)
+from .maps import load_map, map_codes, map_scalars, mapped, mapped_with_slope
+from .utils import (HAS_TRITON, LN2, entropy_step, finish_logsumexp, kernel_scalars, launch_shape, log2_softmax,
+                    online_logsumexp_step, row_reference, store_top_column, tl, top_column_step, triton)
 
 # The registry's stats columns, as constexprs a kernel may read.
 _MAX_S, _LOG_SUM_S, _TOP_S, _W_LABEL, _W_SAMPLE, _STATS = (
@@ -29,10 +31,13 @@ if HAS_TRITON:
     NOISE_MAX = tl.constexpr(GUMBEL2_MAX)  # kernels read only constexpr globals
 
     @triton.jit
-    def _log_prob_at(row_ptrs, ids, active, inv_temperature, row_max, row_log_sum, acc_dtype: tl.constexpr):
+    def _log_prob_at(row_ptrs, ids, active, inv_temperature, row_max, row_log_sum, acc_dtype: tl.constexpr,
+                     map_scale, map_cap, map_ratio, MAP: tl.constexpr):
         """Natural log-softmax at one column per row from the base-2 stats, formed in natural units
-        (once per row: one rounding fewer than converting a base-2 log-probability)."""
-        logits = tl.load(row_ptrs + ids, mask=active, other=0.0).to(acc_dtype)
+        (once per row: one rounding fewer than converting a base-2 log-probability); the logit mapped
+        by the side's map (`maps.py`)."""
+        logits = mapped(tl.load(row_ptrs + ids, mask=active, other=0.0).to(acc_dtype), map_scale, map_cap, map_ratio,
+                        MAP)
         return (logits - row_max) * inv_temperature - LN2 * row_log_sum
 
     @triton.jit
@@ -55,9 +60,10 @@ if HAS_TRITON:
 
     @triton.jit(do_not_specialize=["seed"])
     def _hybrid_forward_kernel(
-        student_ptr, teacher_ptr, labels_ptr, sampled_ptr, loss_ptr, stats_ptr, scalars_ptr, row_ids_ptr,
+        student_ptr, teacher_ptr, labels_ptr, sampled_ptr, loss_ptr, stats_ptr, entropy_ptr, scalars_ptr, row_ids_ptr,
         n_rows, vocab, stride_student, stride_teacher, ignore_index, seed,
-        SAMPLE: tl.constexpr, FP64: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+        SAMPLE: tl.constexpr, FP64: tl.constexpr, STUDENT_MAP: tl.constexpr, TEACHER_MAP: tl.constexpr,
+        ENTROPY: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
     ):
         # `seed` is never specialised: the JIT would turn a value of 1 into a
         # constant, on which the uint32 casts below do not compile.
@@ -66,6 +72,8 @@ if HAS_TRITON:
         inv_temperature = tl.load(scalars_ptr + 2)
         fkl_weight = tl.load(scalars_ptr + 3)
         rkl_weight = tl.load(scalars_ptr + 4)
+        s_scale, s_cap, s_ratio = load_map(scalars_ptr + 5, STUDENT_MAP)
+        t_scale, t_cap, t_ratio = load_map(scalars_ptr + 8, TEACHER_MAP)
         rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
         in_range = rows < n_rows
         labels = tl.load(labels_ptr + rows, mask=in_range, other=ignore_index)
@@ -77,6 +85,7 @@ if HAS_TRITON:
         max_t = tl.full([BLOCK_N], float("-inf"), acc_dtype)
         sum_s = tl.zeros([BLOCK_N], acc_dtype)
         sum_t = tl.zeros([BLOCK_N], acc_dtype)
+        online_entropy = tl.zeros([BLOCK_N], acc_dtype)  # see `utils.entropy_step`
         if SAMPLE:
             # Noise is keyed by the row's index in the whole batch, so a chunked call draws the
             # same tokens as an unchunked one.
@@ -88,7 +97,17 @@ if HAS_TRITON:
             mask = active[:, None] & (cols[None, :] < vocab)
             s = tl.load(student_rows[:, None] + cols[None, :], mask=mask, other=float("-inf")).to(acc_dtype)
             t = tl.load(teacher_rows[:, None] + cols[None, :], mask=mask, other=float("-inf")).to(acc_dtype)
-            max_s, sum_s, _, _ = online_logsumexp_step(max_s, sum_s, s, scale)
+            # Mapped as loaded: the draw below is from the mapped student too.
+            s = mapped(s, s_scale, s_cap, s_ratio, STUDENT_MAP)
+            t = mapped(t, t_scale, t_cap, t_ratio, TEACHER_MAP)
+            if ENTROPY:
+                old_ref_s, old_sum_s = row_reference(max_s), sum_s
+                max_s, sum_s, exps_s, rescale_s = online_logsumexp_step(max_s, sum_s, s, scale)
+                ref_s = row_reference(max_s)
+                online_entropy = entropy_step(online_entropy, old_sum_s, rescale_s, ref_s - old_ref_s, exps_s,
+                                               s - ref_s[:, None])
+            else:
+                max_s, sum_s, _, _ = online_logsumexp_step(max_s, sum_s, s, scale)
             max_t, sum_t, _, _ = online_logsumexp_step(max_t, sum_t, t, scale)
             if SAMPLE:
                 # Gumbel-max in base 2: y_hat = argmax(s log2(e) / T + noise). The noise is at most
@@ -112,10 +131,14 @@ if HAS_TRITON:
         else:
             sampled = tl.load(sampled_ptr + rows, mask=active, other=0)
 
-        log_q_y = _log_prob_at(student_rows, labels, active, inv_temperature, max_s, log_sum_s, acc_dtype)
-        log_p_y = _log_prob_at(teacher_rows, labels, active, inv_temperature, max_t, log_sum_t, acc_dtype)
-        log_q_hat = _log_prob_at(student_rows, sampled, active, inv_temperature, max_s, log_sum_s, acc_dtype)
-        log_p_hat = _log_prob_at(teacher_rows, sampled, active, inv_temperature, max_t, log_sum_t, acc_dtype)
+        log_q_y = _log_prob_at(student_rows, labels, active, inv_temperature, max_s, log_sum_s, acc_dtype,
+                               s_scale, s_cap, s_ratio, STUDENT_MAP)
+        log_p_y = _log_prob_at(teacher_rows, labels, active, inv_temperature, max_t, log_sum_t, acc_dtype,
+                               t_scale, t_cap, t_ratio, TEACHER_MAP)
+        log_q_hat = _log_prob_at(student_rows, sampled, active, inv_temperature, max_s, log_sum_s, acc_dtype,
+                                 s_scale, s_cap, s_ratio, STUDENT_MAP)
+        log_p_hat = _log_prob_at(teacher_rows, sampled, active, inv_temperature, max_t, log_sum_t, acc_dtype,
+                                 t_scale, t_cap, t_ratio, TEACHER_MAP)
         d_y = _reverse_kl_weight(log_q_y, log_p_y)
         d_hat = _reverse_kl_weight(log_q_hat, log_p_hat)
         under = d_y > 0    # the student under-estimates the data token: p(y) > q(y)
@@ -128,6 +151,9 @@ if HAS_TRITON:
         # its weights being 0, gets no gradient; a NaN from a +inf logit stays NaN.
         defined = active & (log_sum_s != float("-inf")) & (log_sum_t != float("-inf"))
         tl.store(loss_ptr + rows, tl.where(defined, loss, 0.0), mask=in_range)
+        if ENTROPY:  # ln Z - E_q[s - ref] / T
+            entropy = LN2 * log_sum_s - inv_temperature * online_entropy / sum_s
+            tl.store(entropy_ptr + rows, tl.where(defined, entropy, 0.0), mask=in_range)
         stats = stats_ptr + rows * _STATS
         tl.store(stats + _MAX_S, max_s, mask=active)
         # A row whose teacher has no distribution is marked as the student's would be (log_sum -inf):
@@ -141,12 +167,13 @@ if HAS_TRITON:
     def _hybrid_backward_kernel(
         student_ptr, labels_ptr, sampled_ptr, stats_ptr, row_scale_ptr, grad_ptr, scalars_ptr,
         n_rows, vocab, student_vocab, stride_student, stride_grad,
-        FP64: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+        FP64: tl.constexpr, STUDENT_MAP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
     ):
         acc_dtype = tl.float64 if FP64 else tl.float32
         scale = tl.load(scalars_ptr + 0)
         scale_low = tl.load(scalars_ptr + 1)
         inv_temperature = tl.load(scalars_ptr + 2)
+        s_scale, s_cap, s_ratio = load_map(scalars_ptr + 3, STUDENT_MAP)
         rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
         in_range = rows < n_rows
         row_scale = tl.load(row_scale_ptr + rows, mask=in_range, other=0.0).to(acc_dtype)
@@ -171,61 +198,74 @@ if HAS_TRITON:
             cols = start + tl.arange(0, BLOCK_V)
             mask = active[:, None] & (cols[None, :] < vocab)
             s = tl.load(student_rows + cols[None, :], mask=mask, other=float("-inf")).to(acc_dtype)
+            if STUDENT_MAP != 0:
+                s, slope = mapped_with_slope(s, s_scale, s_cap, s_ratio, STUDENT_MAP)
             q = tl.exp2(log2_softmax(s, scale, scale_low, max_s[:, None], log_sum_s[:, None]))
             weight = (tl.where(cols[None, :] == labels[:, None], w_y[:, None], 0.0)
                       + tl.where(cols[None, :] == sampled[:, None], w_hat[:, None], 0.0))
             grad = tl.where(mask, coefficient[:, None] * (weight - q * (w_y + w_hat)[:, None]), 0.0)
             other_columns, store_mask = top_column_step(other_columns, grad, cols, top_s, in_range, student_vocab)
+            if STUDENT_MAP != 0:  # the sums above stay wrt the mapped logits
+                grad = grad * slope
             tl.store(grad_rows + cols[None, :], grad.to(grad_ptr.dtype.element_ty), mask=store_mask)
         # The pivot column by the formula, once per row (see `store_top_column`).
         pivoted = active & (top_s >= 0)
         s = tl.load(student_rows + top_s[:, None], mask=pivoted[:, None], other=0.0).to(acc_dtype)
+        top_slope = 1.0
+        if STUDENT_MAP != 0:
+            s, top_slope = mapped_with_slope(s, s_scale, s_cap, s_ratio, STUDENT_MAP)
         q = tl.exp2(log2_softmax(s, scale, scale_low, max_s[:, None], log_sum_s[:, None]))
         weight = (tl.where(top_s == labels, w_y, 0.0) + tl.where(top_s == sampled, w_hat, 0.0))[:, None]
         top_formula = tl.where(pivoted[:, None], coefficient[:, None] * (weight - q * (w_y + w_hat)[:, None]), 0.0)
-        store_top_column(grad_rows, top_s, other_columns, top_formula, pivoted)
+        store_top_column(grad_rows, top_s, other_columns, top_formula, pivoted, top_slope, STUDENT_MAP != 0)
 
 
 def hybrid_forward(student, teacher, labels, sampled_ids, *, seed, temperature, fkl_weight, rkl_weight, ignore_index,
-                   row_ids=None):
-    """Per-row loss `[N]`, stats `[N, HYBRID_STATS]` (`registry.STAT_*`, base 2) and `y_hat` `[N]` (int64).
+                   row_ids=None, logit_maps=IDENTITY_MAPS, with_entropy=False):
+    """Per-row loss `[N]`, stats `[N, HYBRID_STATS]` (`registry.STAT_*`, base 2) and `y_hat` `[N]` (int64);
+    with `with_entropy`, the student's entropy per row (nats) as well.
 
-    `sampled_ids=None` draws `y_hat` in the kernel from `seed`, with the noise of each row's index in
-    the batch, `row_ids` (None: `0..N-1`); inactive rows report `ignore_index`.
+    `sampled_ids=None` draws `y_hat` in the kernel from `seed` (from the mapped student), with the
+    noise of each row's index in the batch, `row_ids` (None: `0..N-1`); inactive rows report `ignore_index`.
     """
     n_rows, vocab = student.shape[0], min(student.shape[1], teacher.shape[1])
     acc_dtype = accumulation_dtype(student.dtype)
     loss = torch.empty(n_rows, dtype=acc_dtype, device=student.device)
     stats = torch.empty(n_rows, HYBRID_STATS, dtype=acc_dtype, device=student.device)
+    entropy = torch.empty(n_rows, dtype=acc_dtype, device=student.device) if with_entropy else None
     sample = sampled_ids is None
     if sample:
         sampled_ids = torch.empty(n_rows, dtype=torch.int64, device=student.device)
         row_ids = torch.arange(n_rows, device=student.device) if row_ids is None else row_ids
     if n_rows == 0:
-        return HybridForward(loss, stats, sampled_ids)
-    scalars = kernel_scalars(temperature_scalars(temperature, acc_dtype) + [fkl_weight, rkl_weight], acc_dtype,
-                             student.device)
+        return HybridForward(loss, stats, sampled_ids, entropy)
+    scalars = kernel_scalars(temperature_scalars(temperature, acc_dtype) + [fkl_weight, rkl_weight]
+                             + map_scalars(logit_maps), acc_dtype, student.device)
     shape = launch_shape(n_rows, vocab, student.device, acc_dtype == torch.float64)
     grid = (triton.cdiv(n_rows, shape["BLOCK_N"]),)
     _hybrid_forward_kernel[grid](
-        student, teacher, labels, sampled_ids, loss, stats, scalars, row_ids if sample else labels,  # unread unless SAMPLE
+        student, teacher, labels, sampled_ids, loss, stats,
+        entropy if with_entropy else loss,  # unwritten unless ENTROPY
+        scalars, row_ids if sample else labels,  # unread unless SAMPLE
         n_rows, vocab, student.stride(0), teacher.stride(0), ignore_index, seed_key(seed or 0),
-        SAMPLE=sample, FP64=acc_dtype == torch.float64, **shape,
+        SAMPLE=sample, FP64=acc_dtype == torch.float64, ENTROPY=bool(with_entropy), **map_codes(logit_maps), **shape,
     )
-    return HybridForward(loss, stats, sampled_ids)
+    return HybridForward(loss, stats, sampled_ids, entropy)
 
 
-def hybrid_backward(student, labels, sampled_ids, stats, row_scale, grad, *, vocab, temperature):
+def hybrid_backward(student, labels, sampled_ids, stats, row_scale, grad, *, vocab, temperature,
+                    logit_maps=IDENTITY_MAPS):
     """Write dL/ds into `grad` ([N, V_s], any row stride; it may be `student` itself)."""
     n_rows = student.shape[0]
     if n_rows == 0:
         return grad
-    scalars = kernel_scalars(temperature_scalars(temperature, stats.dtype), stats.dtype, student.device)
+    scalars = kernel_scalars(temperature_scalars(temperature, stats.dtype) + map_scalars(logit_maps, student_only=True),
+                             stats.dtype, student.device)
     shape = launch_shape(n_rows, student.shape[1], student.device, stats.dtype == torch.float64)
     grid = (triton.cdiv(n_rows, shape["BLOCK_N"]),)
     _hybrid_backward_kernel[grid](
         student, labels, sampled_ids, stats, row_scale, grad, scalars,
         n_rows, vocab, student.shape[1], student.stride(0), grad.stride(0),
-        FP64=stats.dtype == torch.float64, **shape,
+        FP64=stats.dtype == torch.float64, STUDENT_MAP=map_codes(logit_maps)["STUDENT_MAP"], **shape,
     )
     return grad

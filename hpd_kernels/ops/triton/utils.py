@@ -132,15 +132,47 @@ if HAS_TRITON:
         return other_columns + tl.where(is_top, 0.0, grad), store_mask
 
     @triton.jit
-    def store_top_column(grad_rows, top, other_columns, top_formula, in_range):
+    def store_top_column(grad_rows, top, other_columns, top_formula, in_range, top_slope, SLOPED: tl.constexpr):
         """The top column's gradient is minus the sum of the others' (a softmax gradient sums to 0):
         a difference of small terms, where `w - q W` at q near 1 would cancel large ones. Only rows
         whose stats name a top column (q there > 1/2, `registry.STAT_TOP_S`) pass `in_range`. Where that
         sum is not finite (an infinite divergence) the column keeps `top_formula`, its `w - q W`
-        value `[BLOCK_N, 1]`, so non-finite rows read as they always did."""
+        value `[BLOCK_N, 1]`, so non-finite rows read as they always did. The sums are of gradients
+        wrt the mapped logits (`maps.py`); `SLOPED`: the result is chained through the map's slope
+        at the top column, `top_slope` `[BLOCK_N, 1]`."""
         top_grad = 0.0 - tl.sum(other_columns, axis=1)[:, None]
         top_grad = tl.where(tl.abs(top_grad) < float("inf"), top_grad, top_formula)
+        if SLOPED:
+            top_grad = top_grad * top_slope
         tl.store(grad_rows + top[:, None], top_grad.to(grad_rows.dtype.element_ty), mask=in_range[:, None])
+
+    @triton.jit
+    def entropy_step(value, old_sum, rescale, shift, exps, gap):
+        """One tile of `sum_v 2^((s - ref) scale) (s - ref)` kept against the running reference of
+        `online_logsumexp_step` (moving it by `shift` moves every earlier gap by `-shift`), from that
+        step's `exps`, `rescale` and the tile's `gap = s - ref`: then the entropy of `q = softmax(s / T)`
+        is `ln Z - E_q[s - ref] / T`, two terms >= 0 (no cancellation). `-inf` columns weigh nothing."""
+        moved = rescale * (value - tl.where(old_sum == 0, 0.0, shift * old_sum))
+        return moved + tl.sum(tl.where(gap == float("-inf"), 0.0, exps * gap), axis=1)
+
+    @triton.jit
+    def tanh(x):
+        """tanh to ~1-2 ulp in float32 and ~1e-16 relative in float64 (the interpreter has no
+        libdevice): cephes' odd polynomial (float32) or rational function (float64) below |x| = 0.625,
+        where `1 - 2 / (e^2x + 1)` would lose the relative accuracy; that form above it."""
+        z = x * x
+        if x.dtype == tl.float64:
+            p = (-9.64399179425052238628E-1 * z - 9.92877231001918586564E1) * z - 1.61468768441708447952E3
+            q = ((z + 1.12811678491632931402E2) * z + 2.23548839060100448583E3) * z + 4.84406305325125486048E3
+            small = x + x * z * (p / q)
+        else:
+            p = (((-5.70498872745E-3 * z + 2.06390887954E-2) * z - 5.37397155531E-2) * z
+                 + 1.33314422036E-1) * z - 3.33332819422E-1
+            small = x + x * z * p
+        # 2 log2(e) |x|: e^(2|x|) by one exp2; an overflow to inf gives 1, as it should.
+        large = 1.0 - 2.0 / (tl.exp2(tl.abs(x) * 2.8853900817779268) + 1.0)
+        large = tl.where(x < 0, -large, large)
+        return tl.where(tl.abs(x) < 0.625, small, large)
 
     @triton.jit
     def finish_logsumexp(running_max, running_sum):
@@ -157,4 +189,4 @@ if HAS_TRITON:
         return (gap * scale + gap * scale_low) - row_log_sum
 
 else:  # pragma: no cover
-    online_logsumexp_step = row_reference = lane_argmax_step = first_argmax = top_column_step = store_top_column = finish_logsumexp = log2_softmax = fast_log2 = LN2 = None
+    online_logsumexp_step = row_reference = lane_argmax_step = first_argmax = top_column_step = store_top_column = finish_logsumexp = log2_softmax = fast_log2 = LN2 = tanh = entropy_step = None
