@@ -24,9 +24,10 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from ..registry import IDENTITY_MAPS
 from .gumbel import row_keys_torch
 from .torch_backend import TorchBackend, gumbel_scores
-from .torch_backend.row_math import logsumexp_parts
+from .torch_backend.row_math import gathered_logits, logsumexp_parts
 
 # What `label_log_probs` refuses: the hard-label term's gradient would scatter global label ids
 # into a slice's columns.
@@ -58,7 +59,7 @@ class VocabularySlice:
         return logsumexp_parts(
             scaled, row_sums=self.row_sums, row_max=lambda local_max: self._reduce(local_max.clone(), dist.ReduceOp.MAX))
 
-    def top_column(self, student, log_sum_s, inv_temperature):
+    def top_column(self, student, log_sum_s, inv_temperature, logit_map=None):
         """None: the gradient's top-column identity needs the whole row (its sum over all slices)."""
         return torch.full_like(log_sum_s, -1.0)
 
@@ -74,10 +75,11 @@ class VocabularySlice:
         candidate = torch.where(best == global_best, where + self.offset, torch.full_like(where, 2**62))
         return self._reduce(candidate, dist.ReduceOp.MIN)
 
-    def gather(self, logits, rows, ids, acc_dtype, inv_temperature):
-        """`logits[row, id] / T` read by the rank that owns `id`, summed over ranks (zeros elsewhere)."""
+    def gather(self, logits, rows, ids, acc_dtype, inv_temperature, logit_map=None):
+        """`logits[row, id] / T` (mapped first by `logit_map`) read by the rank that owns `id`, summed
+        over ranks (zeros elsewhere)."""
         owned, local = self.local_columns(ids, logits.shape[1])
-        values = logits[rows].gather(1, local[:, None])[:, 0].to(acc_dtype) * inv_temperature
+        values = gathered_logits(logits[rows], local, acc_dtype, inv_temperature, logit_map)
         return self.row_sums(torch.where(owned, values, torch.zeros_like(values)))
 
     def local_columns(self, ids, width):
@@ -94,25 +96,27 @@ class VocabParallel(TorchBackend):
         self.global_vocab = self.vocabulary.global_vocab
 
     def divergence_forward(self, student, teacher, labels, *, divergence, temperature, log_mix_p, log_mix_q,
-                           ignore_index):
+                           ignore_index, logit_maps=IDENTITY_MAPS, with_entropy=False):
         _check_widths(student, teacher)
         return super().divergence_forward(student, teacher, labels, divergence=divergence, temperature=temperature,
-                                          log_mix_p=log_mix_p, log_mix_q=log_mix_q, ignore_index=ignore_index)
+                                          log_mix_p=log_mix_p, log_mix_q=log_mix_q, ignore_index=ignore_index,
+                                          logit_maps=logit_maps, with_entropy=with_entropy)
 
     def divergence_backward(self, student, teacher, stats, row_scale, grad, *, divergence, temperature, log_mix_p,
-                            log_mix_q):
+                            log_mix_q, logit_maps=IDENTITY_MAPS):
         _check_widths(student, teacher)
         return super().divergence_backward(student, teacher, stats, row_scale, grad, divergence=divergence,
-                                           temperature=temperature, log_mix_p=log_mix_p, log_mix_q=log_mix_q)
+                                           temperature=temperature, log_mix_p=log_mix_p, log_mix_q=log_mix_q,
+                                           logit_maps=logit_maps)
 
     def hybrid_forward(self, student, teacher, labels, sampled_ids, *, seed, temperature, fkl_weight, rkl_weight,
-                       ignore_index, row_ids=None):
+                       ignore_index, row_ids=None, logit_maps=IDENTITY_MAPS, with_entropy=False):
         _check_widths(student, teacher)
         return super().hybrid_forward(student, teacher, labels, sampled_ids, seed=seed, temperature=temperature,
                                       fkl_weight=fkl_weight, rkl_weight=rkl_weight, ignore_index=ignore_index,
-                                      row_ids=row_ids)
+                                      row_ids=row_ids, logit_maps=logit_maps, with_entropy=with_entropy)
 
-    def label_log_probs(self, student, labels, stats, temperature):
+    def label_log_probs(self, student, labels, stats, temperature, logit_maps=IDENTITY_MAPS):
         """Refused (`HARD_LABEL_REFUSAL`): only the hard-label term reads it."""
         raise ValueError(HARD_LABEL_REFUSAL)
 

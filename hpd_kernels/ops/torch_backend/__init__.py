@@ -11,6 +11,12 @@ Functions do not care which runs. One file per job:
 - `row_math`: the log-sum-exps, log-softmaxes and gradient pieces both objectives share;
 - `row_spans`: which rows a pass computes (runs outside the loss left out), in which chunks;
 - `compile_policy`: when the chunk math runs through `torch.compile`.
+
+Logit maps (`registry.LogitMaps`) are applied as each chunk is read (`row_math.scale_chunk`,
+`scaled_rows`, `gathered_logits`; the compiled chunk functions take them as arguments); the identity
+maps skip them entirely. The backward multiplies by the student map's slope after the top column
+(`registry.STAT_TOP_S`) is taken from the others (`row_math.write_gradient`, `top_from_others`).
+The student's entropy comes from the forward's own chunks (`row_math.entropy_sums`).
 """
 
 from .backend import TORCH, TorchBackend  # noqa: F401

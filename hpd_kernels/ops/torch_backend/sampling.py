@@ -15,7 +15,9 @@ def gumbel_scores(student, scale, row_keys, columns):
 
 def sample_gumbel_max(student, row_ids, key, scale):
     """y_hat for the rows of unscaled logits whose indices in the batch are `row_ids` (the noise's
-    keys); `scale` is log2(e) / T as a tensor of the accumulation dtype (the kernel's)."""
+    keys); `scale` is log2(e) / T as a tensor of the accumulation dtype (the kernel's). Under a
+    student logit map the caller passes the mapped chunk (`hybrid._sampled_logits`, in the
+    accumulation dtype), so the draw is from the mapped student."""
     device = student.device
     scores = gumbel_scores(student, scale, row_keys_torch(key, row_ids), torch.arange(student.shape[1], device=device))
     return torch.argmax(scores, dim=-1)

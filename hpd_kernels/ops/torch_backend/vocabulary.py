@@ -9,7 +9,7 @@ from typing import Protocol
 
 import torch
 
-from .row_math import logsumexp_parts, scale_chunk
+from .row_math import gathered_logits, logsumexp_parts, scale_chunk
 from .sampling import sample_gumbel_max
 
 
@@ -32,8 +32,10 @@ class Vocabulary(Protocol):
         """Per-row partial sums made the whole vocabulary's."""
         ...
 
-    def top_column(self, student: torch.Tensor, log_sum_s: torch.Tensor, inv_temperature) -> torch.Tensor:
-        """The divergences' `registry.STAT_TOP_S` column per row, or -1."""
+    def top_column(self, student: torch.Tensor, log_sum_s: torch.Tensor, inv_temperature,
+                   logit_map=None) -> torch.Tensor:
+        """The divergences' `registry.STAT_TOP_S` column per row, or -1 (`logit_map`: the student's,
+        `row_math.side_maps`)."""
         ...
 
     def hpd_pivot(self, log_q_y, log_q_hat, labels, sampled_ids) -> torch.Tensor:
@@ -44,8 +46,8 @@ class Vocabulary(Protocol):
         """HPD's `y_hat` (token ids) of the rows whose indices in the batch are `row_ids`."""
         ...
 
-    def gather(self, logits, rows, ids, acc_dtype, inv_temperature) -> torch.Tensor:
-        """`logits[row, id] / T` of token ids, one per row."""
+    def gather(self, logits, rows, ids, acc_dtype, inv_temperature, logit_map=None) -> torch.Tensor:
+        """`logits[row, id] / T` of token ids, one per row, mapped first by `logit_map` (`row_math.side_maps`)."""
         ...
 
     def local_columns(self, ids: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,7 +73,7 @@ class WholeVocabulary:
         pivot = torch.where(log_q_y >= log_q_hat, labels, sampled_ids)
         return torch.where(torch.maximum(log_q_y, log_q_hat) > -math.log(2.0), pivot, torch.full_like(pivot, -1))
 
-    def top_column(self, student, log_sum_s, inv_temperature):
+    def top_column(self, student, log_sum_s, inv_temperature, logit_map=None):
         """The column whose gradient the backward derives from the others' (`registry.STAT_TOP_S`):
         the first argmax of `s / T` where q there exceeds 1/2, else -1. Only there can `w - q W`
         cancel (HPD's rule too, `hpd_pivot`): elsewhere the top column's own value is as accurate
@@ -81,7 +83,8 @@ class WholeVocabulary:
         top = torch.full_like(log_sum_s, -1.0)
         rows = torch.nonzero(log_sum_s < math.log(2.0))[:, 0]
         if rows.numel():
-            top[rows] = scale_chunk(student[rows], log_sum_s.dtype, inv_temperature).argmax(dim=-1).to(top.dtype)
+            scaled = scale_chunk(student[rows], log_sum_s.dtype, inv_temperature, logit_map)
+            top[rows] = scaled.argmax(dim=-1).to(top.dtype)
         return top
 
     def row_sums(self, sums):
@@ -90,8 +93,8 @@ class WholeVocabulary:
     def sample(self, student, row_ids, key, scale):
         return sample_gumbel_max(student, row_ids, key, scale)
 
-    def gather(self, logits, rows, ids, acc_dtype, inv_temperature):
-        return logits[rows].gather(1, ids[:, None])[:, 0].to(acc_dtype) * inv_temperature
+    def gather(self, logits, rows, ids, acc_dtype, inv_temperature, logit_map=None):
+        return gathered_logits(logits[rows], ids, acc_dtype, inv_temperature, logit_map)
 
     def local_columns(self, ids, width):
         """Every token id is a column here."""
