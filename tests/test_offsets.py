@@ -33,7 +33,7 @@ CHECK = textwrap.dedent("""
     s64 = values.double().requires_grad_(True)
 
     # HPD: forward reads row 2, backward writes the gradient over the logits in place.
-    loss, stats, sampled = hybrid.hybrid_forward(student, teacher, labels, None, seed=1, temperature=1.0,
+    loss, stats, sampled, _ = hybrid.hybrid_forward(student, teacher, labels, None, seed=1, temperature=1.0,
                                                  fkl_weight=1.0, rkl_weight=1.0, ignore_index=-100)
     ref = reference.hybrid_kl_loss(s64, teacher, labels, sampled, reduction="none")
     torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-5)
@@ -43,7 +43,7 @@ CHECK = textwrap.dedent("""
 
     # A divergence (two forward passes): same checks.
     student.copy_(values)
-    loss, stats = divergence.divergence_forward(student, teacher, labels, divergence="jsd", temperature=1.0,
+    loss, stats, _ = divergence.divergence_forward(student, teacher, labels, divergence="jsd", temperature=1.0,
                                                 log_mix_p=-0.6931471805599453, log_mix_q=-0.6931471805599453,
                                                 ignore_index=-100)
     ref = reference.generalized_jsd_loss(s64, teacher, labels, reduction="none")
