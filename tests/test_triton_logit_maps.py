@@ -83,9 +83,11 @@ def _run(objective, maps, dtype, sampled_ids=None):
                 entropy=(forward.entropy, entropy), label=(label_log_probs[usable], label_log_q[usable]))
 
 
+@pytest.mark.parametrize("block_v", (4096, 16), ids=("one-tile", "three-tiles"))
 @pytest.mark.parametrize("maps", MAPS, ids=("student-cap", "teacher-cap"))
 @pytest.mark.parametrize("objective", DIVERGENCES + ("hpd",))
-def test_float64_matches_the_reference_on_mapped_logits(objective, maps):
+def test_float64_matches_the_reference_on_mapped_logits(objective, maps, block_v, monkeypatch):
+    monkeypatch.setattr(triton_utils, "MAX_BLOCK_V", block_v)  # the online sums across tiles
     for name, (got, expected) in _run(objective, maps, torch.float64).items():
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14, msg=lambda m: f"{name}: {m}")
 
@@ -112,7 +114,8 @@ def test_the_draw_is_from_the_mapped_student():
 
 
 @pytest.mark.parametrize("objective", ("reverse_kl", "tvd", "hpd"))
-def test_the_entropy_changes_no_other_bit(objective):
+def test_the_entropy_changes_no_other_bit(objective, monkeypatch):
+    monkeypatch.setattr(triton_utils, "MAX_BLOCK_V", 16)
     student, teacher, labels = _problem()
     student = student.float()
     teacher = teacher.float()
