@@ -175,7 +175,7 @@ def tiny_gemma2(hidden, seed, softcap, sharpness=1.0):
 def test_hf_soft_capped_models_equal_their_own_logits(objective):
     """Gemma 2's final soft-capping, read from each config (caps 3 and 30), applied inside the loss:
     the value and the student's gradients equal the loss of the models' own soft-capped logits."""
-    student, teacher = tiny_gemma2(32, 0, softcap=3.0, sharpness=40.0), tiny_gemma2(48, 1, softcap=30.0,
+    student, teacher = tiny_gemma2(32, 0, softcap=3.0, sharpness=10.0), tiny_gemma2(48, 1, softcap=30.0,
                                                                                        sharpness=60.0)
     inputs = make_batch()
     options = dict(seed=3) if objective == "hpd" else {}
@@ -184,7 +184,7 @@ def test_hf_soft_capped_models_equal_their_own_logits(objective):
     ours = student_grads(student)
     student.zero_grad()
     logits = full_logits(student, inputs)[:, :-1]
-    assert logits.abs().max() < 3.0   # the model's own logits are capped
+    assert 2.0 < logits.abs().max() <= 3.0   # the model's own logits are capped, and the cap is felt
     with torch.no_grad():
         teacher_logits = full_logits(teacher, inputs)[:, :-1]
     labels = inputs["labels"][:, 1:]
