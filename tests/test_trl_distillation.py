@@ -107,9 +107,9 @@ def test_hpd_with_another_vocabulary_is_the_references(tmp_path, monkeypatch):
     details, hpd = [], trl_distillation.fused_linear_hybrid_kl_loss
 
     def keep_details(*args, **kwargs):
-        loss, found, entropy = hpd(*args, return_details=True, **kwargs)
-        details.append((found, kwargs["seed"]))
-        return loss, entropy
+        result = hpd(*args, **kwargs)
+        details.append((result[1], kwargs["seed"]))
+        return result
 
     monkeypatch.setattr(trl_distillation, "fused_linear_hybrid_kl_loss", keep_details)
     model, inputs = trainer.model, make_inputs()
@@ -151,6 +151,8 @@ def test_train_steps_on_the_cpu(tmp_path):
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert len(logged) == 2
     assert all(math.isfinite(entry["loss"]) and entry["entropy"] > 0 for entry in logged)
+    # HPD's mismatch rate and its data cross-entropy, from the loss's own passes, beside TRL's entropy.
+    assert all(0 <= entry["mismatch_rate"] <= 1 and entry["cross_entropy"] > 0 for entry in logged)
 
 
 @pytest.mark.parametrize("loss, options, message", [

@@ -156,12 +156,24 @@ class DistillationTrainer(trl.DistillationTrainer):
         return loss, entropy.sum().detach(), n_valid
 
     def _loss(self, student_hidden, student_head, teacher_hidden, teacher_head, labels, maps, seed):
-        """`(summed loss, student entropy per row)` of the kept rows (0 on the others)."""
+        """`(summed loss, student entropy per row)` of the kept rows (0 on the others); HPD's
+        `y_hat != y` rate and the data's cross-entropy (HPD, or with `ce_weight`: where labels are
+        the completion ids) go to TRL's metrics, rank-local means, logged beside its entropy."""
         (student_weight, student_bias), (teacher_weight, teacher_bias) = student_head, teacher_head
+        reports_ce = self.objective == HPD or bool(self.loss_options["ce_weight"])
         options = dict(self.loss_options, temperature=self.temperature, student_bias=student_bias,
-                       teacher_bias=teacher_bias, return_entropy=True, **maps)
+                       teacher_bias=teacher_bias, return_entropy=True, return_parts=reports_ce, **maps)
+        metrics = self._metrics["train" if self.model.training else "eval"]   # TRL's own rule
         if self.objective == HPD:
-            return fused_linear_hybrid_kl_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
-                                               seed=seed, **options)
-        return fused_linear_divergence_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
-                                            divergence=self.objective, **options)
+            loss, details, parts, entropy = fused_linear_hybrid_kl_loss(
+                student_hidden, student_weight, teacher_hidden, teacher_weight, labels, seed=seed,
+                return_details=True, **options)
+            metrics["mismatch_rate"].append(details.mismatch_rate.item())
+        else:
+            loss, *rest = fused_linear_divergence_loss(student_hidden, student_weight, teacher_hidden, teacher_weight,
+                                                       labels, divergence=self.objective, **options)
+            parts, entropy = rest if reports_ce else (None, rest[0])
+        if parts is not None:   # this rank's mean over its rows in the loss (the part is a sum here)
+            count = (labels != _IGNORE).sum().clamp(min=1)
+            metrics["cross_entropy"].append((parts.cross_entropy / count).item())
+        return loss, entropy
