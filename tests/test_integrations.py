@@ -573,6 +573,12 @@ def test_hf_trainer_checks_its_arguments_when_built(models, tmp_path, options, e
         trainer_with(models, tmp_path, **options)
 
 
+def test_hf_trainer_refuses_an_unreadable_cap_when_built(models, tmp_path):
+    models[1].config.final_logit_softcapping = -30.0
+    with pytest.raises(ValueError, match="final_logit_softcapping=-30.0"):
+        trainer_with(models, tmp_path, objective="fkl")
+
+
 def test_hf_trainer_takes_each_objectives_own_options(models, tmp_path):
     for options in (dict(objective="jsd", beta=0.3), dict(objective="srkl", alpha=0.2),
                     dict(objective="hpd", seed=3, fkl_weight=0.5, rkl_weight=2.0), dict(objective="tvd")):

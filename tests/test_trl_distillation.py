@@ -8,6 +8,7 @@ our loss; a bad objective or option is one error when the trainer is built.
 """
 
 import math
+import sys
 
 import pytest
 import torch
@@ -164,6 +165,19 @@ def test_train_steps_on_the_cpu(tmp_path):
 def test_bad_objective_is_one_error_at_construction(tmp_path, loss, options, message):
     with pytest.raises(ValueError, match=message):
         make_trainer(tmp_path, loss=loss, loss_options=options)
+
+
+def test_unreadable_soft_cap_is_one_error_at_construction(tmp_path, monkeypatch):
+    original = tiny_llama
+
+    def capped(*args, **kwargs):
+        model = original(*args, **kwargs)
+        model.config.final_logit_softcapping = float("nan")
+        return model
+
+    monkeypatch.setattr(sys.modules[__name__], "tiny_llama", capped)
+    with pytest.raises(ValueError, match="final_logit_softcapping=nan"):
+        make_trainer(tmp_path)
 
 
 def test_logit_post_processing_reads_configs_as_trl():

@@ -321,6 +321,8 @@ class DistillationTrainer(transformers.Trainer):
         self.teacher_model = self.accelerator.prepare_model(teacher_model, evaluation_mode=True) \
             if hasattr(self.accelerator, "prepare_model") else teacher_model.to(self.args.device)
         self.teacher_model.eval()
+        # A logit scale or soft cap that cannot be applied is an error now, not at the first step.
+        logit_map_arguments(_unwrap(self.model).config, _unwrap(self.teacher_model).config)
         self._micro_step = (-1, 0)        # training: (global_step, micro-batches seen in it)
         # Per-batch metrics from the loss's own passes, averaged into each log (as TRL's trainers do).
         self._reported = {"train": collections.defaultdict(list), "eval": collections.defaultdict(list)}

@@ -107,6 +107,9 @@ class DistillationTrainer(trl.DistillationTrainer):
                                   else self.accelerator.prepare_model(own_teacher, evaluation_mode=True))
         if self.seed is None:
             self.seed = self.args.seed
+        # A logit scale or soft cap that cannot be applied is an error now, not after a generation.
+        logit_map_arguments(self.accelerator.unwrap_model(self.model).config,
+                            self.accelerator.unwrap_model(self.teacher_model).config)
         self._micro_step = (-1, 0)     # training: (global_step, micro-batches seen in it)
         self._evaluation_batches = 0   # batches of the evaluation under way
 
