@@ -369,9 +369,13 @@ def make_gkd_trainer(models, tmp_path, data, trainer_class, max_steps=1, **confi
                          data_collator=gkd_collator, processing_class=tiny_tokenizer())
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
 @pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
-def test_gkd_compute_loss_equals_trls(models, tmp_path, beta):
-    """The fused-linear compute_loss gives TRL's loss of the full logits, values and gradients."""
+def test_gkd_compute_loss_equals_trls(models, tmp_path, beta, family):
+    """The fused-linear compute_loss gives TRL's loss of the full logits, values and gradients (Gemma 2:
+    of its soft-capped logits, the caps read from the configs)."""
+    if family == "gemma2":
+        models = tiny_gemma2(32, 0, softcap=3.0, sharpness=10.0), tiny_gemma2(48, 1, softcap=30.0, sharpness=60.0)
     # float32 throughout (GKDConfig's default bf16=True would run the reference's teacher logits in bf16).
     trainer = make_gkd_trainer(models, tmp_path, make_batch(batch=4), trl_integration.GKDTrainer, beta=beta,
                                bf16=False)

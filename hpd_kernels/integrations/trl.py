@@ -23,6 +23,7 @@ logits get no gradient (TRL's trainer runs the teacher under `no_grad` anyway).
 `GKDTrainer` is TRL's `GKDTrainer` with that function as its `generalized_jsd_loss`, and with a
 `compute_loss` that skips the logits: the student's and teacher's final hidden states and lm_head
 weights go to `fused_linear_jsd_loss` (see `hpd_kernels.integrations.hf.final_hidden_states`), with
+each model's logit scale and soft cap read from its config (as the logits TRL's own path reads have them),
 TRL's shift, masking and `num_items_in_batch` handling. As in TRL 1.16's `compute_loss`, the loss is
 taken at temperature 1 (`GKDConfig.temperature` is the on-policy sampling temperature). Set
 `fused_linear = False` (or call with `return_outputs=True`, as evaluation does) for TRL's own
@@ -35,7 +36,8 @@ import torch
 
 from .. import losses
 from ..fused_linear import fused_linear_jsd_loss
-from .hf import batch_labels, final_hidden_states, lm_head_of
+from ..models.hf import logit_map_arguments
+from .hf import _unwrap, batch_labels, final_hidden_states, lm_head_of
 
 try:
     from trl.experimental.gkd import GKDTrainer as _TRLGKDTrainer
@@ -105,6 +107,7 @@ class GKDTrainer(_TRLGKDTrainer):
         kept, kernel_labels = _mask_labels(labels[:, 1:])
         total = fused_linear_jsd_loss(student_hidden[:, :-1], student_weight, teacher_hidden[:, :-1], teacher_weight,
                                       kernel_labels, beta=self.beta, student_bias=student_bias,
-                                      teacher_bias=teacher_bias, reduction="sum")
+                                      teacher_bias=teacher_bias, reduction="sum",
+                                      **logit_map_arguments(_unwrap(model).config, _unwrap(self.teacher_model).config))
         return _reduce(total, kept, kernel_labels.shape[0], kernel_labels.numel(), student_weight.shape[0], "batchmean",
                        num_items_in_batch)
