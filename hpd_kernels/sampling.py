@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .models import output_logits
+
 
 @dataclass
 class Rollout:
@@ -65,7 +67,7 @@ def generate(model, prompts, *, max_new_tokens, eos_id=None, pad_id=0, temperatu
     lengths = torch.zeros(batch, dtype=torch.long, device=device)
     generated = []
     for _ in range(max_new_tokens):
-        logits = model.lm_head(hidden).float()
+        logits = output_logits(model, hidden).float()
         if greedy:
             token = logits.argmax(-1)
         else:

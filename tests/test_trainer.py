@@ -133,13 +133,40 @@ def test_hf_adapter_runs_a_distillation_step_on_a_tiny_random_model(tmp_path, fa
     assert all(torch.equal(a, b) for a, b in zip(student.parameters(), reloaded.parameters()))
 
 
-def test_hf_adapter_refuses_models_that_transform_their_logits():
+def test_hf_adapter_takes_soft_capped_models(tmp_path):
+    """A Gemma 2 (final soft cap 2) keeps its map: `output_logits` are its own logits, and a
+    training step's loss is the library's loss of those logits."""
     transformers = pytest.importorskip("transformers")
-    from hpd_kernels.models import HFCausalLM
+    import hpd_kernels
+    from hpd_kernels.models import HFCausalLM, output_logits
+    from hpd_kernels.training.criteria import shifted_labels
+    from hpd_kernels.training.trainer.loss import batch_loss
 
-    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                      num_attention_heads=2, num_key_value_heads=1)
-    model = transformers.LlamaForCausalLM(config)
-    model.config.final_logit_softcapping = 30.0
-    with pytest.raises(ValueError, match="final_logit_softcapping=30.0"):
-        HFCausalLM(model)
+    def gemma(hidden, seed):
+        torch.manual_seed(seed)
+        config = transformers.Gemma2Config(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden,
+                                           num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                           head_dim=8, max_position_embeddings=64, final_logit_softcapping=2.0)
+        model = transformers.Gemma2ForCausalLM(config)
+        with torch.no_grad():
+            model.lm_head.weight.mul_(20.0)
+        return HFCausalLM(model)
+
+    student, teacher = gemma(16, 0), gemma(24, 1)
+    assert student.logit_map == (1.0, 2.0)
+    ids = torch.randint(3, VOCAB, (2, 7))
+    logits = output_logits(student, student(ids))
+    torch.testing.assert_close(logits, student.model(ids).logits)
+    assert 1.0 < logits.abs().max() <= 2.0
+    loss_mask = torch.ones_like(ids)
+    loss_mask[:, :2] = 0
+    config = TrainConfig(objective="fkl", steps=1, batch_size=2, backend="torch")
+    loss, metrics = batch_loss(config, student, teacher, ids, loss_mask, pad_id=0, seed=0)
+    with torch.no_grad():
+        teacher_logits = output_logits(teacher, teacher(ids))
+    labels = shifted_labels(ids, loss_mask)
+    expected = hpd_kernels.forward_kl_loss(logits, teacher_logits, labels)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    log_q = torch.log_softmax(logits.double(), -1)[labels != -100]
+    entropy = -(log_q.exp() * log_q).sum(-1).mean()
+    assert metrics["entropy"] == pytest.approx(entropy.item(), rel=1e-5)

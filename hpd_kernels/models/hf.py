@@ -3,11 +3,11 @@
 The trainer and the sampler need three things of a model: `model(input_ids, attention_mask=,
 cache=)` returning the final hidden states, `model.lm_head` (an `nn.Linear` without bias), and
 `model.new_cache(batch, max_length)`. `HFCausalLM` wraps any `AutoModelForCausalLM` whose logits
-are exactly `lm_head(hidden)` (Llama, Qwen2, Mistral, ...): it runs the base model only, so the
+are `lm_head(hidden)` up to a logit map (Llama, Qwen2, Mistral, Gemma, ...): it runs the base model only, so the
 fused-linear losses see hidden states and the `[tokens, vocab]` logits are never built.
-Models that transform the logits after the lm_head (soft-capping, logit scaling:
-`logit_post_processing`) are refused here, since the sampler and the evaluation read
-`lm_head(hidden)` as the logits; the losses and the Trainer integrations take them.
+Models that transform their logits after the lm_head (a logit scale, Gemma's soft cap:
+`logit_post_processing`) keep it as `logit_map`, which `models.output_logits` applies and the
+losses take as their logit maps.
 
 Weights are read from safetensors files only, never from pickles (`pytorch_model.bin`, written by
 `torch.save`): unpickling a file runs whatever code it names, and a model folder or hub repository
@@ -106,12 +106,9 @@ class HFCausalLM(nn.Module):
                             f"expected an nn.Linear lm_head")
         if lm_head.bias is not None:
             raise ValueError(f"{type(model).__name__}: an lm_head with a bias is not supported")
-        if logit_post_processing(model.config) != (1.0, None):
-            scale, softcap = logit_post_processing(model.config)
-            raise ValueError(f"{type(model).__name__} transforms its logits after the lm_head (logit scale {scale}, "
-                             f"final_logit_softcapping={softcap}): the losses take these (student_softcap=, ...), "
-                             f"but hpd distill's sampler and evaluation read lm_head(hidden) as the logits; such "
-                             f"models are not supported here yet (the Trainer integrations support them)")
+        # What the model does to lm_head(hidden) (a logit scale, Gemma's soft cap): `models.output_logits`
+        # applies it, the losses take it as their logit maps.
+        self.logit_map = logit_post_processing(model.config)
         self.model = model
         self.config = model.config
         self.lm_head = lm_head

@@ -9,6 +9,7 @@ import torch
 
 import hpd_kernels
 
+from ..models import output_logits
 from .criteria import shifted_labels
 from .task import answer_accuracy, encode_examples
 from .trainer import collate
@@ -32,11 +33,11 @@ def heldout_statistics(model, workload, teacher=None, batch_size=128):
         labels = shifted_labels(input_ids, loss_mask, ignore_index=IGNORE_INDEX).flatten()
         attention = (input_ids != workload.tokenizer.pad_id).long() | loss_mask
         active = labels != IGNORE_INDEX
-        student_logits = model.lm_head(model(input_ids, attention_mask=attention)).flatten(0, 1).double()
+        student_logits = output_logits(model, model(input_ids, attention_mask=attention)).flatten(0, 1).double()
         log_q = torch.log_softmax(student_logits[active], -1)
         totals["heldout_ce"] += float(-log_q.gather(-1, labels[active][:, None]).sum())
         if teacher is not None:
-            teacher_logits = teacher.lm_head(teacher(input_ids, attention_mask=attention)).flatten(0, 1).double()
+            teacher_logits = output_logits(teacher, teacher(input_ids, attention_mask=attention)).flatten(0, 1).double()
             per_token = dict(ignore_index=IGNORE_INDEX, reduction="none", backend="torch")
             totals["fkl_to_teacher"] += float(
                 hpd_kernels.forward_kl_loss(student_logits, teacher_logits, labels, **per_token).sum())

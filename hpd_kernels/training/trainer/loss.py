@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from ...models import logit_map, loss_maps
 from ..criteria import distillation_loss, shifted_labels, token_statistics
 
 
@@ -32,9 +33,10 @@ def batch_loss(config, student, teacher, input_ids, loss_mask, pad_id, seed, num
     if bf16:  # the losses take one dtype per side; fp32 accumulation happens inside them
         hidden, student_weight = hidden.to(torch.bfloat16), student_weight.to(torch.bfloat16)
     metrics = {}
+    maps = loss_maps(student, teacher)   # the models' logit scales and soft caps (identity for most)
     if config.objective == "sft":
         loss = distillation_loss("sft", hidden, student_weight, None, None, labels,
-                                 num_items_in_batch=num_items_in_batch).loss
+                                 num_items_in_batch=num_items_in_batch, logit_maps=maps).loss
     else:
         # The losses fuse the hard-label term, as the cross-entropy at their temperature: at T = 1
         # (the default) that is the data's cross-entropy, and the loss reports it and the student's
@@ -45,12 +47,13 @@ def batch_loss(config, student, teacher, input_ids, loss_mask, pad_id, seed, num
             teacher_weight = teacher.lm_head.weight
             if bf16:
                 teacher_hidden, teacher_weight = teacher_hidden.to(torch.bfloat16), teacher_weight.to(torch.bfloat16)
-            metrics["teacher_entropy"] = float(token_statistics(teacher_hidden, teacher_weight, labels)[0])
+            metrics["teacher_entropy"] = float(token_statistics(teacher_hidden, teacher_weight, labels,
+                                                                logit_map=logit_map(teacher))[0])
         computed = distillation_loss(
             config.objective, hidden, student_weight, teacher_hidden, teacher_weight, labels,
             seed=seed, temperature=config.temperature, fkl_weight=config.fkl_weight, rkl_weight=config.rkl_weight,
             beta=config.beta, alpha=config.alpha, backend=config.backend, num_items_in_batch=num_items_in_batch,
-            ce_weight=config.ce_weight if at_one else 0.0, report=at_one)
+            ce_weight=config.ce_weight if at_one else 0.0, report=at_one, logit_maps=maps)
         loss = computed.loss
         if computed.details is not None:
             metrics["mismatch_rate"] = float(computed.details.mismatch_rate)
@@ -63,9 +66,10 @@ def batch_loss(config, student, teacher, input_ids, loss_mask, pad_id, seed, num
             return loss, metrics
     if config.ce_weight and config.objective != "sft" and config.temperature != 1.0:
         extra = distillation_loss("sft", hidden, student_weight, None, None, labels,
-                                  num_items_in_batch=num_items_in_batch).loss
+                                  num_items_in_batch=num_items_in_batch, logit_maps=maps).loss
         loss = loss + config.ce_weight * extra
     # SFT, or a temperature other than 1: this micro-batch's own means, from one more pass.
-    entropy, cross_entropy = token_statistics(hidden.detach(), student_weight.detach(), labels)
+    entropy, cross_entropy = token_statistics(hidden.detach(), student_weight.detach(), labels,
+                                              logit_map=logit_map(student))
     metrics["cross_entropy"], metrics["entropy"] = float(cross_entropy), float(entropy)
     return loss, metrics
