@@ -27,7 +27,8 @@ inductor's on-disk cache, or from scratch in the `empty compile cache` run). War
 the timed calls in the steady state (for ours: after its eager phase and the call that compiles).
 Peak memory = peak RSS during the timed calls minus the RSS before them (malloc_trim, then the
 high-water mark reset there), for both. Before each measurement it waits for other processes to
-quieten; a disturbed one is run again, and one still disturbed is flagged.
+quieten; one disturbed during its cold call or its timed calls is run again, and one still
+disturbed is flagged.
 
 CUDA: one process. Cold = the first call of that (variant, objective) in the process (Triton's
 JIT compiles included, as far as Triton's on-disk cache does not hold them; kernels shared between
@@ -197,7 +198,9 @@ def measure_cpu_here(job: Job) -> dict:
     inputs = make_inputs(job.tokens, job.vocab, job.student_hidden, job.teacher_hidden, job.dtype, job.device)
     step = build_step(job.variant, job.objective, inputs)
     ours = job.variant != TRL
+    cold_load = measure.OtherProcessesLoad()
     first_call_seconds, last_warmup_seconds, warmup_seconds = measure._warm_up(step, job.warmup, lambda: None)
+    cold_load = cold_load.cores()
     eager_calls, eager_seconds = measure.through_eager_phase(step) if ours else (0, 0.0)
     measure.release_free_memory()
     baseline = measure.rss_bytes()
@@ -205,10 +208,15 @@ def measure_cpu_here(job: Job) -> dict:
     other_load = measure.OtherProcessesLoad()
     times, loss = measure._timed(step, measure._repeats(job, last_warmup_seconds), lambda: None)
     peak = measure.peak_rss_bytes() - baseline
+    warm_load = other_load.cores()
+    # The cold call is a number of the table too: a disturbance during it counts (and is retried) like one
+    # during the timed calls; `other_cpu_load` is the larger of the two.
+    loads = [load for load in (cold_load, warm_load) if load is not None]
     return {"peak_bytes": peak, "seconds": statistics.median(times), "times": times, "loss": float(loss),
             "first_call_seconds": first_call_seconds, "peak_reset": peak_was_reset,
             "untimed_calls": job.warmup + eager_calls, "untimed_seconds": warmup_seconds + eager_seconds,
-            "other_cpu_load": other_load.cores()}
+            "other_cpu_load": max(loads) if loads else None, "other_cpu_load_cold": cold_load,
+            "other_cpu_load_warm": warm_load}
 
 
 def measure_cuda_here(job: Job) -> dict:
@@ -448,7 +456,8 @@ def markdown(record) -> str:
         lines.append(f"| {result['objective']} | {result['variant']} | {cells} |{extra}")
     if on_cpu:
         contended = [r for r in record["results"] if _contended(r)]
-        lines += ["", f"`others' CPU`: cores that other processes kept busy during the timed calls (a measurement "
+        lines += ["", f"`others' CPU`: cores that other processes kept busy during the cold call or the timed calls, "
+                  f"the larger (a measurement "
                   f"above {measure.CONTENDED_CORES} is retried{'' if settings['retries'] else ' — not in this run'}, "
                   "the least disturbed attempt kept)."]
         if contended:
