@@ -44,6 +44,27 @@ def test_logits_losses_compile_without_graph_breaks_and_match_eager(name):
     torch.testing.assert_close(compiled_grad, eager_grad, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("name", ["jsd", "hpd"])
+def test_logit_maps_and_entropy_compile_too(name):
+    """Soft caps, scales and the entropy output through the custom ops, the eager numbers."""
+    torch._dynamo.reset()
+    student, teacher, labels = _inputs()
+    loss = hpd_kernels.hybrid_kl_loss if name == "hpd" else hpd_kernels.generalized_jsd_loss
+    options = dict(seed=7) if name == "hpd" else {}
+    entropies = []
+
+    def function(s, t, y):
+        value, entropy = loss(s, t, y, backend="torch", student_softcap=2.5, student_logit_scale=0.8,
+                              teacher_logit_scale=1.5, return_entropy=True, **options)
+        entropies.append(entropy.detach())
+        return value
+
+    (eager, eager_grad), (compiled, compiled_grad) = _both(function, student, teacher, labels)
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+    torch.testing.assert_close(compiled_grad, eager_grad, rtol=0, atol=0)
+    torch.testing.assert_close(entropies[-1], entropies[0], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("name", ["tvd", "hpd"])
 def test_the_hard_label_term_compiles_too(name):
     torch._dynamo.reset()
@@ -111,7 +132,7 @@ def test_hpd_under_compile_needs_a_seed():
 def test_custom_ops_pass_opcheck():
     """torch.library.opcheck: schemas, fake (meta) implementations and autograd registration agree."""
     from hpd_kernels.ops import custom_ops
-    from hpd_kernels.registry import Objective
+    from hpd_kernels.registry import LogitMaps, Objective
 
     student, teacher, labels = _inputs()
     student.requires_grad_(True)
@@ -124,9 +145,16 @@ def test_custom_ops_pass_opcheck():
                           (student, teacher, labels, active, None, *custom_ops.objective_fields(hpd), "torch"))
     hidden = torch.randn(ROWS, HIDDEN, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(VOCAB, HIDDEN, dtype=torch.float64, requires_grad=True)
+    mapped_hpd = Objective.hybrid(temperature=1.0, ignore_index=-100, seed=3, fkl_weight=1.0, rkl_weight=1.0,
+                                  ce_weight=0.5, cross_entropy=True, logit_maps=LogitMaps(0.8, 3.0, 1.2, 0.0),
+                                  entropy=True)
     torch.library.opcheck(custom_ops.fused_linear, (
-        hidden, weight, None, None, None, None, teacher, labels, None, active, "hpd", 1.0, -100, 0.0, 0.0, 3, 1.0, 1.0,
-        0.5, True, "mean", 5, "torch", True, True, False))
+        hidden, weight, None, None, None, None, teacher, labels, None, active, *custom_ops.objective_fields(mapped_hpd),
+        "mean", 5, "torch", True, True, False))
+    mapped_jsd = Objective.divergence("jsd", temperature=0.7, ignore_index=-100, beta=0.4,
+                                      logit_maps=LogitMaps(1.0, 0.0, 0.5, 2.0), entropy=True)
+    torch.library.opcheck(custom_ops.row_losses,
+                          (student, teacher, labels, active, None, *custom_ops.objective_fields(mapped_jsd), "torch"))
     with_hard_label = Objective.divergence("tvd", temperature=0.9, ignore_index=-100, ce_weight=0.5)
     torch.library.opcheck(custom_ops.row_losses, (student, teacher, labels, active, None,
                                                   *custom_ops.objective_fields(with_hard_label), "torch"))
