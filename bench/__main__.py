@@ -96,11 +96,7 @@ def parse_args(argv=None):
 
 
 def resolve_settings(args) -> dict:
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is visible to torch")
+    device = measure.resolve_device(args.device)
     settings = dict(DEFAULTS[device], retries=RETRIES, quiet_wait_s=QUIET_WAIT_S)
     if args.quick:
         settings.update(QUICK)

@@ -268,6 +268,15 @@ def measure_cuda(job: Job) -> dict:
 # Fresh CPU processes from a forkserver.
 # ----------------------------------------------------------------------------------------------
 
+def resolve_device(name: str) -> str:
+    """`--device`: "auto" is cuda where torch sees it, else cpu; "cuda" without a device is an error."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is visible to torch")
+    return name
+
+
 def _child_main(job_fields: dict, connection):
     try:
         result = measure_cpu_here(Job(**job_fields))
@@ -286,8 +295,12 @@ class FreshProcessRunner:
                                              "bench.measure"])
 
     def run(self, job: Job) -> dict:
+        return self.run_child(_child_main, asdict(job))
+
+    def run_child(self, target, *args) -> dict:
+        """`target(*args, connection)` in a fresh process: what it sends, or an error where it sent nothing."""
         receiver, sender = self.context.Pipe(duplex=False)
-        process = self.context.Process(target=_child_main, args=(asdict(job), sender))
+        process = self.context.Process(target=target, args=(*args, sender))
         process.start()
         sender.close()
         result = None

@@ -126,16 +126,8 @@ def loss_function(variant, objective, inputs):
 
 def build_step(variant, objective, inputs):
     """Forward + backward; the gradients of the student's hidden states and weight live to the end."""
-    compute = loss_function(variant, objective, inputs)
-    leaves = (inputs["student_hidden"], inputs["student_weight"])
-
-    def step():
-        loss = compute()
-        grads = torch.autograd.grad(loss, leaves)
-        del grads
-        return loss.detach()
-
-    return step
+    return workloads.gradient_step(loss_function(variant, objective, inputs),
+                                   (inputs["student_hidden"], inputs["student_weight"]))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -269,25 +261,7 @@ class FreshProcessRunner(measure.FreshProcessRunner):
         job, empty_compile_cache = task
         from bench import trl_compare  # by its importable name: under `-m`, this module is __main__
 
-        receiver, sender = self.context.Pipe(duplex=False)
-        process = self.context.Process(target=trl_compare._child_main,
-                                       args=(asdict(job), empty_compile_cache, sender))
-        process.start()
-        sender.close()
-        result = None
-        if receiver.poll(measure.CHILD_TIMEOUT_S):
-            try:
-                result = receiver.recv()
-            except EOFError:
-                result = None
-        process.join(timeout=30)
-        if process.is_alive():
-            process.kill()
-            process.join()
-        if result is None:
-            result = {"error": f"measurement process ended without a result (exit code {process.exitcode}; "
-                               "killed for memory or over the time limit?)"}
-        return result
+        return self.run_child(trl_compare._child_main, asdict(job), empty_compile_cache)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -320,11 +294,7 @@ def parse_args(argv=None):
 
 
 def resolve_settings(args) -> dict:
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is visible to torch")
+    device = measure.resolve_device(args.device)
     settings = dict(DEFAULTS, retries=RETRIES, quiet_wait_s=QUIET_WAIT_S, empty_cache=device == "cpu")
     if args.quick:
         settings.update(QUICK, retries=0, quiet_wait_s=0, empty_cache=False)

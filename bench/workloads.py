@@ -282,8 +282,11 @@ def build_step(variant: str, objective: str, inputs: dict) -> Callable[[], float
     `torch.autograd.grad` rather than `.backward()`, so no `.grad` accumulates across repeats; the
     gradients are alive at the end of the step, so peak memory includes them for every variant.
     """
-    compute_loss = loss_function(variant, objective, inputs)
-    student_leaves = leaves(inputs)
+    return gradient_step(loss_function(variant, objective, inputs), leaves(inputs))
+
+
+def gradient_step(compute_loss: Callable[[], torch.Tensor], student_leaves) -> Callable[[], torch.Tensor]:
+    """`compute_loss()` and the gradients of `student_leaves`, alive to the step's end, then dropped."""
 
     def step():
         loss = compute_loss()

@@ -19,6 +19,12 @@ def _inputs():
     return student, teacher, labels
 
 
+def _assert_compiled_is_eager(function, *tensors):
+    (eager, eager_grad), (compiled, compiled_grad) = _both(function, *tensors)
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+    torch.testing.assert_close(compiled_grad, eager_grad, rtol=0, atol=0)
+
+
 def _both(function, *tensors):
     """`(eager, compiled)` results of `function(*tensors)`: the value and the gradient of tensors[0]."""
     results = []
@@ -39,9 +45,7 @@ def test_logits_losses_compile_without_graph_breaks_and_match_eager(name):
     else:
         function = lambda s, t, y: hpd_kernels.DIVERGENCE_LOSSES[name](s, t, y, temperature=1.3, backend="torch",  # noqa
                                                                        **OPTIONS[name])
-    (eager, eager_grad), (compiled, compiled_grad) = _both(function, student, teacher, labels)
-    torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
-    torch.testing.assert_close(compiled_grad, eager_grad, rtol=0, atol=0)
+    _assert_compiled_is_eager(function, student, teacher, labels)
 
 
 @pytest.mark.parametrize("name", ["jsd", "hpd"])
@@ -59,9 +63,7 @@ def test_logit_maps_and_entropy_compile_too(name):
         entropies.append(entropy.detach())
         return value
 
-    (eager, eager_grad), (compiled, compiled_grad) = _both(function, student, teacher, labels)
-    torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
-    torch.testing.assert_close(compiled_grad, eager_grad, rtol=0, atol=0)
+    _assert_compiled_is_eager(function, student, teacher, labels)
     torch.testing.assert_close(entropies[-1], entropies[0], rtol=0, atol=0)
 
 
@@ -72,9 +74,7 @@ def test_the_hard_label_term_compiles_too(name):
     loss = hpd_kernels.hybrid_kl_loss if name == "hpd" else hpd_kernels.tvd_loss
     options = dict(seed=7) if name == "hpd" else {}
     function = lambda s, t, y: loss(s, t, y, ce_weight=0.4, backend="torch", **options)  # noqa: E731
-    (eager, eager_grad), (compiled, compiled_grad) = _both(function, student, teacher, labels)
-    torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
-    torch.testing.assert_close(compiled_grad, eager_grad, rtol=0, atol=0)
+    _assert_compiled_is_eager(function, student, teacher, labels)
 
 
 @pytest.mark.parametrize("objective", ["hpd", "jsd"])

@@ -25,19 +25,7 @@ except ImportError:
     from trl import GKDConfig
     from trl import GKDTrainer as TRLGKDTrainer
 
-VOCAB = 64
-
-
-def tiny_llama(hidden=32, layers=2, vocab=VOCAB, seed=0, sharpness=1.0):
-    """A random Llama; `sharpness` scales its lm_head (a random teacher at 0.02 init is near uniform)."""
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
-                                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                                      max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    model = transformers.LlamaForCausalLM(config)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(sharpness)
-    return model
+from tiny_models import VOCAB, tiny_gemma2, tiny_llama  # noqa: E402
 
 
 @pytest.fixture
@@ -156,19 +144,6 @@ def test_hf_refuses_unknown_objectives_and_unreadable_caps(models):
     student.config.logit_scale = 0.0
     with pytest.raises(ValueError, match="logit_scale=0.0"):
         hf_integration.distillation_loss(student, teacher, make_batch(), objective="fkl")
-
-
-def tiny_gemma2(hidden, seed, softcap, sharpness=1.0):
-    """A random Gemma 2, whose logits are `softcap * tanh(lm_head(hidden) / softcap)`."""
-    torch.manual_seed(seed)
-    config = transformers.Gemma2Config(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden,
-                                       num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-                                       head_dim=16, max_position_embeddings=64, final_logit_softcapping=softcap,
-                                       pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    model = transformers.Gemma2ForCausalLM(config)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(sharpness)
-    return model
 
 
 @pytest.mark.parametrize("objective", ["fkl", "jsd", "hpd"])

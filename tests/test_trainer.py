@@ -141,16 +141,10 @@ def test_hf_adapter_takes_soft_capped_models(tmp_path):
     from hpd_kernels.models import HFCausalLM, output_logits
     from hpd_kernels.training.criteria import shifted_labels
     from hpd_kernels.training.trainer.loss import batch_loss
+    from tiny_models import tiny_gemma2
 
     def gemma(hidden, seed):
-        torch.manual_seed(seed)
-        config = transformers.Gemma2Config(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden,
-                                           num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-                                           head_dim=8, max_position_embeddings=64, final_logit_softcapping=2.0)
-        model = transformers.Gemma2ForCausalLM(config)
-        with torch.no_grad():
-            model.lm_head.weight.mul_(20.0)
-        return HFCausalLM(model)
+        return HFCausalLM(tiny_gemma2(hidden, seed, softcap=2.0, sharpness=20.0, vocab=VOCAB))
 
     student, teacher = gemma(16, 0), gemma(24, 1)
     assert student.logit_map == (1.0, 2.0)

@@ -21,20 +21,15 @@ from hpd_kernels import reference  # noqa: E402
 from hpd_kernels.integrations import trl_distillation  # noqa: E402
 from hpd_kernels.integrations.trl_distillation import DistillationTrainer, logit_post_processing  # noqa: E402
 
-VOCAB = 64
+import tiny_models  # noqa: E402
+from tiny_models import VOCAB  # noqa: E402
+
 PROMPT = 4
 
 
-def tiny_llama(hidden=32, vocab=VOCAB, seed=0, sharpness=1.0):
-    """A random one-layer Llama; `sharpness` scales its lm_head (a random one is near uniform)."""
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
-                                      num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
-                                      max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    model = transformers.LlamaForCausalLM(config)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(sharpness)
-    return model
+def tiny_llama(**options):
+    """A random one-layer Llama (`tiny_models.tiny_llama`), by this name so a test can replace it."""
+    return tiny_models.tiny_llama(layers=1, **options)
 
 
 def tiny_tokenizer():
