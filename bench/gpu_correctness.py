@@ -4,6 +4,8 @@
     python -m bench.gpu_correctness --device cpu        # CPU fallback: the torch backend
     python -m bench.gpu_correctness --objective jsd     # one objective (bench/gpu_check.sh runs them in parallel)
     TRITON_INTERPRET=1 python -m bench.gpu_correctness --device cpu --backend triton --small
+    python -m bench.gpu_correctness --benchmark-shape   # bf16 at the benchmark's N=8192, V=151936, every objective
+    python -m bench.gpu_correctness --json checks.json  # also every check as a record (bench/gpu_report.py)
 
 One PASS/FAIL line per check; exit status 1 when any check fails. The reference always runs in
 float64 on the very values the library sees (inputs rounded to the tested dtype first), so only
@@ -24,11 +26,17 @@ Tolerances (error = |library - reference| / max|reference|, per loss and per gra
   matmul, hence 1e-4 for losses and 1e-3 for gradients); the reference's float64 logits gradient is
   contracted with the weight and hidden states in float64. bfloat16: the library's gradients pass
   through bfloat16 (the logits gradient, then the hidden-state gradient), 2e-2; losses 1e-4.
+- the benchmark shape (`--benchmark-shape`, bfloat16, N=8192, V=151936, the shape bench/gpu_floors.py and
+  the reduced benchmark time): the library's loss and gradient over the whole [N, V], the float64
+  reference one chunk of rows at a time (a whole [N, V] in float64 is 10 GB), the bfloat16 tolerances
+  above; and every value finite (loss, gradient, HPD's samples in range).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import json
 import math
 import sys
 import traceback
@@ -115,8 +123,8 @@ def _labels(tokens, vocab, generator, device):
     return labels.to(device)
 
 
-def _reference_loss(objective, student, teacher, labels, temperature, sampled_ids=None):
-    kwargs = dict(temperature=temperature, ignore_index=IGNORE_INDEX)
+def _reference_loss(objective, student, teacher, labels, temperature, sampled_ids=None, reduction="mean"):
+    kwargs = dict(temperature=temperature, ignore_index=IGNORE_INDEX, reduction=reduction)
     if objective == "hpd":
         return reference.hybrid_kl_loss(student, teacher, labels, sampled_ids, **kwargs)
     return reference.DIVERGENCE_LOSSES[objective](student, teacher, labels, **kwargs, **mixture_kwargs(objective))
@@ -135,19 +143,25 @@ class Checker:
     def __init__(self, device, backend):
         self.device, self.backend = device, backend
         self.passed = self.failed = 0
+        self.records = []     # one per check: what --json writes
+        self.meta = {}        # the running check's objective, kind, dtype and shape
 
-    def report(self, ok, name, detail):
+    def report(self, ok, name, detail, **fields):
         self.passed += ok
         self.failed += not ok
+        self.records.append({"name": " ".join(name.split()), **self.meta, "ok": bool(ok), "detail": detail, **fields})
         print(f"{'PASS' if ok else 'FAIL'}  {name:<62} {detail}", flush=True)
 
-    def compare(self, name, pairs):
+    def compare(self, name, pairs, **fields):
         """pairs: (label, value, expected, tolerance); one line for all of them."""
         errors = [(label, relative_error(value, expected), tol) for label, value, expected, tol in pairs]
         ok = all(error <= tol for _, error, tol in errors)
-        self.report(ok, name, "  ".join(f"{label} err {error:.1e} (tol {tol:.0e})" for label, error, tol in errors))
+        self.report(ok, name, "  ".join(f"{label} err {error:.1e} (tol {tol:.0e})" for label, error, tol in errors),
+                    errors={label: (error if math.isfinite(error) else None) for label, error, _ in errors},
+                    tolerances={label: tol for label, _, tol in errors}, **fields)
 
-    def guarded(self, name, check, *args):
+    def guarded(self, name, check, *args, meta=None):
+        self.meta = dict(meta or {})
         try:
             check(name, *args)
         except Exception as error:  # one broken check must not hide the others
@@ -231,6 +245,80 @@ class Checker:
                             ("d weight", grads[1], expected_grads[1], case.grad_tol)])
 
 
+BENCHMARK_SHAPE = (8192, 151936)        # bench/gpu_floors.FULL's and the reduced benchmark's rows and vocabulary
+SMALL_BENCHMARK_SHAPE = (64, 5003)
+REFERENCE_ROWS = 256                    # rows of float64 reference per chunk (~0.3 GB a tensor at V=151936)
+
+
+def bf16_logits(tokens, vocab, device, seed, student=None):
+    """[tokens, vocab] bfloat16 logits made on the device a block of rows at a time (no [N, V] float32
+    temporary); with `student`, the teacher: its own noise plus the student's logits."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    logits = torch.empty(tokens, vocab, dtype=torch.bfloat16, device=device)
+    for start in range(0, tokens, 1024):
+        block = torch.randn(min(1024, tokens - start), vocab, generator=generator, device=device)
+        logits[start:start + block.shape[0]] = block * 2 if student is None else block + student[start:start + 1024]
+    return logits
+
+
+def benchmark_shape(checker, name, objective, student, teacher, labels, sampled_ids=None):
+    """The library's loss and gradient at the benchmark's shape against the float64 reference computed a
+    chunk of rows at a time (sums of the chunks' sums; the mean divides by the rows in the loss)."""
+    leaf = student.detach().requires_grad_(True)
+    loss, details = _library_loss(objective, leaf, teacher, labels, 1.0, checker.backend, sampled_ids=sampled_ids,
+                                  seed=1234 if objective == "hpd" and sampled_ids is None else None)
+    (grad,) = torch.autograd.grad(loss, leaf)
+    del leaf
+    if objective == "hpd" and sampled_ids is None:
+        sampled_ids = details.sampled_ids
+    finite = {"loss": bool(torch.isfinite(loss).item()), "grad": bool(torch.isfinite(grad).all().item())}
+    if sampled_ids is not None:
+        in_loss = sampled_ids >= 0
+        finite["sampled_ids"] = bool((sampled_ids[in_loss] < student.shape[1]).all().item())
+    active = int(((labels != IGNORE_INDEX) & (labels < student.shape[1])).sum())
+    expected, grad_error, scale = 0.0, 0.0, 0.0
+    for start in range(0, student.shape[0], REFERENCE_ROWS):
+        rows = slice(start, start + REFERENCE_ROWS)
+        chunk = student[rows].double().requires_grad_(True)
+        ids = None if sampled_ids is None else sampled_ids[rows].clamp(min=0)
+        total = _reference_loss(objective, chunk, teacher[rows].double(), labels[rows], 1.0, ids, reduction="sum")
+        (expected_grad,) = torch.autograd.grad(total, chunk)
+        expected_grad /= max(active, 1)
+        expected += total.item()
+        grad_error = max(grad_error, (grad[rows].double() - expected_grad).abs().max().item())
+        scale = max(scale, expected_grad.abs().max().item())
+    expected /= max(active, 1)
+    errors = [("loss", abs(loss.item() - expected) / max(abs(expected), 1e-300), 1e-4),
+              ("grad", grad_error / max(scale, 1e-300), 1e-2)]
+    ok = all(error <= tol for _, error, tol in errors) and all(finite.values())
+    checker.report(ok, name, "  ".join(f"{label} err {error:.1e} (tol {tol:.0e})" for label, error, tol in errors)
+                   + f"  finite: {', '.join(key for key, good in finite.items() if good) or 'none'}",
+                   errors={label: error for label, error, _ in errors}, tolerances={label: tol for label, _, tol in errors},
+                   finite=finite)
+    return sampled_ids
+
+
+def check_benchmark_shape(checker, objectives, tokens, vocab):
+    run = functools.partial(benchmark_shape, checker)
+    student = bf16_logits(tokens, vocab, checker.device, 1)
+    teacher = bf16_logits(tokens, vocab, checker.device, 2, student)
+    labels = _labels(tokens, vocab, torch.Generator().manual_seed(3), checker.device)
+    for objective in objectives:
+        label = f"{objective} bfloat16 N={tokens} V={vocab} (benchmark shape)"
+        meta = dict(objective=objective, kind="benchmark shape", dtype="bfloat16", tokens=tokens, vocab=vocab)
+        if objective != "hpd":
+            checker.guarded(label, run, objective, student, teacher, labels, meta=meta)
+            continue
+        drawn = []
+        checker.guarded(f"hpd (in-kernel y_hat) bfloat16 N={tokens} V={vocab} (benchmark shape)",
+                        lambda name: drawn.append(run(name, "hpd", student, teacher, labels)),
+                        meta=dict(meta, objective="hpd (in-kernel y_hat)"))
+        if drawn and drawn[0] is not None:  # the given-y_hat path, on the samples the kernel drew
+            checker.guarded(label, run, "hpd", student, teacher, labels, drawn[0].clamp(min=0), meta=meta)
+        if checker.device == "cuda":
+            torch.cuda.empty_cache()
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
@@ -239,6 +327,10 @@ def main(argv=None):
     parser.add_argument("--objectives", "--objective", nargs="+", choices=BENCHMARKED_OBJECTIVES,
                         default=list(BENCHMARKED_OBJECTIVES))
     parser.add_argument("--small", action="store_true", help="small shapes only (for Triton's CPU interpreter)")
+    parser.add_argument("--benchmark-shape", action="store_true",
+                        help=f"only bfloat16 at the benchmark's shape, N, V = {BENCHMARK_SHAPE} ({SMALL_BENCHMARK_SHAPE} "
+                             "with --small), with finite-value checks")
+    parser.add_argument("--json", help="also write every check's record here (bench/gpu_report.py merges it)")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device visible to torch; use --device cpu for the CPU fallback")
@@ -247,29 +339,46 @@ def main(argv=None):
     print(f"# kernels vs reference on {where}, backend={backend}, torch {torch.__version__}", flush=True)
 
     checker = Checker(args.device, backend)
-    logit_cases = SMALL_LOGIT_CASES if args.small else LOGIT_CASES
-    fused_cases = SMALL_FUSED_CASES if args.small else FUSED_CASES
+    try:
+        if args.benchmark_shape:
+            check_benchmark_shape(checker, args.objectives, *(SMALL_BENCHMARK_SHAPE if args.small else BENCHMARK_SHAPE))
+        else:
+            run_cases(checker, args.objectives, args.small, backend)
+    finally:
+        print(f"# {checker.passed} passed, {checker.failed} failed", flush=True)
+        if args.json:
+            with open(args.json, "w") as handle:
+                json.dump({"device": where, "backend": backend, "passed": checker.passed, "failed": checker.failed,
+                           "checks": checker.records}, handle, indent=1)
+    return 1 if checker.failed else 0
+
+
+def run_cases(checker, objectives, small, backend):
+    logit_cases = SMALL_LOGIT_CASES if small else LOGIT_CASES
+    fused_cases = SMALL_FUSED_CASES if small else FUSED_CASES
     describe = lambda case: (f"{case.dtype:<8} N={case.tokens:<3} V={case.student_vocab}/{case.teacher_vocab} "
                              f"T={case.temperature:g}")
-    for objective in args.objectives:
+    meta = lambda objective, kind, case: dict(objective=objective, kind=kind, dtype=case.dtype, tokens=case.tokens,
+                                              vocab=getattr(case, "vocab", None) or case.student_vocab)
+    for objective in objectives:
         for case in logit_cases:
-            checker.guarded(f"{objective:<16} {describe(case)}", checker.logits, objective, case)
+            checker.guarded(f"{objective:<16} {describe(case)}", checker.logits, objective, case,
+                            meta=meta(objective, "logits", case))
             if objective == "hpd":
                 checker.guarded(f"{'hpd (in-kernel y_hat)':<16} {describe(case)}", checker.logits, objective, case,
-                                True)
-    if "hpd" in args.objectives and backend == "triton":
+                                True, meta=meta("hpd (in-kernel y_hat)", "logits", case))
+    if "hpd" in objectives and backend == "triton":
         for case in logit_cases[2:]:
-            checker.guarded(f"{'hpd y_hat: triton == torch':<26} {describe(case)}", checker.same_samples, case)
+            checker.guarded(f"{'hpd y_hat: triton == torch':<26} {describe(case)}", checker.same_samples, case,
+                            meta=meta("hpd", "same samples", case))
     if has_fused_linear():
-        for objective in args.objectives:
+        for objective in objectives:
             for case in fused_cases:
                 label = (f"fused {objective:<16} {case.dtype:<8} N={case.tokens} H={case.student_hidden}/"
                          f"{case.teacher_hidden} V={case.vocab} chunk={case.chunk_size}")
-                checker.guarded(label, checker.fused, objective, case)
+                checker.guarded(label, checker.fused, objective, case, meta=meta(objective, "fused-linear", case))
     else:
         print("SKIP  fused-linear: hpd_kernels has no fused-linear API in this checkout")
-    print(f"# {checker.passed} passed, {checker.failed} failed", flush=True)
-    return 1 if checker.failed else 0
 
 
 if __name__ == "__main__":

@@ -4,8 +4,7 @@
     TRITON_INTERPRET=1 python -m bench.gpu_floors --device cpu --small  # the plumbing, on a CPU
 
 Floors, on an [N, V] tensor of the logits' dtype:
-- copy: `dst.copy_(src)`, bytes read + written per second: what a kernel that streams its bytes
-  once could reach;
+- copy: `dst.copy_(src)`, bytes read + written per second: what a one-pass streaming kernel reaches;
 - read: `src.sum(dtype=float32)`, bytes read per second (the forward kernels only read);
 - GEMM: a bf16 matmul of 8192 x 4096 x 4096, in TFLOP/s.
 
@@ -25,8 +24,11 @@ The fused-linear HPD loss from hidden states (`fused_linear_hybrid_kl_loss`, N x
 [V, H] weights), forward + backward, against its floor: four GEMMs of 2 N H V flops (student
 logits, teacher logits, the hidden states' gradient, the weight's gradient) at the measured rate.
 
-Each kernel's row also carries the static model's prediction for the same launch (`python -m
-bench.sass`, whose JSON `--model` names), joined by the model's kernel name and specialisation.
+Each kernel's row carries the static model's prediction for the same launch (`python -m bench.sass`;
+the JSON generated under this Triton's major.minor, else the newest, said so: `gpu_report.
+choose_static_model`), as generated and rescaled to the copy bandwidth measured here (`model_ms_at_copy`).
+Kernel outputs and the fused-linear loss and gradients are checked finite; the fused-linear row names
+the `grad_W` GEMM path that ran (bf16 operands accumulating in fp32, or the upcast fallback).
 
 Times: CUDA events around each call (on a CPU, the wall clock), the median of the repeats after
 warm-up calls. Writes `gpu_floors.json` and `gpu_floors.md` to `--out`; exit status 1 when any
@@ -48,10 +50,12 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import triton
 
 import hpd_kernels
-from bench import report, workloads
+from bench import gpu_floors_md, gpu_report, report, workloads
 from bench.workloads import IGNORE_INDEX, JSD_BETA, SKEW_ALPHA
+from hpd_kernels.ops.chunked_linear import half_operand_gemm
 from hpd_kernels.ops.triton.aot import matrices_moved
 from hpd_kernels.ops.triton.divergence import divergence_backward, divergence_forward
 from hpd_kernels.registry import accumulation_dtype, mixture_logs
@@ -62,6 +66,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 GB = 1e9
 OUTPUT_STEM = "gpu_floors"
 STATIC_MODEL = os.path.join(HERE, "results", "sass_sm90.json")   # `python -m bench.sass`, at FULL's N and V
+GRAD_W_PATHS = {True: "bf16 operands, fp32 accumulation (addmm out_dtype)", False: "upcast to fp32 (fallback)"}
 
 
 @dataclass(frozen=True)
@@ -218,7 +223,7 @@ def kernel_families(student, teacher, labels):
         resolved, log_mix_p, log_mix_q = mixture_logs(objective, JSD_BETA, SKEW_ALPHA)
         params = dict(divergence=resolved, temperature=1.0, log_mix_p=log_mix_p, log_mix_q=log_mix_q)
         forward = functools.partial(divergence_forward, student, teacher, labels, ignore_index=IGNORE_INDEX, **params)
-        _, stats = forward()
+        stats = forward().stats
         backward = functools.partial(divergence_backward, student, teacher, stats, row_scale, grad, **params)
         return [Launch(objective, "forward", "divergence_forward", f"{objective} {dtype} labels=True", forward,
                        matrices_moved("divergence_forward", resolved) * matrix_bytes),
@@ -228,7 +233,8 @@ def kernel_families(student, teacher, labels):
     def hpd():
         params = dict(temperature=1.0, fkl_weight=1.0, rkl_weight=1.0, ignore_index=IGNORE_INDEX)
         sampling = functools.partial(hybrid_forward, student, teacher, labels, None, seed=workloads.HPD_SEED, **params)
-        _, stats, sampled_ids = sampling()
+        drawn = sampling()
+        stats, sampled_ids = drawn.stats, drawn.sampled_ids
         given = functools.partial(hybrid_forward, student, teacher, labels, sampled_ids, seed=None, **params)
         backward = functools.partial(hybrid_backward, student, labels, sampled_ids, stats, row_scale, grad,
                                      vocab=vocab, temperature=1.0)
@@ -244,16 +250,35 @@ def kernel_families(student, teacher, labels):
 
 
 def load_model(path):
-    """The static model's predictions, {(kernel, variant): row}; empty when there is no such file."""
+    """The static model's predictions, {(kernel, variant): row}, and its bandwidth in bytes/s (or empty)."""
     try:
         with open(path) as handle:
-            return {(row["kernel"], row["variant"]): row for row in json.load(handle)["kernels"]}
+            model = json.load(handle)
+        return ({(row["kernel"], row["variant"]): row for row in model["kernels"]},
+                model.get("model", {}).get("bandwidth"))
     except (OSError, ValueError, KeyError, TypeError):
-        return {}
+        return {}, None
+
+
+def finite(result) -> bool:
+    """Whether every floating-point tensor a kernel wrapper returned is finite."""
+    tensors = result if isinstance(result, (tuple, list)) else (result,)
+    return all(bool(torch.isfinite(t).all()) for t in tensors
+               if isinstance(t, torch.Tensor) and t.is_floating_point())
+
+
+def _model_fields(predicted, model_scale, model_bandwidth, copy_gb_per_s):
+    fields = dict(model_ms=predicted["predicted_ms"] * model_scale, model_bound=predicted["bound"],
+                  model_bytes_per_element=predicted.get("bytes_per_element"))
+    parts = {key: predicted.get(f"{key}_ms") for key in ("issue", "mufu", "memory")}
+    if None not in parts.values() and model_bandwidth and copy_gb_per_s:
+        fields.update(gpu_report.rescale(parts, model_bandwidth, copy_gb_per_s * GB, model_scale))
+    return fields
 
 
 def measure_kernels(student, teacher, labels, sizes: Sizes, device, floor_gb_per_s, model, failures):
     rows = []
+    model, model_bandwidth = model
     # The model's times are elements x a cost per element: they scale with N V from its shape, FULL's.
     model_scale = sizes.rows * sizes.vocab / (FULL.rows * FULL.vocab)
     for family, setup in kernel_families(student, teacher, labels):
@@ -268,11 +293,17 @@ def measure_kernels(student, teacher, labels, sizes: Sizes, device, floor_gb_per
                           model_variant=launch.model_variant)
             predicted = model.get((launch.model_kernel, launch.model_variant))
             if predicted:
-                fields.update(model_ms=predicted["predicted_ms"] * model_scale, model_bound=predicted["bound"],
-                              model_bytes_per_element=predicted.get("bytes_per_element"))
-            _guarded(rows, failures, name, lambda: _bandwidth_row(
-                name, median_ms(launch.call, device, sizes.warmup, sizes.repeats), launch.moved_bytes,
-                floor_gb_per_s), **fields)
+                fields.update(_model_fields(predicted, model_scale, model_bandwidth, floor_gb_per_s.get("copy")))
+
+            def measure():
+                row = _bandwidth_row(name, median_ms(launch.call, device, sizes.warmup, sizes.repeats),
+                                     launch.moved_bytes, floor_gb_per_s)
+                row["finite"] = finite(launch.call())
+                if not row["finite"]:
+                    failures.append(f"{name}: non-finite output")
+                return row
+
+            _guarded(rows, failures, name, measure, **fields)
     return rows
 
 
@@ -285,7 +316,13 @@ def measure_fused_linear(sizes: Sizes, dtype, device, gemm_tflop_per_s, failures
         inputs = workloads.make_inputs("hidden", shape)
         step = workloads.build_step("hpd_kernels fused-linear", "hpd", inputs)
         milliseconds = median_ms(step, device, 1, sizes.fused_repeats)
-        row = {"name": name, "ms": milliseconds, "flops": flops}
+        loss = workloads.loss_function("hpd_kernels fused-linear", "hpd", inputs)()
+        grads = torch.autograd.grad(loss, workloads.leaves(inputs))
+        row = {"name": name, "ms": milliseconds, "flops": flops, "finite": finite((loss.detach(), *grads)),
+               "grad_w_gemm": GRAD_W_PATHS[half_operand_gemm(torch.device(device), dtype)]}
+        del loss, grads
+        if not row["finite"]:
+            failures.append(f"{name}: non-finite loss or gradient")
         if gemm_tflop_per_s:
             row["floor_ms"] = flops / (gemm_tflop_per_s * 1e12) * 1e3
             row["percent_of_floor"] = 100.0 * row["floor_ms"] / milliseconds
@@ -298,64 +335,13 @@ def measure_fused_linear(sizes: Sizes, dtype, device, gemm_tflop_per_s, failures
 # Outputs.
 # ----------------------------------------------------------------------------------------------
 
-def markdown(record: dict) -> str:
-    settings = record["settings"]
-    lines = [
-        f"# {record['title']}",
-        "",
-        f"Machine: {report.machine_line(record['machine'])}. Date: {record['date']}. "
-        f"hpd_kernels commit: {record['machine'].get('hpd_kernels_commit')}.",
-        "",
-        f"Command: `{record['command']}`. N={settings['rows']} rows, V={settings['vocab']}, {settings['dtype']}, "
-        f"kernels: {settings['kernels']}. Time: median of {settings['repeats']} calls after {settings['warmup']} "
-        f"warm-up calls (fused-linear: {settings['fused_repeats']} after 1). GB = 1e9 bytes.",
-        "",
-        "## Floors",
-        "",
-        "| measurement | time (ms) | bytes (GB) | GB/s | TFLOP/s |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    cell = lambda row, key, scale=1.0, digits=1: f"{row[key] / scale:.{digits}f}" if key in row else "—"
-    for row in record["floors"]:
-        if "error" in row:
-            lines.append(f"| {row['name']} | error: {row['error']} | | | |")
-            continue
-        lines.append(f"| {row['name']} | {row['ms']:.3f} | {cell(row, 'bytes', GB, 3)} | {cell(row, 'gb_per_s')} "
-                     f"| {cell(row, 'tflop_per_s')} |")
-    lines += ["", "## Each kernel alone", "",
-              "Bytes: forward, student + teacher once per vocabulary pass (2 passes for JSD, skew KL and TVD); "
-              "backward, student (+ teacher for the divergences) read and the gradient written.", "",
-              f"Model: the static model's prediction for the same launch (`python -m bench.sass`, "
-              f"{settings.get('model') or 'not found'}; its N={FULL.rows}, V={FULL.vocab}, scaled by N V).", "",
-              "| objective | kernel | time (ms) | bytes (GB) | GB/s | % of copy | % of read | model (ms) | time / model |",
-              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for row in record["kernels"]:
-        if "error" in row:
-            lines.append(f"| {row['objective']} | {row['direction']} | error: {row['error']} | | | | | | |")
-            continue
-        versus_model = f"{row['ms'] / row['model_ms']:.2f}x" if "model_ms" in row else "—"
-        lines.append(f"| {row['objective']} | {row['direction']} | {row['ms']:.3f} | {row['bytes'] / GB:.3f} "
-                     f"| {row['gb_per_s']:.1f} | {cell(row, 'percent_of_copy')} | {cell(row, 'percent_of_read')} "
-                     f"| {cell(row, 'model_ms', digits=3)} | {versus_model} |")
-    fused = record["fused_linear"]
-    lines += ["", "## Fused-linear HPD against its four-GEMM floor", "",
-              "Floor: 4 GEMMs of 2 N H V flops (student and teacher logits, d hidden, d weight) at the GEMM rate above.",
-              "", "| measurement | time (ms) | floor (ms) | % of floor |", "|---|---:|---:|---:|"]
-    if "error" in fused:
-        lines.append(f"| {fused['name']} | error: {fused['error']} | | |")
-    else:
-        lines.append(f"| {fused['name']} | {fused['ms']:.2f} | {cell(fused, 'floor_ms', digits=2)} "
-                     f"| {cell(fused, 'percent_of_floor')} |")
-    return "\n".join(lines) + "\n"
-
-
 def write_outputs(record, out_dir):
     os.makedirs(out_dir, exist_ok=True)
     base = os.path.join(out_dir, OUTPUT_STEM)
     with open(base + ".json", "w") as handle:
         json.dump(record, handle, indent=1)
     with open(base + ".md", "w") as handle:
-        handle.write(markdown(record))
+        handle.write(gpu_floors_md.markdown(record, FULL.rows, FULL.vocab))
     return base
 
 
@@ -364,13 +350,16 @@ def main(argv=None):
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     parser.add_argument("--small", action="store_true", help="tiny shapes (for Triton's CPU interpreter)")
     parser.add_argument("--out", default=os.path.join(HERE, "results"), help="output folder (default bench/results)")
-    parser.add_argument("--model", default=STATIC_MODEL, help="the static model's JSON (python -m bench.sass), whose "
-                        "predictions join the kernels' rows (default: %(default)s)")
+    parser.add_argument("--model", help="the static model's JSON (python -m bench.sass), whose predictions join the "
+                        "kernels' rows (default: bench/results/sass_sm90*.json generated under this Triton's "
+                        "major.minor, else the newest)")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device visible to torch; use --device cpu --small with TRITON_INTERPRET=1")
     if args.device == "cpu" and not interpreter_enabled():
         raise SystemExit("--device cpu runs the Triton kernels through Triton's interpreter: set TRITON_INTERPRET=1")
+    choice = gpu_report.choose_static_model(triton.__version__, os.path.dirname(STATIC_MODEL), args.model)
+    print(f"static model: {choice['note']}", flush=True)
     sizes = SMALL if args.small else FULL
     dtype = torch.bfloat16
     started = time.perf_counter()
@@ -383,7 +372,7 @@ def main(argv=None):
         "settings": {"rows": sizes.rows, "vocab": sizes.vocab, "hidden": sizes.hidden, "dtype": "bfloat16",
                      "gemm": list(sizes.gemm), "warmup": sizes.warmup, "repeats": sizes.repeats,
                      "fused_repeats": sizes.fused_repeats, "device": args.device,
-                     "model": os.path.relpath(args.model) if os.path.exists(args.model) else None,
+                     "model": choice["path"] and os.path.relpath(choice["path"]), "static_model": choice,
                      "kernels": "triton (interpreter)" if args.device == "cpu" else "triton",
                      "hpd_kernels": getattr(hpd_kernels, "__version__", None)},
     }
@@ -393,7 +382,7 @@ def main(argv=None):
     record["floors"], floor_gb_per_s, gemm_tflop_per_s = measure_floors(student, sizes, args.device, failures)
 
     record["kernels"] = measure_kernels(student, teacher, labels, sizes, args.device, floor_gb_per_s,
-                                        load_model(args.model), failures)
+                                        load_model(choice["path"]) if choice["path"] else ({}, None), failures)
     del student, teacher, labels
     if args.device == "cuda":
         torch.cuda.empty_cache()

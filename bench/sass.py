@@ -30,6 +30,8 @@ percent more to launch and tail effects.
 
     python -m bench.sass                       # prints the report, writes bench/results/sass_sm90.{md,json}
     python -m bench.sass --dtypes bfloat16 --out /tmp/x
+    python -m bench.sass --stem sass_sm90_triton36   # under the GPU image's Triton 3.6 (bench/gpu_check.sh
+                                                     # picks the JSON whose "triton" matches triton.__version__)
 """
 
 from __future__ import annotations
@@ -241,7 +243,9 @@ def main(argv=None):
     parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"],
                         choices=["float16", "bfloat16", "float32"], help="logit dtypes (default: bfloat16 float32)")
     parser.add_argument("--out", default=os.path.join(HERE, "results"),
-                        help="folder for sass_sm90.md and sass_sm90.json (default: bench/results)")
+                        help="folder for STEM.md and STEM.json (default: bench/results)")
+    parser.add_argument("--stem", default="sass_sm90", help="output file names, STEM.md and STEM.json (default: "
+                        "%(default)s; sass_sm90_tritonXY for another Triton release, as bench/gpu_floors.py looks for)")
     parser.add_argument("--jobs", type=int, default=None, help="parallel compiler processes (default: all cores)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
@@ -257,11 +261,13 @@ def main(argv=None):
     skips = skip_table()
     text = report(rows, totals, skips)
     print(text)
+    import triton
+
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "sass_sm90.md"), "w") as handle:
+    with open(os.path.join(args.out, f"{args.stem}.md"), "w") as handle:
         handle.write(text)
-    with open(os.path.join(args.out, "sass_sm90.json"), "w") as handle:
-        json.dump({"model": dict(sms=SMS, schedulers=SCHEDULERS, clock_hz=CLOCK_HZ, mufu_lanes=MUFU_LANES,
+    with open(os.path.join(args.out, f"{args.stem}.json"), "w") as handle:
+        json.dump({"triton": triton.__version__, "rows": aot.ROWS, "vocab": aot.VOCAB, "model": dict(sms=SMS, schedulers=SCHEDULERS, clock_hz=CLOCK_HZ, mufu_lanes=MUFU_LANES,
                                  bandwidth=BANDWIDTH), "kernels": rows, "objectives": totals,
                    "hpd_skipped_tiles": skips}, handle, indent=1)
     return 0
