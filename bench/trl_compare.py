@@ -50,7 +50,7 @@ import sys
 import tempfile
 import time
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import torch
 
@@ -73,18 +73,8 @@ TOLERANCE = {"float32": 1e-4, "bfloat16": 3e-2, "float16": 1e-2}   # relative (g
 GPU_TOLERANCE_FLOAT32 = 2e-3    # on CUDA both sides' fp32 GEMMs may differ in order (and TF32 settings)
 
 
-@dataclass(frozen=True)
-class Job:
-    variant: str
-    objective: str
-    tokens: int
-    vocab: int
-    student_hidden: int
-    teacher_hidden: int
-    dtype: str
-    device: str
-    warmup: int
-    repeats: int
+# A measurement: `bench.measure`'s, every row in the loss (prompt_fraction 0).
+Job = measure.Job
 
 
 # ----------------------------------------------------------------------------------------------
@@ -320,7 +310,7 @@ def plan(settings):
     for objective in settings["objectives"]:
         variants = [(TRL, False), (OURS, False)] + ([(OURS, True)] if settings["empty_cache"] else [])
         for variant, empty in variants:
-            tasks.append((Job(variant=variant, objective=objective, tokens=settings["tokens"], vocab=settings["vocab"],
+            tasks.append((Job(prompt_fraction=0.0, variant=variant, objective=objective, tokens=settings["tokens"], vocab=settings["vocab"],
                               student_hidden=settings["student_hidden"], teacher_hidden=settings["teacher_hidden"],
                               dtype=settings["dtype"], device=settings["device"], warmup=settings["warmup"],
                               repeats=settings["repeats"]), empty))

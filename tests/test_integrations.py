@@ -25,7 +25,7 @@ except ImportError:
     from trl import GKDConfig
     from trl import GKDTrainer as TRLGKDTrainer
 
-from tiny_models import VOCAB, tiny_gemma2, tiny_llama  # noqa: E402
+from tiny_models import VOCAB, tiny_gemma2, tiny_llama, tiny_tokenizer  # noqa: E402
 
 
 @pytest.fixture
@@ -314,15 +314,6 @@ def test_trl_generalized_jsd_loss_edge_cases():
     with pytest.raises(ValueError, match="none"):
         trl_integration.generalized_jsd_loss(student, teacher, reduction="none")
     assert TRLGKDTrainer.generalized_jsd_loss(student, teacher, all_masked).item() == 0.0
-
-
-def tiny_tokenizer():
-    tokenizers = pytest.importorskip("tokenizers")
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"t{i}": i for i in range(3, VOCAB)}}
-    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<pad>"))
-    backend.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>",
-                                                eos_token="</s>")
 
 
 def gkd_collator(examples):

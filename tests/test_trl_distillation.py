@@ -33,12 +33,7 @@ def tiny_llama(**options):
 
 
 def tiny_tokenizer():
-    tokenizers = pytest.importorskip("tokenizers")
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"t{i}": i for i in range(3, VOCAB)}}
-    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<pad>"))
-    backend.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>",
-                                                eos_token="</s>", padding_side="left")
+    return tiny_models.tiny_tokenizer(padding_side="left")   # TRL left-pads prompts
 
 
 def make_trainer(tmp_path, teacher_vocab=VOCAB, max_steps=1, loss=None, loss_options=None, **config):

@@ -30,3 +30,14 @@ def tiny_gemma2(hidden, seed, softcap, sharpness=1.0, vocab=VOCAB):
                                        head_dim=16, max_position_embeddings=64, final_logit_softcapping=softcap,
                                        pad_token_id=0, bos_token_id=1, eos_token_id=2)
     return _sharpened(transformers.Gemma2ForCausalLM(config), sharpness)
+
+
+def tiny_tokenizer(padding_side="right"):
+    """A word-level tokenizer of `VOCAB` ids: `<pad>`, `<s>`, `</s>`, then `t3` ... `t63`."""
+    import tokenizers
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"t{i}": i for i in range(3, VOCAB)}}
+    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<pad>"))
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>",
+                                                eos_token="</s>", padding_side=padding_side)
