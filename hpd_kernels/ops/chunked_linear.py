@@ -172,7 +172,8 @@ class _Chunks:
         sample_weight = torch.zeros_like(label_weight) if hpd else None
         entropy = torch.zeros_like(per_row) if objective.entropy else None
         loss_row_chunks = _loss_row_chunks(self.active, self.chunk_size)
-        every_row = all(isinstance(rows, slice) for rows in loss_row_chunks)
+        # (No chunk at all, every row ignored, is not "every row": `all([])` would leave grad_hidden unwritten.)
+        every_row = bool(loss_row_chunks) and all(isinstance(rows, slice) for rows in loss_row_chunks)
         # Every row in a chunk: each is written once (below), so nothing needs zeroing first.
         grad_hidden = None
         if wanted.hidden:
