@@ -67,14 +67,17 @@ def parse_sass(text: str):
 
 def vocabulary_loops(instructions):
     """(start, end) address ranges of the loops that stream global memory: backward branches whose
-    body holds a global load, innermost first-come (no range is kept that contains another kept one)."""
+    body holds a global load and no EXIT, innermost first-come (no range is kept that contains
+    another kept one)."""
     loops = []
     for address, opcode, operands in instructions:
         if opcode.startswith("BRA") and operands.startswith("0x"):
             target = int(operands.split()[0].rstrip(","), 16)
             if target < address:
                 body = [ins for ins in instructions if target <= ins[0] <= address]
-                if any(ins[1].startswith("LDG") for ins in body):
+                # A range holding an EXIT is no loop: it is a jump back from an out-of-line block (a
+                # reduction's divergent-warp fallback, `BRA.DIV`) placed after the kernel's end.
+                if any(ins[1].startswith("LDG") for ins in body) and not any(ins[1].startswith("EXIT") for ins in body):
                     loops.append((target, address))
     return [loop for loop in loops
             if not any(other != loop and loop[0] <= other[0] and other[1] <= loop[1] for other in loops)]
@@ -164,27 +167,29 @@ def objective_totals(rows):
 
 
 def skipped_tiles(logits, temperature=1.0, seed=0, block_v=4096):
-    """Fraction of vocabulary tiles whose Gumbel noise the HPD forward kernel skips on these logits
-    (`[rows, V]`): the kernel's own rule, replayed with its noise (`tile_max(s) * log2(e) / T +
-    GUMBEL2_MAX <= best score so far`). The first tile of a row is never skipped."""
+    """Fraction of vocabulary tiles whose block log-masses the HPD forward kernel skips on these logits
+    (`[rows, V]`): the kernel's own rule, replayed with its block scores (`tile_max(s) * log2(e) / T +
+    GUMBEL2_MAX + log2(P) + 1 + 1e-6 |best| <= best block score so far`, `ops/gumbel.py`'s block draw).
+    The first tile of a row is never skipped."""
     import torch
 
-    from hpd_kernels.ops.gumbel import GUMBEL2_MAX, row_keys_torch, seed_key
-    from hpd_kernels.ops.torch_backend import gumbel_scores
     from hpd_kernels.ops.common import temperature_scalars
+    from hpd_kernels.ops.gumbel import DRAW_BLOCK, GUMBEL2_MAX, LOG2_DRAW_BLOCK, seed_key
+    from hpd_kernels.ops.torch_backend.sampling import block_scores, padded_blocks
 
     rows, vocab = logits.shape
     scale = torch.tensor(temperature_scalars(temperature, torch.float32)[0])
-    keys = row_keys_torch(seed_key(seed), torch.arange(rows))
+    row_ids, key = torch.arange(rows), seed_key(seed)
     best = torch.full((rows,), float("-inf"))
     skipped = 0
     for start in range(0, vocab, block_v):
-        tile = logits[:, start:start + block_v]
+        tile = logits[:, start:start + block_v].float()
         tile_max = (tile.max(dim=1).values * scale).float()
-        skip = tile_max + GUMBEL2_MAX <= best
+        skip = tile_max + (GUMBEL2_MAX + LOG2_DRAW_BLOCK + 1.0) + best.abs() * 1e-6 - best <= 0
         skipped += int(skip.sum())
-        scores = gumbel_scores(tile, scale, keys, torch.arange(start, start + tile.shape[1]))
-        best = torch.maximum(best, scores.max(dim=1).values)
+        blocks = padded_blocks(tile)
+        ids = torch.arange(start // DRAW_BLOCK, start // DRAW_BLOCK + blocks.shape[1])
+        best = torch.maximum(best, block_scores(blocks, scale, key, row_ids, ids).max(dim=1).values)
     return skipped / (rows * -(-vocab // block_v))
 
 
@@ -244,10 +249,11 @@ def report(rows, totals, skips=()) -> str:
                      f"{row['spill_stores'] + row['spill_loads']} | {row['bytes_per_element']} | {row['issue_ms']:.2f} | "
                      f"{row['mufu_ms']:.2f} | {row['memory_ms']:.2f} | {row['bound']} |")
     if skips:
-        lines += ["", "## HPD sampling: noise work skipped at run time", "",
-                  "Not in the static model (which counts the noise of every tile). A tile's noise is skipped when its "
-                  "best scaled logit plus the largest noise cannot beat the running best; replayed with the kernel's "
-                  "rule and noise on 64 rows of V = 151936 (`skipped_tiles`):", "",
+        lines += ["", "## HPD sampling: block-mass work skipped at run time", "",
+                  "Not in the static model (which counts the block masses of every tile). A tile's block masses are "
+                  "skipped when its best scaled logit plus log2(P), the largest noise and a margin cannot beat the "
+                  "running best block score; replayed with the kernel's rule and noise on 64 rows of V = 151936 "
+                  "(`skipped_tiles`):", "",
                   "| logits | T | tiles skipped |", "|---|---:|---:|"]
         for skip in skips:
             lines.append(f"| {skip['logits']} | {skip['temperature']} | {100 * skip['skipped']:.0f}% |")

@@ -155,6 +155,35 @@ def test_two_gloo_processes(worker, tmp_path):
     mp.spawn(worker, args=(str(tmp_path / "init"),), nprocs=WORLD, join=True)
 
 
+THREE_SLICES = [(0, 5), (5, 12), (12, 37)]  # the draw's block 0 (columns 0-15) spans all three slices
+
+
+def _three_slices_worker(rank, init_file):
+    """HPD's block draw (`ops/gumbel.py`, P = 16) over slices that cut a block in three and another
+    in two draws every token the unsharded backend draws, in float32 and float64, under a soft cap."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=3)
+    torch.manual_seed(0)
+    begin, end = THREE_SLICES[rank]
+    student, teacher, labels = _inputs()
+    student[3, :12] += 4.0  # rows whose mass sits in the three-way block
+    drawn = []
+    for dtype, seed, cap in ((torch.float64, 1, None), (torch.float32, 2, None), (torch.float64, 3, 3.0)):
+        options = dict(seed=seed, temperature=0.8, return_details=True, student_softcap=cap, teacher_softcap=cap)
+        s, t = student.to(dtype), teacher.to(dtype)
+        expected = hpd_kernels.hybrid_kl_loss(s, t, labels, backend="torch", **options)[1].sampled_ids
+        got = hpd_kernels.hybrid_kl_loss(s[:, begin:end].contiguous(), t[:, begin:end].contiguous(), labels,
+                                         process_group=dist.group.WORLD, **options)[1].sampled_ids
+        assert torch.equal(got, expected), (dtype, seed, got, expected)
+        drawn.append(got[labels != -100])
+    drawn = torch.cat(drawn)
+    assert all(((drawn >= low) & (drawn < high)).any() for low, high in THREE_SLICES), drawn  # not vacuous
+    _finish()
+
+
+def test_three_gloo_processes_split_a_draw_block(tmp_path):
+    mp.spawn(_three_slices_worker, args=(str(tmp_path / "init"),), nprocs=3, join=True)
+
+
 def test_vocab_parallel_arguments_are_checked():
     student = torch.randn(3, 5)
     with pytest.raises(ValueError, match="vocab_offset is only meaningful with process_group"):

@@ -11,9 +11,14 @@ run unchanged on a slice. What crosses ranks is per-row scalars (and, fused-line
   sum of weights `W = sum_v w(v)` are SUM all-reduced partial sums; the gradient of a slice,
   `-(scale / T) (w - q W)`, is then local;
 - HPD: `q(y), p(y)` are read by the rank that owns `y` and SUM all-reduced (zeros elsewhere);
-  `y_hat` is the Gumbel-max over the whole vocabulary, with the noise keyed by the *global* column,
-  so the MAX all-reduce of the slice winners, then a MIN all-reduce of the winning column, draws the
-  very token the unsharded kernel draws for the same seed.
+  `y_hat` is the block draw of `ops/gumbel.py` over the whole vocabulary, its blocks and noise keyed
+  by *global* columns: each rank scores the blocks its slice holds whole; a block that straddles
+  slices (their offsets need not be multiples of P; a slice narrower than P may cut a block in
+  three) is scored by every rank alike from its P logits, assembled by a SUM all-reduce of
+  `[rows, straddling blocks, P]` (each column from its owner, zeros elsewhere), so its mass has the
+  unsharded bits. The MAX all-reduce of the slices' best block scores, then a MIN all-reduce of the
+  winning block, then the same for the columns of that block, draws the very token the unsharded
+  backend draws for the same seed.
 
 The row loss is replicated on every rank; each rank's gradient covers its slice only, so nothing is
 double counted. Labels and sampled ids are global token ids.
@@ -21,13 +26,16 @@ double counted. Labels and sampled ids are global token ids.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 
 from ..registry import IDENTITY_MAPS
-from .gumbel import row_keys_torch
-from .torch_backend import TorchBackend, gumbel_scores
+from .gumbel import DRAW_BLOCK
+from .torch_backend import TorchBackend
 from .torch_backend.row_math import gathered_logits, logsumexp_parts
+from .torch_backend.sampling import block_scores, in_block_scores, padded_blocks
 
 # What `label_log_probs` refuses: the hard-label term's gradient would scatter global label ids
 # into a slice's columns.
@@ -66,14 +74,58 @@ class VocabularySlice:
     def hpd_pivot(self, log_q_y, log_q_hat, labels, sampled_ids):
         return torch.full_like(labels, -1)
 
-    def sample(self, student, row_ids, key, scale):
-        """Global Gumbel-max: the slice's best (score, global column), then the best over ranks."""
-        device = student.device
-        columns = torch.arange(self.offset, self.offset + student.shape[1], device=device)
-        best, where = gumbel_scores(student, scale, row_keys_torch(key, row_ids), columns).max(dim=-1)
+    def _straddling_blocks(self, device):
+        """The global ids of the draw's blocks that straddle two slices (those holding a slice's first
+        column at a non-multiple of P), the same list on every rank: one all-gather of the offsets,
+        on the first draw."""
+        if getattr(self, "_straddling", None) is None:
+            world = dist.get_world_size(self.group)
+            offsets = [torch.zeros((), dtype=torch.int64, device=device) for _ in range(world)]
+            dist.all_gather(offsets, torch.tensor(self.offset, dtype=torch.int64, device=device), group=self.group)
+            self._straddling = sorted({int(o) // DRAW_BLOCK for o in offsets
+                                       if int(o) % DRAW_BLOCK and 0 < int(o) < self.global_vocab})
+        return self._straddling
+
+    def _first_best(self, scores, ids):
+        """Per row, the smallest of `ids` `[rows, K]` (-1: none) whose score is the largest over every
+        rank's `scores`: the unsharded argmax's first maximum."""
+        scores = torch.where(ids >= 0, scores, torch.full_like(scores, -math.inf))
+        none = torch.full(ids.shape[:1], 2**62, dtype=torch.int64, device=ids.device)
+        best = scores.amax(dim=-1) if ids.shape[1] else torch.full_like(none, -math.inf, dtype=scores.dtype)
         global_best = self._reduce(best.clone(), dist.ReduceOp.MAX)
-        candidate = torch.where(best == global_best, where + self.offset, torch.full_like(where, 2**62))
+        hit = (scores == global_best[:, None]) & (ids >= 0)
+        candidate = torch.where(hit, ids, torch.full_like(ids, 2**62)).amin(dim=-1) if ids.shape[1] else none
         return self._reduce(candidate, dist.ReduceOp.MIN)
+
+    def _straddling_logits(self, logits, straddling):
+        """`[rows, K, P]`: the (mapped) logits of the K straddling blocks, each column from the rank
+        that owns it (a SUM all-reduce of zeros elsewhere: `x + 0` is `x`), `-inf` past the vocabulary."""
+        columns = torch.tensor(straddling, device=logits.device)[:, None] * DRAW_BLOCK + torch.arange(
+            DRAW_BLOCK, device=logits.device)
+        local = columns - self.offset
+        owned = (local >= 0) & (local < logits.shape[1])
+        values = logits[:, local.clamp(0, max(0, logits.shape[1] - 1))]
+        shared = self.row_sums(torch.where(owned, values, torch.zeros_like(values)))
+        return torch.where(columns < self.global_vocab, shared, torch.full_like(shared, -math.inf))
+
+    def sample(self, student, row_ids, key, scale):
+        """The global block draw (`ops/gumbel.py`): the best block over ranks, then the best column
+        of it over ranks (the module's docstring)."""
+        logits, device = student.to(scale.dtype), student.device
+        straddling = self._straddling_blocks(device)
+        first = self.offset // DRAW_BLOCK
+        blocks = padded_blocks(logits, self.offset % DRAW_BLOCK)
+        ids = torch.arange(first, first + blocks.shape[1], device=device)
+        scores = block_scores(blocks, scale, key, row_ids, ids)
+        straddled = torch.tensor(straddling, dtype=torch.int64, device=device)
+        ids = torch.where(torch.isin(ids, straddled), -1, ids)  # scored below from every owner's columns
+        if straddling:
+            shared = block_scores(self._straddling_logits(logits, straddling), scale, key, row_ids, straddled)
+            scores, ids = torch.cat([scores, shared], dim=1), torch.cat([ids, straddled])
+        block = self._first_best(scores, ids.expand_as(scores))
+        columns, owned, column_scores = in_block_scores(logits, block, scale, key, row_ids, self.offset,
+                                                        self.global_vocab)
+        return self._first_best(column_scores, torch.where(owned, columns, -1))
 
     def gather(self, logits, rows, ids, acc_dtype, inv_temperature, logit_map=None):
         """`logits[row, id] / T` (mapped first by `logit_map`) read by the rank that owns `id`, summed

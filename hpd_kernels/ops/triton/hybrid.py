@@ -2,8 +2,10 @@
 
 Only four numbers per row enter HPD's weights: log q(y), log q(y_hat), log p(y), log p(y_hat).
 So the forward is a single pass over the vocabulary that builds both log-sum-exps online and, when
-the caller gives no `y_hat`, draws it by Gumbel-max in the same loop; the four logits themselves
-are gathered with scalar loads. The backward reads only the student's logits:
+the caller gives no `y_hat`, draws its block of columns by Gumbel-max over the blocks' log-masses
+in the same loop, then the token inside that block from its P logits read once more
+(`ops/gumbel.py`); the four logits themselves are gathered with scalar loads. The backward reads
+only the student's logits:
 
     dL/ds[j] = -(row_scale / T) * (w_y 1[j = y] + w_hat 1[j = y_hat] - q(j) (w_y + w_hat))
 """
@@ -16,8 +18,9 @@ from ...registry import (HYBRID_STATS, IDENTITY_MAPS, STAT_LOG_SUM_S, STAT_MAX_S
                         STAT_W_SAMPLE, accumulation_dtype)
 from ..backend_contract import HybridForward
 from ..common import temperature_scalars
-from ..gumbel import GUMBEL2_MAX, seed_key
-from .gumbel import gumbel2_triton, row_keys_triton
+from ..gumbel import DRAW_BLOCK, GUMBEL2_MAX, LOG2_DRAW_BLOCK, seed_key
+from .gumbel import (DRAW_P, block_log2_masses, block_seed_key_triton, gumbel2_at_triton, gumbel2_triton,
+                     row_keys_triton)
 from .maps import load_map, map_codes, map_scalars, mapped, mapped_with_slope
 from .utils import (HAS_TRITON, LN2, entropy_step, finish_logsumexp, kernel_scalars, launch_shape, log2_softmax,
                     online_logsumexp_step, row_reference, store_top_column, tl, top_column_step, triton)
@@ -29,6 +32,23 @@ _MAX_S, _LOG_SUM_S, _TOP_S, _W_LABEL, _W_SAMPLE, _STATS = (
 
 if HAS_TRITON:
     NOISE_MAX = tl.constexpr(GUMBEL2_MAX)  # kernels read only constexpr globals
+    # A block's log-mass is at most its max + log2(P): a tile whose bound (with a margin for the
+    # roundings) cannot beat the best block so far skips the masses.
+    _SKIP_BOUND = tl.constexpr(GUMBEL2_MAX + LOG2_DRAW_BLOCK + 1.0)
+
+    @triton.jit
+    def _draw_in_block(student_rows, block, keys, active, vocab, scale, acc_dtype: tl.constexpr, map_scale,
+                       map_cap, map_ratio, MAP: tl.constexpr):
+        """The token inside each row's drawn block: Gumbel-max over its DRAW_P (mapped) logits with
+        the column noise, ties to the first column."""
+        cols = block[:, None] * DRAW_P + tl.arange(0, DRAW_P)[None, :]
+        mask = active[:, None] & (cols < vocab)
+        s = tl.load(student_rows[:, None] + cols, mask=mask, other=float("-inf")).to(acc_dtype)
+        s = mapped(s, map_scale, map_cap, map_ratio, MAP)
+        score = (s * scale).to(tl.float32) + gumbel2_at_triton(keys, cols)
+        score = tl.where(score != score, float("inf"), score)  # NaN (a NaN logit) ranks first, as in torch
+        _, column = tl.max(score, axis=1, return_indices=True)
+        return block * DRAW_P + column
 
     @triton.jit
     def _log_prob_at(row_ptrs, ids, active, inv_temperature, row_max, row_log_sum, acc_dtype: tl.constexpr,
@@ -89,9 +109,11 @@ if HAS_TRITON:
         if SAMPLE:
             # Noise is keyed by the row's index in the whole batch, so a chunked call draws the
             # same tokens as an unchunked one.
-            keys = row_keys_triton(seed, tl.load(row_ids_ptr + rows, mask=in_range, other=0))
+            row_ids = tl.load(row_ids_ptr + rows, mask=in_range, other=0)
+            keys = row_keys_triton(seed, row_ids)
+            block_keys = row_keys_triton(block_seed_key_triton(seed), row_ids)
             best_score = tl.full([BLOCK_N], float("-inf"), tl.float32)
-            best_id = tl.zeros([BLOCK_N], tl.int32)
+            best_block = tl.zeros([BLOCK_N], tl.int32)
         for start in range(0, vocab, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)
             mask = active[:, None] & (cols[None, :] < vocab)
@@ -110,23 +132,28 @@ if HAS_TRITON:
                 max_s, sum_s, _, _ = online_logsumexp_step(max_s, sum_s, s, scale)
             max_t, sum_t, _, _ = online_logsumexp_step(max_t, sum_t, t, scale)
             if SAMPLE:
-                # Gumbel-max in base 2: y_hat = argmax(s log2(e) / T + noise). The noise is at most
-                # NOISE_MAX, so a tile whose best logit plus that cannot beat the running best
-                # skips the noise (on peaked logits, most tiles).
+                # The block draw (`ops/gumbel.py`): Gumbel-max in base 2 over the tile's blocks,
+                # argmax(m_b + block noise). A block's score is at most its tile's max logit (scaled)
+                # + log2(P) + NOISE_MAX, so a tile that cannot beat the running best skips its masses
+                # (on peaked logits, most tiles); the margin covers the roundings.
                 tile_max = (tl.max(s, axis=1) * scale).to(tl.float32)
-                if tl.max(tile_max + NOISE_MAX - best_score, axis=0) > 0:
-                    score = (s * scale).to(tl.float32) + gumbel2_triton(keys, cols)
-                    # One reduction for both; ties keep the first column, and strictly greater
-                    # keeps the earlier tile, so the draw does not depend on the tile width.
-                    tile_best, tile_col = tl.max(score, axis=1, return_indices=True)
+                if tl.max(tile_max + _SKIP_BOUND + tl.abs(best_score) * 1e-6 - best_score, axis=0) > 0:
+                    first_block = start // DRAW_P
+                    score = (block_log2_masses(s, scale, BLOCK_N, BLOCK_V).to(tl.float32)
+                             + gumbel2_triton(block_keys, first_block + tl.arange(0, BLOCK_V // DRAW_P)))
+                    score = tl.where(score != score, float("inf"), score)  # a NaN mass ranks first
+                    # Ties keep the first block, and strictly greater keeps the earlier tile, so
+                    # the draw does not depend on the tile width.
+                    tile_best, tile_block = tl.max(score, axis=1, return_indices=True)
                     better = tile_best > best_score
-                    best_id = tl.where(better, tile_col + start, best_id)
+                    best_block = tl.where(better, tile_block + first_block, best_block)
                     best_score = tl.where(better, tile_best, best_score)
         max_s, log_sum_s = finish_logsumexp(max_s, sum_s)
         max_t, log_sum_t = finish_logsumexp(max_t, sum_t)
 
         if SAMPLE:
-            sampled = best_id.to(tl.int64)
+            sampled = _draw_in_block(student_rows, best_block, keys, active, vocab, scale, acc_dtype, s_scale, s_cap,
+                                     s_ratio, STUDENT_MAP).to(tl.int64)
             tl.store(sampled_ptr + rows, tl.where(active, sampled, ignore_index), mask=in_range)
         else:
             sampled = tl.load(sampled_ptr + rows, mask=active, other=0)
@@ -242,6 +269,7 @@ def hybrid_forward(student, teacher, labels, sampled_ids, *, seed, temperature, 
     scalars = kernel_scalars(temperature_scalars(temperature, acc_dtype) + [fkl_weight, rkl_weight]
                              + map_scalars(logit_maps), acc_dtype, student.device)
     shape = launch_shape(n_rows, vocab, student.device, acc_dtype == torch.float64)
+    shape["BLOCK_V"] = max(shape["BLOCK_V"], DRAW_BLOCK)  # a tile holds whole blocks of the draw
     grid = (triton.cdiv(n_rows, shape["BLOCK_N"]),)
     _hybrid_forward_kernel[grid](
         student, teacher, labels, sampled_ids, loss, stats,
