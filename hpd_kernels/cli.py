@@ -49,8 +49,10 @@ that holds another run is refused, never overwritten.
 
 TRAIN_OPTIONS = f"""\
 distill options (the "distill" section of a config, or the flags above):
-  objective {OBJECTIVE_CHOICES}; steps; batch_size; grad_accum; lr; min_lr_ratio;
-  warmup_steps; weight_decay; max_grad_norm; temperature; fkl_weight, rkl_weight (HPD); beta (JSD);
+  objective {OBJECTIVE_CHOICES}; labels data|teacher_sample (sft's targets: the data's,
+  or drawn from the teacher at temperature); steps; batch_size; grad_accum; lr; min_lr_ratio;
+  warmup_steps; schedule cosine|constant (after the warmup: decay to lr * min_lr_ratio, or hold lr);
+  weight_decay; max_grad_norm; temperature; fkl_weight, rkl_weight (HPD); beta (JSD);
   alpha (skew KL); ce_weight (extra cross-entropy term); on_policy_fraction (share of batches the
   student generates, default 0 as in the HPD recipe); rollout_temperature; rollout_top_p;
   max_new_tokens; precision auto|fp32|bf16 (auto: bf16 autocast on CUDA); eval_every; save_every;

@@ -211,6 +211,15 @@ def latest_checkpoint(run_dir, sharded=False):
 def load_checkpoint(path, model, optimizer):
     """Restore `model` and `optimizer` from a folder written by `save_checkpoint`."""
     load_model(model, os.path.join(path, "model.safetensors"))
+    load_optimizer(path, optimizer)
+
+
+def load_optimizer(path, optimizer, state_only=False):
+    """Restore `optimizer` from the optimizer file of a folder written by `save_checkpoint`, after
+    checking that its state fits the optimizer's parameters (their count per group, and each
+    tensor's shape). With `state_only`, the per-parameter state (AdamW's moments and step counts)
+    is loaded and the param groups keep their own hyperparameters (another run's state, continued
+    under this run's options)."""
     optimizer_file = os.path.join(path, "optimizer.safetensors")
     from safetensors import safe_open
 
@@ -227,4 +236,18 @@ def load_checkpoint(path, model, optimizer):
     if len(groups) != len(optimizer.param_groups) or any(
             len(saved["params"]) != len(current["params"]) for saved, current in zip(groups, optimizer.param_groups)):
         raise CheckpointError(f"{optimizer_file} holds optimizer state for different parameters")
+    # The optimizer's state_dict numbers its parameters in group order, as `state`'s indices.
+    parameters = [parameter for group in optimizer.param_groups for parameter in group["params"]]
+    for index, values in sorted(state.items()):
+        if index >= len(parameters):
+            raise CheckpointError(f"{optimizer_file} holds optimizer state for different parameters: it has state for "
+                                  f"parameter {index}, this model has {len(parameters)}")
+        for name, tensor in values.items():
+            # Scalars (AdamW's step count) fit any parameter; a moment has the parameter's shape.
+            if tensor.dim() and tuple(tensor.shape) != tuple(parameters[index].shape):
+                raise CheckpointError(f"{optimizer_file} holds optimizer state for different parameters: {name!r} of "
+                                      f"parameter {index} has shape {list(tensor.shape)} there and "
+                                      f"{list(parameters[index].shape)} in this model")
+    if state_only:
+        groups = optimizer.state_dict()["param_groups"]
     optimizer.load_state_dict({"state": state, "param_groups": groups})

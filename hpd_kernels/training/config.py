@@ -174,6 +174,8 @@ def validate_config(config, source, path=""):
         if not where.endswith("distill") and values.get("objective", "hpd") != "sft":
             schema.fail(source, f"{where}.objective", "sft (there is no teacher to learn from)",
                         values.get("objective", "hpd"))
+        if not where.endswith("distill") and values.get("labels", "data") != "data":
+            schema.fail(source, f"{where}.labels", "data (there is no teacher to draw from)", values["labels"])
         options = train_config(values, source, where)
         if options.strategy == "fsdp":
             raise ConfigError(f"{source}: {where}.strategy: hpd distill runs DDP under torchrun (it evaluates and "

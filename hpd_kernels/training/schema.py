@@ -50,9 +50,10 @@ NON_NEGATIVE = Number(0)
 
 # `TrainConfig`'s fields (training/trainer/options.py holds their defaults and meaning).
 TRAIN = Section({
-    "objective": Choice(*TRAINING_OBJECTIVES),
+    "objective": Choice(*TRAINING_OBJECTIVES), "labels": Choice("data", "teacher_sample"),
     "steps": Int(1, MAX_STEPS), "batch_size": Int(1, MAX_BATCH), "grad_accum": Int(1, MAX_BATCH),
-    "lr": POSITIVE, "min_lr_ratio": FRACTION, "warmup_steps": Int(0, MAX_STEPS), "weight_decay": NON_NEGATIVE,
+    "lr": POSITIVE, "min_lr_ratio": FRACTION, "warmup_steps": Int(0, MAX_STEPS),
+    "schedule": Choice("cosine", "constant"), "weight_decay": NON_NEGATIVE,
     "max_grad_norm": NON_NEGATIVE, "temperature": POSITIVE,
     "fkl_weight": NON_NEGATIVE, "rkl_weight": NON_NEGATIVE, "beta": FRACTION, "alpha": FRACTION,
     "ce_weight": NON_NEGATIVE, "on_policy_fraction": FRACTION,

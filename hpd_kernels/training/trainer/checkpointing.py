@@ -9,7 +9,7 @@ import json
 import os
 
 from .. import distributed
-from ..checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from ..checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, load_optimizer, save_checkpoint
 from ..jsonfiles import read_metrics, truncate_metrics, writing
 
 
@@ -22,12 +22,15 @@ def examples_sha256(examples):
     return digest.hexdigest()
 
 
-def resume(run, run_dir, metrics_path, data_sha256, log):
+def resume(run, run_dir, metrics_path, data_sha256, log, initial_optimizer=None):
     """`(start_step, history)`: the latest checkpoint in `run_dir` loaded into the student and the
-    optimiser, and the metrics of the steps up to it (from the start, without one)."""
+    optimiser, and the metrics of the steps up to it (from the start, without one: then the
+    optimiser's state comes from `initial_optimizer`, if given; see `load_initial_optimizer`)."""
     config, main = run.config, run.rank == 0
     start_step, history = 0, []
     checkpoint, state = latest_checkpoint(run_dir, sharded=run.strategy == "fsdp")
+    if checkpoint is None and initial_optimizer is not None:  # before the directory is made: a refusal changes nothing
+        load_initial_optimizer(run, initial_optimizer, log)
     if checkpoint is not None:
         _check_same_run(state, config, run_dir, data_sha256)
         if run.strategy == "fsdp":
@@ -54,10 +57,30 @@ def resume(run, run_dir, metrics_path, data_sha256, log):
     return start_step, history
 
 
+def load_initial_optimizer(run, path, log):
+    """Load the optimiser state (moments, step counts; not the hyperparameters, nor any weights) of
+    another run's checkpoint: `path` is a checkpoint folder (`<run_dir>/checkpoint-0001200`) or a
+    run directory (its latest checkpoint). Its files are verified against their recorded checksums
+    when they were recorded (by its run directory's `latest.json`)."""
+    folder, parent = path, os.path.dirname(os.path.normpath(path))
+    if os.path.isfile(os.path.join(path, "latest.json")):
+        folder, _ = latest_checkpoint(path)
+    elif os.path.isfile(os.path.join(parent, "latest.json")):
+        latest_checkpoint(parent)  # verifies its latest checkpoint: this one (a save drops the older ones)
+    if not os.path.isfile(os.path.join(folder, "optimizer.safetensors")):
+        raise CheckpointError(f"initial optimizer {path} is neither a checkpoint folder (with optimizer.safetensors) "
+                              f"nor a run directory (with latest.json)")
+    load_optimizer(folder, run.optimizer, state_only=True)
+    if log and run.rank == 0:
+        log(f"optimizer state from {folder}")
+
+
 def _check_same_run(state, config, run_dir, data_sha256):
-    """Refuse a checkpoint written with a different config or other examples."""
-    if state.get("config") != config.to_dict():
-        changed = sorted(key for key in config.to_dict() if state.get("config", {}).get(key) != getattr(config, key))
+    """Refuse a checkpoint written with a different config or other examples. An option the saved
+    config lacks (a run from before the option existed) was at its default."""
+    saved = {**type(config)().to_dict(), **state.get("config", {})}
+    if saved != config.to_dict():
+        changed = sorted(key for key in config.to_dict() if saved.get(key) != getattr(config, key))
         raise CheckpointError(f"{run_dir} holds a run with a different config (differs in {changed}); "
                               f"use another output directory: nothing there was changed")
     if state.get("examples_sha256", data_sha256) != data_sha256:

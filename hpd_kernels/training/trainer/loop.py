@@ -10,7 +10,7 @@ import torch
 
 from .. import distributed
 from ..jsonfiles import writing
-from .checkpointing import examples_sha256, resume, save
+from .checkpointing import examples_sha256, load_initial_optimizer, resume, save
 from .options import TrainConfig
 from .progress import Progress
 from .step import RunSetup, optimiser_step
@@ -33,12 +33,17 @@ def _wrap(config, student, world, device):
     return DistributedDataParallel(student, device_ids=ids), "ddp"
 
 
-def _start(config: TrainConfig, student, teacher, examples, pad_id, eos_id):
+def _start(config: TrainConfig, student, teacher, examples, pad_id, eos_id, initial_optimizer):
     """The run's `RunSetup`: the student wrapped for this process's ranks, and a fresh AdamW."""
     if not examples:
         raise ValueError("examples is empty: nothing to train on")
     if config.objective != "sft" and teacher is None:
         raise ValueError(f"objective {config.objective!r} needs a teacher")
+    if config.labels == "teacher_sample" and teacher is None:
+        raise ValueError("labels 'teacher_sample' needs a teacher (its tokens are drawn from the teacher)")
+    if initial_optimizer is not None and config.strategy == "fsdp" and distributed.world_size() > 1:
+        raise ValueError("initial_optimizer is not supported with strategy 'fsdp' (the optimizer state is sharded): "
+                         "continue the run with strategy 'ddp', or without initial_optimizer")
     device = student.lm_head.weight.device
     world, rank = distributed.world_size(), distributed.rank()
     torch.manual_seed(config.seed)
@@ -65,7 +70,7 @@ def _evaluate_into(record, run: RunSetup, evaluate, steps_done):
 
 
 def train(config: TrainConfig, student, teacher, examples, *, pad_id=0, eos_id=None, evaluate=None,
-          run_dir=None, label=None, progress=True, stop_after=None, log=print):
+          run_dir=None, label=None, progress=True, stop_after=None, log=print, initial_optimizer=None):
     """Train `student` in place on `examples` (a list of (prompt ids, response ids)).
 
     `evaluate(model, step) -> dict` runs every `eval_every` steps and after the last; its values enter
@@ -80,15 +85,24 @@ def train(config: TrainConfig, student, teacher, examples, *, pad_id=0, eos_id=N
     Under torchrun (an initialised default process group), `batch_size` is per rank, the student is
     wrapped in DDP (or sharded with FSDP2: `strategy="fsdp"`), and the loss is the mean over the
     active tokens of the global batch. Rank 0 logs, evaluates and checkpoints.
+
+    `initial_optimizer` continues another run's optimiser: a checkpoint folder written by
+    `save_checkpoint` (`<run_dir>/checkpoint-0001200`), or a run directory (its latest checkpoint).
+    A run that starts from step 0 loads that checkpoint's AdamW state (moments, step counts) into
+    its fresh AdamW, so that training on from its weights (which the caller has already put in
+    `student`: they are not loaded) has no restart dip; a run resuming its own checkpoint keeps
+    its own state. Not with FSDP2.
     Returns the list of per-step metric dicts.
     """
-    run = _start(config, student, teacher, examples, pad_id, eos_id)
+    run = _start(config, student, teacher, examples, pad_id, eos_id, initial_optimizer)
     main = run.rank == 0
     history, start_step, data_sha256 = [], 0, None
     metrics_path = os.path.join(run_dir, "metrics.jsonl") if run_dir else None
     if run_dir:
         data_sha256 = examples_sha256(examples)
-        start_step, history = resume(run, run_dir, metrics_path, data_sha256, log)
+        start_step, history = resume(run, run_dir, metrics_path, data_sha256, log, initial_optimizer)
+    elif initial_optimizer is not None:
+        load_initial_optimizer(run, initial_optimizer, log)
     if teacher is not None:
         teacher.eval()
     student.train()

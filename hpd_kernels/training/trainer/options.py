@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, fields
 
 from .. import schema
 
@@ -12,12 +12,16 @@ class TrainConfig:
     """Options of one training run (`hpd distill --help` lists them with their meaning)."""
 
     objective: str = "hpd"          # sft, fkl, rkl, jsd, skl, srkl, tvd or hpd
+    # sft's targets: data (the data's tokens) or teacher_sample (at every position, one token drawn from the
+    # teacher's next-token distribution at `temperature`: a one-sample estimate of the forward KL's gradient)
+    labels: str = "data"
     steps: int = 100                # optimiser steps
     batch_size: int = 16            # sequences per micro-batch
     grad_accum: int = 1             # micro-batches per optimiser step
     lr: float = 3e-3                # peak learning rate
     min_lr_ratio: float = 0.1       # the cosine decays to lr * min_lr_ratio
     warmup_steps: int = 10          # linear warmup
+    schedule: str = "cosine"        # after the warmup: cosine (decays to lr * min_lr_ratio) or constant (lr)
     weight_decay: float = 0.0       # AdamW
     max_grad_norm: float = 1.0      # gradient clipping (0: off)
     temperature: float = 1.0        # distillation temperature
@@ -37,15 +41,28 @@ class TrainConfig:
     seed: int = 0
     backend: str = "auto"           # loss backend: auto, triton or torch
 
-    def __post_init__(self):  # the types and ranges of every field: schema.TRAIN
-        schema.TRAIN.check(asdict(self), "TrainConfig", "")
+    def __post_init__(self):  # the types and ranges of every field: schema.TRAIN; then the rules between fields
+        values = asdict(self)
+        schema.TRAIN.check(values, "TrainConfig", "")
+        _check_rules(values, "TrainConfig", "")
 
     @classmethod
     def from_dict(cls, values, source="TrainConfig", path=""):
         """A config from a mapping, checked by the schema; an error (`ConfigError`) names `source`,
         the key under `path` and what is expected."""
         schema.TRAIN.check(values, source, path)
+        defaults = {field.name: field.default for field in fields(cls) if field.default is not MISSING}
+        _check_rules({**defaults, **values}, source, path)
         return cls(**values)
 
     def to_dict(self):
         return asdict(self)
+
+
+def _check_rules(values, source, path):
+    """The rules between fields (each field is already checked alone), naming the key under `path`."""
+    if values["labels"] == "teacher_sample" and values["objective"] != "sft":
+        key = f"{path}.labels" if path else "labels"
+        raise schema.ConfigError(f"{source}: {key}: teacher_sample replaces the targets of objective sft, but "
+                                 f"objective is {values['objective']!r} (its teacher enters through the objective "
+                                 f"itself): use objective sft, or labels data")

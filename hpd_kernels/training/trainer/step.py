@@ -37,8 +37,11 @@ class RunSetup:
 
 
 def learning_rate(config, step: int) -> float:
+    """The learning rate of optimiser step `step` (from 0): the warmup, then `config.schedule`."""
     if step < config.warmup_steps:
         return config.lr * (step + 1) / config.warmup_steps
+    if config.schedule == "constant":
+        return config.lr
     progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
     cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return config.lr * (config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine)
@@ -87,10 +90,11 @@ def _accumulate_gradients(run: RunSetup, step, batches, global_tokens):
     for micro, (input_ids, loss_mask, on_policy) in enumerate(batches):
         on_policy_batches += on_policy
         seed = step_seed(config, step, micro, 4) + 7_777 * run.rank
+        label_seed = step_seed(config, step, micro, 5) + 7_777 * run.rank  # the teacher's draw of sft's targets
         sync = run.strategy != "ddp" or micro == config.grad_accum - 1
         with (contextlib.nullcontext() if sync else run.engine.no_sync()):
             loss, metrics = batch_loss(config, run.student, run.teacher, input_ids, loss_mask, run.pad_id, seed,
-                                       num_items_in_batch=global_tokens, engine=run.engine)
+                                       num_items_in_batch=global_tokens, engine=run.engine, label_seed=label_seed)
             # DDP and FSDP average gradients over ranks; the loss is already a share of the
             # global mean, so undo that average.
             (loss * run.world).backward()
