@@ -71,6 +71,8 @@ def _bad_values(spec):
         return [("number", 3), ("unknown choice", "nope")]
     if isinstance(spec, schema.Bool):
         return [("string", "yes"), ("number", 1)]
+    if isinstance(spec, schema.Name):
+        return [("number", 3), ("empty", ""), ("upper case", "Arm"), ("a path", "../arm")]
     if isinstance(spec, schema.File):
         return [("number", 3), ("empty", ""), ("missing", "missing.file"), ("a directory", ".")]
     if isinstance(spec, schema.HFModel):
@@ -91,7 +93,8 @@ def _bad_values(spec):
 
 
 def _good(spec):
-    return {schema.Int: 1, schema.Number: 0.5, schema.Choice: getattr(spec, "values", [None])[0]}[type(spec)]
+    return {schema.Int: 1, schema.Number: 0.5, schema.Choice: getattr(spec, "values", [None])[0], schema.Name: "a",
+            schema.Section: {}}[type(spec)]
 
 
 def _keys(spec, path=()):

@@ -110,7 +110,9 @@ def test_teacher_data_is_cached_and_independent_of_the_thread_count(tmp_path):
             torch.set_num_threads(count)
             context = Context(experiment, str(tmp_path / cache))
             context.prepare(lambda *_: None)
-            drawn.append((context.teacher_samples, context.teacher_data_info["samples_sha256"]))
+            temperature = experiment["teacher_data"]["temperature"]
+            drawn.append((context.teacher_samples[temperature],
+                          context.teacher_data_info[temperature]["samples_sha256"]))
     finally:
         torch.set_num_threads(threads)
     assert drawn[0] == drawn[1] == drawn[2]
@@ -137,7 +139,7 @@ def test_the_default_experiment_plans_the_issue_grid():
     tuning = tuning_runs(experiment)
     assert len(tuning) == 8 * len(experiment["tuning"]["lr"]) and {run.seed for run in tuning} == {100}
     assert experiment["tuning"]["extend"] >= 1  # an optimum at the grid's edge is looked past
-    assert experiment["primary"] == {"metric": "top_p_accuracy", "treatment": "hpd", "control": "fkl"}
+    assert experiment["primary"] == {"metric": "top_p_accuracy", "treatment": "hpd", "control": "fkl", "budget": None}
 
 
 def test_one_learning_rate_is_no_tuning_and_every_arm_runs_at_it(tmp_path):

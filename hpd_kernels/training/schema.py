@@ -21,7 +21,7 @@ import os
 from ..ops.backends import CHOICES as BACKENDS
 from ..registry import TRAINING_OBJECTIVES
 from .specs import (Anything, Bool, Choice, ConfigError, Device, File, GGUFModel, HFModel, Int, ListOf,  # noqa: F401
-                    Number, Optional, Refused, Section, Spec, fail)
+                    Name, Number, Optional, Refused, Section, Spec, fail)
 
 SEED_LIMIT = 2**63  # seeds are in [0, 2**63): torch.manual_seed takes up to 2**64 - 1, offsets included
 
@@ -108,20 +108,35 @@ BASE_SET_BY_THE_EXPERIMENT = {
     "device": Refused("an experiment runs on its own 'device' (or --device): give it there"),
 }
 
+# An arm of an experiment's `arms` list; `name` and `objective` are required, and `lr` (`tune`, a
+# rate, or another arm's name) is checked with the other arms (`experiment.grid.check_arms`).
+ARM = Section({
+    "name": Name(), "objective": Choice(*TRAINING_OBJECTIVES),
+    "options": Section({name: spec for name, spec in TRAIN.fields.items() if name not in ("objective", "seed", "lr")},
+                       options="training option"),
+    "data": Choice("teacher", "gold"), "teacher_temperature": POSITIVE, "seeds": ListOf(SEED, "seed"),
+    "lr": Anything(),
+})
+
 # `hpd experiment --config`; its `base` is checked as `DISTILL` once merged.
 EXPERIMENT = Section({
     "data": Choice("teacher", "gold"), "oracle": Bool(),
     "objectives": ListOf(Choice(*TRAINING_OBJECTIVES), "objective"), "seeds": ListOf(SEED, "seed"),
+    "arms": ListOf(ARM, "arm", empty=True),   # []: the arms of `objectives`, `oracle` and `sweep`
+    "warm_seed": Optional(SEED), "continue_warmup": Bool(),
+    "budgets": ListOf(Int(1, MAX_STEPS), "budget", empty=True),
+    "comparisons": ListOf(Section({"treatment": Anything(), "control": Anything()}), "comparison", empty=True),
     "distill": Section({name: spec for name, spec in TRAIN.fields.items() if name not in ("objective", "seed")},
                        options="training option"),
     "tuning": Section({"lr": ListOf(POSITIVE, "learning rate"), "seed": SEED,
-                       "validation_problems": Int(1, MAX_PROBLEMS), "extend": Int(0, MAX_EXTEND)}),
+                       "validation_problems": Int(1, MAX_PROBLEMS), "extend": Int(0, MAX_EXTEND),
+                       "steps": Optional(Int(1, MAX_STEPS))}),
     "sweep": Section({"fkl_weight": ListOf(NON_NEGATIVE, "weight", empty=True),  # []: no sweep
                       "rkl_weight": ListOf(NON_NEGATIVE, "weight", empty=True),
                       "on_policy_fraction": ListOf(FRACTION, "fraction", empty=True)}),
     "teacher_data": Section({"seed": SEED, "temperature": POSITIVE}),
     "eval": Section({**EVAL_FIELDS, "samples": Int(1, MAX_SAMPLES)}),
-    "primary": Section({"metric": Choice(*ACCURACIES),
+    "primary": Section({"metric": Choice(*ACCURACIES), "budget": Optional(Int(1, MAX_STEPS)),
                         "treatment": Anything(), "control": Anything()}),  # arms: checked once planned
     # Its values: checked once merged. The keys an experiment sets itself are refused by name.
     "base": Section({**{name: Anything() for name in DISTILL.fields}, **BASE_SET_BY_THE_EXPERIMENT}),

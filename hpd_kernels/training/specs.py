@@ -111,6 +111,17 @@ class Choice(Spec):
             fail(source, key, self.expected, value)
 
 
+class Name(Spec):
+    """A short name that can name a directory: lower-case letters, digits, and `.=_-` after the first."""
+
+    expected = "a name of lower-case letters, digits and .=_- (at most 64, starting with a letter or digit)"
+    PATTERN = re.compile(r"[a-z0-9][a-z0-9.=_-]{0,63}")
+
+    def check(self, value, source, key):
+        if not isinstance(value, str) or not self.PATTERN.fullmatch(value):
+            fail(source, key, self.expected, value)
+
+
 class Bool(Spec):
     expected = "true or false"
 

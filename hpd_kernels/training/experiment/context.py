@@ -21,18 +21,24 @@ class Context:
         self.workload = Workload(base, cache_dir, log, validation=validation)
         self.teacher = build_model(base["teacher"], self.workload.tokenizer, "teacher", self.device,
                                    cache_dir=cache_dir, log=log)
-        self.teacher_samples, self.teacher_data_info = None, None
+        self.teacher_samples, self.teacher_data_info = {}, {}   # by the temperature they were drawn at
         self.samples = experiment["eval"]["samples"]
         self.common = self.workload.train_options(log or (lambda *_: None))
 
     def prepare(self, log):
         """The teacher (trained and cached if the config says so) and its samples."""
         self.teacher, _ = prepare_teacher(self.teacher, self.experiment["base"], self.workload, self.cache_dir, log)
-        if any(arm.data == "teacher" for arm in arms(self.experiment)):
-            settings = self.experiment["teacher_data"]
-            self.teacher_samples, self.teacher_data_info = teacher_data(
+        settings = self.experiment["teacher_data"]
+        for temperature in sorted({self.teacher_temperature(arm) for arm in arms(self.experiment)
+                                   if arm.data == "teacher"}):
+            self.teacher_samples[temperature], self.teacher_data_info[temperature] = teacher_data(
                 self.teacher, self.workload, self.cache_dir, seed=settings["seed"],
-                temperature=settings["temperature"], max_new_tokens=self.experiment["eval"]["max_new_tokens"], log=log)
+                temperature=temperature, max_new_tokens=self.experiment["eval"]["max_new_tokens"], log=log)
 
-    def examples(self, data):
-        return self.teacher_samples if data == "teacher" else self.workload.examples
+    def teacher_temperature(self, arm_or_run):
+        """The temperature of the teacher's samples that an arm (or run) distils on."""
+        chosen = arm_or_run.teacher_temperature
+        return self.experiment["teacher_data"]["temperature"] if chosen is None else chosen
+
+    def examples(self, run):
+        return self.teacher_samples[self.teacher_temperature(run)] if run.data == "teacher" else self.workload.examples

@@ -11,6 +11,9 @@ from dataclasses import dataclass, field
 from ..report import summary_path
 
 
+TUNE = "tune"  # an arm's `lr`: its own tuning round
+
+
 @dataclass(frozen=True)
 class Arm:
     """One way of training the student: `slug` names its runs, `group` its rows in the report."""
@@ -19,6 +22,9 @@ class Arm:
     group: str
     overrides: dict = field(default_factory=dict)  # TrainConfig options
     data: str = "teacher"                          # "teacher" (its samples) or "gold"
+    teacher_temperature: float | None = None       # the teacher's samples drawn at (None: teacher_data's)
+    seeds: tuple | None = None                     # None: the experiment's seeds
+    lr: object = TUNE                              # TUNE, a rate, or the group of the arm whose rate it takes
 
 
 @dataclass(frozen=True)
@@ -29,11 +35,15 @@ class Run:
     overrides: dict   # TrainConfig options, `lr` included
     data: str
     tuning: bool = False
+    teacher_temperature: float | None = None
 
 
 def arms(experiment):
-    """The arms: each objective on the experiment's data (sft on the teacher's samples is named
-    SeqKD), the oracle, then the HPD sweep (weights, and on-policy rollouts)."""
+    """The arms: the experiment's `arms` as listed, or else each objective on the experiment's data
+    (sft on the teacher's samples is named SeqKD), the oracle, then the HPD sweep (weights, and
+    on-policy rollouts)."""
+    if experiment.get("arms"):
+        return [_listed_arm(experiment, entry) for entry in experiment["arms"]]
     data = experiment["data"]
     result = []
     for objective in experiment["objectives"]:
@@ -55,6 +65,45 @@ def arms(experiment):
     return result
 
 
+def _listed_arm(experiment, entry):
+    """An arm of the experiment's `arms` list (its keys checked by the schema and `check_arms`)."""
+    lr = entry.get("lr", TUNE)
+    seeds = entry.get("seeds")
+    return Arm(entry["name"], entry["name"], {**entry.get("options", {}), "objective": entry["objective"]},
+               entry.get("data", experiment["data"]), entry.get("teacher_temperature"),
+               tuple(seeds) if seeds is not None else None, lr)
+
+
+def check_arms(experiment, source):
+    """The rules between an `arms` list's entries: a name and an objective each, distinct names,
+    and an `lr` that is a rate, `tune`, or the name of an arm that is tuned or has a rate."""
+    from ..specs import fail
+
+    entries = experiment.get("arms") or []
+    names = [entry.get("name") for entry in entries]
+    for index, entry in enumerate(entries):
+        for key in ("name", "objective"):
+            if key not in entry:
+                fail(source, f"arms[{index}].{key}", "given", None)
+        if names.count(entry["name"]) > 1:
+            fail(source, f"arms[{index}].name", "distinct from the other arms' names", entry["name"])
+        lr = entry.get("lr", TUNE)
+        if isinstance(lr, str) and lr != TUNE:
+            source_arm = next((other for other in entries if other.get("name") == lr), None)
+            if source_arm is None or (isinstance(source_arm.get("lr", TUNE), str) and source_arm.get("lr", TUNE) != TUNE):
+                fail(source, f"arms[{index}].lr", f"'{TUNE}', a rate > 0, or the name of an arm that is tuned or "
+                     f"has a rate", lr)
+        elif not isinstance(lr, str) and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0
+                                          or lr == float("inf")):
+            fail(source, f"arms[{index}].lr", f"'{TUNE}', a rate > 0, or the name of an arm", lr)
+
+
+def warm_seed(experiment, seed):
+    """The seed of the warm student that a run at `seed` starts from: `warm_seed` when set (one
+    warm student for every run, the seeds then varying the data order and the sampling only)."""
+    return seed if experiment.get("warm_seed") is None else experiment["warm_seed"]
+
+
 def tuned(experiment):
     """Whether the learning rate is tuned per arm (more than one candidate)."""
     return len(experiment["tuning"]["lr"]) > 1
@@ -69,6 +118,8 @@ def tuning_runs(experiment, out_dir=None):
         return []
     runs = []
     for arm in arms(experiment):
+        if arm.lr != TUNE:
+            continue
         rates = sorted(experiment["tuning"]["lr"])
         for _ in range(experiment["tuning"]["extend"] if out_dir is not None else 0):
             scores = [_validation_score(experiment, out_dir, arm, rate) for rate in rates]
@@ -86,8 +137,10 @@ def tuning_runs(experiment, out_dir=None):
 
 
 def _tuning_run(experiment, arm, lr):
+    steps = experiment["tuning"].get("steps")
     return Run(f"tune-{arm.slug}-lr{lr:g}", arm.group, experiment["tuning"]["seed"],
-               {**arm.overrides, "lr": lr, "eval_every": 0}, arm.data, tuning=True)
+               {**arm.overrides, "lr": lr, "eval_every": 0, **({"steps": steps} if steps else {})}, arm.data,
+               tuning=True, teacher_temperature=arm.teacher_temperature)
 
 
 def _best_rate(scored):
@@ -102,14 +155,24 @@ def _validation_score(experiment, out_dir, arm, lr):
 
 
 def main_runs(experiment, selection=None):
-    """The paired runs: every arm at every seed, at its selected learning rate (`selection`:
-    `{group: lr}`). Without one: the one rate of an untuned `tuning.lr`, else (the tuning not
-    done yet) `distill.lr`, a placeholder for planning and checking."""
+    """The paired runs: every arm at each of its seeds, at its learning rate: its own when it has
+    one, else its selected one (`selection`: `{group: lr}`), or the one selected for the arm it
+    names. Without a selection: the one rate of an untuned `tuning.lr`, else (the tuning not done
+    yet) `distill.lr`, a placeholder for planning and checking."""
     selection = selection or {}
     rate = experiment["distill"]["lr"] if tuned(experiment) else experiment["tuning"]["lr"][0]
-    return [Run(f"{arm.slug}-seed{seed}", arm.group, seed,
-                {**arm.overrides, "lr": selection.get(arm.group, rate)}, arm.data)
-            for arm in arms(experiment) for seed in experiment["seeds"]]
+    by_group = {arm.group: arm for arm in arms(experiment)}
+
+    def lr_of(arm):
+        if not isinstance(arm.lr, str):
+            return arm.lr
+        if arm.lr == TUNE:
+            return selection.get(arm.group, rate)
+        return lr_of(by_group[arm.lr])
+
+    return [Run(f"{arm.slug}-seed{seed}", arm.group, seed, {**arm.overrides, "lr": lr_of(arm)}, arm.data,
+                teacher_temperature=arm.teacher_temperature)
+            for arm in arms(experiment) for seed in (arm.seeds if arm.seeds is not None else experiment["seeds"])]
 
 
 def run_configs(experiment):
@@ -119,7 +182,8 @@ def run_configs(experiment):
     warmup = experiment["base"]["student"].get("warmup")
     for run in tuning_runs(experiment) + main_runs(experiment):
         if warmup:
-            configs[f"student.warmup (seed {run.seed})"] = {**warmup, "seed": run.seed}
+            seed = warm_seed(experiment, run.seed)
+            configs[f"student.warmup (seed {seed})"] = {**warmup, "seed": seed}
         configs[f"run {run.name}"] = run_options(experiment, run)
     return configs
 

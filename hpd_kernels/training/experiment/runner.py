@@ -14,7 +14,8 @@ from ..report import write_report
 from ..rundir import claim_output_dir, default_cache_dir, lock_output_dir
 from ..workload import build_model
 from .context import Context
-from .grid import finished, main_runs, run_configs, select_learning_rates, tuned, tuning_runs
+from .grid import finished, main_runs, run_configs, select_learning_rates, tuned, tuning_runs, warm_seed
+from .teacher_data import ENTROPY_SAMPLES, teacher_data_file, teacher_entropy_on
 from .runs import execute, warm_student, warm_weights
 from .workers import in_pool, run_in_worker, warm_up_in_worker
 
@@ -37,13 +38,15 @@ def run_experiment(experiment, out_dir, *, cache_dir=None, log=print, only=None,
 def _run_locked(experiment, out_dir, cache_dir, log, only, workers, context):
     claim_output_dir(out_dir, dict(experiment), context.workload.fingerprint())
     context.prepare(log)
-    if context.teacher_data_info is not None:
-        write_json_atomic(os.path.join(out_dir, "teacher_data.json"), _describe_teacher_data(context))
+    for temperature in context.teacher_samples:
+        path = os.path.join(out_dir, teacher_data_file(experiment, temperature))
+        if not os.path.isfile(path):
+            write_json_atomic(path, _describe_teacher_data(context, temperature))
     teacher_path = os.path.join(out_dir, "teacher_evaluation.json")
     if not os.path.isfile(teacher_path):
         write_json_atomic(teacher_path, evaluate_with_samples(context.teacher, context.workload,
                                                               experiment["base"]["eval"], None, context.samples))
-    seeds = sorted({run.seed for run in tuning_runs(experiment) + main_runs(experiment)})
+    seeds = sorted({warm_seed(experiment, run.seed) for run in tuning_runs(experiment) + main_runs(experiment)})
     cold = [seed for seed in seeds if not os.path.isfile(warm_weights(out_dir, seed))]
     if workers > 1 and len(cold) > 1:  # the warm-ups, once each, before any run that continues one
         in_pool(warm_up_in_worker, [(experiment, out_dir, cache_dir, seed) for seed in cold], workers,
@@ -66,21 +69,25 @@ def _run_locked(experiment, out_dir, cache_dir, log, only, workers, context):
                  experiment, out_dir, cache_dir, log, budget, workers, context, commit)
     planned = tuning_runs(experiment, out_dir) + main_runs(experiment, {group: entry["lr"] for group, entry in
                                                                (selection or {}).items()})
-    report = write_report(experiment, planned, out_dir, selection)
+    report = write_report(experiment, planned, out_dir, selection, warm_of=lambda seed: warm_seed(experiment, seed))
     report["seconds_this_invocation"] = time.perf_counter() - started
     return report
 
 
-def _describe_teacher_data(context):
-    """How the distillation set was drawn, and how often the teacher's sample is right."""
+def _describe_teacher_data(context, temperature):
+    """How the distillation set drawn at `temperature` was drawn, how often the teacher's sample is
+    right, and (with listed arms) the teacher's entropy on it."""
     from ..task import final_answer
 
-    info = dict(context.teacher_data_info)
+    info, samples = dict(context.teacher_data_info[temperature]), context.teacher_samples[temperature]
     problems = context.workload.train_problems
     if problems is not None:  # the built-in task: the samples' final answers can be checked
         right = [final_answer(context.workload.tokenizer.decode(response)) == problem[2]
-                 for (_, response), problem in zip(context.teacher_samples, problems)]
+                 for (_, response), problem in zip(samples, problems)]
         info["answer_correct_fraction"] = sum(right) / len(right)
+    if context.experiment["arms"]:
+        info["teacher_entropy"] = teacher_entropy_on(context.teacher, samples, context.workload.tokenizer)
+        info["teacher_entropy_samples"] = min(ENTROPY_SAMPLES, len(samples))
     return info
 
 

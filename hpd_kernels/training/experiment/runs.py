@@ -17,7 +17,7 @@ from ..jsonfiles import write_json_atomic
 from ..report import stability, summary_path
 from ..trainer import train
 from ..workload import build_model
-from .grid import run_options
+from .grid import run_options, warm_seed
 
 
 def execute(run, out_dir, context, commit, progress=True):
@@ -25,17 +25,23 @@ def execute(run, out_dir, context, commit, progress=True):
     experiment, workload = context.experiment, context.workload
     eval_config = experiment["base"]["eval"]
     run_dir = os.path.join(out_dir, "runs", run.name)
-    student = warm_student(context, run.seed, out_dir)
-    examples = context.examples(run.data)
+    seed = warm_seed(experiment, run.seed)
+    student = warm_student(context, seed, out_dir)
+    examples = context.examples(run)
     config = workload.distill_config(run_options(experiment, run), "config", f"run {run.name}")
     scored = workload.scored_on(workload.validation_problems) if run.tuning else workload
+    # Every draw at a compared step; one at the others (the learning curve).
+    compared = {config.steps, *experiment["budgets"], experiment["primary"]["budget"]}
     context.common["log"](f"run {run.name}")
     run_started = time.perf_counter()
     history = train(config, student, context.teacher, examples, run_dir=run_dir, label=run.name, progress=progress,
                     evaluate=lambda model, step: evaluate_with_samples(
-                        model, scored, eval_config, context.teacher, context.samples if step == config.steps else 1),
+                        model, scored, eval_config, context.teacher, context.samples if step in compared else 1),
+                    initial_optimizer=warm_run_dir(out_dir, seed) if experiment["continue_warmup"] else None,
                     **context.common)
     summary = {"name": run.name, "group": run.group, "seed": run.seed, "data": run.data, "tuning": run.tuning,
+               "teacher_temperature": context.teacher_temperature(run) if run.data == "teacher" else None,
+               "warm_seed": seed,
                "config": config.to_dict(), "final": final_evaluation(history),
                "stability": stability(history, config.max_grad_norm),
                "efficiency": {"step_time_ms_mean": 1000 * statistics.fmean(r["step_time_s"] for r in history),
@@ -49,6 +55,11 @@ def execute(run, out_dir, context, commit, progress=True):
 
 def warm_weights(out_dir, seed):
     return os.path.join(out_dir, f"warmup-seed{seed}", "student.safetensors")
+
+
+def warm_run_dir(out_dir, seed):
+    """The warm-up's run directory: its last checkpoint holds the optimizer state a run continues."""
+    return os.path.join(out_dir, f"warmup-seed{seed}", "run")
 
 
 def warm_student(context, seed, out_dir):
@@ -70,7 +81,7 @@ def warm_student(context, seed, out_dir):
         return student
     if warmup:
         train(train_config(section["warmup"], "config", "student.warmup"), student, None, workload.examples,
-              run_dir=os.path.join(folder, "run"), label=f"warm-up seed {seed}", **context.common)
+              run_dir=warm_run_dir(out_dir, seed), label=f"warm-up seed {seed}", **context.common)
     evaluation = {"test": evaluate_with_samples(student, workload, base["eval"], context.teacher, context.samples)}
     if workload.validation_problems:
         evaluation["validation"] = evaluate_with_samples(student, workload.scored_on(workload.validation_problems),

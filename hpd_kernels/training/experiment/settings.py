@@ -9,7 +9,7 @@ import os
 from .. import schema
 from ..config import (DEFAULT_CONFIG, ConfigError, check_backend, merge_config, read_json_object, train_config,
                       validate_config)
-from .grid import arms, run_configs
+from .grid import arms, check_arms, main_runs, run_configs, run_options
 
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")  # training/assets
 PINNED_TEACHER = os.path.join(ASSETS, "addition_any_teacher.safetensors")
@@ -32,17 +32,31 @@ DEFAULT_EXPERIMENT = {
     "objectives": ["sft", "fkl", "rkl", "jsd", "skl", "hpd"],   # sft on the teacher's samples: SeqKD
     "oracle": True,      # also sft on the gold solutions, reported as an oracle
     "seeds": [0, 1, 2, 3, 4],
+    # The arms listed one by one (name, objective, options, data, teacher_temperature, seeds, lr);
+    # []: the arms of `objectives`, `oracle` and `sweep`.
+    "arms": [],
+    # One warm student (warmed up at this seed) for every run, or None: one per seed.
+    "warm_seed": None,
+    # Distillation continues the warm-up's AdamW state (moments and step counts) instead of a fresh one.
+    "continue_warmup": False,
+    # Steps at which every run (that reaches them) is evaluated with all `eval.samples` draws and
+    # compared, besides its last step.
+    "budgets": [],
+    # More pre-registered paired comparisons ({"treatment", "control"}), reported like the primary one.
+    "comparisons": [],
     # Shared by every run; `objective` and `seed` are set per run, `lr` by the tuning.
     "distill": {"steps": 800, "batch_size": 32, "lr": 3e-3, "warmup_steps": 20, "eval_every": 200,
                 "save_every": 200},
     # extend: how many rates an arm's grid may grow by when its best is at an end (see tuning_runs);
     # one rate in lr: no tuning, every arm at that rate
-    "tuning": {"lr": [1e-3, 3e-3, 1e-2], "seed": 100, "validation_problems": 500, "extend": 2},
+    # steps: the tuning runs' length (None: each arm's own)
+    "tuning": {"lr": [1e-3, 3e-3, 1e-2], "seed": 100, "validation_problems": 500, "extend": 2, "steps": None},
     "sweep": {"fkl_weight": [], "rkl_weight": [], "on_policy_fraction": [1.0]},
     "teacher_data": {"seed": 0, "temperature": 1.0},
     "eval": {"max_new_tokens": 48, "temperature": 1.0, "top_p": 0.7, "seed": 0, "samples": 4},
     # Pre-registered: the metric and the paired comparison that the experiment reports first.
-    "primary": {"metric": "top_p_accuracy", "treatment": "hpd", "control": "fkl"},
+    # budget: the step it is compared at (None: each run's last).
+    "primary": {"metric": "top_p_accuracy", "treatment": "hpd", "control": "fkl", "budget": None},
     # Over EXPERIMENT_BASE, over `hpd distill`'s default config; its distill, eval and device are the
     # experiment's own keys above (schema.BASE_SET_BY_THE_EXPERIMENT refuses them in base).
     "base": {},
@@ -60,7 +74,11 @@ def load_experiment(path=None, device=None):
     experiment = copy.deepcopy(DEFAULT_EXPERIMENT)
     source = path or "the default experiment"
     if path is not None:
-        _merge_file(experiment, path)
+        written = _merge_file(experiment, path)
+        listed = [key for key in ("objectives", "oracle", "sweep") if key in written]
+        if written.get("arms") and listed:
+            raise ConfigError(f"{path}: {', '.join(listed)} would not be used: an experiment with 'arms' runs "
+                              f"exactly the arms it lists (list these there)")
     if device is not None:
         schema.DEVICE.check(device, schema.COMMAND_LINE, "--device")
         experiment["device"] = device
@@ -75,7 +93,8 @@ def load_experiment(path=None, device=None):
 
 
 def _merge_file(experiment, path):
-    """The experiment file's keys over `experiment`: the sections of `MERGED` key by key."""
+    """The experiment file's keys over `experiment` (the sections of `MERGED` key by key); returns
+    the file's own keys and values."""
     user = read_json_object(path, "experiment file")
     for key, value in user.items():
         if key not in EXPERIMENT_KEYS:
@@ -84,15 +103,30 @@ def _merge_file(experiment, path):
             experiment[key].update(value)
         else:
             experiment[key] = value
+    return user
 
 
 def _check_plan(experiment, source):
-    """The primary comparison's arms exist, and every planned run's options are a valid config."""
+    """The arms' rules, the compared arms exist, the budgets are evaluation steps, and every planned
+    run's options are a valid config."""
+    check_arms(experiment, source)
     groups = {arm.group for arm in arms(experiment)}
-    for role in ("treatment", "control"):
-        if experiment["primary"][role] not in groups:
-            schema.fail(source, f"primary.{role}", f"one of the experiment's arms ({', '.join(sorted(groups))})",
-                        experiment["primary"][role])
+    compared = [("primary", experiment["primary"])] + [(f"comparisons[{index}]", pair)
+                                                       for index, pair in enumerate(experiment["comparisons"])]
+    for where, pair in compared:
+        for role in ("treatment", "control"):
+            if pair.get(role) not in groups:
+                schema.fail(source, f"{where}.{role}", f"one of the experiment's arms ({', '.join(sorted(groups))})",
+                            pair.get(role))
+    if experiment["continue_warmup"] and not experiment["base"]["student"].get("warmup"):
+        schema.fail(source, "continue_warmup", "false when the student has no warm-up (base.student.warmup)", True)
+    budgets = experiment["budgets"] + ([experiment["primary"]["budget"]] if experiment["primary"]["budget"] else [])
+    for run in main_runs(experiment):
+        options = run_options(experiment, run)
+        for budget in budgets:
+            if budget < options["steps"] and not (options["eval_every"] and budget % options["eval_every"] == 0):
+                schema.fail(source, "budgets", f"steps at which run {run.name} evaluates (multiples of its "
+                            f"eval_every, {options['eval_every']}, or its last step {options['steps']})", budget)
     for where, options in run_configs(experiment).items():  # every planned run's options, checked now
         check_backend(train_config(options, source, where), experiment.get("device", "auto"), source, where)
 

@@ -66,6 +66,37 @@ def sample_teacher_data(teacher, examples, tokenizer, *, seed, temperature=1.0, 
     return samples
 
 
+ENTROPY_SAMPLES = 2000  # the first samples of a set that its teacher's entropy is measured on
+
+
+def teacher_data_file(experiment, temperature):
+    """The report's file describing the teacher's samples at `temperature`: `teacher_data.json` for
+    the experiment's own temperature, `teacher_data_T<t>.json` for an arm's other one."""
+    return ("teacher_data.json" if temperature == experiment["teacher_data"]["temperature"]
+            else f"teacher_data_T{temperature:g}.json")
+
+
+def teacher_entropy_on(teacher, samples, tokenizer, limit=ENTROPY_SAMPLES):
+    """The teacher's mean next-token entropy (nats per response token, T = 1) on the responses of
+    the first `limit` of its own `samples`: the diversity a distilled student is held against."""
+    from ...models import logit_map
+    from ..criteria import shifted_labels, token_statistics
+    from ..trainer.batches import collate
+
+    device = teacher.lm_head.weight.device
+    total, count = 0.0, 0
+    with torch.no_grad(), one_thread():
+        for start in range(0, min(limit, len(samples)), BATCH):
+            batch = samples[start:min(limit, start + BATCH)]
+            input_ids, loss_mask = collate(batch, tokenizer.pad_id, device)
+            labels = shifted_labels(input_ids, loss_mask)
+            hidden = teacher(input_ids, attention_mask=(input_ids != tokenizer.pad_id).long() | loss_mask)
+            tokens = int((labels != -100).sum())
+            entropy, _ = token_statistics(hidden, teacher.lm_head.weight, labels, logit_map=logit_map(teacher))
+            total, count = total + float(entropy) * tokens, count + tokens
+    return total / max(1, count)
+
+
 def teacher_data(teacher, workload, cache_dir, *, seed, temperature, max_new_tokens, log=None):
     """`(samples, info)`: the teacher's samples for the workload's training prompts, read from
     `cache_dir` or drawn and cached there (keyed by the teacher's weights, the prompts and the

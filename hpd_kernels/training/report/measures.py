@@ -78,6 +78,44 @@ def paired_difference(treatment, control):
             "treatment_better": sum(difference > 0 for difference in differences), "pairs": len(differences)}
 
 
+def wilcoxon_signed_rank(differences):
+    """Wilcoxon's signed-rank test of paired differences against a median of 0, exact: `statistic`
+    is the rank sum of the positive differences (zeros dropped, ties given their mean rank), `p` the
+    two-sided p-value from its exact distribution over the 2^n equally likely sign patterns."""
+    nonzero = sorted((difference for difference in differences if difference != 0), key=abs)
+    count = len(nonzero)
+    if count == 0:
+        return {"statistic": None, "p": None, "pairs": 0}
+    # Doubled mean ranks are integers even with ties: the sign-pattern distribution is counted exactly.
+    doubled, index = [], 0
+    while index < count:
+        end = index
+        while end + 1 < count and abs(nonzero[end + 1]) == abs(nonzero[index]):
+            end += 1
+        doubled += [index + end + 2] * (end - index + 1)
+        index = end + 1
+    positive = sum(rank for rank, difference in zip(doubled, nonzero) if difference > 0)
+    ways = [1] + [0] * sum(doubled)  # ways[s]: sign patterns whose positive doubled-rank sum is s
+    for rank in doubled:
+        for total in range(len(ways) - 1, rank - 1, -1):
+            ways[total] += ways[total - rank]
+    patterns = 2 ** count
+    below, above = sum(ways[:positive + 1]) / patterns, sum(ways[positive:]) / patterns
+    return {"statistic": positive / 2, "p": min(1.0, 2 * min(below, above)), "pairs": count}
+
+
+def verdict(outcome, level=0.05):
+    """The pre-registered decision on a paired comparison: the treatment is better (worse) when its
+    95% t-interval lies above (below) 0 and the signed-rank test rejects at `level`; not
+    distinguishable when neither test does; otherwise the two tests disagree."""
+    interval, test = outcome.get("ci95"), outcome.get("wilcoxon") or {}
+    t_rejects = interval is not None and (interval[0] > 0 or interval[1] < 0)
+    rank_rejects = test.get("p") is not None and test["p"] < level
+    if t_rejects and rank_rejects:
+        return "treatment better" if interval[0] > 0 else "treatment worse"
+    return "the tests disagree" if t_rejects or rank_rejects else "not distinguishable"
+
+
 def area_under_curve(points):
     """The trapezoidal mean of a curve `[(step, value)]` over its steps (its value if one point)."""
     if len(points) == 1:

@@ -90,7 +90,50 @@ def analysis_markdown(experiment, result, selection):
         lines += _tuning_lines(primary, selection)
     if result["efficiency"]:
         lines += _efficiency_lines(primary, result["efficiency"])
+    if result.get("budgets"):
+        lines += _budget_lines(primary, result["budgets"])
+    if result.get("diversity"):
+        lines += _diversity_lines(result["diversity"])
     return "\n".join(lines)
+
+
+def _budget_lines(primary, budgets):
+    lines = ["", f"Pre-registered comparisons of {primary['metric']} at each budget, paired by seed, in points: "
+             f"mean, 95% t-interval, exact two-sided Wilcoxon signed-rank p, and the verdict (better or worse: "
+             f"the interval excludes 0 and p < 0.05).", "",
+             "| budget (steps) | comparison | seeds | mean | 95% CI | signed-rank p | seeds favouring treatment | verdict |",
+             "|---|---|---:|---:|---:|---:|---:|---|"]
+    for budget, entry in budgets.items():
+        compared = [(primary["treatment"], primary["control"], entry["primary"])] + [
+            (pair["treatment"], pair["control"], pair["result"]) for pair in entry["comparisons"]]
+        for treatment, control, outcome in compared:
+            if outcome is None:
+                lines.append(_line(["last" if budget == "None" else budget, f"{treatment} - {control}", "0"]
+                                   + ["-"] * 5))
+                continue
+            interval = ("-" if outcome["ci95"] is None else
+                        f"[{_percent(outcome['ci95'][0])}, {_percent(outcome['ci95'][1])}]")
+            p = outcome["wilcoxon"]["p"]
+            lines.append(_line(["last" if budget == "None" else budget, f"{treatment} - {control}",
+                                str(outcome["pairs"]), _percent(outcome["mean"]), interval,
+                                "-" if p is None else f"{p:.4f}", f"{outcome['treatment_better']}/{outcome['pairs']}",
+                                outcome["verdict"]]))
+    return lines
+
+
+def _diversity_lines(diversity):
+    lines = ["", "Diversity: each arm's entropy on its training batches (the last 50 steps) against the "
+             "teacher's own entropy on the samples it distils on (`teacher_data*.json`), per seed, mean "
+             "ratio with its 95% t-interval.", "",
+             "| arm | teacher's samples drawn at T | teacher's entropy | arm's entropy | ratio [95% CI] | seeds |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for group, entry in diversity.items():
+        mean, std = entry["entropy"]
+        interval = "" if entry["ratio_ci95"] is None else (
+            f" [{entry['ratio_ci95'][0]:.2f}, {entry['ratio_ci95'][1]:.2f}]")
+        lines.append(_line([group, f"{entry['teacher_temperature']:g}", f"{entry['teacher_entropy']:.3f}",
+                            f"{mean:.3f} ± {std:.3f}", f"{entry['ratio']:.2f}x{interval}", str(entry["seeds"])]))
+    return lines
 
 
 def _primary_lines(primary):
