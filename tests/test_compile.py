@@ -48,13 +48,17 @@ def test_logits_losses_compile_without_graph_breaks_and_match_eager(name):
     _assert_compiled_is_eager(function, student, teacher, labels)
 
 
+def _loss_and_options(name, divergence_loss):
+    """HPD's loss (at a fixed seed) for "hpd", else `divergence_loss` with its defaults."""
+    return (hpd_kernels.hybrid_kl_loss, dict(seed=7)) if name == "hpd" else (divergence_loss, {})
+
+
 @pytest.mark.parametrize("name", ["jsd", "hpd"])
 def test_logit_maps_and_entropy_compile_too(name):
     """Soft caps, scales and the entropy output through the custom ops, the eager numbers."""
     torch._dynamo.reset()
     student, teacher, labels = _inputs()
-    loss = hpd_kernels.hybrid_kl_loss if name == "hpd" else hpd_kernels.generalized_jsd_loss
-    options = dict(seed=7) if name == "hpd" else {}
+    loss, options = _loss_and_options(name, hpd_kernels.generalized_jsd_loss)
     entropies = []
 
     def function(s, t, y):
@@ -71,8 +75,7 @@ def test_logit_maps_and_entropy_compile_too(name):
 def test_the_hard_label_term_compiles_too(name):
     torch._dynamo.reset()
     student, teacher, labels = _inputs()
-    loss = hpd_kernels.hybrid_kl_loss if name == "hpd" else hpd_kernels.tvd_loss
-    options = dict(seed=7) if name == "hpd" else {}
+    loss, options = _loss_and_options(name, hpd_kernels.tvd_loss)
     function = lambda s, t, y: loss(s, t, y, ce_weight=0.4, backend="torch", **options)  # noqa: E731
     _assert_compiled_is_eager(function, student, teacher, labels)
 

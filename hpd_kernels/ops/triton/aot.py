@@ -96,8 +96,21 @@ def _kernels():
     }
 
 
-def launches(rows: int = ROWS, vocab: int = VOCAB, dtypes=DTYPES):
-    """Every kernel launch the library makes on a GPU, captured from its own wrappers at `[rows, vocab]`."""
+@dataclass(frozen=True)
+class Setting:
+    """One way the captured launches are called: the logit maps (None: the identity), its name in
+    the variant labels, whether the entropy is on, which divergences, and whether the divergence
+    forward is captured both with and without labels (named `labels=...`) or with labels only."""
+
+    maps: object = None
+    name: str = ""
+    entropy: bool = False
+    divergences: tuple | None = None   # None: every divergence
+    both_label_cases: bool = True
+
+
+def _capture(rows, vocab, dtypes, settings):
+    """The launches the library's own wrappers make at `[rows, vocab]` for each dtype and setting."""
     import torch
 
     from ...registry import DIVERGENCE_STATS, DIVERGENCES, HYBRID_STATS, accumulation_dtype, mixture_logs
@@ -109,11 +122,8 @@ def launches(rows: int = ROWS, vocab: int = VOCAB, dtypes=DTYPES):
         for dtype_name in dtypes:
             dtype = getattr(torch, dtype_name)
             acc = accumulation_dtype(dtype)
-            student = torch.empty(rows, vocab, dtype=dtype, device=meta)
-            teacher = torch.empty(rows, vocab, dtype=dtype, device=meta)
+            student, teacher = (torch.empty(rows, vocab, dtype=dtype, device=meta) for _ in range(2))
             labels = torch.empty(rows, dtype=torch.int64, device=meta)
-            divergence_stats = torch.empty(rows, DIVERGENCE_STATS, dtype=acc, device=meta)
-            hybrid_stats = torch.empty(rows, HYBRID_STATS, dtype=acc, device=meta)
             row_scale = torch.empty(rows, dtype=acc, device=meta)
             itemsize = student.element_size()
 
@@ -124,24 +134,36 @@ def launches(rows: int = ROWS, vocab: int = VOCAB, dtypes=DTYPES):
                 found.append(Launch(kernel, variant, args, kwargs, matrices_moved(kernel, divergence_name) * itemsize,
                                     passes))
 
-            for name in DIVERGENCES:
-                resolved, log_mix_p, log_mix_q = mixture_logs(name, 0.5, 0.1)
-                mixture = dict(divergence=resolved, temperature=1.0, log_mix_p=log_mix_p, log_mix_q=log_mix_q)
-                for has_labels in (True, False):
-                    divergence.divergence_forward(student, teacher, labels if has_labels else None,
-                                                  ignore_index=-100, **mixture)
-                    take("divergence_forward", f"{name} {dtype_name} labels={has_labels}", resolved)
-                divergence.divergence_backward(student, teacher, divergence_stats, row_scale, torch.empty_like(student),
-                                               **mixture)
-                take("divergence_backward", f"{name} {dtype_name}")
-            for sample in (True, False):
-                hybrid.hybrid_forward(student, teacher, labels, None if sample else labels, seed=0, temperature=1.0,
-                                      fkl_weight=1.0, rkl_weight=1.0, ignore_index=-100)
-                take("hybrid_forward", f"{dtype_name} sample={sample}")
-            hybrid.hybrid_backward(student, labels, labels, hybrid_stats, row_scale, torch.empty_like(student),
-                                   vocab=vocab, temperature=1.0)
-            take("hybrid_backward", dtype_name)
+            for setting in settings:
+                maps = {} if setting.maps is None else {"logit_maps": setting.maps}
+                entropy = {"with_entropy": True} if setting.entropy else {}
+                suffix = f" {setting.name}" if setting.name else ""
+                forward_suffix = suffix + (" entropy" if setting.entropy else "")
+                for name in setting.divergences or DIVERGENCES:
+                    resolved, log_mix_p, log_mix_q = mixture_logs(name, 0.5, 0.1)
+                    mixture = dict(divergence=resolved, temperature=1.0, log_mix_p=log_mix_p, log_mix_q=log_mix_q,
+                                   **maps)
+                    for has_labels in ((True, False) if setting.both_label_cases else (True,)):
+                        divergence.divergence_forward(student, teacher, labels if has_labels else None,
+                                                      ignore_index=-100, **entropy, **mixture)
+                        named = f" labels={has_labels}" if setting.both_label_cases else ""
+                        take("divergence_forward", f"{name} {dtype_name}{named}{forward_suffix}", resolved)
+                    divergence.divergence_backward(student, teacher, torch.empty(rows, DIVERGENCE_STATS, dtype=acc,
+                                                   device=meta), row_scale, torch.empty_like(student), **mixture)
+                    take("divergence_backward", f"{name} {dtype_name}{suffix}")
+                for sample in (True, False):
+                    hybrid.hybrid_forward(student, teacher, labels, None if sample else labels, seed=0, temperature=1.0,
+                                          fkl_weight=1.0, rkl_weight=1.0, ignore_index=-100, **maps, **entropy)
+                    take("hybrid_forward", f"{dtype_name} sample={sample}{forward_suffix}")
+                hybrid.hybrid_backward(student, labels, labels, torch.empty(rows, HYBRID_STATS, dtype=acc, device=meta),
+                                       row_scale, torch.empty_like(student), vocab=vocab, temperature=1.0, **maps)
+                take("hybrid_backward", f"{dtype_name}{suffix}")
     return found
+
+
+def launches(rows: int = ROWS, vocab: int = VOCAB, dtypes=DTYPES):
+    """Every kernel launch the library makes on a GPU, captured from its own wrappers at `[rows, vocab]`."""
+    return _capture(rows, vocab, dtypes, [Setting()])
 
 
 # The logit maps the variants below compile with: a soft-capped student and a scaled teacher, and
@@ -156,43 +178,12 @@ def map_launches(rows: int = ROWS, vocab: int = VOCAB, dtypes=VARIANT_DTYPES):
     identity maps, no entropy) leaves out: every kernel and divergence with the first of
     `VARIANT_MAPS`, HPD's kernels and forward KL's with the second as well; a float32 and the float64
     accumulation (each has its own tanh)."""
-    import torch
+    from ...registry import LogitMaps
 
-    from ...registry import DIVERGENCE_STATS, DIVERGENCES, HYBRID_STATS, LogitMaps, accumulation_dtype, mixture_logs
-    from . import divergence, hybrid
-
-    meta = torch.device("meta")
-    found = []
-    with _captured(_kernels()) as calls:
-        for dtype_name in dtypes:
-            dtype = getattr(torch, dtype_name)
-            acc = accumulation_dtype(dtype)
-            student, teacher = (torch.empty(rows, vocab, dtype=dtype, device=meta) for _ in range(2))
-            labels = torch.empty(rows, dtype=torch.int64, device=meta)
-            row_scale = torch.empty(rows, dtype=acc, device=meta)
-            for index, (numbers, maps_name) in enumerate(VARIANT_MAPS):
-                maps = LogitMaps(*numbers)
-                for name in DIVERGENCES if index == 0 else ("forward_kl",):
-                    resolved, log_mix_p, log_mix_q = mixture_logs(name, 0.5, 0.1)
-                    mixture = dict(divergence=resolved, temperature=1.0, log_mix_p=log_mix_p, log_mix_q=log_mix_q,
-                                   logit_maps=maps)
-                    divergence.divergence_forward(student, teacher, labels, ignore_index=-100, with_entropy=True,
-                                                  **mixture)
-                    divergence.divergence_backward(student, teacher, torch.empty(rows, DIVERGENCE_STATS, dtype=acc,
-                                                   device=meta), row_scale, torch.empty_like(student), **mixture)
-                    found += [("divergence_forward", f"{name} {dtype_name} {maps_name} entropy"),
-                              ("divergence_backward", f"{name} {dtype_name} {maps_name}")]
-                for sample in (True, False):
-                    hybrid.hybrid_forward(student, teacher, labels, None if sample else labels, seed=0,
-                                          temperature=1.0, fkl_weight=1.0, rkl_weight=1.0, ignore_index=-100,
-                                          logit_maps=maps, with_entropy=True)
-                    found.append(("hybrid_forward", f"{dtype_name} sample={sample} {maps_name} entropy"))
-                hybrid.hybrid_backward(student, labels, labels, torch.empty(rows, HYBRID_STATS, dtype=acc, device=meta),
-                                       row_scale, torch.empty_like(student), vocab=vocab, temperature=1.0,
-                                       logit_maps=maps)
-                found.append(("hybrid_backward", f"{dtype_name} {maps_name}"))
-        assert [name for name, _, _ in calls] == [kernel for kernel, _ in found]
-        return [Launch(kernel, variant, args, kwargs) for (kernel, variant), (_, args, kwargs) in zip(found, calls)]
+    return _capture(rows, vocab, dtypes, [
+        Setting(LogitMaps(*numbers), name, entropy=True, divergences=None if index == 0 else ("forward_kl",),
+                both_label_cases=False)
+        for index, (numbers, name) in enumerate(VARIANT_MAPS)])
 
 
 def int_arguments(launch: Launch):
