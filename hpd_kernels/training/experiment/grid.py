@@ -88,14 +88,15 @@ def check_arms(experiment, source):
         if names.count(entry["name"]) > 1:
             fail(source, f"arms[{index}].name", "distinct from the other arms' names", entry["name"])
         lr = entry.get("lr", TUNE)
-        if isinstance(lr, str) and lr != TUNE:
-            source_arm = next((other for other in entries if other.get("name") == lr), None)
-            if source_arm is None or (isinstance(source_arm.get("lr", TUNE), str) and source_arm.get("lr", TUNE) != TUNE):
-                fail(source, f"arms[{index}].lr", f"'{TUNE}', a rate > 0, or the name of an arm that is tuned or "
-                     f"has a rate", lr)
-        elif not isinstance(lr, str) and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0
-                                          or lr == float("inf")):
-            fail(source, f"arms[{index}].lr", f"'{TUNE}', a rate > 0, or the name of an arm", lr)
+        # A name must lead to a rate in one step: an arm that is tuned or has its own rate.
+        named = next((other.get("lr", TUNE) for other in entries if other.get("name") == lr), None)
+        if not (lr == TUNE or _is_rate(lr) or named == TUNE or _is_rate(named)):
+            fail(source, f"arms[{index}].lr", f"'{TUNE}', a rate > 0, or the name of an arm that is tuned or "
+                 f"has a rate", lr)
+
+
+def _is_rate(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < float("inf")
 
 
 def warm_seed(experiment, seed):

@@ -101,7 +101,8 @@ def _budget_lines(primary, budgets):
     lines = ["", f"Pre-registered comparisons of {primary['metric']} at each budget, paired by seed, in points: "
              f"mean, 95% t-interval, exact two-sided Wilcoxon signed-rank p, and the verdict (better or worse: "
              f"the interval excludes 0 and p < 0.05).", "",
-             "| budget (steps) | comparison | seeds | mean | 95% CI | signed-rank p | seeds favouring treatment | verdict |",
+             _line(["budget (steps)", "comparison", "seeds", "mean", "95% CI", "signed-rank p",
+                    "seeds favouring treatment", "verdict"]),
              "|---|---|---:|---:|---:|---:|---:|---|"]
     for budget, entry in budgets.items():
         compared = [(primary["treatment"], primary["control"], entry["primary"])] + [
