@@ -124,9 +124,10 @@ Distil the same warm student from one pinned teacher with each objective, on the
 samples (the recipe's data regime; sft on them is SeqKD, the baseline), with sft on the gold
 solutions as an oracle and HPD on the student's rollouts as the on-policy arm. Each arm's learning
 rate is tuned on a validation split first; then every arm runs at its rate over paired seeds with
-all other options shared. The report (results.md, results.json, accuracy.png, entropy.png under
---out) gives greedy, T=1 and top-p accuracy, the pre-registered primary comparison (paired
-difference over seeds with its 95% t-interval), entropy, stability and efficiency.
+all other options shared. The report (results.md, results.json, accuracy.png, entropy.png and
+primary.png under --out) gives greedy, T=1 and top-p accuracy, the pre-registered primary
+comparison (paired difference over seeds with its 95% t-interval), entropy, stability and
+efficiency.
 
 Runs are independent and resumable: run the same command again after an interruption and it
 continues the unfinished runs from their checkpoints, never redoing a finished one.
@@ -183,7 +184,7 @@ def _run_experiment(args):
     print()
     print(report["markdown"])
     print(f"\n{args.out}: {report['finished']}/{report['planned']} runs finished; results.md, results.json, "
-          f"accuracy.png, entropy.png ({report['seconds_this_invocation']:.0f} s)")
+          f"accuracy.png, entropy.png, primary.png ({report['seconds_this_invocation']:.0f} s)")
     return 0
 
 

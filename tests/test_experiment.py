@@ -50,7 +50,7 @@ def test_tiny_experiment_tunes_runs_reports_and_resumes_without_redoing_runs(tmp
     assert "20/20 runs finished" in text and "finished tune-seqkd-lr0.001" not in text  # not redone
     after = _mtimes(out)
     assert all(after[name] == stamp for name, stamp in first.items())
-    for name in ("results.md", "results.json", "accuracy.png", "entropy.png", "lr_selection.json",
+    for name in ("results.md", "results.json", "accuracy.png", "entropy.png", "primary.png", "lr_selection.json",
                  "teacher_data.json"):
         assert (out / name).stat().st_size > 0, name
     results = json.loads((out / "results.json").read_text())
@@ -190,23 +190,27 @@ def test_stability_counts_spikes_against_the_running_median():
     assert result["grad_norm_p95_over_median"] == pytest.approx(1.0)
 
 
-def test_the_report_reproduces_the_committed_experiment():
-    """`results.md` from the committed `results.json` (its teacher, warm-up evaluations, run
-    summaries and learning-rate selection) is the committed `results.md`, byte for byte, and so are
-    the JSON table and the comparisons."""
-    from hpd_kernels.training.report import analysis, analysis_markdown, group_statistics, results_markdown
+@pytest.mark.parametrize("folder", ["experiment"])
+def test_the_report_reproduces_the_committed_experiment(folder):
+    """`results.md` from a committed `results.json` (its teacher, warm-up evaluations, run summaries,
+    learning-rate selection and the teacher's entropy on its own samples) is the committed
+    `results.md`, byte for byte, and so are the JSON table and the comparisons."""
+    from hpd_kernels.training.report import analysis, group_statistics
+    from hpd_kernels.training.report.writer import report_markdown, teacher_entropies
 
-    folder = os.path.join(os.path.dirname(__file__), "..", "docs", "results", "experiment")
+    folder = os.path.join(os.path.dirname(__file__), "..", "docs", "results", folder)
     with open(os.path.join(folder, "results.json")) as handle:
         results = json.load(handle)
     groups = {}
     for summary in results["runs"]:
         groups.setdefault(summary["group"], []).append(summary)
-    result = analysis(results["experiment"], groups)
+    teacher_data = [results.get("teacher_data"), *results.get("teacher_data_other_temperatures", {}).values()]
+    result = analysis(results["experiment"], groups, teacher_entropy=teacher_entropies(teacher_data))
     assert json.loads(json.dumps(result)) == results["analysis"]
+    assert results["finished"] == results["planned"] and len(results["commits"]) == 1
     with open(os.path.join(folder, "results.md")) as handle:
-        assert (results_markdown(results["teacher"], results["student_before"], groups) + "\n\n"
-                + analysis_markdown(results["experiment"], result, results["lr_selection"]) + "\n" == handle.read())
+        assert report_markdown(results["experiment"], results["teacher"], results["student_before"], groups, result,
+                               results["lr_selection"]) + "\n" == handle.read()
     for group, members in groups.items():
         table = {label: list(value) for label, value in group_statistics(members).items()}
         assert {**table, "seeds": len(members)} == results["table"][group]

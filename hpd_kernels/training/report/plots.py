@@ -1,4 +1,5 @@
-"""The experiment's plots: accuracy.png and entropy.png, one line per group of runs."""
+"""The experiment's plots: accuracy.png and entropy.png, one line per group of runs; primary.png,
+the pre-registered comparison's two arms from the warm student on, and their paired difference."""
 
 from __future__ import annotations
 
@@ -6,12 +7,13 @@ import os
 import statistics
 
 from ..jsonfiles import writing
-from .measures import metric_curve
+from .measures import metric_curve, paired_difference
 from .summaries import run_metrics
 
 
 def plot_experiment(experiment, out_dir, groups, teacher):
-    """accuracy.png and entropy.png: one line per objective (mean over seeds) with a min-max band."""
+    """accuracy.png and entropy.png: one line per objective (mean over seeds) with a min-max band;
+    primary.png: the primary comparison alone (`plot_primary`)."""
     try:
         import matplotlib
 
@@ -44,6 +46,50 @@ def plot_experiment(experiment, out_dir, groups, teacher):
         with writing(os.path.join(out_dir, filename)):
             figure.savefig(os.path.join(out_dir, filename), dpi=110)
         plt.close(figure)
+    plot_primary(experiment, out_dir, groups, teacher, plt)
+
+
+def plot_primary(experiment, out_dir, groups, teacher, plt):
+    """primary.png: the primary metric of the treatment and control arms from step 0 (the warm
+    student, evaluated on the same split) to their last evaluation, mean over seeds with a min-max
+    band; beside it their paired difference at every evaluation with its 95% t-interval. This is
+    where a dip after the start, or a lead that changes sign, shows."""
+    primary = experiment["primary"]
+    metric, arms = primary["metric"], (primary["treatment"], primary["control"])
+    if not all(groups.get(arm) for arm in arms):
+        return
+    curves = {arm: {member["seed"]: dict(member["curve"]["primary"]) for member in groups[arm]} for arm in arms}
+    figure, (levels, gaps) = plt.subplots(1, 2, figsize=(13, 4.8))
+    for arm in arms:
+        steps = sorted(set.intersection(*(set(curve) for curve in curves[arm].values())))
+        columns = [[curve[step] for curve in curves[arm].values()] for step in steps]
+        line, = levels.plot(steps, [statistics.fmean(column) for column in columns], "-o", markersize=3,
+                            label=f"{arm} (n={len(curves[arm])})")
+        levels.fill_between(steps, [min(column) for column in columns], [max(column) for column in columns],
+                            color=line.get_color(), alpha=0.15)
+    if metric in teacher:
+        levels.axhline(teacher[metric], color="k", linestyle="--", label="teacher")
+    seeds = sorted(set(curves[arms[0]]) & set(curves[arms[1]]))
+    steps = sorted(set.intersection(*(set(curves[arm][seed]) for arm in arms for seed in seeds)))
+    outcomes = [paired_difference([curves[arms[0]][seed][step] for seed in seeds],
+                                  [curves[arms[1]][seed][step] for seed in seeds]) for step in steps]
+    gaps.plot(steps, [outcome["mean"] for outcome in outcomes], "-o", markersize=3, color="C2",
+              label=f"{arms[0]} - {arms[1]} (paired, n={len(seeds)})")
+    if len(seeds) > 1:
+        gaps.fill_between(steps, [outcome["ci95"][0] for outcome in outcomes],
+                          [outcome["ci95"][1] for outcome in outcomes], color="C2", alpha=0.2, label="95% t-interval")
+    gaps.axhline(0, color="k", linewidth=0.8)
+    for axis, title in ((levels, f"{metric} (step 0: the warm student)"),
+                        (gaps, f"{metric}: paired difference")):
+        axis.set_title(title, fontsize=10)
+        axis.set_xlabel("step")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7)
+    figure.suptitle(f"primary comparison: {arms[0]} against {arms[1]}, mean over seeds")
+    figure.tight_layout()
+    with writing(os.path.join(out_dir, "primary.png")):
+        figure.savefig(os.path.join(out_dir, "primary.png"), dpi=110)
+    plt.close(figure)
 
 
 def _plot_group(axis, out_dir, group, members, key, smooth, style):

@@ -26,8 +26,7 @@ def write_report(experiment, runs, out_dir, selection=None, warm_of=None):
             warm[seed] = evaluation
     teacher_data = {name: read_json(os.path.join(out_dir, name), None) for name in sorted(os.listdir(out_dir))
                     if name.startswith("teacher_data") and name.endswith(".json")}
-    teacher_entropy = {f"{info['temperature']:g}": info["teacher_entropy"] for info in teacher_data.values()
-                       if info and "teacher_entropy" in info}
+    teacher_entropy = teacher_entropies(teacher_data.values())
     summaries, tuning, groups = [], [], {}
     for run in runs:
         start = warm.get(warm_of(run.seed), {}).get("validation" if run.tuning else "test", {}).get(metric)
@@ -42,7 +41,7 @@ def write_report(experiment, runs, out_dir, selection=None, warm_of=None):
     warm_seeds = {warm_of(seed) for seed in experiment["seeds"]}
     befores = [warm[seed]["test"] for seed in sorted(warm) if seed in warm_seeds]
     result = analysis(experiment, groups, teacher_entropy=teacher_entropy)
-    markdown = results_markdown(teacher, befores, groups) + "\n\n" + analysis_markdown(experiment, result, selection)
+    markdown = report_markdown(experiment, teacher, befores, groups, result, selection)
     write_text_atomic(os.path.join(out_dir, "results.md"), markdown + "\n")
     table = {group: {**{label: list(value) for label, value in group_statistics(members).items()},
                      "seeds": len(members)} for group, members in groups.items()}
@@ -57,3 +56,15 @@ def write_report(experiment, runs, out_dir, selection=None, warm_of=None):
     plot_experiment(experiment, out_dir, groups, teacher)
     report["markdown"] = markdown
     return report
+
+
+def teacher_entropies(teacher_data):
+    """`{temperature: nats}`: the teacher's entropy on its own samples at each temperature, from the
+    teacher-data infos (`teacher_data*.json`) that record it."""
+    return {f"{info['temperature']:g}": info["teacher_entropy"] for info in teacher_data
+            if info and "teacher_entropy" in info}
+
+
+def report_markdown(experiment, teacher, befores, groups, result, selection):
+    """results.md without its final newline: the table of every group, then the comparisons."""
+    return results_markdown(teacher, befores, groups) + "\n\n" + analysis_markdown(experiment, result, selection)
