@@ -71,17 +71,19 @@ def _draw_seed():
     return int(torch.randint(0, 2**62, (1,)).item())
 
 
-def _shared_seed(process_group):
-    """One seed for every rank of the group: rank 0's draw."""
+def _shared_seed(process_group, device):
+    """One seed for every rank of the group: rank 0's draw (on `device`, the logits': an NCCL group
+    communicates CUDA tensors only)."""
     import torch.distributed as dist
 
-    drawn = torch.tensor([_draw_seed()], dtype=torch.int64)
+    drawn = torch.tensor([_draw_seed()], dtype=torch.int64, device=device)
     dist.broadcast(drawn, src=dist.get_global_rank(process_group, 0), group=process_group)
     return int(drawn.item())
 
 
-def _vocab_parallel(process_group, vocab_offset, widths, names, backend) -> Optional[Backend]:
-    """The vocabulary-parallel backend for this rank's slice, or None without a group."""
+def _vocab_parallel(process_group, vocab_offset, widths, names, backend, device) -> Optional[Backend]:
+    """The vocabulary-parallel backend for this rank's slice, or None without a group. The slices
+    are checked collectively (`slice_layout`), so every rank refuses a bad one alike."""
     if process_group is not None and compiling():
         raise ValueError("vocabulary-parallel losses (process_group) are not supported under torch.compile")
     if process_group is None:
@@ -97,11 +99,7 @@ def _vocab_parallel(process_group, vocab_offset, widths, names, backend) -> Opti
     if backend == "triton":
         raise ValueError("vocabulary-parallel losses run the torch backend's math on each slice; use "
                          "backend='auto' or 'torch'")
-    student_width, teacher_width = widths
-    if student_width != teacher_width:
-        raise ValueError(f"with process_group, {names[0]} and {names[1]} must hold the same vocabulary slice; "
-                         f"got widths {student_width} and {teacher_width}")
-    offset, global_vocab = slice_layout(process_group, student_width, vocab_offset)
+    offset, global_vocab = slice_layout(process_group, widths, vocab_offset, names, device)
     return VocabParallel(process_group, offset, global_vocab)
 
 
@@ -145,7 +143,7 @@ class LossCall:
             return chunk_size
         import torch.distributed as dist
 
-        agreed = torch.tensor(chunk_size, dtype=torch.int64)
+        agreed = torch.tensor(chunk_size, dtype=torch.int64, device=self.active.device)
         dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=self.process_group)
         return int(agreed)
 
@@ -211,7 +209,7 @@ def resolve(objective_name, *, labels, leading, n_rows, device, widths, names, t
     (of this rank's slice with a `process_group`), `names` the arguments they came from."""
     if (ce_weight or return_parts) and labels is None:
         raise ValueError("ce_weight and return_parts need labels: the hard-label term is the cross-entropy of y")
-    parallel = _vocab_parallel(process_group, vocab_offset, widths, names, backend)
+    parallel = _vocab_parallel(process_group, vocab_offset, widths, names, backend, device)
     chosen = parallel if parallel is not None else backends.choose(backend, device)
     # The vocabulary labels index: the whole one across slices, else the shared one.
     vocab = parallel.global_vocab if parallel is not None else min(widths)
@@ -221,7 +219,7 @@ def resolve(objective_name, *, labels, leading, n_rows, device, widths, names, t
         if sampled_ids is not None:
             sampled_ids = check_sampled_ids(sampled_ids, leading, active, vocab)
         elif seed is None:
-            seed = _draw_seed() if process_group is None else _shared_seed(process_group)
+            seed = _draw_seed() if process_group is None else _shared_seed(process_group, device)
         objective = Objective.hybrid(temperature=temperature, ignore_index=ignore_index, seed=seed,
                                      fkl_weight=fkl_weight, rkl_weight=rkl_weight, ce_weight=ce_weight,
                                      cross_entropy=return_parts, logit_maps=logit_maps, entropy=return_entropy)

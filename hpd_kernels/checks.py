@@ -39,17 +39,19 @@ def check_floating(name, tensor, dims=None):
         raise ValueError(f"{name} must have {dims} dimensions, got shape {tuple(tensor.shape)}")
 
 
-def check_logits(name, logits):
+def check_logits(name, logits, sliced=False):
+    """Floating logits `[..., vocab]`, vocab >= 1 unless `sliced` (a vocabulary-parallel slice, whose
+    width every rank checks together: `ops.vocab_parallel.slice_layout`)."""
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape [..., vocab], got {type(logits).__name__}")
     check_floating(name, logits)
-    if logits.dim() < 1 or logits.shape[-1] == 0:
+    if logits.dim() < 1 or (logits.shape[-1] == 0 and not sliced):
         raise ValueError(f"{name} must have shape [..., vocab] with vocab >= 1, got {tuple(logits.shape)}")
 
 
-def check_logit_pair(student_logits, teacher_logits):
-    check_logits("student_logits", student_logits)
-    check_logits("teacher_logits", teacher_logits)
+def check_logit_pair(student_logits, teacher_logits, sliced=False):
+    check_logits("student_logits", student_logits, sliced)
+    check_logits("teacher_logits", teacher_logits, sliced)
     if student_logits.shape[:-1] != teacher_logits.shape[:-1]:
         raise ValueError(
             f"student_logits and teacher_logits must share their leading dimensions, got "
@@ -59,9 +61,9 @@ def check_logit_pair(student_logits, teacher_logits):
                          f"{student_logits.device}")
 
 
-def check_linear(prefix, hidden, weight, bias, device, autocast=False):
+def check_linear(prefix, hidden, weight, bias, device, autocast=False, sliced=False):
     """`{prefix}_hidden [..., H]`, `{prefix}_weight [V, H]` and an optional `{prefix}_bias [V]` on `device`,
-    of one dtype unless `autocast` will cast them to its own."""
+    of one dtype unless `autocast` will cast them to its own; V >= 1 unless `sliced` (`check_logits`)."""
     check_floating(f"{prefix}_hidden", hidden)
     if hidden.dim() < 1:
         raise ValueError(f"{prefix}_hidden must have shape [..., hidden_size], got {tuple(hidden.shape)}")
@@ -69,7 +71,7 @@ def check_linear(prefix, hidden, weight, bias, device, autocast=False):
     if weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"{prefix}_weight must have shape [vocab, {hidden.shape[-1]}] (hidden size of "
                          f"{prefix}_hidden), got {tuple(weight.shape)}")
-    if weight.shape[0] == 0:
+    if weight.shape[0] == 0 and not sliced:
         raise ValueError(f"{prefix}_weight must have a vocabulary of at least 1 row, got {tuple(weight.shape)}")
     if weight.dtype != hidden.dtype and not autocast:
         raise TypeError(f"{prefix}_weight ({weight.dtype}) and {prefix}_hidden ({hidden.dtype}) must share a dtype "
@@ -85,13 +87,14 @@ def check_linear(prefix, hidden, weight, bias, device, autocast=False):
 
 
 def check_linear_teacher(teacher_hidden, teacher_weight, teacher_bias, teacher_logits, leading, device,
-                         autocast=False):
-    """The teacher of a fused-linear loss, as logits or as hidden states + weight; returns its vocabulary."""
+                         autocast=False, sliced=False):
+    """The teacher of a fused-linear loss, as logits or as hidden states + weight; returns its vocabulary
+    (>= 1 unless `sliced`: `check_logits`)."""
     if teacher_logits is not None:
         if teacher_hidden is not None or teacher_weight is not None:
             raise ValueError("give the teacher either as teacher_logits or as teacher_hidden + teacher_weight, not both")
         check_floating("teacher_logits", teacher_logits)
-        if teacher_logits.shape[:-1] != leading or teacher_logits.shape[-1] == 0:
+        if teacher_logits.shape[:-1] != leading or (teacher_logits.shape[-1] == 0 and not sliced):
             raise ValueError(f"teacher_logits must have shape {tuple(leading)} + [vocab], got "
                              f"{tuple(teacher_logits.shape)}")
         if teacher_logits.device != device:
@@ -99,7 +102,7 @@ def check_linear_teacher(teacher_hidden, teacher_weight, teacher_bias, teacher_l
         return teacher_logits.shape[-1]
     if teacher_hidden is None or teacher_weight is None:
         raise ValueError("the teacher is required: teacher_hidden and teacher_weight, or teacher_logits")
-    check_linear("teacher", teacher_hidden, teacher_weight, teacher_bias, device, autocast)
+    check_linear("teacher", teacher_hidden, teacher_weight, teacher_bias, device, autocast, sliced)
     if teacher_hidden.shape[:-1] != leading:
         raise ValueError(f"teacher_hidden must share the leading dimensions of student_hidden {tuple(leading)}, "
                          f"got {tuple(teacher_hidden.shape)}")

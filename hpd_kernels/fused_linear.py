@@ -34,10 +34,11 @@ def _run(objective_name, student_hidden, student_weight, student_bias, teacher_h
     """Check the tensors, resolve the call and run it: `(call, LossResult)` (`LossCall.linear`)."""
     device = getattr(student_hidden, "device", None)
     autocast = _autocast_dtype(device)
-    check_linear("student", student_hidden, student_weight, student_bias, device, autocast is not None)
+    sliced = process_group is not None   # a slice's width is checked on every rank together (slice_layout)
+    check_linear("student", student_hidden, student_weight, student_bias, device, autocast is not None, sliced)
     leading = student_hidden.shape[:-1]
     teacher_vocab = check_linear_teacher(teacher_hidden, teacher_weight, teacher_bias, teacher_logits, leading, device,
-                                         autocast is not None)
+                                         autocast is not None, sliced)
     check_options(temperature, reduction, backend, ignore_index)
     check_labels(labels, leading, device, ignore_index, required=labels_required, what="the hidden states'")
     check_chunk_size(chunk_size)

@@ -20,7 +20,7 @@ __all__ = ["HybridDetails", "LossParts", "DIVERGENCE_LOSSES", "forward_kl_loss",
 
 def _resolve(objective_name, student_logits, teacher_logits, labels, *, labels_required, temperature, ignore_index,
              reduction, backend, process_group, vocab_offset, **options):
-    check_logit_pair(student_logits, teacher_logits)
+    check_logit_pair(student_logits, teacher_logits, sliced=process_group is not None)
     leading = student_logits.shape[:-1]
     check_options(temperature, reduction, backend, ignore_index)
     check_labels(labels, leading, student_logits.device, ignore_index, required=labels_required)

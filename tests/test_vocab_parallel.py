@@ -150,7 +150,69 @@ def _global_mean_worker(rank, init_file):
     _finish()
 
 
-@pytest.mark.parametrize("worker", [_logits_worker, _fused_worker, _global_mean_worker])
+def _refused_on_every_rank(call, match):
+    """`call` raises ValueError matching `match` on this rank; every rank runs this together, so a
+    rank that waited in a collective instead would hang the test rather than pass it."""
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def _layout_worker(rank, init_file):
+    """Each bad layout, wrong on one rank only, is refused on both ranks with the same message (a
+    check on the bad rank alone would leave the other waiting in its first collective); explicit
+    offsets are honoured, slices in either rank order."""
+    _init(rank, init_file)
+    student, teacher, labels = _inputs()
+    group = dist.group.WORLD
+    part = _slice(rank)
+    mine, theirs = student[:, part], teacher[:, part]
+    empty = slice(0, 0) if rank == 1 else slice(0, VOCAB)
+    _refused_on_every_rank(lambda: hpd_kernels.forward_kl_loss(student[:, empty], teacher[:, empty], labels,
+                                                                process_group=group), "rank 1 holds an empty slice")
+    _refused_on_every_rank(lambda: hpd_kernels.hybrid_kl_loss(student[:, empty], teacher[:, empty], labels, seed=1,
+                                                               process_group=group), "rank 1 holds an empty slice")
+    hidden, weight = torch.randn(ROWS, 8, dtype=torch.float64), torch.randn(VOCAB, 8, dtype=torch.float64)
+    _refused_on_every_rank(lambda: hpd_kernels.fused_linear_forward_kl_loss(
+        hidden, weight[empty], teacher_logits=teacher[:, empty], labels=labels, process_group=group),
+        "rank 1 holds an empty slice")
+    narrower = teacher[:, part][:, :-1] if rank == 0 else theirs
+    _refused_on_every_rank(lambda: hpd_kernels.reverse_kl_loss(mine, narrower, labels, process_group=group),
+                           "rank 0's student_logits and teacher_logits must hold the same slice")
+    _refused_on_every_rank(lambda: hpd_kernels.reverse_kl_loss(mine, theirs, labels, process_group=group,
+                                                               vocab_offset=0 if rank == 0 else None),
+                           r"vocab_offset is given on ranks \[0\] only")
+    _refused_on_every_rank(lambda: hpd_kernels.reverse_kl_loss(mine, theirs, labels, process_group=group,
+                                                               vocab_offset=0 if rank == 0 else SPLIT - 1),
+                           f"rank 1's starts at {SPLIT - 1} where {SPLIT} was expected")
+    _refused_on_every_rank(lambda: hpd_kernels.reverse_kl_loss(mine, theirs, labels, process_group=group,
+                                                               vocab_offset=0 if rank == 0 else -3),
+                           "rank 1's vocab_offset must be an integer")
+    # Rank 0 holds the upper columns, rank 1 the lower: the offsets say so, and the loss is the unsharded one.
+    upper = slice(VOCAB - SPLIT, VOCAB) if rank == 0 else slice(0, VOCAB - SPLIT)
+    expected = hpd_kernels.hybrid_kl_loss(student, teacher, labels, seed=4, backend="torch")
+    got = hpd_kernels.hybrid_kl_loss(student[:, upper], teacher[:, upper], labels, seed=4, process_group=group,
+                                     vocab_offset=upper.start)
+    _close(got, expected, "offsets in reverse rank order")
+    contiguous = hpd_kernels.hybrid_kl_loss(student[:, upper], teacher[:, upper], labels, seed=4, process_group=group)
+    assert abs(float(contiguous) - float(expected)) > 1e-6  # without the offsets the columns are misplaced
+    _finish()
+
+
+def test_layout_problem_names_what_is_wrong():
+    from hpd_kernels.ops.vocab_parallel import DEFAULT_OFFSET, INVALID_OFFSET, layout_problem
+
+    assert layout_problem([(20, 20, DEFAULT_OFFSET), (17, 17, DEFAULT_OFFSET)]) is None
+    assert layout_problem([(20, 20, 17), (17, 17, 0)]) is None
+    assert "rank 2 holds an empty slice" in layout_problem([(3, 3, -1), (4, 4, -1), (0, 0, -1)])
+    assert "must hold the same slice, got widths 4 and 5" in layout_problem([(3, 3, -1), (4, 5, -1)])
+    assert "rank 0's vocab_offset" in layout_problem([(3, 3, INVALID_OFFSET), (4, 4, 3)])
+    assert "rank 1's starts at 4 where 3" in layout_problem([(3, 3, 0), (4, 4, 4)])      # a gap
+    assert "rank 0's starts at 1 where 0" in layout_problem([(3, 3, 1), (4, 4, 4)])      # not from 0
+    assert "rank 1's starts at 2 where 3" in layout_problem([(3, 3, 0), (4, 4, 2)])      # an overlap
+    assert "rank 1's starts at 0 where 3" in layout_problem([(3, 3, 0), (3, 3, 0)])      # the same columns twice
+
+
+@pytest.mark.parametrize("worker", [_logits_worker, _fused_worker, _global_mean_worker, _layout_worker])
 def test_two_gloo_processes(worker, tmp_path):
     mp.spawn(worker, args=(str(tmp_path / "init"),), nprocs=WORLD, join=True)
 

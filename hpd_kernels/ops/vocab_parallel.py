@@ -27,6 +27,7 @@ double counted. Labels and sampled ids are global token ids.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.distributed as dist
@@ -183,14 +184,58 @@ def _check_widths(student, teacher):
                          f"columns; got widths {student.shape[1]} and {teacher.shape[1]}")
 
 
-def slice_layout(group, local_vocab, vocab_offset=None):
-    """`(vocab_offset, global_vocab)` of this rank's slice; the offset defaults to the widths of the
-    lower ranks (contiguous slices in rank order)."""
-    widths = [torch.zeros((), dtype=torch.int64) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(widths, torch.tensor(local_vocab, dtype=torch.int64), group=group)
-    widths = [int(width) for width in widths]
-    rank = dist.get_rank(group)
-    expected = sum(widths[:rank])
+# Offsets as `slice_layout` gathers them: not given (contiguous slices in rank order), or not a valid one.
+DEFAULT_OFFSET, INVALID_OFFSET = -1, -2
+
+
+def slice_layout(group, widths, vocab_offset, names, device):
+    """`(vocab_offset, global_vocab)` of this rank's slice. `widths` are this rank's student and
+    teacher slice widths, `names` the arguments they came from; without `vocab_offset` the slices are
+    contiguous in rank order. Every rank gathers every rank's layout and checks all of it
+    (`layout_problem`), so a bad slice on one rank raises the same error on every rank, where a
+    local check would leave the others waiting in their next collective. The gathered tensor lives
+    on `device`, the logits': an NCCL group communicates CUDA tensors only."""
     if vocab_offset is None:
-        vocab_offset = expected
-    return int(vocab_offset), sum(widths)
+        offset = DEFAULT_OFFSET
+    elif isinstance(vocab_offset, numbers.Integral) and not isinstance(vocab_offset, bool) and 0 <= vocab_offset < 2**62:
+        offset = int(vocab_offset)
+    else:
+        offset = INVALID_OFFSET
+    mine = torch.tensor([int(widths[0]), int(widths[1]), offset], dtype=torch.int64, device=device)
+    gathered = [torch.zeros(3, dtype=torch.int64, device=device) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, mine, group=group)
+    layout = [tuple(int(value) for value in row.tolist()) for row in gathered]
+    problem = layout_problem(layout, names)
+    if problem is not None:
+        raise ValueError(f"vocabulary-parallel slices, as (student width, teacher width, vocab_offset) per rank "
+                         f"{layout} (vocab_offset -1: not given): {problem}")
+    rank = dist.get_rank(group)
+    starts = [sum(width for width, _, _ in layout[:index]) for index in range(len(layout))]
+    own = layout[rank][2] if layout[rank][2] != DEFAULT_OFFSET else starts[rank]
+    return own, sum(width for width, _, _ in layout)
+
+
+def layout_problem(layout, names=("student_logits", "teacher_logits")):
+    """What is wrong with a group's vocabulary slices `[(student width, teacher width, offset)]` by
+    rank, or None: each slice holds at least one column, the same on both sides, and the slices
+    cover the vocabulary once (at their offsets if given, on every rank or on none)."""
+    for rank, (student_width, teacher_width, offset) in enumerate(layout):
+        if student_width != teacher_width:
+            return (f"rank {rank}'s {names[0]} and {names[1]} must hold the same slice, got widths {student_width} "
+                    f"and {teacher_width}")
+        if student_width < 1:
+            return f"rank {rank} holds an empty slice; every rank needs at least one column of the vocabulary"
+        if offset == INVALID_OFFSET:
+            return f"rank {rank}'s vocab_offset must be an integer in [0, 2**62)"
+    given = [offset != DEFAULT_OFFSET for _, _, offset in layout]
+    if any(given) and not all(given):
+        return (f"vocab_offset is given on ranks {[rank for rank, has in enumerate(given) if has]} only; give it on "
+                f"every rank or on none")
+    if all(given):
+        end = 0
+        for offset, width, rank in sorted((offset, width, rank) for rank, (width, _, offset) in enumerate(layout)):
+            if offset != end:
+                return (f"the slices must cover the vocabulary from 0 once, without gaps or overlaps, but rank "
+                        f"{rank}'s starts at {offset} where {end} was expected")
+            end = offset + width
+    return None
