@@ -190,7 +190,7 @@ def test_stability_counts_spikes_against_the_running_median():
     assert result["grad_norm_p95_over_median"] == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("folder", ["experiment"])
+@pytest.mark.parametrize("folder", ["experiment", "second_experiment"])
 def test_the_report_reproduces_the_committed_experiment(folder):
     """`results.md` from a committed `results.json` (its teacher, warm-up evaluations, run summaries,
     learning-rate selection and the teacher's entropy on its own samples) is the committed
