@@ -32,6 +32,9 @@ from . import schema
 from .schema import ConfigError
 from .trainer import TrainConfig
 
+# The package's own files (the pinned teacher): checked against their recorded sha256 when loaded.
+ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+
 DEFAULT_CONFIG = {
     "task": {"name": "addition", "train_problems": 20000, "eval_problems": 400, "min_terms": 3, "max_terms": 4,
              "max_value": 20, "seed": 0},

@@ -19,7 +19,7 @@ import time
 from . import distributed
 from ..digests import file_sha256
 from .checkpoint import CheckpointError, load_model, save_model
-from .config import ConfigError, train_config
+from .config import ASSETS, ConfigError, train_config
 from .data import DataError
 from .evaluation import evaluate_model
 from .jsonfiles import write_json_atomic, writing
@@ -57,8 +57,8 @@ def claim_output_dir(out_dir, config, data=None):
     if os.path.exists(path):
         with open(path, encoding="utf-8-sig") as handle:
             saved = json.load(handle)
-        if saved != json.loads(json.dumps(config)):
-            changed = sorted(key for key in set(saved) | set(config) if saved.get(key) != config.get(key))
+        changed = _differences(_portable(saved), _portable(json.loads(json.dumps(config))))
+        if changed:
             raise ConfigError(f"{out_dir} holds a run of another config (differs in {changed}); choose another "
                               f"--out directory: nothing in {out_dir} was changed")
         if data is not None and os.path.exists(data_path):
@@ -74,6 +74,34 @@ def claim_output_dir(out_dir, config, data=None):
         write_json_atomic(data_path, data)
     write_json_atomic(path, config)
     return False
+
+
+def _portable(value):
+    """`value` (a config) with every path to one of the package's own assets named by the asset, not
+    by where the package lies: a run directory stays the same run when the package moves (another
+    checkout, another environment). An asset's bytes are checked against its recorded sha256 when
+    it is loaded, wherever it lies."""
+    if isinstance(value, dict):
+        return {key: _portable(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_portable(item) for item in value]
+    if isinstance(value, str):
+        parts = os.path.normpath(value).split(os.sep)
+        if parts[-4:-1] == ["hpd_kernels", "training", "assets"] and os.path.isfile(os.path.join(ASSETS, parts[-1])):
+            return f"<hpd_kernels assets>/{parts[-1]}"
+    return value
+
+
+def _differences(saved, config, prefix=""):
+    """The dotted keys at which two configs differ, down to the first level where one is not a dict."""
+    changed = []
+    for key in sorted(set(saved) | set(config)):
+        old, new = saved.get(key), config.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            changed += _differences(old, new, f"{prefix}{key}.")
+        elif old != new:
+            changed.append(f"{prefix}{key}")
+    return changed
 
 
 def _check_same_data(out_dir, saved, data):

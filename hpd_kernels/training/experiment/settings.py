@@ -7,11 +7,10 @@ import copy
 import os
 
 from .. import schema
-from ..config import (DEFAULT_CONFIG, ConfigError, check_backend, merge_config, read_json_object, train_config,
-                      validate_config)
+from ..config import (ASSETS, DEFAULT_CONFIG, ConfigError, check_backend, merge_config, read_json_object,
+                      train_config, validate_config)
 from .grid import arms, check_arms, main_runs, run_configs, run_options
 
-ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")  # training/assets
 PINNED_TEACHER = os.path.join(ASSETS, "addition_any_teacher.safetensors")
 
 # The task, teacher and student of the default experiment, over `hpd distill`'s default config.
