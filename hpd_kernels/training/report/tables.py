@@ -69,14 +69,17 @@ def results_markdown(teacher, befores, groups):
     for column in COLUMNS:
         value = column.value(teacher_summary)
         teacher_cells.append("-" if value is None else column.fmt.format(value))
-    lines = [_line(["run", "seeds"] + [column.label for column in COLUMNS]),
-             "|---|---:|" + "---:|" * len(COLUMNS),
-             _line(["teacher", "-"] + teacher_cells)]
+    lines = [_line(["run", "seeds", "steps"] + [column.label for column in COLUMNS]),
+             "|---|---:|---:|" + "---:|" * len(COLUMNS),
+             _line(["teacher", "-", "-"] + teacher_cells)]
     if befores:
         before_statistics = group_statistics([{"final": before} for before in befores])
-        lines.append(_line(["student before (sft warm-up on gold)", str(len(befores))] + _mean_std_cells(before_statistics)))
+        lines.append(_line(["student before (sft warm-up on gold)", str(len(befores)), "0"]
+                           + _mean_std_cells(before_statistics)))
     for group, members in groups.items():
-        lines.append(_line([group, str(len(members))] + _mean_std_cells(group_statistics(members))))
+        # Arms may run to different budgets: each row's values are after its own runs' steps.
+        steps = "/".join(str(value) for value in sorted({member["config"]["steps"] for member in members}))
+        lines.append(_line([group, str(len(members)), steps] + _mean_std_cells(group_statistics(members))))
     return "\n".join(lines)
 
 
@@ -100,14 +103,17 @@ def analysis_markdown(experiment, result, selection):
 def _budget_lines(primary, budgets):
     lines = ["", f"Pre-registered comparisons of {primary['metric']} at each budget, paired by seed, in points: "
              f"mean, 95% t-interval, exact two-sided Wilcoxon signed-rank p, and the verdict (better or worse: "
-             f"the interval excludes 0 and p < 0.05).", "",
+             f"the interval excludes 0 and p < 0.05). A comparison is listed at the budgets both its arms "
+             f"reached.", "",
              _line(["budget (steps)", "comparison", "seeds", "mean", "95% CI", "signed-rank p",
                     "seeds favouring treatment", "verdict"]),
              "|---|---|---:|---:|---:|---:|---:|---|"]
     for budget, entry in budgets.items():
         compared = [(primary["treatment"], primary["control"], entry["primary"])] + [
             (pair["treatment"], pair["control"], pair["result"]) for pair in entry["comparisons"]]
-        for treatment, control, outcome in compared:
+        for index, (treatment, control, outcome) in enumerate(compared):
+            if outcome is None and index > 0:
+                continue
             if outcome is None:
                 lines.append(_line(["last" if budget == "None" else budget, f"{treatment} - {control}", "0"]
                                    + ["-"] * 5))
