@@ -24,7 +24,9 @@ def block_log2_masses(blocks, scale):
     if blocks.device.type == "cpu":  # NumPy's exp2/log2: the interpreter's
         x = blocks.detach().numpy()
         c = x.dtype.type(scale.item())
-        top = x.max(axis=2)
+        # The max is exact in any order: torch's, which reduces 16 contiguous values per block many
+        # times faster than NumPy's per-block reduction (most of the CPU draw's time before).
+        top = blocks.detach().amax(dim=2).numpy()
         ref = np.where(np.isinf(top), x.dtype.type(0), top)
         # The sum over the last (contiguous) axis of 16: NumPy's own order, as in the interpreter.
         sums = np.exp2((x - ref[:, :, None]) * c).sum(axis=2)
