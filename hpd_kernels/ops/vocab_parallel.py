@@ -142,32 +142,12 @@ class VocabularySlice:
 
 
 class VocabParallel(TorchBackend):
-    """The torch backend on one slice of the vocabulary."""
+    """The torch backend on one slice of the vocabulary: its student and teacher logits cover the
+    same columns (`slice_layout` checks that, on every rank, before a call reaches here)."""
 
     def __init__(self, group, vocab_offset, global_vocab):
         super().__init__(VocabularySlice(group, vocab_offset, global_vocab))
         self.global_vocab = self.vocabulary.global_vocab
-
-    def divergence_forward(self, student, teacher, labels, *, divergence, temperature, log_mix_p, log_mix_q,
-                           ignore_index, logit_maps=IDENTITY_MAPS, with_entropy=False):
-        _check_widths(student, teacher)
-        return super().divergence_forward(student, teacher, labels, divergence=divergence, temperature=temperature,
-                                          log_mix_p=log_mix_p, log_mix_q=log_mix_q, ignore_index=ignore_index,
-                                          logit_maps=logit_maps, with_entropy=with_entropy)
-
-    def divergence_backward(self, student, teacher, stats, row_scale, grad, *, divergence, temperature, log_mix_p,
-                            log_mix_q, logit_maps=IDENTITY_MAPS):
-        _check_widths(student, teacher)
-        return super().divergence_backward(student, teacher, stats, row_scale, grad, divergence=divergence,
-                                           temperature=temperature, log_mix_p=log_mix_p, log_mix_q=log_mix_q,
-                                           logit_maps=logit_maps)
-
-    def hybrid_forward(self, student, teacher, labels, sampled_ids, *, seed, temperature, fkl_weight, rkl_weight,
-                       ignore_index, row_ids=None, logit_maps=IDENTITY_MAPS, with_entropy=False):
-        _check_widths(student, teacher)
-        return super().hybrid_forward(student, teacher, labels, sampled_ids, seed=seed, temperature=temperature,
-                                      fkl_weight=fkl_weight, rkl_weight=rkl_weight, ignore_index=ignore_index,
-                                      row_ids=row_ids, logit_maps=logit_maps, with_entropy=with_entropy)
 
     def label_log_probs(self, student, labels, stats, temperature, logit_maps=IDENTITY_MAPS):
         """Refused (`HARD_LABEL_REFUSAL`): only the hard-label term reads it."""
@@ -176,12 +156,6 @@ class VocabParallel(TorchBackend):
     def reduce_hidden_grad(self, grad_hidden):
         """dL/dh sums the contributions of every vocabulary slice (fused-linear)."""
         return self.vocabulary.row_sums(grad_hidden)
-
-
-def _check_widths(student, teacher):
-    if student.shape[1] != teacher.shape[1]:
-        raise ValueError(f"vocabulary-parallel losses need the student and teacher slices to cover the same "
-                         f"columns; got widths {student.shape[1]} and {teacher.shape[1]}")
 
 
 # Offsets as `slice_layout` gathers them: not given (contiguous slices in rank order), or not a valid one.
